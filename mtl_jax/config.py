@@ -1,0 +1,167 @@
+"""Config plumbing: the default config every file starts from, ``:arg`` parsing, command-line
+overrides and validation with errors that name the offending key path.
+
+A config file in ``configs/`` defines ``get_config(arg: str | None) -> ConfigDict``. ``arg`` is the
+text after ``:`` in ``--config=configs/x.py:smoke,seed=3`` (big_vision's convention); ``smoke``
+shrinks any config to a seconds-long run.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+from ml_collections import ConfigDict, config_dict
+
+# Sections whose keys depend on a chosen component (model, method, ...): the component's builder
+# validates them, listing its valid options.
+FREE_FORM = ("model.trunk_kwargs", "model.head_kwargs", "method", "head_optim", "sharding.rules")
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.data = ConfigDict(dict(name="multimnist", num_train=60_000, num_test=10_000, seed=0, data_dir="",
+                             tasks=(), cache_in_memory=True))
+    c.model = ConfigDict(dict(name="hps", trunk="lenet", trunk_kwargs=ConfigDict(), head="mlp",
+                              head_kwargs=ConfigDict(dict(hidden=(50,)))))
+    c.method = ConfigDict(dict(name="ew"))
+    c.optim = ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, nesterov=False,
+                              weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
+    c.head_optim = ConfigDict()  # {task: {field: value}} overrides of ``optim`` for that head
+    c.batch_size = 256
+    c.num_steps = config_dict.placeholder(int)  # total steps; if unset, num_epochs over the train split
+    c.num_epochs = 10.0
+    c.mesh = ConfigDict(dict(data=-1, model=1))
+    c.sharding = ConfigDict(dict(rules=()))  # ((regex, (axis or None, ...)), ...)
+    c.log_every = 50
+    c.eval_every = 0  # steps between evaluations during training; 0 = only at the end
+    c.eval_batch_size = 1000
+    c.eval_split = "test"
+    c.baselines = ""  # JSON {task: {metric: value}} of single-task results, for Delta-m%
+    c.checkpoint = ConfigDict(dict(every=500, keep=2, enabled=True))
+    c.max_nonfinite_steps = 20  # consecutive skipped (NaN/Inf) steps before the run stops
+    c.progress_bar = True
+    c.distributed = False  # call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is set)
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+    """'smoke,seed=3' -> ConfigDict(smoke=True, seed=3); keys must be among ``defaults`` or flags."""
+    out = ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            out[key] = True
+            continue
+        default = defaults.get(key)
+        out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else _literal(value)
+    return out
+
+
+def smoke(config: ConfigDict) -> ConfigDict:
+    """Shrinks a config to a seconds-long end-to-end run (tiny data, few steps, frequent checkpoints)."""
+    config.num_steps = 20
+    config.batch_size = 64
+    config.eval_batch_size = 256
+    config.log_every = 5
+    config.checkpoint.every = 10
+    if "num_train" in config.data:
+        config.data.num_train, config.data.num_test = 1024, 256
+    return config
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(path: str, current, value):
+    if current is None or isinstance(value, type(current)):
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"config key '{path}' expects a bool, got {value!r}")
+    if isinstance(current, (int, float)) and isinstance(value, (int, float)):
+        return type(current)(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, str):
+        return str(value)
+    raise ValueError(f"config key '{path}' expects {type(current).__name__}, got {value!r}")
+
+
+def set_by_path(config: ConfigDict, path: str, value) -> None:
+    """``config.a.b.c = value`` for path 'a.b.c'; an unknown key fails with its path and the valid keys.
+
+    Inside FREE_FORM sections new keys may be added (their owner validates them).
+    """
+    node, keys = config, path.split(".")
+    for i, key in enumerate(keys):
+        here = ".".join(keys[: i + 1])
+        free = any(here == f or here.startswith(f + ".") for f in FREE_FORM) and here not in FREE_FORM
+        last = i == len(keys) - 1
+        if key not in node:
+            if not free:
+                parent = ".".join(keys[:i]) or "config"
+                raise KeyError(f"unknown config key '{here}'; valid keys under '{parent}': {sorted(node)}")
+            if not last:
+                with node.unlocked():
+                    node[key] = ConfigDict()
+        if last:
+            current = node.get(key)
+            field = node._fields.get(key)
+            if isinstance(field, config_dict.FieldReference):
+                current = field.get()
+                value = value if current is None else _coerce(path, current, value)
+            else:
+                value = _coerce(path, current, value)
+            with node.unlocked():
+                node[key] = value
+        else:
+            node = node[key]
+
+
+def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
+    """Applies ['optim.lr=3e-4', 'data.name=digits', ...] (values parsed as Python literals)."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override '{item}' must look like key.path=value")
+        set_by_path(config, path, _literal(text))
+    return config
+
+
+def validate(config: ConfigDict, reference: ConfigDict | None = None, prefix: str = "") -> None:
+    """Fails on any key of ``config`` that ``default_config()`` lacks, naming its path."""
+    reference = default_config() if reference is None else reference
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if path in FREE_FORM:
+            continue
+        if key not in reference:
+            raise KeyError(f"unknown config key '{path}'; valid keys under '{prefix[:-1] or 'config'}': "
+                           f"{sorted(reference)}")
+        if isinstance(config[key], ConfigDict) and isinstance(reference[key], ConfigDict):
+            validate(config[key], reference[key], path + ".")
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
+    """'configs/x.py[:arg]' -> validated ConfigDict with overrides applied."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file '{path}' not found")
+    module_spec = importlib.util.spec_from_file_location("mtl_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    validate(config)
+    apply_overrides(config, list(overrides))
+    return config
+
+
+__all__ = ["default_config", "parse_arg", "smoke", "apply_overrides", "validate", "load_config"]

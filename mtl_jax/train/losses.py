@@ -1,0 +1,55 @@
+"""Per-example losses and metrics. Registries are plain dicts keyed by the names a TaskSpec uses.
+
+Every function maps ``(prediction [B, ...], target [B, ...]) -> [B]`` (one value per example), so the
+trainer can average with a mask (padded evaluation batches) and sum over hosts.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits, labels):
+    """Softmax cross-entropy; logits [B, C], integer labels [B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32))
+
+
+def _per_example(x):
+    return x.reshape(x.shape[0], -1).mean(axis=1)
+
+
+def mse(pred, target):
+    """Mean squared error over all non-batch dims; pred and target [B, ...] (target reshaped to pred)."""
+    return _per_example(jnp.square(pred.astype(jnp.float32) - target.reshape(pred.shape)))
+
+
+def l1(pred, target):
+    """Mean absolute error over all non-batch dims."""
+    return _per_example(jnp.abs(pred.astype(jnp.float32) - target.reshape(pred.shape)))
+
+
+def accuracy(logits, labels):
+    """1.0 where argmax(logits) == label, else 0.0; [B]."""
+    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+LOSSES = {"cross_entropy": cross_entropy, "mse": mse, "l1": l1}
+METRICS = {"accuracy": accuracy, "mae": l1, "mse": mse, "loss": None}  # 'loss' = the task's own loss
+HIGHER_IS_BETTER = {"accuracy": True, "mae": False, "mse": False, "loss": False}
+
+
+def lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"unknown {what} '{name}'; valid names: {sorted(registry)}")
+    return registry[name]
+
+
+def task_loss_fn(task):
+    return lookup(LOSSES, task.loss, f"loss of task '{task.name}'")
+
+
+def task_metric_fns(task) -> dict:
+    """{metric name: per-example fn} for a TaskSpec ('loss' resolves to the task's loss)."""
+    loss = task_loss_fn(task)
+    return {m: (lookup(METRICS, m, f"metric of task '{task.name}'") or loss) for m in task.metrics}

@@ -1,0 +1,97 @@
+"""Device mesh and sharding rules.
+
+The mesh has axes ``('data', 'model')``: batches are split on 'data'; parameters are replicated
+unless a rule shards them. A rule is ``(regex, spec)``: every parameter whose '/'-joined path
+(e.g. ``shared/dense_0/kernel``) matches ``regex`` (``re.search``; first match wins) gets
+``PartitionSpec(*spec)``. Optimiser moments of a parameter follow its sharding; the rest of the
+train state is replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
+    """A ('data', 'model') mesh over ``devices`` (default: all); -1 means 'all remaining devices'.
+
+    A mesh smaller than the device count uses the first ``data * model`` devices (e.g. data=1,
+    model=1 runs on one device).
+    """
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    n = devices.size
+    if data == -1:
+        if n % model:
+            raise ValueError(f"mesh: model={model} does not divide the {n} devices")
+        data = n // model
+    if data * model > n:
+        raise ValueError(f"mesh: data={data} x model={model} needs {data * model} devices; {n} available")
+    return Mesh(devices[: data * model].reshape(data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def key_path_str(path) -> str:
+    """'/'-joined names of a jax key path (dict keys, attribute names, sequence indices)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def spec_for(path: str, shape: Sequence[int], rules: Sequence, mesh: Mesh) -> P:
+    """PartitionSpec for one leaf; errors name the path when a matching rule does not fit it."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            spec = tuple(spec)
+            if len(spec) != len(shape):
+                raise ValueError(f"sharding rule {pattern!r} -> {spec} matches '{path}' of shape "
+                                 f"{tuple(shape)}: the spec needs one entry per dimension")
+            for dim, axis in zip(shape, spec):
+                size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)]))
+                if dim % size:
+                    raise ValueError(f"sharding rule {pattern!r}: '{path}' dim {dim} of {tuple(shape)} is "
+                                     f"not divisible by mesh axis {axis!r} of size {size}")
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Sequence = ()):
+    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs) by the rules."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, spec_for(key_path_str(path), leaf.shape, rules, mesh)), tree)
+
+
+def train_state_shardings(abstract_state, optimizers: dict, mesh: Mesh, rules: Sequence = ()):
+    """NamedShardings for a TrainState: params by the rules, each optimiser's param-shaped state
+    (Adam's mu, nu, ...) like its params, everything else replicated."""
+    from mtl_jax.train.optim import map_groups
+
+    param_shardings = tree_shardings(abstract_state.params, mesh, rules)
+    rep = replicated(mesh)
+    opt_shardings = map_groups(
+        lambda tx, opt_state, shardings: optax.tree_map_params(
+            tx, lambda _, sharding: sharding, opt_state, shardings, transform_non_params=lambda _: rep),
+        optimizers, abstract_state.opt_state, param_shardings)
+    everything_else = jax.tree.map(lambda _: rep, abstract_state.replace(params=None, opt_state=None))
+    return everything_else.replace(params=param_shardings, opt_state=opt_shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over 'data'."""
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

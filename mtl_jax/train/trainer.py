@@ -1,0 +1,238 @@
+"""``train_and_evaluate(config, workdir)``: the one entry point that trains, evaluates, checkpoints
+and writes results. Resumes from the newest checkpoint in ``workdir``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.data import get_dataset
+from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
+from mtl_jax.models import build_model
+from mtl_jax.train import checkpoint as ckpt
+from mtl_jax.train.methods import get_method
+from mtl_jax.train.optim import make_optimizers, map_groups
+from mtl_jax.train.reporting import MetricWriter, delta_m, flatten_metrics, results_table
+from mtl_jax.train.sharding import batch_sharding, make_mesh, replicated, train_state_shardings
+from mtl_jax.train.state import TrainState
+from mtl_jax.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a NaN/Inf loss or gradient."""
+
+
+def maybe_initialize_distributed(config) -> None:
+    """``jax.distributed.initialize()`` when the config asks or a coordinator is set in the environment."""
+    if (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")) and not _distributed_initialized():
+        jax.distributed.initialize()
+
+
+def _distributed_initialized() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.client is not None
+
+
+def init_state(model, optimizers, method, tasks, sample_input, seed: int) -> TrainState:
+    """A fresh TrainState (pure: jit it with out_shardings to create it sharded)."""
+    params_key, dropout_key, step_key = jax.random.split(jax.random.key(seed), 3)
+    variables = dict(model.init({"params": params_key, "dropout": dropout_key}, sample_input, train=False))
+    params = variables.pop("params")
+    metric_sums = {t.name: {m: jnp.zeros((), jnp.float32) for m in t.metrics} for t in tasks}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+        opt_state=map_groups(lambda tx, p: tx.init(p), optimizers, params),
+        method_state=method.init(len(tasks)), rng=jax.random.key_data(step_key),
+        nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32),
+        nonfinite_tasks=jnp.zeros((len(tasks),), bool), metric_sums=metric_sums,
+        metric_count=jnp.zeros((), jnp.int32))
+
+
+def total_steps(config, num_train: int) -> int:
+    if config.num_steps is not None:
+        return int(config.num_steps)
+    return max(1, math.ceil(config.num_epochs * num_train / config.batch_size))
+
+
+def evaluate(eval_step, state, dataset, split: str, batch_size: int, sharding) -> dict:
+    """``{task: {metric: mean over the split}}``."""
+    keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
+    totals, count = None, 0.0
+    for batch in eval_batches(dataset.splits[split], keys=keys, global_batch_size=batch_size):
+        sums, n = eval_step(state.params, state.model_state, to_global(batch, sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        count += n
+    return jax.tree.map(lambda s: float(s) / float(count), totals)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What a config builds: data, model, optimisers, method, mesh, and the jitted, sharded steps.
+
+    ``train_step(state, batch) -> (state, metrics)`` donates the state; ``init()`` creates the
+    state directly with its shardings.
+    """
+
+    dataset: Any
+    model: Any
+    optimizers: dict
+    method: Any
+    mesh: Any
+    steps: int
+    abstract_state: TrainState
+    state_shardings: TrainState
+    data_sharding: Any
+    init: Callable[[], TrainState]
+    train_step: Callable
+    eval_step: Callable
+
+
+def build_experiment(config, dataset=None) -> Experiment:
+    dataset = get_dataset(config.data) if dataset is None else dataset
+    tasks = dataset.tasks
+    mesh = make_mesh(config.mesh.data, config.mesh.model)
+    model = build_model(config.model, tasks)
+    steps = total_steps(config, len(dataset.splits["train"]))
+    optimizers = make_optimizers(config, dataset.task_names, steps)
+    method_cfg = dict(config.method)
+    method = get_method(method_cfg.pop("name"), **method_cfg)
+    sample = jnp.asarray(dataset.splits["train"][0][dataset.input_key])[None]
+
+    init_fn = lambda: init_state(model, optimizers, method, tasks, sample, config.seed)
+    abstract = jax.eval_shape(init_fn)
+    state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules)
+    data_sharding = batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(model, tasks, optimizers, method, dataset.input_key),
+                         in_shardings=(state_shardings, data_sharding),
+                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, tasks, dataset.input_key),
+                        in_shardings=(state_shardings.params, state_shardings.model_state, data_sharding),
+                        out_shardings=replicated(mesh))
+    return Experiment(dataset=dataset, model=model, optimizers=optimizers, method=method, mesh=mesh, steps=steps,
+                      abstract_state=abstract, state_shardings=state_shardings, data_sharding=data_sharding,
+                      init=jax.jit(init_fn, out_shardings=state_shardings), train_step=train_step,
+                      eval_step=eval_step)
+
+
+def _load_baselines(config) -> dict | None:
+    if not config.baselines:
+        return None
+    with open(config.baselines) as f:
+        return json.load(f)
+
+
+def train_and_evaluate(config, workdir: str, *, dataset=None,
+                       on_step: Optional[Callable[[int, TrainState], None]] = None) -> dict:
+    """Trains ``config`` in ``workdir``; returns ``{'results': {task: {metric}}, 'delta_m': ..., 'state'}``.
+
+    ``dataset``: a ``Dataset`` to use instead of ``config.data`` (bring your own data, e.g.
+    ``mtl_jax.data.from_arrays``). ``on_step(step, state)`` is called after every step.
+    """
+    maybe_initialize_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    exp = build_experiment(config, dataset)
+    dataset, names, steps, data_sharding = exp.dataset, exp.dataset.task_names, exp.steps, exp.data_sharding
+    train_step, eval_step, state_shardings = exp.train_step, exp.eval_step, exp.state_shardings
+    keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
+    data_iter = train_iterator(dataset.splits["train"], keys=keys, global_batch_size=config.batch_size,
+                               seed=config.seed)
+    manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    exp.abstract_state, state_shardings)
+    restored = ckpt.restore_latest(manager, abstract_sharded) if config.checkpoint.enabled else None
+    if restored is not None:
+        state, data_state = restored
+        data_iter.set_state(data_state)
+        if jax.process_index() == 0:
+            print(f"resumed from the step-{int(state.step)} checkpoint in {workdir}", flush=True)
+    else:
+        state = exp.init()
+
+    writer = MetricWriter(workdir)
+    start = int(state.step)
+    streak = int(state.nonfinite_streak)
+    last_sums, last_count = jax.device_get((state.metric_sums, state.metric_count))
+    progress = _progress_bar(config, start, steps)
+    tick, tick_step = time.perf_counter(), start
+    pending = None  # the previous step's outputs, checked after the next step is dispatched
+    try:
+        for step in range(start, steps):
+            state, out = train_step(state, to_global(next(data_iter), data_sharding))
+            done = step + 1
+            if on_step is not None:
+                on_step(done, state)
+            streak = _check_finite(pending, streak, config.max_nonfinite_steps, names)
+            pending = (done, out)
+            if done % config.log_every == 0 or done == steps:
+                sums, count = jax.device_get((state.metric_sums, state.metric_count))
+                window = max(int(count - last_count), 1)
+                train_metrics = flatten_metrics(jax.tree.map(lambda a, b: (a - b) / window, sums, last_sums))
+                now = time.perf_counter()
+                train_metrics["steps_per_sec"] = (done - tick_step) / (now - tick)
+                train_metrics["nonfinite_total"] = int(state.nonfinite_total)
+                writer.write(done, "train", train_metrics)
+                progress.set_postfix({k.replace("/loss", " loss"): f"{v:.3f}" for k, v in train_metrics.items()
+                                      if k.endswith("/loss")} | {"skipped": train_metrics["nonfinite_total"]}, refresh=False)
+                progress.update(done - progress.n)
+                last_sums, last_count, tick, tick_step = sums, count, now, done
+            if config.eval_every and done % config.eval_every == 0 and done != steps:
+                writer.write(done, config.eval_split, flatten_metrics(
+                    evaluate(eval_step, state, dataset, config.eval_split, config.eval_batch_size, data_sharding)))
+            if config.checkpoint.enabled and (done == steps or done % config.checkpoint.every == 0):
+                ckpt.save(manager, done, state, data_iter.get_state())
+        _check_finite(pending, streak, config.max_nonfinite_steps, names)
+    finally:
+        progress.close()
+        manager.wait_until_finished()
+        manager.close()
+
+    results = evaluate(eval_step, state, dataset, config.eval_split, config.eval_batch_size, data_sharding)
+    baselines = _load_baselines(config)
+    tasks = dataset.tasks
+    summary = {"results": results, "steps": steps, "tasks": list(names),
+               "nonfinite_total": int(state.nonfinite_total)}
+    if baselines:
+        summary["baselines"] = baselines
+        summary["delta_m"] = delta_m(results, baselines, tasks)
+    writer.write(steps, config.eval_split, flatten_metrics(results) | (
+        {"delta_m": summary["delta_m"]} if baselines else {}))
+    writer.close()
+    table = results_table(results, tasks, baselines, title=f"{dataset.name}: {config.eval_split} after {steps} steps")
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(table, flush=True)
+    summary["state"] = state
+    return summary
+
+
+def _check_finite(pending, streak: int, limit: int, names) -> int:
+    """Updates the host's count of consecutive skipped steps; raises NonFiniteError at ``limit``."""
+    if pending is None:
+        return streak
+    done, out = pending
+    applied, bad = jax.device_get((out["applied"], out["nonfinite_tasks"]))
+    streak = 0 if applied else streak + 1
+    if streak >= limit:
+        culprits = [n for n, b in zip(names, bad) if b] or ["shared-parameter gradient"]
+        raise NonFiniteError(f"{streak} consecutive steps with a NaN/Inf loss or gradient (up to step {done}); "
+                             f"non-finite in task(s) {culprits}. These steps were not applied.")
+    return streak
+
+
+def _progress_bar(config, start: int, steps: int):
+    from tqdm.auto import tqdm
+
+    disable = not config.progress_bar or jax.process_index() != 0
+    return tqdm(total=steps, initial=start, disable=disable, unit="step", dynamic_ncols=True)
