@@ -1,0 +1,105 @@
+"""Model merging as pure pytree arithmetic.
+
+Every merge method is ``fn(pretrained, finetuned, **hparams) -> params``: ``pretrained`` is a
+pytree of arrays, ``finetuned`` a list of trees with the same structure and shapes, and the result
+has the pretrained structure and dtypes (bf16 stays bf16; arithmetic runs in fp32). Methods are
+jittable with the hyperparameters bound statically, e.g.
+``jax.jit(functools.partial(ties_merging, top_k=0.2, lam=1.0))(pretrained, finetuned)``, and
+work on sharded leaves (NamedSharding) under jit.
+
+Per-task reconstructions (TALL masks, EMR) return compressed state plus a ``retrieve`` function
+and are not in :data:`MERGE_METHODS`. Leaf selection: :func:`merge_subset` /
+:func:`merge_subset_per_task`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mtl_jax.merging.arithmetic import (
+    GridSearchResult,
+    grid_search,
+    task_arithmetic,
+    task_arithmetic_vector,
+    weight_average,
+)
+from mtl_jax.merging.emr import EMRModel, emr_elect, emr_merging, emr_rescalers, emr_retrieve
+from mtl_jax.merging.fisher_regmean import fisher_merging, regmean_merging, regmean_solve
+from mtl_jax.merging.interpolation import model_stock, model_stock_ratio, slerp, slerp_leaf
+from mtl_jax.merging.lines import lines_alpha, lines_edit, lines_merging, lines_scale, lines_schedule
+from mtl_jax.merging.masks import (
+    TallMaskModel,
+    consensus_mask,
+    consensus_merging,
+    pack_bits,
+    pack_mask_tree,
+    retrieve,
+    tall_mask_compress,
+    tall_masks,
+    task_slice,
+    unpack_bits,
+    unpack_mask_tree,
+)
+from mtl_jax.merging.svd_merging import (
+    iso_c_matrix,
+    iso_c_merging,
+    iso_cts_factors,
+    iso_cts_matrix,
+    iso_cts_merging,
+    polar_factor,
+    tsv_factors,
+    tsv_matrix,
+    tsv_merging,
+)
+from mtl_jax.merging.task_vectors import (
+    apply_task_vector,
+    stacked_task_vectors,
+    task_vector,
+    tree_l1_norm,
+)
+from mtl_jax.merging.threshold import kth_largest_abs, topk_mask, topk_trim
+from mtl_jax.merging.ties import (
+    dare_drop,
+    dare_merging,
+    disjoint_mean,
+    elect_sign,
+    ties_merge_vector,
+    ties_merging,
+)
+from mtl_jax.merging.tree import (
+    check_compatible,
+    default_layer_index,
+    leaf_paths,
+    merge_subset,
+    merge_subset_per_task,
+    num_layers,
+    select_mask,
+    stack_trees,
+    unstack_tree,
+)
+
+MERGE_METHODS: dict[str, Callable] = {
+    "weight_average": weight_average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties_merging,
+    "dare": dare_merging,
+    "consensus": consensus_merging,
+    "lines": lines_merging,
+    "tsv": tsv_merging,
+    "iso_c": iso_c_merging,
+    "iso_cts": iso_cts_merging,
+    "fisher": fisher_merging,
+    "regmean": regmean_merging,
+    "slerp": slerp,
+    "model_stock": model_stock,
+}
+
+
+def get_merge_method(name: str) -> Callable:
+    """Look up a merge method by name; ValueError lists the valid names."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}; valid: {', '.join(sorted(MERGE_METHODS))}"
+        ) from None

@@ -1,0 +1,100 @@
+"""Weight averaging and task arithmetic, plus a validation grid search for their coefficient."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.merging.task_vectors import (
+    accum_dtype,
+    apply_task_vector,
+    stacked_task_vectors,
+)
+from mtl_jax.merging.tree import Params, check_compatible
+
+
+def per_task_weights(weights: Optional[Sequence[float] | jax.Array], num: int) -> jax.Array:
+    if weights is None:
+        return jnp.ones((num,), jnp.float32)
+    w = jnp.asarray(weights, jnp.float32).reshape(-1) if np.ndim(weights) else jnp.full((num,), weights, jnp.float32)
+    if w.shape[0] != num:
+        raise ValueError(f"got {w.shape[0]} per-task weights for {num} models")
+    return w
+
+
+def weight_average(
+    pretrained: Params, finetuned: Sequence[Params], weights: Optional[Sequence[float]] = None
+) -> Params:
+    """Weighted parameter average ``theta = sum_t w_t theta_t / sum_t w_t`` (uniform by default).
+
+    Model soups / "Averaging weights leads to wider optima" (Wortsman et al. 2022;
+    Izmailov et al. 2018). ``pretrained`` only fixes structure and output dtypes.
+    Leaves: any shape; output has the pretrained structure and dtypes; sums in fp32.
+    """
+    check_compatible(pretrained, finetuned)
+    w = per_task_weights(weights, len(finetuned))
+    w = w / jnp.sum(w)
+
+    def avg(p, *fs):
+        stacked = jnp.stack([jnp.asarray(f).astype(accum_dtype(jnp.asarray(f).dtype)) for f in fs])
+        return jnp.tensordot(w, stacked, axes=1).astype(jnp.asarray(p).dtype)
+
+    return jax.tree_util.tree_map(avg, pretrained, *finetuned)
+
+
+def task_arithmetic_vector(stacked_tau: Params, lam: float | Sequence[float] = 0.3) -> Params:
+    """``lam * sum_t tau_t`` (or ``sum_t lam_t tau_t`` for per-task coefficients) from a stacked
+    (T, ...) fp32 task-vector tree."""
+    num = jax.tree_util.tree_leaves(stacked_tau)[0].shape[0]
+    lam_t = per_task_weights(lam, num)
+    return jax.tree_util.tree_map(lambda x: jnp.tensordot(lam_t, x, axes=1), stacked_tau)
+
+
+def task_arithmetic(
+    pretrained: Params, finetuned: Sequence[Params], lam: float | Sequence[float] = 0.3
+) -> Params:
+    """Task arithmetic: ``theta = theta_0 + lam * sum_t (theta_t - theta_0)``.
+
+    Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, Sec. 2 (addition of task
+    vectors). The paper picks ``lam`` on validation data (see :func:`grid_search`); 0.3 is the
+    fixed value used by AdaMerging/FusionBench. ``lam`` may be a per-task sequence.
+    """
+    tau = task_arithmetic_vector(stacked_task_vectors(finetuned, pretrained), lam)
+    return apply_task_vector(pretrained, tau)
+
+
+class GridSearchResult(NamedTuple):
+    best_value: Any
+    best_params: Params
+    scores: list[tuple[Any, float]]
+
+
+def grid_search(
+    merge_fn: Callable[[Any], Params],
+    values: Sequence[Any],
+    validation_fn: Callable[[Params], float],
+) -> GridSearchResult:
+    """Pick the coefficient maximising a validation score.
+
+    Args:
+      merge_fn: ``value -> merged params`` (e.g. ``lambda lam: task_arithmetic(p0, fts, lam)``).
+      values: candidates, e.g. ``np.linspace(0, 1, 11)[1:]`` as in tall_masks / LiNeS for TA.
+      validation_fn: ``params -> score`` (higher is better, e.g. mean normalised accuracy).
+
+    Returns the best value (first one on ties), its merged params, and all ``(value, score)``.
+    Runs eagerly on the host: one merge and one evaluation per candidate.
+    """
+    if len(values) == 0:
+        raise ValueError("grid_search needs at least one candidate value")
+    best = None
+    scores = []
+    for v in values:
+        params = merge_fn(v)
+        score = float(validation_fn(params))
+        scores.append((v, score))
+        if best is None or score > best[1]:
+            best = (v, score, params)
+    return GridSearchResult(best_value=best[0], best_params=best[2], scores=scores)

@@ -1,0 +1,97 @@
+"""Geometric interpolation between models: SLERP and Model Stock."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.merging.task_vectors import accum_dtype, stacked_task_vectors
+from mtl_jax.merging.tree import Params, check_compatible, replicate_if_explicit
+
+
+def _f32(x):
+    x = jnp.asarray(x)
+    return x.astype(accum_dtype(x.dtype))
+
+
+def slerp_leaf(v0: jax.Array, v1: jax.Array, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> jax.Array:
+    """Spherical linear interpolation of one tensor (Shoemake 1985, "Animating rotation with
+    quaternion curves"; per tensor as in MergeKit):
+
+        theta = arccos(<v0/|v0|, v1/|v1|>),
+        slerp = sin((1-t) theta) / sin(theta) * v0 + sin(t theta) / sin(theta) * v1
+
+    Falls back to ``(1-t) v0 + t v1`` when ``|cos theta| > dot_threshold`` (near-colinear, where
+    sin(theta) ~ 0) or either tensor has ~zero norm. Works on fp32 copies; any shape.
+    """
+    a, b = _f32(v0), _f32(v1)
+    na, nb = jnp.sqrt(jnp.sum(a * a)), jnp.sqrt(jnp.sum(b * b))
+    dot = jnp.sum((a / jnp.maximum(na, eps)) * (b / jnp.maximum(nb, eps)))
+    dot = jnp.clip(dot, -1.0, 1.0)
+    colinear = (jnp.abs(dot) > dot_threshold) | (na < eps) | (nb < eps)
+    theta = jnp.arccos(jnp.where(colinear, 0.0, dot))
+    sin_theta = jnp.where(colinear, 1.0, jnp.sin(theta))
+    s0 = jnp.where(colinear, 1.0 - t, jnp.sin((1.0 - t) * theta) / sin_theta)
+    s1 = jnp.where(colinear, t, jnp.sin(t * theta) / sin_theta)
+    return s0 * a + s1 * b
+
+
+def slerp(
+    pretrained: Params,
+    finetuned: Sequence[Params],
+    t: float = 0.5,
+    dot_threshold: float = 0.9995,
+) -> Params:
+    """SLERP of exactly two models, tensor by tensor (:func:`slerp_leaf`), ``t=0`` gives
+    ``finetuned[0]``, ``t=1`` gives ``finetuned[1]``. ``pretrained`` only fixes structure/dtypes
+    (SLERP interpolates the weights themselves, as MergeKit does)."""
+    if len(finetuned) != 2:
+        raise ValueError(f"SLERP merges exactly 2 models, got {len(finetuned)}")
+    check_compatible(pretrained, finetuned)
+    return jax.tree_util.tree_map(
+        lambda p, a, b: slerp_leaf(a, b, t, dot_threshold).astype(jnp.asarray(p).dtype),
+        pretrained,
+        *finetuned,
+    )
+
+
+def model_stock_ratio(cos: jax.Array, num: int) -> jax.Array:
+    """Model Stock interpolation ratio (Jang et al. 2024): ``t = k cos / (1 + (k-1) cos)``."""
+    return num * cos / (1.0 + (num - 1) * cos)
+
+
+def _mean_pairwise_cos(x: jax.Array, eps: float) -> jax.Array:
+    """cos of the mean pairwise angle between the T rows of x (T, ...) (T >= 2)."""
+    num = x.shape[0]
+    flat = replicate_if_explicit(x).reshape(num, -1)
+    gram = flat @ flat.T
+    norms = jnp.sqrt(jnp.diag(gram))
+    cos = jnp.clip(gram / (norms[:, None] * norms[None, :] + eps), -1.0, 1.0)
+    iu = jnp.triu_indices(num, k=1)
+    return jnp.cos(jnp.mean(jnp.arccos(cos[iu])))
+
+
+def model_stock(pretrained: Params, finetuned: Sequence[Params], eps: float = 1e-8) -> Params:
+    """Model Stock (Jang, Yun, Han, "Model Stock: All we need is just a few fine-tuned models",
+    ECCV 2024), per layer (leaf):
+
+        cos = cos(angle between the fine-tuned deltas theta_t - theta_0),
+        t = k cos / (1 + (k-1) cos),   theta = t * mean_t(theta_t) + (1 - t) * theta_0.
+
+    With k > 2 models the angle is the mean of the pairwise angles (the reference code's rule).
+    Needs k >= 2. Deltas in fp32; output in the pretrained dtypes.
+    """
+    if len(finetuned) < 2:
+        raise ValueError(f"Model Stock needs at least 2 fine-tuned models, got {len(finetuned)}")
+    num = len(finetuned)
+    tau = stacked_task_vectors(finetuned, pretrained)
+
+    def leaf(p, d):
+        ratio = model_stock_ratio(_mean_pairwise_cos(d, eps), num)
+        p32 = _f32(p)
+        avg = p32 + jnp.mean(d, axis=0)
+        return (ratio * avg + (1.0 - ratio) * p32).astype(jnp.asarray(p).dtype)
+
+    return jax.tree_util.tree_map(leaf, pretrained, tau)

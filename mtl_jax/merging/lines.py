@@ -1,0 +1,111 @@
+"""LiNeS: layer-increasing network scaling of task vectors.
+
+Wang, Dimitriadis, Favero, Ortiz-Jimenez, Fleuret, Frossard, "LiNeS: Post-training Layer Scaling
+Prevents Forgetting and Enhances Model Merging", ICLR 2025 (arXiv 2410.17146).
+Shallow blocks keep little of the task vector, deep blocks keep more:
+``lambda(l) = alpha + beta * l / (L - 1)`` for blocks ``l = 0..L-1`` (0-indexed here);
+leaves outside numbered blocks (embeddings, final norm, heads) get ``alpha``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from mtl_jax.merging.task_vectors import (
+    apply_task_vector,
+    stacked_task_vectors,
+    task_vector,
+    tree_l1_norm,
+    tree_sum_tasks,
+)
+from mtl_jax.merging.ties import ties_merge_vector
+from mtl_jax.merging.tree import LayerIndexFn, Params, default_layer_index, map_with_path, num_layers
+
+
+def lines_schedule(num_blocks: int, alpha: float, beta: float) -> np.ndarray:
+    """``[alpha + beta * l / (L - 1) for l in range(L)]`` (LiNeS); a single block gets alpha."""
+    if num_blocks <= 0:
+        return np.zeros((0,), np.float64)
+    frac = np.arange(num_blocks) / max(num_blocks - 1, 1)
+    return alpha + beta * frac
+
+
+def _block_fraction(path: str, num_blocks: int, layer_index_fn: LayerIndexFn) -> float:
+    idx = layer_index_fn(path)
+    if idx is None:
+        return 0.0
+    if not 0 <= idx < num_blocks:
+        raise ValueError(f"leaf '{path}' has block index {idx}, outside [0, {num_blocks})")
+    return idx / max(num_blocks - 1, 1)
+
+
+def lines_scale(
+    tau: Params,
+    alpha: float | jax.Array,
+    beta: float | jax.Array,
+    num_blocks: Optional[int] = None,
+    layer_index_fn: LayerIndexFn = default_layer_index,
+) -> Params:
+    """Scale every leaf of ``tau`` by ``lambda(l) = alpha + beta * l / (L - 1)`` of its block.
+
+    Args:
+      tau: task vector tree (any leaf shapes). alpha/beta: scalars (may be traced).
+      num_blocks: L; default ``1 + max block index`` found by ``layer_index_fn`` over the paths.
+      layer_index_fn: ``path -> block index or None``; None-index leaves are scaled by alpha.
+    """
+    L = num_layers(tau, layer_index_fn) if num_blocks is None else num_blocks
+    return map_with_path(
+        lambda p, x: x * (alpha + beta * _block_fraction(p, L, layer_index_fn)), tau
+    )
+
+
+def lines_edit(
+    pretrained: Params,
+    finetuned: Params,
+    lam: float = 0.5,
+    num_blocks: Optional[int] = None,
+    layer_index_fn: LayerIndexFn = default_layer_index,
+) -> Params:
+    """Single-task LiNeS edit (Sec. 3): ``theta_0 + lines_scale(tau, alpha=lam, beta=1-lam)``, so the
+    first block keeps ``lam`` of its update and the last block all of it. The paper tunes
+    ``lam`` for the target/control trade-off; 0.5 is a neutral starting point, not a paper value.
+    """
+    tau = task_vector(finetuned, pretrained)
+    return apply_task_vector(pretrained, lines_scale(tau, lam, 1.0 - lam, num_blocks, layer_index_fn))
+
+
+def lines_alpha(stacked_tau: Params, merged_tau: Params) -> jax.Array:
+    """LiNeS merging rule for alpha (Sec. 4): ``(||sum_t tau_t||_1 / ||tau_merged||_1) / T``, so the
+    shallow layers of the merged vector get the L1 mass of the *average* task vector. Norms are
+    per-leaf reductions added over leaves."""
+    num = jax.tree_util.tree_leaves(stacked_tau)[0].shape[0]
+    return tree_l1_norm(tree_sum_tasks(stacked_tau)) / tree_l1_norm(merged_tau) / num
+
+
+def lines_merging(
+    pretrained: Params,
+    finetuned: Sequence[Params],
+    beta: float = 0.5,
+    base: str = "ta",
+    top_k: float = 0.2,
+    num_blocks: Optional[int] = None,
+    layer_index_fn: LayerIndexFn = default_layer_index,
+) -> Params:
+    """LiNeS for multi-task merging (Sec. 4): ``theta_0 + lines_scale(tau_merged, alpha, beta)`` with
+    alpha from :func:`lines_alpha`.
+
+    base="ta": tau_merged = ``sum_t tau_t`` (then alpha = 1/T); base="ties": the TIES vector with
+    ``top_k``. The paper grid-searches beta on validation data; 0.5 is a starting point only.
+    """
+    tau = stacked_task_vectors(finetuned, pretrained)
+    if base == "ta":
+        merged = tree_sum_tasks(tau)
+    elif base == "ties":
+        merged = ties_merge_vector(tau, top_k)
+    else:
+        raise ValueError(f"unknown LiNeS base {base!r}; valid: 'ta', 'ties'")
+    alpha = lines_alpha(tau, merged)
+    return apply_task_vector(pretrained, lines_scale(merged, alpha, beta, num_blocks, layer_index_fn))

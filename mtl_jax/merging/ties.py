@@ -1,0 +1,115 @@
+"""TIES-Merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
+NeurIPS 2023) and DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
+Homologous Models as a Free Lunch", ICML 2024)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.merging.arithmetic import task_arithmetic_vector
+from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
+from mtl_jax.merging.threshold import topk_trim
+from mtl_jax.merging.tree import Params
+
+
+def elect_sign(stacked_tau: Params) -> Params:
+    """TIES "elect" (Sec. 3, step 2): ``gamma_m = sign(sum_t tau_t)`` -- the sign with the larger
+    total mass. Entries where the sum is exactly 0 get the model-wide majority sign
+    ``sign(sum over entries of gamma_m)``, as in the reference implementation.
+
+    stacked_tau: leaves (T, ...) -> leaves (...) in {-1, 0, +1} (0 only if the majority is 0).
+    """
+    signs = jax.tree_util.tree_map(lambda x: jnp.sign(jnp.sum(x, axis=0)), stacked_tau)
+    majority = jnp.sign(sum(jnp.sum(s) for s in jax.tree_util.tree_leaves(signs)))
+    return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
+
+
+def disjoint_mean(stacked_tau: Params, sign: Params) -> Params:
+    """TIES "disjoint merge" (Sec. 3, step 3): mean over the tasks whose entry is
+    non-zero and agrees with the elected sign, ``sum_{t in A^p} tau_t^p / |A^p|``, with
+    ``A^p = {t : sign(tau_t^p) = gamma_m^p}``; entries with empty A^p are 0."""
+
+    def leaf(x, s):
+        agree = x * s[None] > 0
+        total = jnp.sum(jnp.where(agree, x, 0.0), axis=0)
+        count = jnp.sum(agree, axis=0)
+        return total / jnp.maximum(count, 1).astype(x.dtype)
+
+    return jax.tree_util.tree_map(leaf, stacked_tau, sign)
+
+
+def ties_merge_vector(
+    stacked_tau: Params, top_k: float = 0.2, per_tensor: bool = False, trim: bool = True
+) -> Params:
+    """TIES merged task vector tau_m (no lambda) from stacked fp32 task vectors (T, ...).
+
+    Steps (Yadav et al. 2023, Sec. 3 / Alg. 1): trim each tau_t to its top ``top_k`` fraction by
+    magnitude over the whole model (``per_tensor=True``: per leaf, as MergeKit), elect the sign by
+    mass, disjoint mean. Threshold ties are kept (see :mod:`mtl_jax.merging.threshold`).
+    ``trim=False`` skips step 1 (used by DARE-TIES).
+    """
+    trimmed = topk_trim(stacked_tau, top_k, batched=True, per_tensor=per_tensor) if trim else stacked_tau
+    return disjoint_mean(trimmed, elect_sign(trimmed))
+
+
+def ties_merging(
+    pretrained: Params,
+    finetuned: Sequence[Params],
+    top_k: float = 0.2,
+    lam: float = 1.0,
+    per_tensor: bool = False,
+) -> Params:
+    """TIES-Merging: ``theta = theta_0 + lam * tau_m`` (Yadav et al. 2023, Alg. 1, line 8).
+
+    Defaults follow the paper's no-validation setting: keep the top 20% (``top_k=0.2``) of each
+    task vector over the whole model, ``lam=1``. Per-tensor trimming via ``per_tensor=True``.
+    """
+    tau = ties_merge_vector(stacked_task_vectors(finetuned, pretrained), top_k, per_tensor)
+    return apply_task_vector(pretrained, tau, lam)
+
+
+# ------------------------------------------------------------------------------------------ DARE
+
+
+def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
+    """DARE "drop and rescale" (Yu et al. 2024): ``m ~ Bernoulli(p)`` drops each delta entry,
+    survivors are rescaled by ``1 / (1 - p)`` so ``E[dare(tau)] = tau``.
+
+    key: PRNG key; leaf i uses ``fold_in(key, i)``; entries of all tasks are independent.
+    stacked_tau: leaves (T, ...), fp32. p in [0, 1).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate must be in [0, 1), got {p}")
+    leaves, treedef = jax.tree_util.tree_flatten(stacked_tau)
+    out = []
+    for i, x in enumerate(leaves):
+        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - p, x.shape)
+        out.append(jnp.where(keep, x / (1.0 - p), jnp.zeros_like(x)))
+    return treedef.unflatten(out)
+
+
+def dare_merging(
+    pretrained: Params,
+    finetuned: Sequence[Params],
+    key: jax.Array,
+    p: float = 0.9,
+    combine: str = "ta",
+    lam: Optional[float] = None,
+) -> Params:
+    """DARE: drop-and-rescale every task vector, then combine (Yu et al. 2024, Sec. 3-4).
+
+    ``combine="ta"``: ``theta_0 + lam * sum_t dare(tau_t)`` (lam default 0.3, as task arithmetic).
+    ``combine="ties"``: TIES sign election + disjoint mean on the DARE vectors, DARE replacing the
+    top-k trim (MergeKit's ``dare_ties``), lam default 1.0.
+    ``p=0.9``: the paper's headline drop rate (90% of delta parameters removed).
+    """
+    if combine not in ("ta", "ties"):
+        raise ValueError(f"unknown DARE combine {combine!r}; valid: 'ta', 'ties'")
+    dropped = dare_drop(key, stacked_task_vectors(finetuned, pretrained), p)
+    if combine == "ta":
+        return apply_task_vector(pretrained, task_arithmetic_vector(dropped, 0.3 if lam is None else lam))
+    tau = ties_merge_vector(dropped, trim=False)
+    return apply_task_vector(pretrained, tau, 1.0 if lam is None else lam)

@@ -1,0 +1,117 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.merging import (
+    apply_task_vector,
+    check_compatible,
+    default_layer_index,
+    leaf_paths,
+    merge_subset,
+    merge_subset_per_task,
+    num_layers,
+    select_mask,
+    task_arithmetic,
+    task_vector,
+)
+from mtl_jax.merging.tree import select_flat
+
+from .helpers import random_tree
+
+
+def test_leaf_paths_are_slash_joined():
+    tree = {"shared": {"Dense_0": {"kernel": np.zeros((2, 3))}}, "layers": [np.zeros(2), np.zeros(1)]}
+    assert leaf_paths(tree) == ["layers/0", "layers/1", "shared/Dense_0/kernel"]
+    flat_dict = {"model.layers.3.mlp.weight": np.zeros(2)}
+    assert leaf_paths(flat_dict) == ["model.layers.3.mlp.weight"]
+
+
+@pytest.mark.parametrize(
+    "path,index",
+    [
+        ("encoder/block_3/Dense_0/kernel", 3),
+        ("Encoder_0/Block_11/mlp/kernel", 11),
+        ("model.layers.7.self_attn.q_proj.weight", 7),
+        ("bert/encoder/layer_2/attention/kernel", 2),
+        ("Transformer/encoderblock_5/MlpBlock_0/Dense_1/kernel", 5),
+        ("layers_4/kernel", 4),
+        ("layers/6/kernel", 6),
+        ("MlpBlock_0/Dense_0/kernel", None),
+        ("embedding/kernel", None),
+        ("layer_norm/scale", None),
+        ("head/kernel", None),
+    ],
+)
+def test_default_layer_index(path, index):
+    assert default_layer_index(path) == index
+
+
+def test_num_layers_from_tree():
+    tree = {"block_0": {"k": 1.0}, "block_4": {"k": 1.0}, "head": {"k": 1.0}}
+    assert num_layers(tree) == 5
+    assert num_layers({"head": 1.0}) == 0
+
+
+def test_shape_mismatch_names_path_and_both_shapes():
+    p0 = {"shared": {"Dense_0": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}}}
+    bad = {"shared": {"Dense_0": {"kernel": np.zeros((4, 5)), "bias": np.zeros(3)}}}
+    with pytest.raises(ValueError, match=r"shared/Dense_0/kernel.*\(4, 3\).*\(4, 5\)"):
+        task_vector(bad, p0)
+    with pytest.raises(ValueError, match=r"shared/Dense_0/kernel.*\(4, 3\).*\(4, 5\)"):
+        task_arithmetic(p0, [p0, bad])
+
+
+def test_structure_mismatch_names_missing_and_extra_paths():
+    p0 = {"shared": {"kernel": np.zeros(2)}, "heads": {"a": np.zeros(2)}}
+    other = {"shared": {"kernel": np.zeros(2)}, "heads": {"b": np.zeros(2)}}
+    with pytest.raises(ValueError, match=r"missing \['heads/a'\].*unexpected \['heads/b'\]"):
+        check_compatible(p0, [other])
+    with pytest.raises(ValueError, match="finetuned\\[1\\]"):
+        task_arithmetic(p0, [p0, other])
+
+
+def test_task_vector_roundtrip_and_dtype():
+    rng = np.random.default_rng(1)
+    p0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), random_tree(rng))
+    ft = jax.tree_util.tree_map(lambda x: (x.astype(jnp.float32) + 0.5).astype(jnp.bfloat16), p0)
+    tau = task_vector(ft, p0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(tau))
+    back = apply_task_vector(p0, tau, 1.0)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(ft)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_select_mask_regex_fullmatch():
+    tree = {"shared": {"a": 1.0, "b": 2.0}, "heads": {"x": 3.0}}
+    mask = select_mask(tree, include="shared/.*", exclude=".*/b")
+    assert mask == {"shared": {"a": True, "b": False}, "heads": {"x": False}}
+    # fullmatch: "shared" alone does not select "shared/a"
+    assert select_flat(tree, include="shared") == {}
+
+
+def test_merge_subset_keeps_pretrained_elsewhere(models):
+    p0, fts = models
+    out = merge_subset(task_arithmetic, p0, fts, include="shared/.*", lam=0.5)
+    ref = task_arithmetic(p0, fts, lam=0.5)
+    np.testing.assert_allclose(out["shared"]["block_1"]["Dense_0"]["kernel"], ref["shared"]["block_1"]["Dense_0"]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(out["heads"]["cls"]["kernel"], p0["heads"]["cls"]["kernel"])
+
+
+def test_merge_subset_per_task_keeps_each_head(models):
+    p0, fts = models
+    outs = merge_subset_per_task(task_arithmetic, p0, fts, include="shared/.*", lam=0.3)
+    ref = task_arithmetic(p0, fts, lam=0.3)
+    assert len(outs) == 3
+    for t, out in enumerate(outs):
+        np.testing.assert_array_equal(out["heads"]["cls"]["bias"], fts[t]["heads"]["cls"]["bias"])
+        np.testing.assert_allclose(out["shared"]["embed"]["embedding"], ref["shared"]["embed"]["embedding"], rtol=1e-6)
+
+
+def test_flat_safetensors_style_dict():
+    rng = np.random.default_rng(2)
+    p0 = {"model.layers.0.w": rng.normal(size=(3, 3)).astype(np.float32), "lm_head.w": rng.normal(size=(3,)).astype(np.float32)}
+    fts = [{k: v + 1.0 for k, v in p0.items()}, {k: v - 3.0 for k, v in p0.items()}]
+    out = task_arithmetic(p0, fts, lam=0.5)
+    np.testing.assert_allclose(out["model.layers.0.w"], p0["model.layers.0.w"] - 1.0, rtol=1e-6)
