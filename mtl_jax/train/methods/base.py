@@ -1,0 +1,131 @@
+"""The interface every MTL loss-weighting / gradient-aggregation method implements.
+
+A method is a pair of pure functions, in the spirit of an optax transformation:
+
+* ``init(num_tasks) -> state``: a pytree of arrays (``{}`` when stateless).
+* ``update(inputs, state, key) -> (out, new_state)``: ``out`` is
+
+  - ``weights[K]`` for every method except the direction-returning ones. The trainer applies the
+    shared-parameter gradient ``sum_k weights[k] * g_k`` (one weighted VJP). Heads receive the
+    gradient of ``weights[k] * L_k`` when ``weights_heads`` is True (loss weighting), and of
+    ``L_k`` when it is False (gradient aggregation).
+  - ``direction[P]`` (the flattened shared-parameter update direction, to be unflattened like
+    ``MethodInputs.jacobian`` rows) when ``returns_direction(method)`` is True, i.e. for the
+    methods with ``needs='jacobian'`` and ``weights_heads=False`` (GradDrop, MoCo), whose result
+    is not a linear combination of the current task gradients.
+
+``update`` is jittable, contains no Python loop over tasks, and never leaves the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+NEEDS = ("losses", "gramian", "jacobian")
+
+
+class Method(NamedTuple):
+    """An MTL method: ``init(num_tasks) -> state`` and ``update(inputs, state, key) -> (out, state)``.
+
+    Attributes:
+      name: registry name of the method.
+      init: ``init(num_tasks) -> state`` (pytree of arrays, ``{}`` if stateless).
+      update: ``update(inputs: MethodInputs, state, key) -> (weights [K] | direction [P], state)``.
+      needs: what the trainer must fill in ``MethodInputs`` besides the losses: ``'losses'``
+        (nothing), ``'gramian'`` (``gramian``), ``'jacobian'`` (``jacobian``).
+      weights_heads: True for loss-weighting methods (head k gets the gradient of ``w_k L_k``),
+        False for gradient methods (head k gets the gradient of ``L_k``).
+    """
+
+    name: str
+    init: Callable[[int], PyTree]
+    update: Callable[["MethodInputs", PyTree, jax.Array], tuple[jax.Array, PyTree]]
+    needs: str
+    weights_heads: bool
+
+
+@flax.struct.dataclass
+class MethodInputs:
+    """What the train step hands to ``Method.update``; K tasks, P flattened shared parameters.
+
+    Attributes:
+      losses: [K] float32 current per-task losses.
+      step: scalar int32 optimisation step (0 at the first update).
+      gramian: [K, K] ``G = J J^T`` of the per-task gradients of the shared parameters
+        (``needs='gramian'``).
+      jacobian: [K, P] flattened per-task shared-parameter gradients (``needs='jacobian'``).
+      last_shared_gramian: optional [K, K] Gramian of the per-task gradients w.r.t. the *last
+        shared layer* only (GradNorm, Chen et al. 2018, Sec. 3.2). GradNorm falls back to
+        ``gramian`` when it is None.
+      updated_losses: optional [K] losses of the *previous* step's batch evaluated with the
+        parameters after the previous update (FAMO, Liu et al. 2023, Eq. 9: the logit update uses
+        ``log L_{t-1}(theta_{t-1}) - log L_{t-1}(theta_t)``). When None, FAMO uses the current
+        batch's ``losses`` in place of ``L_{t-1}(theta_t)`` (no extra forward pass).
+      cross_gramian: optional [K, K] ``J_a J_b^T`` of per-task gradients on two independent
+        mini-batches (the double sampling of SDMGrad, Xiao et al. 2023, Alg. 1, and MoDo, Chen
+        et al. 2023, Eq. 9). When None, both methods use ``gramian`` (single-sample variant).
+    """
+
+    losses: jax.Array
+    step: jax.Array
+    gramian: jax.Array | None = None
+    jacobian: jax.Array | None = None
+    last_shared_gramian: jax.Array | None = None
+    updated_losses: jax.Array | None = None
+    cross_gramian: jax.Array | None = None
+
+
+def returns_direction(method: Method) -> bool:
+    """True when ``method.update`` returns a flattened direction [P] instead of weights [K]."""
+    return method.needs == "jacobian" and not method.weights_heads
+
+
+def check_num_tasks(name: str, num_tasks: int | None, minimum: int = 2) -> None:
+    """Raises ValueError when a method that compares task gradients is given fewer than 2 tasks."""
+    if num_tasks is not None and num_tasks < minimum:
+        raise ValueError(
+            f"{name} aggregates per-task gradients and needs at least {minimum} tasks; got "
+            f'num_tasks={num_tasks}. Use "ew" for a single task.'
+        )
+
+
+def require(inputs: MethodInputs, field: str, name: str) -> jax.Array:
+    """Returns ``inputs.<field>``, raising a clear error at trace time when it is missing."""
+    value = getattr(inputs, field)
+    if value is None:
+        raise ValueError(f"{name} needs MethodInputs.{field}; the train step did not provide it.")
+    return value
+
+
+def normalized_gramian(gramian: jax.Array, reg: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """Scales a PSD Gramian to unit mean diagonal and adds ``reg * I``.
+
+    Args:
+      gramian: [K, K] ``J J^T``.
+      reg: ridge added after scaling; keeps sub-problems strictly convex when gradients are
+        identical or one task's gradient is zero.
+
+    Returns:
+      ``(gramian_n [K, K], scale [])`` with ``gramian ~= scale * (gramian_n - reg I)``. An all-zero
+      Gramian gives ``gramian_n = (1 + reg) I`` and ``scale = 0`` (any weights give a zero update).
+    """
+    num_tasks = gramian.shape[0]
+    gramian = 0.5 * (gramian + gramian.T)
+    scale = jnp.trace(gramian) / num_tasks
+    tiny = jnp.finfo(gramian.dtype).tiny * 1e6
+    safe_scale = jnp.where(scale > tiny, scale, 1.0)
+    eye = jnp.eye(num_tasks, dtype=gramian.dtype)
+    gramian_n = jnp.where(scale > tiny, gramian / safe_scale, eye) + reg * eye
+    return gramian_n, jnp.where(scale > tiny, scale, 0.0)
+
+
+def stateless_init(num_tasks: int) -> PyTree:
+    """``init`` of a method without state."""
+    del num_tasks
+    return {}

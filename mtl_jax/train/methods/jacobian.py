@@ -1,0 +1,82 @@
+"""Methods whose update is not a linear combination of the current task gradients.
+
+They need the flattened per-task Jacobian ``J [K, P]`` (``needs='jacobian'``) and return the
+shared-parameter *direction* ``d [P]`` (``weights_heads=False``; ``base.returns_direction``);
+the trainer unflattens ``d`` like a row of ``J``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.train.methods.base import Method, MethodInputs, check_num_tasks, require
+
+_EPS = 1e-8
+
+
+def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
+    """GradDrop (Chen et al., NeurIPS 2020, Eqs. 1-3 / Alg. 1; LibMTL default leak = 0).
+
+    Per coordinate p: positive-sign purity ``P = (1 + sum_k g_kp / sum_k |g_kp|) / 2``, ``U ~ U(0, 1)``;
+    task k keeps ``g_kp`` if ``(P > U and g_kp > 0)`` or ``(P < U and g_kp < 0)``, else it is scaled
+    by ``leak``; ``d = sum_k g_k * (leak + (1 - leak) mask_k)``. The paper applies it to gradients
+    at a shared activation (sign-corrected by the input, summed over the batch); here it applies to
+    whatever rows the trainer passes as ``jacobian`` (shared-parameter gradients by default).
+    """
+    check_num_tasks("graddrop", num_tasks)
+
+    def init(num_tasks: int):
+        check_num_tasks("graddrop", num_tasks)
+        return {}
+
+    def update(inputs: MethodInputs, state, key):
+        jacobian = require(inputs, "jacobian", "graddrop")
+        purity = 0.5 * (1.0 + jacobian.sum(0) / (jnp.abs(jacobian).sum(0) + 1e-7))
+        uniform = jax.random.uniform(key, purity.shape, purity.dtype)
+        keep = ((purity > uniform)[None] & (jacobian > 0)) | ((purity < uniform)[None] & (jacobian < 0))
+        mask = leak + (1.0 - leak) * keep.astype(jacobian.dtype)
+        return jnp.sum(jacobian * mask, axis=0), state
+
+    return Method("graddrop", init, update, "jacobian", False)
+
+
+def make_moco(
+    num_params: int,
+    num_tasks: int | None = None,
+    beta: float = 0.5,
+    beta_sigma: float = 0.5,
+    gamma: float = 0.1,
+    gamma_sigma: float = 0.5,
+    rho: float = 0.0,
+) -> Method:
+    """MoCo (Fernando et al., ICLR 2023, Alg. 1 / Eqs. 4-5; LibMTL defaults).
+
+    Tracked gradients ``Y [K, P]``: ``Y <- Y - beta_t (Y - Gt)`` with ``Gt_k = L_k g_k / ||g_k||``
+    (LibMTL's normalisation) and ``beta_t = beta / t^beta_sigma``; weights
+    ``lambda <- softmax(lambda - gamma_t (Y Y^T + rho I) lambda)``, ``gamma_t = gamma / t^gamma_sigma``
+    (t = 1, 2, ...); direction ``d = Y^T lambda``. ``num_params`` = P sizes the state.
+    """
+    check_num_tasks("moco", num_tasks)
+
+    def init(num_tasks: int):
+        check_num_tasks("moco", num_tasks)
+        return {
+            "tracked": jnp.zeros((num_tasks, num_params), jnp.float32),
+            "lambda": jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
+            "count": jnp.zeros((), jnp.int32),
+        }
+
+    def update(inputs: MethodInputs, state, key):
+        del key
+        jacobian = require(inputs, "jacobian", "moco").astype(jnp.float32)
+        count = state["count"] + 1
+        t = count.astype(jnp.float32)
+        norms = jnp.linalg.norm(jacobian, axis=1, keepdims=True)
+        target = jacobian / (norms + _EPS) * inputs.losses[:, None]
+        tracked = state["tracked"] - beta / t**beta_sigma * (state["tracked"] - target)
+        lam = state["lambda"]
+        lam = jax.nn.softmax(lam - gamma / t**gamma_sigma * (tracked @ (tracked.T @ lam) + rho * lam))
+        return tracked.T @ lam, {"tracked": tracked, "lambda": lam, "count": count}
+
+    return Method("moco", init, update, "jacobian", False)

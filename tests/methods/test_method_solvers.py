@@ -1,0 +1,111 @@
+"""On-device K x K solvers against scipy.optimize references on random problems."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import least_squares, minimize
+
+from mtl_jax.train.methods import solvers
+from mtl_jax.train.methods.base import normalized_gramian
+
+SHAPES = [(2, 5), (3, 2), (10, 50), (24, 30)]
+
+
+def random_gramian(num, dim, seed, reg=1e-6):
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(num, dim)).astype(np.float32)
+    jac[0] *= -1.0  # at least one conflicting pair
+    gramian_n, _ = normalized_gramian(jnp.asarray(jac @ jac.T), reg)
+    return gramian_n, np.asarray(gramian_n, np.float64)
+
+
+def slsqp_on_simplex(objective, num):
+    result = minimize(
+        objective,
+        np.full(num, 1.0 / num),
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * num,
+        constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},),
+        options={"ftol": 1e-14, "maxiter": 2000},
+    )
+    return result.fun
+
+
+def test_project_to_simplex_matches_qp():
+    rng = np.random.default_rng(0)
+    project = jax.jit(solvers.project_to_simplex)
+    for num in (1, 2, 5, 17):
+        v = rng.normal(size=num).astype(np.float32) * 2
+        w = np.asarray(project(jnp.asarray(v)))
+        reference = minimize(
+            lambda x: np.sum((x - v) ** 2),
+            np.full(num, 1.0 / num),
+            method="SLSQP",
+            bounds=[(0.0, None)] * num,
+            constraints=({"type": "eq", "fun": lambda x: x.sum() - 1.0},),
+            options={"ftol": 1e-14},
+        ).x
+        np.testing.assert_allclose(w, reference, atol=1e-5)
+        assert w.min() >= 0 and abs(w.sum() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("num,dim", SHAPES)
+def test_min_norm_on_simplex_matches_slsqp(num, dim):
+    gramian, g64 = random_gramian(num, dim, seed=num * 100 + dim)
+    w = np.asarray(jax.jit(solvers.min_norm_on_simplex)(gramian), np.float64)
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-5
+    assert w @ g64 @ w <= slsqp_on_simplex(lambda x: x @ g64 @ x, num) + 2e-6
+
+
+@pytest.mark.parametrize("num,dim", SHAPES)
+def test_cagrad_dual_matches_slsqp(num, dim):
+    gramian, g64 = random_gramian(num, dim, seed=7 + num, reg=0.0)
+    mean = np.full(num, 1.0 / num)
+    radius = 0.5 * np.sqrt(mean @ g64 @ mean + 1e-8)
+    dual64 = lambda w: w @ g64 @ mean + radius * np.sqrt(w @ g64 @ w + 1e-8)
+    dual = lambda w: w @ gramian @ mean + radius * jnp.sqrt(w @ gramian @ w + 1e-8)
+    w = np.asarray(jax.jit(lambda: solvers.minimize_on_simplex(dual, num, 200))(), np.float64)
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-5
+    assert dual64(w) <= slsqp_on_simplex(dual64, num) + 1e-5
+
+
+@pytest.mark.parametrize("num,dim", SHAPES)
+def test_dual_cone_projection_matches_lbfgsb(num, dim):
+    gramian, g64 = random_gramian(num, dim, seed=3 * num + dim, reg=1e-4)
+    rng = np.random.default_rng(num)
+    project = jax.jit(jax.vmap(solvers.project_to_dual_cone, in_axes=(None, 0)))
+    targets = np.concatenate([np.eye(num) / num, rng.uniform(0, 1, size=(2, num))]).astype(np.float32)
+    values = np.asarray(project(gramian, jnp.asarray(targets)), np.float64)
+    for u, v in zip(targets.astype(np.float64), values):
+        reference = minimize(
+            lambda x: x @ g64 @ x,
+            u + 0.1,
+            jac=lambda x: 2 * g64 @ x,
+            method="L-BFGS-B",
+            bounds=[(ui, None) for ui in u],
+            options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000},
+        )
+        assert np.all(v >= u - 1e-6)
+        assert v @ g64 @ v <= reference.fun * (1 + 1e-5) + 1e-9
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("num,dim", [(2, 5), (24, 30)])
+def test_power_bargaining_matches_least_squares(num, dim, alpha):
+    gramian, g64 = random_gramian(num, dim, seed=num + dim, reg=1e-4)
+    solve = jax.jit(solvers.solve_power_bargaining, static_argnums=1)
+    w = np.asarray(solve(gramian, alpha), np.float64)
+    assert np.all(w > 0)
+    rhs = w ** (-1.0 / alpha)
+    assert np.max(np.abs(g64 @ w - rhs) / rhs) < 1e-3
+    # FairGrad's reference solver (LibMTL): scipy least_squares from 1/K with w >= 0.
+    reference = least_squares(
+        lambda x: g64 @ x - np.power(1.0 / x, 1.0 / alpha),
+        np.full(num, 1.0 / num),
+        bounds=(1e-12, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+    ).x
+    np.testing.assert_allclose(w, reference, rtol=2e-3)
