@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
-from mtl_jax.train.methods import MethodInputs
+from mtl_jax.train.methods import MethodInputs, returns_direction
 from mtl_jax.train.optim import map_groups
 from mtl_jax.train.state import TrainState
 
@@ -61,41 +61,53 @@ def gramian(jacobian_tree) -> jax.Array:
                for j in jax.tree.leaves(jacobian_tree))
 
 
-def task_gradients(method, losses, vjp_fn, method_state, step, key):
-    """Per-group gradients from the method's weights.
+def _unflatten_like(flat, stacked_tree):
+    """[P] vector -> a tree shaped like one row of ``stacked_tree`` (leaves [K, ...])."""
+    leaves, treedef = jax.tree.flatten(stacked_tree)
+    parts = jnp.split(flat, np.cumsum([x[0].size for x in leaves])[:-1].tolist())
+    return jax.tree.unflatten(treedef, [p.reshape(x.shape[1:]) for p, x in zip(parts, leaves)])
 
-    Returns (grads {'shared', 'heads'}, weights [K], method_state, shared_finite [K] or scalar).
+
+def _combine(weights, stacked_tree):
+    """sum_k weights[k] * tree_k for a tree whose leaves are stacked [K, ...]."""
+    return jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, axes=1), stacked_tree)
+
+
+def task_gradients(method, losses, vjp_fn, method_state, step, key):
+    """Gradients of every parameter group under the method's weighting.
+
+    Loss-based methods cost one VJP with the weights as cotangent. The others get the per-task
+    gradients of all parameters from one vmapped VJP (``J``: leaves [K, ...]), the Gramian of its
+    shared part, and (``needs='jacobian'``) its flattened shared rows; the shared gradient is
+    ``sum_k w_k J_k`` (or the method's own direction), head k gets its row, scaled by ``w_k`` for
+    loss-weighting methods.
+
+    Returns (grads {'shared', 'heads'}, weights [K] (NaN when the method returns a direction),
+    method_state).
     """
     num_tasks = losses.shape[0]
     if method.needs == "losses":
         weights, method_state = method.update(MethodInputs(losses=losses, step=step), method_state, key)
-        weights = jax.lax.stop_gradient(weights)
-        if method.weights_heads:
-            (grads,) = vjp_fn(weights.astype(losses.dtype))
-            return grads, weights, method_state
-        (shared_grads,) = vjp_fn(weights.astype(losses.dtype))
-        (head_grads,) = vjp_fn(jnp.ones_like(losses))
-        return {"shared": shared_grads["shared"], "heads": head_grads["heads"]}, weights, method_state
-    # Per-task gradients of every parameter: one VJP per task, vmapped (row k of the head part is
-    # non-zero only for head k, so summing rows gives each head its own task's gradient).
+        weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
+        (grads,) = vjp_fn(weights)
+        if not method.weights_heads:
+            (unweighted,) = vjp_fn(jnp.ones_like(losses))
+            grads = {"shared": grads["shared"], "heads": unweighted["heads"]}
+        return grads, weights, method_state
     (jac,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
     inputs = MethodInputs(losses=losses, step=step, gramian=gramian(jac["shared"]))
     if method.needs == "jacobian":
-        flat = jnp.concatenate([j.reshape(num_tasks, -1) for j in jax.tree.leaves(jac["shared"])], axis=1)
-        inputs = inputs.replace(jacobian=flat)
+        inputs = inputs.replace(jacobian=jnp.concatenate(
+            [j.reshape(num_tasks, -1) for j in jax.tree.leaves(jac["shared"])], axis=1))
     out, method_state = method.update(inputs, method_state, key)
     out = jax.lax.stop_gradient(out)
-    if method.needs == "jacobian":  # the method returned the shared direction, flattened [P]
-        leaves, treedef = jax.tree.flatten(jac["shared"])
-        sizes = [x[0].size for x in leaves]
-        parts = jnp.split(out, np.cumsum(sizes)[:-1].tolist())
-        shared = jax.tree.unflatten(treedef, [p.reshape(x.shape[1:]) for p, x in zip(parts, leaves)])
-        weights = jnp.full((num_tasks,), jnp.nan)
+    if returns_direction(method):
+        shared, weights = _unflatten_like(out, jac["shared"]), jnp.full((num_tasks,), jnp.nan)
     else:
         weights = out
-        shared = jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, axes=1), jac["shared"])
-    heads = jax.tree.map(lambda j: j.sum(axis=0), jac["heads"])
-    return {"shared": shared, "heads": heads}, weights, method_state
+        shared = _combine(weights, jac["shared"])
+    head_weights = weights if method.weights_heads else jnp.ones_like(losses)
+    return {"shared": shared, "heads": _combine(head_weights, jac["heads"])}, weights, method_state
 
 
 def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key: str) -> Callable:

@@ -18,7 +18,7 @@ from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
 from mtl_jax.models import build_model
 from mtl_jax.train import checkpoint as ckpt
-from mtl_jax.train.methods import get_method
+from mtl_jax.train.methods import METHODS, get_method, hyperparameters
 from mtl_jax.train.optim import make_optimizers, map_groups
 from mtl_jax.train.reporting import MetricWriter, delta_m, flatten_metrics, results_table
 from mtl_jax.train.sharding import batch_sharding, make_mesh, replicated, train_state_shardings
@@ -96,6 +96,20 @@ class Experiment:
     eval_step: Callable
 
 
+def build_method(method_cfg, model, sample_input, num_tasks: int):
+    """``get_method(name, **hparams)``, filling ``num_tasks`` / ``num_params`` (shared parameter
+    count) for the methods that take them."""
+    hparams = dict(method_cfg)
+    name = hparams.pop("name")
+    accepted = hyperparameters(name) if name in METHODS else []
+    if "num_tasks" in accepted:
+        hparams.setdefault("num_tasks", num_tasks)
+    if "num_params" in accepted:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_input, train=False))
+        hparams.setdefault("num_params", sum(x.size for x in jax.tree.leaves(shapes["params"]["shared"])))
+    return get_method(name, **hparams)
+
+
 def build_experiment(config, dataset=None) -> Experiment:
     dataset = get_dataset(config.data) if dataset is None else dataset
     tasks = dataset.tasks
@@ -103,9 +117,8 @@ def build_experiment(config, dataset=None) -> Experiment:
     model = build_model(config.model, tasks)
     steps = total_steps(config, len(dataset.splits["train"]))
     optimizers = make_optimizers(config, dataset.task_names, steps)
-    method_cfg = dict(config.method)
-    method = get_method(method_cfg.pop("name"), **method_cfg)
     sample = jnp.asarray(dataset.splits["train"][0][dataset.input_key])[None]
+    method = build_method(config.method, model, sample, len(tasks))
 
     init_fn = lambda: init_state(model, optimizers, method, tasks, sample, config.seed)
     abstract = jax.eval_shape(init_fn)
@@ -123,11 +136,19 @@ def build_experiment(config, dataset=None) -> Experiment:
                       eval_step=eval_step)
 
 
-def _load_baselines(config) -> dict | None:
+def load_baselines(config, tasks) -> dict | None:
+    """The single-task results ``config.baselines`` points at, checked to cover every task's main metric."""
     if not config.baselines:
         return None
+    if not os.path.exists(config.baselines):
+        raise FileNotFoundError(f"config.baselines: '{config.baselines}' does not exist (make it with "
+                                f"experiments/single_task_baselines.py, or set --config.baselines='')")
     with open(config.baselines) as f:
-        return json.load(f)
+        baselines = json.load(f)
+    missing = [f"{t.name}/{t.metrics[0]}" for t in tasks if t.metrics[0] not in baselines.get(t.name, {})]
+    if missing:
+        raise ValueError(f"config.baselines '{config.baselines}' lacks {missing}")
+    return baselines
 
 
 def train_and_evaluate(config, workdir: str, *, dataset=None,
@@ -143,6 +164,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
     dataset, names, steps, data_sharding = exp.dataset, exp.dataset.task_names, exp.steps, exp.data_sharding
     train_step, eval_step, state_shardings = exp.train_step, exp.eval_step, exp.state_shardings
     keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
+    baselines = load_baselines(config, dataset.tasks)
     data_iter = train_iterator(dataset.splits["train"], keys=keys, global_batch_size=config.batch_size,
                                seed=config.seed)
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
@@ -196,7 +218,6 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
         manager.close()
 
     results = evaluate(eval_step, state, dataset, config.eval_split, config.eval_batch_size, data_sharding)
-    baselines = _load_baselines(config)
     tasks = dataset.tasks
     summary = {"results": results, "steps": steps, "tasks": list(names),
                "nonfinite_total": int(state.nonfinite_total)}

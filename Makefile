@@ -1,0 +1,33 @@
+# Two commands for a fresh machine (each creates .venv and installs what it needs):
+#   make run    trains the default config (MultiMNIST, LeNet HPS) on CPU and prints the results table
+#   make test   runs the test suite on 8 fake CPU devices
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/multimnist-$(shell date +%Y%m%d-%H%M%S)
+CONFIG ?= configs/multimnist.py
+
+.PHONY: install run test bench baselines clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m mtl_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) benchmarks/step_time.py
+
+baselines: install
+	$(PY) experiments/single_task_baselines.py --config=$(CONFIG)
+
+clean:
+	rm -rf $(VENV) runs
