@@ -16,7 +16,7 @@ from ml_collections import ConfigDict, config_dict
 
 # Sections whose keys depend on a chosen component (model, method, ...): the component's builder
 # validates them, listing its valid options.
-FREE_FORM = ("model.trunk_kwargs", "model.head_kwargs", "method", "head_optim", "sharding.rules")
+FREE_FORM = ("model.trunk_kwargs", "model.head_kwargs", "model.arch_kwargs", "method", "head_optim", "sharding.rules")
 
 
 def default_config() -> ConfigDict:
@@ -25,8 +25,14 @@ def default_config() -> ConfigDict:
     c.data = ConfigDict(dict(name="multimnist", num_train=60_000, num_test=10_000, seed=0, data_dir="",
                              tasks=(), cache_in_memory=True))
     c.model = ConfigDict(dict(name="hps", trunk="lenet", trunk_kwargs=ConfigDict(), head="mlp",
-                              head_kwargs=ConfigDict(dict(hidden=(50,)))))
-    c.method = ConfigDict(dict(name="ew"))
+                              head_kwargs=ConfigDict(dict(hidden=(50,))), arch_kwargs=ConfigDict()))
+    c.method = ConfigDict(dict(name="ew"))  # + the method's hyperparameters (mtl_jax.train.methods)
+    # Sharpness-aware steps (mtl_jax.train.flat_minima): kind '' (off), 'sam', 'fmtl' (F-MTL: A(g) + A(h)),
+    # 'fmtl_a' (A(g~)); rho; adaptive = ASAM's T = |w| + eta.
+    c.sharpness = ConfigDict(dict(kind="", rho=0.05, adaptive=False, eta=0.01))
+    # Per-task gradients for Gramian/Jacobian methods: w.r.t. the shared 'params' or the shared
+    # 'representation' (MGDA-UB / LibMTL's rep_grad); chunk = tasks per vmapped VJP (0 = all at once).
+    c.jacobian = ConfigDict(dict(level="params", chunk=0))
     c.optim = ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, nesterov=False,
                               weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
     c.head_optim = ConfigDict()  # {task: {field: value}} overrides of ``optim`` for that head
@@ -92,6 +98,8 @@ def _coerce(path: str, current, value):
         return tuple(value)
     if isinstance(current, str):
         return str(value)
+    if isinstance(current, ConfigDict) and isinstance(value, dict):
+        return ConfigDict(value)
     raise ValueError(f"config key '{path}' expects {type(current).__name__}, got {value!r}")
 
 

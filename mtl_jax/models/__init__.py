@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import flax.linen as nn
 
+from mtl_jax.models.architectures import ARCHITECTURES
 from mtl_jax.models.heads import HEADS
 from mtl_jax.models.multitask import HardParameterSharing
 from mtl_jax.models.trunks import TRUNKS
@@ -33,7 +34,7 @@ def build_hps(cfg, tasks: Sequence) -> nn.Module:
     return HardParameterSharing(trunk=trunk, heads=heads)
 
 
-MODELS = {"hps": build_hps}
+MODELS = {"hps": build_hps, **ARCHITECTURES}
 
 
 def build_model(cfg, tasks: Sequence) -> nn.Module:

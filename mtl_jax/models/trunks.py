@@ -9,14 +9,14 @@ import jax.numpy as jnp
 
 
 class MLP(nn.Module):
-    """Flattens the input, then ``Dense -> act`` per entry of ``features`` (dropout between layers)."""
+    """Flattens the input (uint8 scaled to [0, 1]), then ``Dense -> relu`` per entry of ``features``."""
 
     features: Sequence[int] = (512, 512)
     dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32) / (255.0 if x.dtype == jnp.uint8 else 1.0)
         for i, width in enumerate(self.features):
             x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
             if self.dropout:

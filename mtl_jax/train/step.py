@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.train import flat_minima
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
 from mtl_jax.train.methods import MethodInputs, returns_direction
 from mtl_jax.train.optim import map_groups
@@ -73,7 +74,43 @@ def _combine(weights, stacked_tree):
     return jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, axes=1), stacked_tree)
 
 
-def task_gradients(method, losses, vjp_fn, method_state, step, key):
+def per_task_jacobian(vjp_fn, num_tasks: int, dtype=jnp.float32, chunk: int = 0):
+    """Per-task gradients from one vmapped VJP: leaves [K, ...] (a tuple if ``vjp_fn`` has several
+    primals). ``chunk > 0`` evaluates ``chunk`` tasks at a time (``lax.map``) to bound memory.
+
+    Row k of the head part is non-zero only for head k.
+    """
+    eye = jnp.eye(num_tasks, dtype=dtype)
+    jac = jax.lax.map(vjp_fn, eye, batch_size=chunk) if chunk else jax.vmap(vjp_fn)(eye)
+    return jac[0] if len(jac) == 1 else jac
+
+
+def aggregate(method, losses, stacked_shared, method_state, step, key):
+    """``A(g_1..g_K)``: the method's combination of stacked shared gradients (leaves [K, ...]).
+
+    Returns (shared gradient tree, weights [K] (NaN for direction-returning methods), state).
+    """
+    num_tasks = losses.shape[0]
+    inputs = MethodInputs(losses=losses, step=step)
+    if method.needs != "losses":
+        inputs = inputs.replace(gramian=gramian(stacked_shared))
+    if method.needs == "jacobian":
+        inputs = inputs.replace(jacobian=jnp.concatenate(
+            [j.reshape(num_tasks, -1) for j in jax.tree.leaves(stacked_shared)], axis=1))
+    out, method_state = method.update(inputs, method_state, key)
+    out = jax.lax.stop_gradient(out)
+    if returns_direction(method):
+        return _unflatten_like(out, stacked_shared), jnp.full((num_tasks,), jnp.nan), method_state
+    return _combine(out, stacked_shared), out, method_state
+
+
+def head_gradients(method, weights, stacked_heads):
+    """Head k gets its own row, scaled by ``w_k`` for loss-weighting methods."""
+    num_tasks = weights.shape[0]
+    return _combine(weights if method.weights_heads else jnp.ones((num_tasks,)), stacked_heads)
+
+
+def task_gradients(method, losses, vjp_fn, method_state, step, key, chunk: int = 0):
     """Gradients of every parameter group under the method's weighting.
 
     Loss-based methods cost one VJP with the weights as cotangent. The others get the per-task
@@ -85,7 +122,6 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key):
     Returns (grads {'shared', 'heads'}, weights [K] (NaN when the method returns a direction),
     method_state).
     """
-    num_tasks = losses.shape[0]
     if method.needs == "losses":
         weights, method_state = method.update(MethodInputs(losses=losses, step=step), method_state, key)
         weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
@@ -94,34 +130,97 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key):
             (unweighted,) = vjp_fn(jnp.ones_like(losses))
             grads = {"shared": grads["shared"], "heads": unweighted["heads"]}
         return grads, weights, method_state
-    (jac,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
-    inputs = MethodInputs(losses=losses, step=step, gramian=gramian(jac["shared"]))
-    if method.needs == "jacobian":
-        inputs = inputs.replace(jacobian=jnp.concatenate(
-            [j.reshape(num_tasks, -1) for j in jax.tree.leaves(jac["shared"])], axis=1))
-    out, method_state = method.update(inputs, method_state, key)
-    out = jax.lax.stop_gradient(out)
-    if returns_direction(method):
-        shared, weights = _unflatten_like(out, jac["shared"]), jnp.full((num_tasks,), jnp.nan)
+    jac = per_task_jacobian(vjp_fn, losses.shape[0], losses.dtype, chunk)
+    shared, weights, method_state = aggregate(method, losses, jac["shared"], method_state, step, key)
+    return {"shared": shared, "heads": head_gradients(method, weights, jac["heads"])}, weights, method_state
+
+
+def make_representation_forward(model, tasks: Sequence, input_key: str):
+    """``(encode, decode)`` for representation-level gradients (LibMTL's ``rep_grad``, MGDA-UB).
+
+    ``encode(shared_params, batch, key, train) -> z`` is the trunk; ``decode(head_params, z, batch,
+    key, train) -> (losses [K], predictions)`` the heads. Needs a hard-parameter-sharing model
+    (one shared representation) without mutable state.
+    """
+    from mtl_jax.models.multitask import TaskHeads
+
+    if not (hasattr(model, "trunk") and hasattr(model, "heads")):
+        raise ValueError(f"representation-level gradients need a model with one shared representation (trunk + "
+                         f"heads, e.g. 'hps'); got {type(model).__name__}")
+    heads = TaskHeads(model.heads)
+    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
+
+    def encode(shared_params, batch, key, train):
+        return model.trunk.apply({"params": shared_params}, batch[input_key], train, rngs={"dropout": key})
+
+    def decode(head_params, z, batch, key, train):
+        preds = heads.apply({"params": head_params}, z, train, rngs={"dropout": key})
+        return jnp.stack([fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns]), preds
+
+    return encode, decode
+
+
+def representation_task_gradients(method, encode, decode, params, batch, key, method_state, step, method_key,
+                                  chunk: int = 0):
+    """Gradients with the method applied to ``Z_k = dL_k/dz`` (MGDA-UB, Sener & Koltun 2018, Thm. 1).
+
+    K cheap backward passes through the heads give ``Z`` [K, B, ...]; the method's weights (or
+    direction) form one cotangent for z, and one backward pass through the trunk gives the shared
+    gradient. Returns (grads, weights, method_state, losses, predictions).
+    """
+    enc_key, dec_key = jax.random.split(key)
+    z, encode_vjp = jax.vjp(lambda p: encode(p, batch, enc_key, True), params["shared"])
+    losses, decode_vjp, preds = jax.vjp(lambda hp, zz: decode(hp, zz, batch, dec_key, True), params["heads"], z,
+                                        has_aux=True)
+    jac_heads, jac_z = per_task_jacobian(decode_vjp, losses.shape[0], losses.dtype, chunk)
+    z_cotangent, weights, method_state = aggregate(method, losses, jac_z, method_state, step, method_key)
+    (shared,) = encode_vjp(z_cotangent)
+    grads = {"shared": shared, "heads": head_gradients(method, weights, jac_heads)}
+    return grads, weights, method_state, losses, preds
+
+
+def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, method_state, step, key):
+    """F-MTL (see flat_minima.py): shared ``A(g) + A(h)`` (or ``A(g~)`` for 'fmtl_a'), heads ``g~_k``."""
+    jac = per_task_jacobian(vjp_fn, losses.shape[0], losses.dtype)
+    task_eps = flat_minima.task_perturbations(jac, params, sharpness.rho, sharpness.adaptive, sharpness.eta)
+    perturbed = flat_minima.perturbed_task_gradients(losses_fn, params, task_eps)
+    key_g, key_h = jax.random.split(key)
+    if sharpness.kind == "fmtl_a":
+        shared, weights, new_state = aggregate(method, losses, perturbed["shared"], method_state, step, key_g)
     else:
-        weights = out
-        shared = _combine(weights, jac["shared"])
-    head_weights = weights if method.weights_heads else jnp.ones_like(losses)
-    return {"shared": shared, "heads": _combine(head_weights, jac["heads"])}, weights, method_state
+        shared, weights, new_state = aggregate(method, losses, jac["shared"], method_state, step, key_g)
+        flat = jax.tree.map(jnp.subtract, perturbed["shared"], jac["shared"])
+        shared_flat, _, _ = aggregate(method, losses, flat, method_state, step, key_h)
+        shared = jax.tree.map(jnp.add, shared, shared_flat)
+    return {"shared": shared, "heads": head_gradients(method, weights, perturbed["heads"])}, weights, new_state
 
 
-def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key: str) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)``, pure; jit it with shardings (trainer.py)."""
+def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key: str, sharpness=None,
+                    jacobian=None) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)``, pure; jit it with shardings (trainer.py).
+
+    ``sharpness``: None, or a config with ``kind`` in flat_minima.KINDS ('' = plain step, 'sam',
+    'fmtl', 'fmtl_a'), ``rho``, ``adaptive`` (ASAM's T = |w| + eta) and ``eta``.
+    ``jacobian``: None, or a config with ``level`` ('params', or 'representation' for MGDA-UB-style
+    gradients w.r.t. the shared representation) and ``chunk`` (tasks per vmapped VJP; 0 = all).
+    """
+    level = jacobian.level if jacobian is not None else "params"
+    chunk = int(jacobian.chunk) if jacobian is not None else 0
+    if level not in ("params", "representation"):
+        raise ValueError(f"unknown jacobian level '{level}'; valid: ['params', 'representation']")
+    rep_level = level == "representation" and method.needs != "losses"
+    if rep_level:
+        if sharpness is not None and sharpness.kind:
+            raise ValueError("jacobian.level='representation' cannot be combined with sharpness steps")
+        encode, decode = make_representation_forward(model, tasks, input_key)
     forward = make_forward(model, tasks, input_key)
     names = [t.name for t in tasks]
+    kind = sharpness.kind if sharpness is not None else ""
+    if kind not in flat_minima.KINDS:
+        raise ValueError(f"unknown sharpness kind '{kind}'; valid: {list(flat_minima.KINDS)}")
 
-    def train_step(state: TrainState, batch: dict):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        dropout_key, method_key = jax.random.split(key)
-        losses, vjp_fn, (preds, model_state) = jax.vjp(
-            lambda p: forward(p, state.model_state, batch, dropout_key, True), state.params, has_aux=True)
-        grads, weights, method_state = task_gradients(method, losses, vjp_fn, state.method_state, state.step,
-                                                      method_key)
+    def apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch):
+        """Per-group optimiser updates, applied only when every loss and gradient is finite."""
         task_finite = jnp.isfinite(losses) & jnp.stack([tree_all_finite(grads["heads"][n]) for n in names])
         ok = task_finite.all() & tree_all_finite(grads["shared"])
 
@@ -145,6 +244,31 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             metric_count=state.metric_count + ok.astype(jnp.int32),
         )
         return new_state, {"losses": losses, "weights": weights, "applied": ok, "nonfinite_tasks": ~task_finite}
+
+
+    def train_step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        dropout_key, method_key = jax.random.split(key)
+        if rep_level:
+            grads, weights, method_state, losses, preds = representation_task_gradients(
+                method, encode, decode, state.params, batch, dropout_key, state.method_state, state.step, method_key,
+                chunk)
+            return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch)
+        losses, vjp_fn, (preds, model_state) = jax.vjp(
+            lambda p: forward(p, state.model_state, batch, dropout_key, True), state.params, has_aux=True)
+        losses_fn = lambda p: forward(p, state.model_state, batch, dropout_key, True)[0]
+        if kind in ("fmtl", "fmtl_a"):
+            grads, weights, method_state = flat_task_gradients(method, sharpness, losses_fn, state.params, losses,
+                                                               vjp_fn, state.method_state, state.step, method_key)
+        else:
+            grads, weights, method_state = task_gradients(method, losses, vjp_fn, state.method_state, state.step,
+                                                          method_key, chunk)
+        if kind == "sam":  # the same method's gradient, taken at w + eps
+            eps = flat_minima.perturbation(grads, state.params, sharpness.rho, sharpness.adaptive, sharpness.eta)
+            perturbed_losses, perturbed_vjp = jax.vjp(losses_fn, flat_minima.add(state.params, eps))
+            grads, weights, method_state = task_gradients(method, perturbed_losses, perturbed_vjp, state.method_state,
+                                                          state.step, method_key, chunk)
+        return apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch)
 
     return train_step
 

@@ -1,0 +1,76 @@
+"""Building blocks shared by the MTL architectures (moe.py, mtan.py, cross_stitch.py, ltb.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def as_float(x):
+    """Input [B, ...] -> float32; uint8 images are scaled to [0, 1] (as trunks.LeNet does)."""
+    return x.astype(jnp.float32) / (255.0 if x.dtype == jnp.uint8 else 1.0)
+
+
+def flat_input(x):
+    """[B, ...] -> [B, prod(...)] float32, uint8 scaled to [0, 1]: the input LibMTL's gates read."""
+    return as_float(x).reshape(x.shape[0], -1)
+
+
+def stacked(module: nn.Module, num: int, name: str) -> nn.Module:
+    """``num`` independently initialised copies of ``module`` as one vmapped module (call it inside a
+    compact method): ``copies(x [B, ...], train) -> [num, B, ...]``, every parameter leaf gets a
+    leading axis of size ``num``; dropout masks differ per copy."""
+    fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+    cls = nn.vmap(type(module), in_axes=None, out_axes=0, axis_size=num, variable_axes={"params": 0},
+                  split_rngs={"params": True, "dropout": True})
+    return cls(**fields, name=name)
+
+
+def mix(reps, weights):
+    """Gated mixture: reps [E, B, ...], weights [B, E] -> sum_e weights[:, e] * reps[e]  [B, ...]."""
+    return jnp.einsum("eb...,be->b...", reps, weights.astype(reps.dtype))
+
+
+def stitch(mixing, reps):
+    """Linear combination of task streams: mixing [K, K], reps [K, B, ...] -> [K, B, ...] with
+    out[k] = sum_j mixing[k, j] * reps[j] (a cross-stitch unit; an LTB branch choice)."""
+    return jnp.einsum("kj,jb...->kb...", mixing.astype(reps.dtype), reps)
+
+
+class PerTask(nn.Module):
+    """One module per task, parameters under ``<this module>/<task>``.
+
+    ``per_task(args {task: tuple}) -> {task: towers[task](*args[task])}``; call it several times
+    (e.g. once per stage) to reuse the same parameters. Towers are deep-cloned, so module fields
+    they hold (a head already bound to the caller, a gate) get their parameters under
+    ``<task>/<field>`` rather than where they were first adopted.
+    """
+
+    towers: Mapping[str, nn.Module]
+
+    @nn.compact
+    def __call__(self, args: Mapping[str, tuple]):
+        return {task: tower.clone(parent=self, name=task, _deep_clone=True, _reset_names=True)(*args[task])
+                for task, tower in self.towers.items()}
+
+
+def sow_unless_init(module: nn.Module, name: str, value) -> None:
+    """Records ``value`` in the 'intermediates' collection (read it with
+    ``apply(..., mutable=['intermediates'])``); skipped during ``init`` so that ``init`` returns no
+    'intermediates' the trainer would mistake for model state."""
+    if not module.is_initializing():
+        module.sow("intermediates", name, value)
+
+
+class Column(nn.Module):
+    """One task's copy of a staged trunk, run stage by stage: ``column(level, x, train)`` applies
+    stage ``level`` (parameters ``stage_{level}``). Cross-stitch and LTB keep one column per task."""
+
+    encoder: nn.Module  # a staged trunk (staged.STAGED_TRUNKS) (staged.STAGED_TRUNKS)
+
+    @nn.compact
+    def __call__(self, level: int, x, train: bool = False):
+        return self.encoder.stages()[level].clone(parent=self, name=f"stage_{level}")(x, train)

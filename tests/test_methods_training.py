@@ -1,0 +1,126 @@
+"""Every MTL method inside the real train step: MultiMNIST smoke training, representation-level
+gradients (MGDA-UB) and chunked Jacobians against references."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.config import apply_overrides, load_config
+from mtl_jax.data import get_dataset
+from mtl_jax.data.pipeline import to_global, train_dataset
+from mtl_jax.train.methods import METHODS, MethodInputs, get_method
+from mtl_jax.train.step import make_representation_forward
+from mtl_jax.train.trainer import build_experiment, evaluate
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+@pytest.fixture(scope="module")
+def multimnist(data_dir):
+    config = load_config(os.path.join(ROOT, "configs", "multimnist.py:smoke"))
+    return get_dataset(config.data)
+
+
+def small_config(*overrides):
+    config = load_config(os.path.join(ROOT, "configs", "multimnist.py:smoke"))
+    return apply_overrides(config, ["model.trunk='mlp'", "model.trunk_kwargs={'features': (64,)}",
+                                    "model.head='linear'", "model.head_kwargs={}", "optim.lr=3e-3",
+                                    "optim.schedule='constant'", "mesh.data=2", "mesh.model=1"] + list(overrides))
+
+
+def train_steps(exp, num_steps, batch_size=64):
+    keys = [exp.dataset.input_key] + [t.label_key for t in exp.dataset.tasks]
+    stream = train_dataset(exp.dataset.splits["train"], keys=keys, global_batch_size=batch_size, seed=0)
+    state = exp.init()
+    for i in range(num_steps):
+        state, out = exp.train_step(state, to_global(stream[i], exp.data_sharding))
+    return state
+
+
+# One method per code path of the train step: loss weights (one VJP), Gramian weights, Jacobian
+# weights, Jacobian direction. The slow test runs all of METHODS the same way.
+FAST_SUBSET = ("famo", "mgda", "excess_mtl", "graddrop")
+
+
+def check_methods_train(multimnist, names):
+    failures = {}
+    for name in names:
+        exp = build_experiment(small_config(f"method.name='{name}'"), multimnist)
+        state = train_steps(exp, 60)
+        res = evaluate(exp.eval_step, state, multimnist, "test", 256, exp.data_sharding)
+        finite = all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+        if not finite or int(state.nonfinite_total) or min(r["accuracy"] for r in res.values()) < 0.3:
+            failures[name] = (finite, int(state.nonfinite_total), res)  # chance is 0.1
+    assert not failures, failures
+
+
+def test_one_method_per_step_path_trains_multimnist_without_nan_and_beats_chance(multimnist):
+    check_methods_train(multimnist, FAST_SUBSET)
+
+
+@pytest.mark.slow
+def test_every_method_trains_multimnist_without_nan_and_beats_chance(multimnist):
+    check_methods_train(multimnist, sorted(METHODS))
+
+
+@pytest.mark.parametrize("kind,method", [("sam", "ew"), ("fmtl", "mgda"), ("fmtl_a", "upgrad")])
+def test_sharpness_steps_train_multimnist(multimnist, kind, method):
+    exp = build_experiment(small_config(f"method.name='{method}'", f"sharpness.kind='{kind}'",
+                                        "sharpness.rho=0.02"), multimnist)
+    state = train_steps(exp, 60)
+    res = evaluate(exp.eval_step, state, multimnist, "test", 256, exp.data_sharding)
+    assert int(state.nonfinite_total) == 0 and min(r["accuracy"] for r in res.values()) > 0.3, res
+
+
+def test_representation_level_mgda_matches_a_reference(multimnist):
+    config = small_config("method.name='mgda'", "jacobian.level='representation'", "optim.name='sgd'",
+                          "optim.lr=0.1", "mesh.data=1")
+    exp = build_experiment(config, multimnist)
+    keys = [multimnist.input_key] + [t.label_key for t in multimnist.tasks]
+    batch = train_dataset(multimnist.splits["train"], keys=keys, global_batch_size=32, seed=0)[0]
+    state = exp.init()
+    params = jax.device_get(state.params)
+    encode, decode = make_representation_forward(exp.model, multimnist.tasks, multimnist.input_key)
+    jbatch = jax.tree.map(jnp.asarray, batch)
+    key = jax.random.key(0)  # the MLP has no dropout: keys do not matter
+    z = encode(params["shared"], jbatch, key, True)
+    losses = decode(params["heads"], z, jbatch, key, True)[0]
+    rows = [jax.grad(lambda zz, k=k: decode(params["heads"], zz, jbatch, key, True)[0][k])(z) for k in range(2)]
+    flat = jnp.stack([r.ravel() for r in rows])
+    w, _ = get_method("mgda", num_tasks=2).update(
+        MethodInputs(losses=losses, step=jnp.int32(0), gramian=flat @ flat.T), {}, None)
+    cotangent = w[0] * rows[0] + w[1] * rows[1]
+    _, enc_vjp = jax.vjp(lambda p: encode(p, jbatch, key, True), params["shared"])
+    shared = enc_vjp(cotangent)[0]
+    heads = jax.grad(lambda hp: decode(hp, z, jbatch, key, True)[0].sum())(params["heads"])
+    want = jax.tree.map(lambda p, g: p - 0.1 * g, params, {"shared": shared, "heads": heads})
+    state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
+    np.testing.assert_allclose(np.asarray(out["weights"]), np.asarray(w), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_jacobian_equals_one_vmap():
+    config = load_config(os.path.join(ROOT, "configs", "digits_mlp.py"))
+    dataset = get_dataset(config.data)
+    keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
+    batch = train_dataset(dataset.splits["train"], keys=keys, global_batch_size=64, seed=0)[0]
+    params = []
+    for chunk in (0, 2):
+        exp = build_experiment(apply_overrides(load_config(os.path.join(ROOT, "configs", "digits_mlp.py")),
+                                               ["method.name='upgrad'", f"jacobian.chunk={chunk}",
+                                                "model.trunk_kwargs={'features': (16,)}"]), dataset)
+        state, _ = exp.train_step(exp.init(), to_global(batch, exp.data_sharding))
+        params.append(jax.device_get(state.params))
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_representation_level_needs_a_single_representation():
+    from mtl_jax.train.step import make_representation_forward as rep
+
+    with pytest.raises(ValueError, match="one shared representation"):
+        rep(object(), (), "image")
