@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
     from absl import logging
 
     from mtl_jax.config import load_config
-    from mtl_jax.train.trainer import train_and_evaluate
 
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     config = load_config(args.config, overrides)
+    from mtl_jax.train.trainer import maybe_initialize_distributed, train_and_evaluate
+
+    maybe_initialize_distributed(config)  # before anything touches a device
     return train_and_evaluate(config, args.workdir)
 
 

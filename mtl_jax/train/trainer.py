@@ -31,9 +31,17 @@ class NonFiniteError(FloatingPointError):
 
 
 def maybe_initialize_distributed(config) -> None:
-    """``jax.distributed.initialize()`` when the config asks or a coordinator is set in the environment."""
-    if (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")) and not _distributed_initialized():
-        jax.distributed.initialize()
+    """``jax.distributed.initialize()`` when ``config.distributed`` or ``JAX_COORDINATOR_ADDRESS`` is set.
+
+    On TPU pods / SLURM / Kubernetes, jax detects the cluster itself; for a manual launch set
+    ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every process.
+    Must run before anything touches a device (``mtl_jax.main`` calls it first).
+    """
+    if not (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")) or _distributed_initialized():
+        return
+    env = {"coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
+           "num_processes": os.environ.get("JAX_NUM_PROCESSES"), "process_id": os.environ.get("JAX_PROCESS_ID")}
+    jax.distributed.initialize(**{k: (v if k == "coordinator_address" else int(v)) for k, v in env.items() if v})
 
 
 def _distributed_initialized() -> bool:

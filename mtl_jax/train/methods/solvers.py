@@ -21,10 +21,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Step sizes tried at each projected-gradient iteration: 2^4 ... 2^-19 (24 candidates), so one
 # iteration covers curvatures from ~1/16 to ~5e5 of a unit-diagonal Gramian.
-_STEP_GRID = 2.0 ** jnp.arange(4, -20, -1, dtype=jnp.float32)
+_STEP_GRID = np.float32(2.0) ** np.arange(4, -20, -1, dtype=np.float32)  # numpy: importing must not start a backend
 
 
 def project_to_simplex(v: jax.Array) -> jax.Array:
