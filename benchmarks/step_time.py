@@ -26,7 +26,7 @@ import optax  # noqa: E402
 
 from mtl_jax.config import apply_overrides, load_config  # noqa: E402
 from mtl_jax.data.pipeline import to_global  # noqa: E402
-from mtl_jax.train.losses import task_loss_fn  # noqa: E402
+from mtl_jax.train.step import make_task_losses  # noqa: E402
 from mtl_jax.train.trainer import build_experiment  # noqa: E402
 
 HERE = os.path.dirname(__file__)
@@ -40,11 +40,10 @@ CASES = {
 def reference_step(model, tasks, input_key, lr):
     """The hand-written baseline: summed loss, one optax.adam over all parameters."""
     tx = optax.adam(lr)
-    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
+    task_losses = make_task_losses(tasks)
 
     def loss(params, batch):
-        preds = model.apply({"params": params}, batch[input_key], train=True)
-        return sum(fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns)
+        return task_losses(model.apply({"params": params}, batch[input_key], train=True), batch).sum()
 
     @jax.jit
     def init(params):

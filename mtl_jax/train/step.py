@@ -5,6 +5,10 @@ what it needs (``L`` alone, or the Gramian ``G = J J^T`` of the per-task shared 
 by a vmapped VJP) into task weights ``w [K]``; the shared parameters get ``sum_k w_k g_k``, every
 head its own task's gradient, and each group is updated by its own optimiser. A step whose loss or
 gradient is NaN/Inf is not applied.
+
+Options: per-task gradients w.r.t. the shared representation instead of the shared parameters
+(MGDA-UB), chunked Jacobians, SAM/ASAM on the method's objective and F-MTL task-based flat minima
+(``flat_minima.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +31,15 @@ def tree_all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
+def make_task_losses(tasks: Sequence) -> Callable:
+    """``task_losses(predictions, batch) -> [K]``: each task's mean loss, in task order."""
+    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
+    return lambda preds, batch: jnp.stack([fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns])
+
+
 def make_forward(model, tasks: Sequence, input_key: str) -> Callable:
     """``forward(params, model_state, batch, key, train) -> (losses [K], (predictions, model_state))``."""
-    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
+    task_losses = make_task_losses(tasks)
 
     def forward(params, model_state, batch, key, train: bool):
         variables = {"params": params, **model_state}
@@ -39,8 +49,7 @@ def make_forward(model, tasks: Sequence, input_key: str) -> Callable:
                                              mutable=list(model_state))
         else:
             preds = model.apply(variables, batch[input_key], train=train, rngs=rngs)
-        losses = jnp.stack([fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns])
-        return losses, (preds, model_state)
+        return task_losses(preds, batch), (preds, model_state)
 
     return forward
 
@@ -148,14 +157,14 @@ def make_representation_forward(model, tasks: Sequence, input_key: str):
         raise ValueError(f"representation-level gradients need a model with one shared representation (trunk + "
                          f"heads, e.g. 'hps'); got {type(model).__name__}")
     heads = TaskHeads(model.heads)
-    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
+    task_losses = make_task_losses(tasks)
 
     def encode(shared_params, batch, key, train):
         return model.trunk.apply({"params": shared_params}, batch[input_key], train, rngs={"dropout": key})
 
     def decode(head_params, z, batch, key, train):
         preds = heads.apply({"params": head_params}, z, train, rngs={"dropout": key})
-        return jnp.stack([fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns]), preds
+        return task_losses(preds, batch), preds
 
     return encode, decode
 
