@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from mtl_jax.models.blocks import as_float
 
@@ -47,7 +46,7 @@ class DenseStage(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1).astype(jnp.float32)  # as trunks.MLP: no uint8 scaling
+        x = as_float(x).reshape(x.shape[0], -1)  # as trunks.MLP: uint8 scaled to [0, 1]
         drop = nn.Dropout(self.dropout, deterministic=not train) if self.dropout else (lambda h: h)
         if self.dropout_before:
             x = drop(x)
