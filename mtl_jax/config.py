@@ -33,6 +33,8 @@ def default_config() -> ConfigDict:
     # Per-task gradients for Gramian/Jacobian methods: w.r.t. the shared 'params' or the shared
     # 'representation' (MGDA-UB / LibMTL's rep_grad); chunk = tasks per vmapped VJP (0 = all at once).
     c.jacobian = ConfigDict(dict(level="params", chunk=0))
+    # Rep-MTL saliency regularisers (mtl_jax.train.rep_mtl); off while both weights are 0.
+    c.rep_mtl = ConfigDict(dict(tsr_weight=0.0, csa_weight=0.0, temperature=0.5))
     c.optim = ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, nesterov=False,
                               weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
     c.head_optim = ConfigDict()  # {task: {field: value}} overrides of ``optim`` for that head

@@ -1,4 +1,5 @@
-"""Command line: ``mtl-jax train --config=configs/x.py[:arg] --workdir=DIR [--config.key=value ...]``.
+"""Command line: ``mtl-jax train --config=configs/x.py[:arg] --workdir=DIR [--config.key=value ...]``
+and ``mtl-jax merge --config=configs/merge/x.py[:arg] [--config.key=value ...]``.
 
 ``python -m mtl_jax.main --config=... --workdir=...`` is the same as ``mtl-jax train ...``.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "merge")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -29,8 +30,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "merge":
+        from mtl_jax.merging.cli import main as merge_main
+
+        return merge_main(argv[1:])
+    args, overrides = parse(argv)
     from absl import logging
 
     from mtl_jax.config import load_config

@@ -124,3 +124,32 @@ def test_representation_level_needs_a_single_representation():
 
     with pytest.raises(ValueError, match="one shared representation"):
         rep(object(), (), "image")
+
+
+def test_rep_mtl_step_matches_the_gradient_of_the_regularised_objective(multimnist):
+    from mtl_jax.train import rep_mtl
+
+    config = small_config("rep_mtl.tsr_weight=0.5", "rep_mtl.csa_weight=0.5", "optim.name='sgd'", "optim.lr=0.1",
+                          "mesh.data=1")
+    exp = build_experiment(config, multimnist)
+    keys = [multimnist.input_key] + [t.label_key for t in multimnist.tasks]
+    batch = train_dataset(multimnist.splits["train"], keys=keys, global_batch_size=32, seed=0)[0]
+    state = exp.init()
+    params = jax.device_get(state.params)
+    encode, decode = make_representation_forward(exp.model, multimnist.tasks, multimnist.input_key)
+    jbatch, key = jax.tree.map(jnp.asarray, batch), jax.random.key(0)
+
+    def total(p):
+        z = encode(p["shared"], jbatch, key, True)
+        reg, aux = rep_mtl.rep_mtl_loss(lambda zz: decode(p["heads"], zz, jbatch, key, True)[0], z,
+                                        tsr_weight=0.5, csa_weight=0.5, temperature=0.5)
+        return aux["losses"].sum() + reg
+
+    grads = jax.grad(total)(params)
+    want = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
+    assert bool(out["applied"])
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="Rep-MTL regularisers combine with loss-weighting methods"):
+        build_experiment(small_config("rep_mtl.tsr_weight=0.5", "method.name='mgda'"), multimnist)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.train import flat_minima
+from mtl_jax.train import flat_minima, rep_mtl
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
 from mtl_jax.train.methods import MethodInputs, returns_direction
 from mtl_jax.train.optim import map_groups
@@ -204,20 +204,52 @@ def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, me
     return {"shared": shared, "heads": head_gradients(method, weights, perturbed["heads"])}, weights, new_state
 
 
+def rep_mtl_task_gradients(method, rep_cfg, encode, decode, params, batch, key, method_state, step, method_key):
+    """Rep-MTL (rep_mtl.py): gradients of ``sum_k w_k L_k + R(S)`` where ``S_k = dL_k/dz`` are the
+    task saliencies and R the TSR + CSA regulariser (double backprop through S).
+
+    One VJP of ``(losses, R)`` w.r.t. (head params, z) with cotangent ``(w, 1)`` and one through the
+    trunk. Returns (grads, weights, method_state, losses, predictions).
+    """
+    enc_key, dec_key = jax.random.split(key)
+    z, encode_vjp = jax.vjp(lambda p: encode(p, batch, enc_key, True), params["shared"])
+
+    def objective(head_params, zz):
+        reg, aux = rep_mtl.rep_mtl_loss(lambda z_: decode(head_params, z_, batch, dec_key, True), zz, has_aux=True,
+                                        tsr_weight=rep_cfg.tsr_weight, csa_weight=rep_cfg.csa_weight,
+                                        temperature=rep_cfg.temperature)
+        return (aux["losses"], reg), aux["decode_aux"]
+
+    (losses, _), objective_vjp, preds = jax.vjp(objective, params["heads"], z, has_aux=True)
+    weights, method_state = method.update(MethodInputs(losses=losses, step=step), method_state, method_key)
+    weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
+    head_grads, z_cotangent = objective_vjp((weights, jnp.ones((), losses.dtype)))
+    (shared,) = encode_vjp(z_cotangent)
+    return {"shared": shared, "heads": head_grads}, weights, method_state, losses, preds
+
+
 def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key: str, sharpness=None,
-                    jacobian=None) -> Callable:
+                    jacobian=None, rep_mtl_cfg=None) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with shardings (trainer.py).
 
     ``sharpness``: None, or a config with ``kind`` in flat_minima.KINDS ('' = plain step, 'sam',
     'fmtl', 'fmtl_a'), ``rho``, ``adaptive`` (ASAM's T = |w| + eta) and ``eta``.
     ``jacobian``: None, or a config with ``level`` ('params', or 'representation' for MGDA-UB-style
     gradients w.r.t. the shared representation) and ``chunk`` (tasks per vmapped VJP; 0 = all).
+    ``rep_mtl_cfg``: None, or a config with ``tsr_weight``, ``csa_weight``, ``temperature``; either
+    weight > 0 adds the Rep-MTL saliency regularisers (loss-weighting methods, HPS-like models).
     """
     level = jacobian.level if jacobian is not None else "params"
     chunk = int(jacobian.chunk) if jacobian is not None else 0
     if level not in ("params", "representation"):
         raise ValueError(f"unknown jacobian level '{level}'; valid: ['params', 'representation']")
     rep_level = level == "representation" and method.needs != "losses"
+    use_rep_mtl = rep_mtl_cfg is not None and (rep_mtl_cfg.tsr_weight > 0 or rep_mtl_cfg.csa_weight > 0)
+    if use_rep_mtl:
+        if method.needs != "losses" or (sharpness is not None and sharpness.kind):
+            raise ValueError("Rep-MTL regularisers combine with loss-weighting methods (e.g. 'ew') only, without "
+                             f"sharpness steps; got method '{method.name}'")
+        encode, decode = make_representation_forward(model, tasks, input_key)
     if rep_level:
         if sharpness is not None and sharpness.kind:
             raise ValueError("jacobian.level='representation' cannot be combined with sharpness steps")
@@ -258,6 +290,11 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         dropout_key, method_key = jax.random.split(key)
+        if use_rep_mtl:
+            grads, weights, method_state, losses, preds = rep_mtl_task_gradients(
+                method, rep_mtl_cfg, encode, decode, state.params, batch, dropout_key, state.method_state, state.step,
+                method_key)
+            return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch)
         if rep_level:
             grads, weights, method_state, losses, preds = representation_task_gradients(
                 method, encode, decode, state.params, batch, dropout_key, state.method_state, state.step, method_key,
