@@ -6,26 +6,14 @@ to a seconds-long run; options: ``mtl_jax.models.architectures``.
 
 import os
 
-from mtl_jax.config import default_config, parse_arg, smoke
+from mtl_jax.config import load_config
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multimnist.py")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False)
-    config = default_config()
-    config.data.name = "multimnist"
+    config = load_config(f"{BASE}:{arg}" if arg else BASE)
     config.model.name = "mmoe"
-    config.model.trunk = "lenet"
     config.model.trunk_kwargs.width = 1
-    config.model.head = "mlp"
-    config.model.head_kwargs.hidden = (50,)
-    config.optim.update(dict(name="adam", lr=2e-3, schedule="cosine"))
-    config.batch_size = 256
-    config.num_epochs = 10.0
     config.model.arch_kwargs.num_experts = 4
-    config.baselines = os.path.join(ROOT, "experiments", "results", "multimnist_single_task.json")
-    if arg.smoke:
-        smoke(config)
-        config.baselines = ""
     return config

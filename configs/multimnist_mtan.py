@@ -1,30 +1,17 @@
 """MultiMNIST (left / right digit), MTAN architecture, equal weighting.
 
 MTAN (Liu et al. 2019): a shared staged LeNet with per-digit attention masks at each stage.
-``:smoke`` shrinks it to a seconds-long run; options: ``mtl_jax.models.architectures``.
+The rest (data, optimiser, budget, ``:smoke``) is configs/multimnist.py's; options: ``mtl_jax.models.architectures``.
 """
 
 import os
 
-from mtl_jax.config import default_config, parse_arg, smoke
+from mtl_jax.config import load_config
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multimnist.py")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False)
-    config = default_config()
-    config.data.name = "multimnist"
+    config = load_config(f"{BASE}:{arg}" if arg else BASE)
     config.model.name = "mtan"
-    config.model.trunk = "lenet"
-    config.model.trunk_kwargs.width = 2
-    config.model.head = "mlp"
-    config.model.head_kwargs.hidden = (50,)
-    config.optim.update(dict(name="adam", lr=2e-3, schedule="cosine"))
-    config.batch_size = 256
-    config.num_epochs = 10.0
-    config.baselines = os.path.join(ROOT, "experiments", "results", "multimnist_single_task.json")
-    if arg.smoke:
-        smoke(config)
-        config.baselines = ""
     return config
