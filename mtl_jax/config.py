@@ -105,15 +105,15 @@ def _coerce(path: str, current, value):
     raise ValueError(f"config key '{path}' expects {type(current).__name__}, got {value!r}")
 
 
-def set_by_path(config: ConfigDict, path: str, value) -> None:
+def set_by_path(config: ConfigDict, path: str, value, free_form=FREE_FORM) -> None:
     """``config.a.b.c = value`` for path 'a.b.c'; an unknown key fails with its path and the valid keys.
 
-    Inside FREE_FORM sections new keys may be added (their owner validates them).
+    Inside ``free_form`` sections new keys may be added (their owner validates them).
     """
     node, keys = config, path.split(".")
     for i, key in enumerate(keys):
         here = ".".join(keys[: i + 1])
-        free = any(here == f or here.startswith(f + ".") for f in FREE_FORM) and here not in FREE_FORM
+        free = any(here == f or here.startswith(f + ".") for f in free_form) and here not in free_form
         last = i == len(keys) - 1
         if key not in node:
             if not free:
@@ -136,13 +136,13 @@ def set_by_path(config: ConfigDict, path: str, value) -> None:
             node = node[key]
 
 
-def apply_overrides(config: ConfigDict, overrides: list[str]) -> ConfigDict:
+def apply_overrides(config: ConfigDict, overrides: list[str], free_form=FREE_FORM) -> ConfigDict:
     """Applies ['optim.lr=3e-4', 'data.name=digits', ...] (values parsed as Python literals)."""
     for item in overrides:
         path, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"config override '{item}' must look like key.path=value")
-        set_by_path(config, path, _literal(text))
+        set_by_path(config, path, _literal(text), free_form)
     return config
 
 
@@ -160,15 +160,21 @@ def validate(config: ConfigDict, reference: ConfigDict | None = None, prefix: st
             validate(config[key], reference[key], path + ".")
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
-    """'configs/x.py[:arg]' -> validated ConfigDict with overrides applied."""
+def config_from_file(spec: str) -> ConfigDict:
+    """'path/x.py[:arg]' -> that file's ``get_config(arg)``."""
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file '{path}' not found")
     module_spec = importlib.util.spec_from_file_location("mtl_jax_user_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    return module.get_config(arg or None)
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
+    """A training config: 'configs/x.py[:arg]' -> ConfigDict validated against ``default_config()``,
+    with overrides applied."""
+    config = config_from_file(spec)
     validate(config)
     apply_overrides(config, list(overrides))
     return config

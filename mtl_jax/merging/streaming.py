@@ -42,7 +42,8 @@ import json
 import os
 import struct
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,11 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtl_jax.merging.arithmetic import task_arithmetic, task_arithmetic_vector, weight_average
+from mtl_jax.merging.arithmetic import (
+    task_arithmetic,
+    task_arithmetic_vector,
+    weight_average,
+)
 from mtl_jax.merging.lines import lines_scale
 from mtl_jax.merging.masks import consensus_mask, consensus_merging, tall_masks
 from mtl_jax.merging.task_vectors import (
@@ -59,7 +64,13 @@ from mtl_jax.merging.task_vectors import (
     tree_l1_norm,
     tree_sum_tasks,
 )
-from mtl_jax.merging.threshold import _INF_BITS, _threshold_mask, abs_bits, num_kept, topk_trim
+from mtl_jax.merging.threshold import (
+    _INF_BITS,
+    _threshold_mask,
+    abs_bits,
+    num_kept,
+    topk_trim,
+)
 from mtl_jax.merging.ties import disjoint_mean
 from mtl_jax.merging.tree import LayerIndexFn, default_layer_index
 
@@ -282,7 +293,8 @@ class OrbaxReader:
 
 class OrbaxWriter:
     """Collects the merged leaves and saves them as one orbax PyTree checkpoint on close (this
-    output format holds the output model in memory). Names are split on '/' into nested dicts."""
+    output format holds the output model in memory; an existing checkpoint at ``path`` is
+    replaced, as a safetensors output file is). Names are split on '/' into nested dicts."""
 
     def __init__(self, path: str, specs: Sequence[LeafSpec]):
         self.path = os.path.abspath(str(path))
@@ -300,7 +312,7 @@ class OrbaxWriter:
         import orbax.checkpoint as ocp
 
         with ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(self.path, args=ocp.args.PyTreeSave(self._tree))
+            ckptr.save(self.path, args=ocp.args.PyTreeSave(self._tree), force=True)
         self._tree = {}
 
     def abort(self) -> None:
@@ -338,7 +350,8 @@ FP32_STACK_COPIES = 6
 def leaf_working_set(specs: Sequence[LeafSpec], out_dtype: np.dtype) -> int:
     """Estimated peak bytes to merge one leaf, given its spec in each of the T + 1 inputs
     (pretrained first): the input leaves, ``FP32_STACK_COPIES`` fp32 (T, ...) stacks, the fp32
-    result and the result in ``out_dtype``."""
+    result and the result in ``out_dtype``. Not counted: fixed costs independent of the leaves
+    (the TIES histograms, T x 65536 int64, and the runtime's compiled kernels)."""
     n, num_tasks = specs[0].size, len(specs) - 1
     inputs = sum(s.nbytes for s in specs)
     return inputs + n * (4 * num_tasks * FP32_STACK_COPIES + 4 + np.dtype(out_dtype).itemsize)
@@ -439,7 +452,7 @@ def _host(tree: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def hparams_key(**hp: Any) -> tuple:
     """Hashable static hyperparameters (sequences become tuples)."""
-    fix = lambda v: tuple(np.asarray(v).reshape(-1).tolist()) if isinstance(v, (list, tuple, np.ndarray)) else v  # noqa: E731
+    fix = lambda v: tuple(np.asarray(v).reshape(-1).tolist()) if isinstance(v, (list, tuple, np.ndarray)) else v
     return tuple(sorted((k, fix(v)) for k, v in hp.items()))
 
 
@@ -558,7 +571,7 @@ CORES: dict[str, Callable] = {
 def run_core(core: str, p0: dict, fts: list, offset: int, dyn: dict, hp: tuple) -> dict[str, jax.Array]:
     """Run the jitted core on one group with positional leaf names; results keyed by leaf name."""
     names = list(p0)
-    pos = lambda d: {f"{i:08d}": d[n] for i, n in enumerate(names)}  # noqa: E731
+    pos = lambda d: {f"{i:08d}": d[n] for i, n in enumerate(names)}
     out = CORES[core](pos(p0), [pos(f) for f in fts], jnp.asarray(offset, jnp.int32), dyn, hp=hp)
     return {n: out[f"{i:08d}"] for i, n in enumerate(names)}
 

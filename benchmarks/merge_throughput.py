@@ -1,0 +1,337 @@
+"""Merge throughput and peak memory on CPU: ours (in-memory jitted, streaming) vs FusionBench,
+MergeKit and a plain numpy read-all-inputs/write-one-output pass (the I/O floor).
+
+    python benchmarks/merge_throughput.py                    # T=8 task vectors of a ~100M model
+    python benchmarks/merge_throughput.py --params 5e6       # quick run
+
+Inputs: a ViT-B-like list of fp32 matrices (12 blocks of qkv/proj/fc1/fc2 + biases + LayerNorms,
+patch/position embeddings, and a token embedding that tops the count up to ``--params``),
+generated with a fixed seed and written as safetensors to a temp dir (pretrained + T fine-tuned,
+deltas of scale 1e-3). Every (implementation, method) runs in a fresh subprocess that reports its
+own phase times and peak RSS (``ru_maxrss``) and its RSS after imports; a watchdog kills a run
+whose RSS passes ``--rss-limit-gb`` (the machine is shared). Peers run in ``.peers-merge-venv``
+(torch 2.13 CPU, fusion-bench, mergekit) through ``benchmarks/peers/merge_peer.py``.
+
+Methods: TA (lam 0.3), TIES (top 20% over the whole model, lam 1; MergeKit trims per tensor),
+DARE (p 0.9, lam 0.3), Consensus TA (k 2, TALL lambda 0.4, lam 0.3; MergeKit has none).
+Prints one JSON document, then a table of times, peak RSS and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_PY = os.path.join(REPO, ".peers-merge-venv", "bin", "python")
+PEER_DRIVER = os.path.join(REPO, "benchmarks", "peers", "merge_peer.py")
+METHODS = ("ta", "ties", "dare", "consensus")
+IMPLS = ("floor", "ours_mem", "ours_stream", "fusionbench", "mergekit")
+
+
+# --------------------------------------------------------------------------------- the model
+
+
+def vit_like_shapes(num_params: float, blocks: int = 12) -> dict[str, tuple[int, ...]]:
+    """ViT-B-like leaf shapes (width 768, MLP 3072) with a token embedding sized so the total is
+    about ``num_params``; the width shrinks (multiples of 64) when the blocks alone exceed it."""
+    width = 768
+    while width > 64 and blocks * 12 * width * width > 0.9 * num_params:
+        width -= 64
+    mlp = 4 * width
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embed.weight": (width, 3 * 16 * 16),
+        "pos_embed": (197, width),
+        "norm.scale": (width,),
+        "norm.bias": (width,),
+    }
+    for b in range(blocks):
+        p = f"blocks.{b}."
+        shapes.update({
+            p + "attn.qkv.weight": (width, 3 * width), p + "attn.qkv.bias": (3 * width,),
+            p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
+            p + "mlp.fc1.weight": (width, mlp), p + "mlp.fc1.bias": (mlp,),
+            p + "mlp.fc2.weight": (mlp, width), p + "mlp.fc2.bias": (width,),
+            p + "norm1.scale": (width,), p + "norm1.bias": (width,),
+            p + "norm2.scale": (width,), p + "norm2.bias": (width,),
+        })
+    used = sum(int(np.prod(s)) for s in shapes.values())
+    vocab = max(int(num_params - used) // width, 1)
+    shapes["token_embed.weight"] = (vocab, width)
+    return shapes
+
+
+def write_models(directory: str, shapes: dict, num_tasks: int, seed: int = 0) -> int:
+    """pretrained.safetensors + task_{t}.safetensors, leaf by leaf (never a whole model in memory).
+    Returns the bytes of one model."""
+    from mtl_jax.merging.streaming import LeafSpec, SafetensorsWriter
+
+    names = sorted(shapes)
+    specs = [LeafSpec(n, shapes[n], np.dtype(np.float32)) for n in names]
+
+    def leaf(i, t):
+        x = np.random.default_rng([seed, i, 0]).standard_normal(shapes[names[i]], dtype=np.float32) * 0.02
+        if t >= 0:
+            x += np.random.default_rng([seed, i, t + 1]).standard_normal(shapes[names[i]], dtype=np.float32) * 1e-3
+        return x
+
+    for t in range(-1, num_tasks):
+        path = os.path.join(directory, "pretrained.safetensors" if t < 0 else f"task_{t}.safetensors")
+        writer = SafetensorsWriter(path, specs)
+        for i, n in enumerate(names):
+            writer.write(n, leaf(i, t))
+        writer.close()
+    return sum(s.nbytes for s in specs)
+
+
+# ---------------------------------------------------------------------------------- workers
+
+
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _report(t0, t1, t2, t3, base):
+    print(json.dumps({"load_s": t1 - t0, "merge_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "base_rss": base}))
+
+
+def worker_floor(d: str, num_tasks: int, out: str) -> None:
+    """Plain numpy: read every leaf of every input (one readinto each), write one output leaf
+    (the pretrained one) per leaf: the I/O a merge cannot avoid."""
+    import struct
+
+    paths = [f"{d}/pretrained.safetensors"] + [f"{d}/task_{t}.safetensors" for t in range(num_tasks)]
+    base = _rss_now()
+    t0 = time.perf_counter()
+    with open(paths[0], "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header_raw = f.read(n)
+    header = {k: v for k, v in json.loads(header_raw).items() if k != "__metadata__"}
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    files = [open(p, "rb", buffering=0) for p in paths]
+    with open(out, "wb") as fo:
+        fo.write(struct.pack("<Q", n) + header_raw)
+        for name in order:
+            b, e = header[name]["data_offsets"]
+            bufs = []
+            for f in files:
+                buf = np.empty(e - b, np.uint8)
+                f.seek(8 + n + b)
+                f.readinto(memoryview(buf))
+                bufs.append(buf)
+            fo.write(memoryview(bufs[0]))
+    for f in files:
+        f.close()
+    t1 = time.perf_counter()
+    _report(t0, t1, t1, t1, base)
+
+
+def _ours_fn(method: str):
+    import jax
+
+    from mtl_jax.merging import (
+        consensus_merging,
+        dare_merging,
+        task_arithmetic,
+        ties_merging,
+    )
+
+    return {
+        "ta": ("task_arithmetic", task_arithmetic, dict(lam=0.3)),
+        "ties": ("ties", ties_merging, dict(top_k=0.2, lam=1.0)),
+        "dare": ("dare", dare_merging, dict(key=jax.random.key(0), p=0.9, lam=0.3)),
+        "consensus": ("consensus", consensus_merging, dict(k=2, tall_lambda=0.4, lam=0.3)),
+    }[method]
+
+
+def worker_ours_mem(method: str, d: str, num_tasks: int, out: str) -> None:
+    """Load every model into memory, run the jitted pytree merge, write the output."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_jax.merging.streaming import SafetensorsReader, save_safetensors
+
+    def load(path):  # leaf by leaf into jax arrays: no second (numpy) copy of the inputs stays alive
+        reader = SafetensorsReader(path)
+        tree = {n: jnp.asarray(reader.read(n)) for n in sorted(reader.specs)}
+        reader.close()
+        return tree
+
+    _, fn, hp = _ours_fn(method)
+    base = _rss_now()
+    t0 = time.perf_counter()
+    p0 = load(f"{d}/pretrained.safetensors")
+    fts = [load(f"{d}/task_{t}.safetensors") for t in range(num_tasks)]
+    t1 = time.perf_counter()
+    merged = jax.block_until_ready(jax.jit(functools.partial(fn, **hp))(p0, fts))
+    t2 = time.perf_counter()
+    del fts
+    save_safetensors(merged, out)
+    t3 = time.perf_counter()
+    _report(t0, t1, t2, t3, base)
+
+
+def worker_ours_stream(method: str, d: str, num_tasks: int, out: str, budget: int) -> None:
+    """Streaming merge (leaf groups within ``budget`` bytes, 0 = one leaf at a time); all time
+    counts as 'merge'."""
+    from mtl_jax.merging.streaming import stream_merge
+
+    name, _, hp = _ours_fn(method)
+    base = _rss_now()
+    t0 = time.perf_counter()
+    stats = stream_merge(f"{d}/pretrained.safetensors", [f"{d}/task_{t}.safetensors" for t in range(num_tasks)],
+                         out, name, memory_budget=budget or None, **hp)
+    t1 = time.perf_counter()
+    _report(t0, t0, t1, t1, base)
+    print(json.dumps({"passes": stats["passes"], "groups": stats["num_groups"]}))
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def run_child(cmd: list[str], rss_limit: int, timeout: float) -> dict:
+    """Run one worker; poll its RSS (kill past ``rss_limit``); parse its first JSON line."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    killed = None
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next((int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS")), 0)
+        except OSError:
+            rss = 0
+        if rss > rss_limit:
+            killed = f"killed: RSS {rss / 2**30:.1f} GiB > limit {rss_limit / 2**30:.1f} GiB"
+        elif time.perf_counter() - start > timeout:
+            killed = f"killed: over {timeout:.0f} s"
+        if killed:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if killed:
+        return {"error": killed, "wall_s": wall}
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}", "wall_s": wall}
+    res = json.loads(lines[0])
+    for extra in lines[1:]:
+        res.update(json.loads(extra))
+    res["wall_s"] = wall
+    return res
+
+
+def command(impl: str, method: str, d: str, num_tasks: int, out: str, budget: int) -> list[str] | None:
+    me = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--method", method, "--dir", d,
+          "--tasks", str(num_tasks), "--out", out, "--budget", str(budget)]
+    if impl in ("floor", "ours_mem", "ours_stream"):
+        return me
+    if impl == "mergekit" and method == "consensus":
+        return None
+    return [PEER_PY, PEER_DRIVER, impl, method, d, str(num_tasks), out]
+
+
+def _ratio(total: float, other: dict) -> str:
+    return f"{total / other['total_s']:10.2f}" if other.get("total_s") else f"{'-':>10s}"
+
+
+def table(results: dict, model_bytes: int, num_tasks: int) -> str:
+    gib = lambda b: f"{b / 2**30:5.2f}"
+    floor = results.get("floor", {}).get("-", {})
+    lines = [f"model {model_bytes / 2**20:.0f} MiB fp32, T={num_tasks}, inputs {(num_tasks + 1) * model_bytes / 2**30:.2f} GiB; "
+             f"floor (read all + write one) {floor.get('total_s', float('nan')):.2f} s",
+             f"{'method':10s} {'impl':12s} {'total s':>8s} {'merge s':>8s} {'peak GiB':>8s} {'extra GiB':>9s} "
+             f"{'x floor':>8s} {'ours_mem x':>10s} {'ours_str x':>10s}"]
+    for m in METHODS:
+        ours = {k: results.get(k, {}).get(m, {}) for k in ("ours_mem", "ours_stream")}
+        for impl in IMPLS[1:]:
+            r = results.get(impl, {}).get(m)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"{m:10s} {impl:12s} {r['error']}")
+                continue
+            tot = r["total_s"]
+            lines.append(f"{m:10s} {impl:12s} {tot:8.2f} {r['merge_s']:8.2f} {gib(r['peak_rss']):>8s} "
+                         f"{gib(r['peak_rss'] - r['base_rss']):>9s} {tot / floor.get('total_s', np.nan):8.2f} "
+                         f"{_ratio(tot, ours['ours_mem'])} {_ratio(tot, ours['ours_stream'])}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=float, default=100e6, help="parameters per model (default 100M)")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--budget", type=int, default=0, help="streaming memory_budget in bytes (0: one leaf at a time)")
+    ap.add_argument("--rss-limit-gb", type=float, default=14.0)
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    ap.add_argument("--dir", default="", help="reuse/keep input files here (default: a temp dir, removed)")
+    ap.add_argument("--json", default="", help="also write the results JSON here")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker == "floor":
+        return worker_floor(args.dir, args.tasks, args.out)
+    if args.worker == "ours_mem":
+        return worker_ours_mem(args.method, args.dir, args.tasks, args.out)
+    if args.worker == "ours_stream":
+        return worker_ours_stream(args.method, args.dir, args.tasks, args.out, args.budget)
+
+    d = args.dir or tempfile.mkdtemp(prefix="merge_bench_")
+    os.makedirs(d, exist_ok=True)
+    try:
+        shapes = vit_like_shapes(args.params)
+        t = time.perf_counter()
+        if not os.path.exists(os.path.join(d, f"task_{args.tasks - 1}.safetensors")):
+            write_models(d, shapes, args.tasks)
+        model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+        print(f"inputs in {d} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+        results: dict = {"config": {"params": model_bytes // 4, "tasks": args.tasks, "leaves": len(shapes),
+                                    "budget": args.budget, "cpus": os.cpu_count(),
+                                    "loadavg_start": os.getloadavg()}}
+        impls = args.impls.split(",")
+        out = os.path.join(d, "out.safetensors")
+        for impl in impls:
+            for m in (["-"] if impl == "floor" else args.methods.split(",")):
+                cmd = command(impl, m, d, args.tasks, out, args.budget)
+                if cmd is None:
+                    continue
+                res = run_child(cmd, int(args.rss_limit_gb * 2**30), args.timeout)
+                results.setdefault(impl, {})[m] = res
+                print(f"{impl:12s} {m:10s} {json.dumps(res)}", file=sys.stderr)
+                if os.path.exists(out):
+                    os.remove(out)
+        results["config"]["loadavg_end"] = os.getloadavg()
+        print(json.dumps(results, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        print(table(results, model_bytes, args.tasks))
+    finally:
+        if not args.dir:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Streaming merges (mtl_jax.merging.streaming) equal the in-memory merges and stay within memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mtl_jax.merging import (
+    consensus_merging,
+    dare_merging,
+    lines_merging,
+    task_arithmetic,
+    ties_merging,
+    weight_average,
+)
+from mtl_jax.merging import streaming as S
+from mtl_jax.merging.tree import flatten_with_paths
+
+from .helpers import jit_merge, random_tree
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _flat(tree):
+    return dict(flatten_with_paths(tree))
+
+
+def _save_models(tmp_path, p0, fts):
+    S.save_safetensors(p0, str(tmp_path / "p0.safetensors"))
+    paths = []
+    for i, f in enumerate(fts):
+        paths.append(str(tmp_path / f"ft{i}.safetensors"))
+        S.save_safetensors(f, paths[-1])
+    return str(tmp_path / "p0.safetensors"), paths
+
+
+@pytest.fixture
+def flat_models(rng):
+    p0 = _flat(random_tree(rng))
+    fts = [{k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in p0.items()} for _ in range(3)]
+    return p0, fts
+
+
+CASES = [
+    ("task_arithmetic", task_arithmetic, dict(lam=0.4)),
+    ("weight_average", weight_average, {}),
+    ("ties", ties_merging, dict(top_k=0.2, lam=1.0)),
+    ("ties", ties_merging, dict(top_k=0.3, per_tensor=True)),
+    ("dare", dare_merging, dict(p=0.5)),
+    ("dare", dare_merging, dict(p=0.5, combine="ties")),
+    ("consensus", consensus_merging, dict(k=2)),
+    ("consensus", consensus_merging, dict(k=2, base="ties")),
+    ("lines", lines_merging, dict(beta=0.5, base="ties")),
+]
+
+
+@pytest.mark.parametrize("name,fn,hparams", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_streaming_equals_in_memory(tmp_path, flat_models, name, fn, hparams):
+    """Groups of a few leaves (budget) for most methods; one leaf at a time for TA and TIES."""
+    p0, fts = flat_models
+    budget = 30000
+    if name in ("task_arithmetic", "ties") and not hparams.get("per_tensor"):
+        budget = None
+    elif name == "dare":  # in one group and on 3 leaves: its random-bit kernels compile slowly
+        budget = 10**9
+        keep = sorted(p0)[:3]
+        p0, fts = {k: p0[k] for k in keep}, [{k: f[k] for k in keep} for f in fts]
+    if name == "dare":
+        hparams = dict(hparams, key=jax.random.key(7))
+    src, paths = _save_models(tmp_path, p0, fts)
+    out = str(tmp_path / "out.safetensors")
+    stats = S.stream_merge(src, paths, out, name, memory_budget=budget, **hparams)
+    merged = S.load_safetensors(out)
+    expected = jit_merge(fn, **hparams)(p0, fts)
+    assert sorted(merged) == sorted(p0)
+    for k in p0:
+        np.testing.assert_allclose(merged[k], np.asarray(expected[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+    if budget == 30000:
+        assert 1 < stats["num_groups"] < len(p0)
+
+
+def test_global_ties_threshold_is_exact_with_ties_in_magnitudes(tmp_path, rng):
+    """Rounded deltas make many |tau| tie at the threshold: streaming keeps the same tied set."""
+    p0 = _flat(random_tree(rng))
+    fts = [{k: v + np.round(rng.normal(size=v.shape), 1).astype(np.float32) for k, v in p0.items()} for _ in range(3)]
+    src, paths = _save_models(tmp_path, p0, fts)
+    S.stream_merge(src, paths, str(tmp_path / "o.safetensors"), "ties", top_k=0.37)
+    merged = S.load_safetensors(str(tmp_path / "o.safetensors"))
+    expected = ties_merging(p0, fts, top_k=0.37)
+    for k in p0:  # a wrongly kept/dropped entry would be off by ~0.1; jit may differ by an ulp
+        np.testing.assert_allclose(merged[k], np.asarray(expected[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_bf16_preserved(tmp_path, flat_models):
+    p0, fts = flat_models
+    to_bf16 = lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}
+    p0, fts = to_bf16(p0), [to_bf16(f) for f in fts]
+    src, paths = _save_models(tmp_path, p0, fts)
+    out = str(tmp_path / "out.safetensors")
+    S.stream_merge(src, paths, out, "ties")
+    merged = S.load_safetensors(out)
+    expected = ties_merging(p0, fts)
+    for k in p0:
+        assert merged[k].dtype == np.dtype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(merged[k].astype(np.float32), np.asarray(expected[k], np.float32))
+    header, _ = S.read_safetensors_header(out)
+    assert {h[0].dtype for h in header.values()} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_interop_with_safetensors_library(tmp_path, flat_models):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    p0, fts = flat_models
+    safetensors_numpy.save_file(p0, str(tmp_path / "p0.safetensors"))
+    for i, f in enumerate(fts):
+        safetensors_numpy.save_file(f, str(tmp_path / f"ft{i}.safetensors"))
+    paths = [str(tmp_path / f"ft{i}.safetensors") for i in range(3)]
+    out = str(tmp_path / "out.safetensors")
+    S.stream_merge(str(tmp_path / "p0.safetensors"), paths, out, "task_arithmetic", mmap=True)
+    merged = safetensors_numpy.load_file(out)  # our writer's file is valid for the reference reader
+    expected = task_arithmetic(p0, fts)
+    for k in p0:
+        np.testing.assert_allclose(merged[k], np.asarray(expected[k]), rtol=1e-6, atol=1e-7)
+
+
+def test_orbax_input_and_output(tmp_path, rng):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    p0 = random_tree(rng)
+    fts = [jax.tree_util.tree_map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32), p0) for _ in range(2)]
+    dirs = []
+    with ocp.PyTreeCheckpointer() as ckptr:
+        for i, tree in enumerate([p0] + fts):
+            dirs.append(str(tmp_path / f"m{i}"))
+            ckptr.save(dirs[-1], args=ocp.args.PyTreeSave(tree))
+    S.stream_merge(dirs[0], dirs[1:], str(tmp_path / "out"), "task_arithmetic", memory_budget=20000)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        merged = ckptr.restore(str(tmp_path / "out"))
+    expected = task_arithmetic(p0, fts)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), merged, expected)
+
+
+def test_shape_mismatch_names_the_leaf(tmp_path, flat_models):
+    p0, fts = flat_models
+    bad = dict(fts[1])
+    bad["shared/block_1/Dense_0/kernel"] = np.zeros((16, 9), np.float32)
+    src, paths = _save_models(tmp_path, p0, [fts[0], bad])
+    with pytest.raises(ValueError, match=r"shape mismatch at 'shared/block_1/Dense_0/kernel'.*finetuned\[1\]"):
+        S.stream_merge(src, paths, str(tmp_path / "out.safetensors"), "task_arithmetic")
+    assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+def test_budget_too_small_names_the_leaf(tmp_path, flat_models):
+    p0, fts = flat_models
+    src, paths = _save_models(tmp_path, p0, fts)
+    with pytest.raises(ValueError, match=r"leaf 'heads/cls/bias' needs about \d+ bytes"):
+        S.stream_merge(src, paths, str(tmp_path / "out.safetensors"), "ties", memory_budget=10)
+
+
+def test_unknown_method_lists_valid_names(tmp_path, flat_models):
+    p0, fts = flat_models
+    src, paths = _save_models(tmp_path, p0, fts)
+    with pytest.raises(ValueError, match="valid: .*task_arithmetic.*ties"):
+        S.stream_merge(src, paths, str(tmp_path / "o.safetensors"), "nope")
+
+
+def test_plan_groups():
+    assert S.plan_groups(["a", "b", "c"], [4, 4, 4], None) == [["a"], ["b"], ["c"]]
+    assert S.plan_groups(["a", "b", "c"], [4, 4, 4], 8) == [["a", "b"], ["c"]]
+    assert S.plan_groups(["a", "b", "c"], [4, 4, 4], 5) == [["a"], ["b"], ["c"]]
+
+
+_PROBE = textwrap.dedent(
+    """
+    import ctypes, gc, json, sys
+    from mtl_jax.merging import streaming as S
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    d, budget = sys.argv[1], int(sys.argv[2])
+    paths = [f"{d}/p0.safetensors"] + [f"{d}/ft{i}.safetensors" for i in range(4)]
+    out = {}
+    for method in ("task_arithmetic", "ties"):
+        S.stream_merge(paths[0], paths[1:], f"{d}/warm.safetensors", method, memory_budget=budget)
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed heap back to the OS
+        base = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        S.stream_merge(paths[0], paths[1:], f"{d}/out.safetensors", method, memory_budget=budget)
+        out[method] = status("VmHWM") - base
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_below_inputs(tmp_path):
+    """5 inputs of 16 MiB (32 leaves of 512 KiB), budget of ~2 leaves: the peak extra RSS of a TA
+    and a global TIES merge (measured in a fresh process after a warm-up run that compiles the
+    kernels, whose freed heap is returned with malloc_trim) stays within the budget and far below
+    the 80 MiB of inputs. One (real) CPU device, as a merge job runs; slack of 8 MiB for fixed
+    costs (TIES histograms, allocator arenas)."""
+    rng = np.random.default_rng(0)
+    p0 = {f"layers.{i}.w": rng.normal(size=(256, 512)).astype(np.float32) for i in range(32)}
+    S.save_safetensors(p0, str(tmp_path / "p0.safetensors"))
+    for t in range(4):
+        S.save_safetensors({k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in p0.items()}, str(tmp_path / f"ft{t}.safetensors"))
+    inputs_total = 5 * sum(v.nbytes for v in p0.values())
+    spec = S.LeafSpec("w", (256, 512), np.dtype(np.float32))
+    budget = 2 * S.leaf_working_set([spec] * 5, spec.dtype)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # not the 8 fake test devices
+    res = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(tmp_path), str(budget)], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    extra = json.loads(res.stdout.strip().splitlines()[-1])
+    for method, peak in extra.items():
+        assert peak < inputs_total / 2, (method, peak, inputs_total)
+        assert peak < budget + (8 << 20), (method, peak, budget)
