@@ -123,10 +123,10 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, chunk: int =
     """Gradients of every parameter group under the method's weighting.
 
     Loss-based methods cost one VJP with the weights as cotangent. The others get the per-task
-    gradients of all parameters from one vmapped VJP (``J``: leaves [K, ...]), the Gramian of its
-    shared part, and (``needs='jacobian'``) its flattened shared rows; the shared gradient is
-    ``sum_k w_k J_k`` (or the method's own direction), head k gets its row, scaled by ``w_k`` for
-    loss-weighting methods.
+    gradients of the shared parameters from one vmapped VJP (``J``: leaves [K, ...]), its Gramian
+    and (``needs='jacobian'``) its flattened rows; the shared gradient is ``sum_k w_k J_k`` (or the
+    method's own direction); head k gets its own gradient, scaled by ``w_k`` for loss-weighting
+    methods.
 
     Returns (grads {'shared', 'heads'}, weights [K] (NaN when the method returns a direction),
     method_state).
@@ -139,9 +139,13 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, chunk: int =
             (unweighted,) = vjp_fn(jnp.ones_like(losses))
             grads = {"shared": grads["shared"], "heads": unweighted["heads"]}
         return grads, weights, method_state
-    jac = per_task_jacobian(vjp_fn, losses.shape[0], losses.dtype, chunk)
-    shared, weights, method_state = aggregate(method, losses, jac["shared"], method_state, step, key)
-    return {"shared": shared, "heads": head_gradients(method, weights, jac["heads"])}, weights, method_state
+    # Per-task rows of the shared part only (XLA drops the unused per-task head cotangents); the
+    # heads then need one more VJP, whose trunk half is dead code too.
+    jac_shared = per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), losses.shape[0], losses.dtype, chunk)
+    shared, weights, method_state = aggregate(method, losses, jac_shared, method_state, step, key)
+    head_weights = weights if method.weights_heads else jnp.ones_like(losses)
+    (head_grads,) = vjp_fn(head_weights.astype(losses.dtype))
+    return {"shared": shared, "heads": head_grads["heads"]}, weights, method_state
 
 
 def make_representation_forward(model, tasks: Sequence, input_key: str):

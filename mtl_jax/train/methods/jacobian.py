@@ -32,11 +32,13 @@ def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
 
     def update(inputs: MethodInputs, state, key):
         jacobian = require(inputs, "jacobian", "graddrop")
-        purity = 0.5 * (1.0 + jacobian.sum(0) / (jnp.abs(jacobian).sum(0) + 1e-7))
+        # Sums over tasks as ones @ x: XLA's CPU reduction over a short leading axis is ~70x slower.
+        ones = jnp.ones((jacobian.shape[0],), jacobian.dtype)
+        purity = 0.5 * (1.0 + (ones @ jacobian) / (ones @ jnp.abs(jacobian) + 1e-7))
         uniform = jax.random.uniform(key, purity.shape, purity.dtype)
         keep = ((purity > uniform)[None] & (jacobian > 0)) | ((purity < uniform)[None] & (jacobian < 0))
         mask = leak + (1.0 - leak) * keep.astype(jacobian.dtype)
-        return jnp.sum(jacobian * mask, axis=0), state
+        return ones @ (jacobian * mask), state
 
     return Method("graddrop", init, update, "jacobian", False)
 

@@ -1,0 +1,389 @@
+"""Step time of every MTL method's full jitted train step vs our EW step, the VJP floor and TorchJD.
+
+    python benchmarks/method_step_time.py [--methods all] [--tasks 2,10,40] [--rounds 5,5,3]
+
+Measures, on CPU, for K tasks on one model (mtl_jax's ``hps``: trunk 'mlp' 784-512-512 ReLU,
+one 'linear' 10-class head per task; one fixed batch of 256 random inputs and labels):
+
+* ours: ``build_experiment(config, dataset).train_step`` per method (mesh 1x1, Adam, one optimiser
+  per head, NaN guard, running metrics; the whole step, optimiser update included);
+* ``ew``: the same step with equal weighting (the baseline of the loss-weighting methods);
+* ``floor``: one forward + K vmapped VJPs, ``jax.vmap(vjp_fn)(eye(K))`` over the same model, jitted
+  (what any per-task-gradient method must at least pay; no Gramian, no optimiser);
+* TorchJD (``benchmarks/peers/torchjd_step.py``, run in ``.peers-venv`` with as many torch threads
+  as JAX has CPU devices' cores here, 2): its aggregator or scalarizer for the method, the same
+  model, ``torch.optim.Adam``; plus the plain summed-loss torch step, TorchJD's ``Mean`` through
+  ``mtl_backward``, and Nash-MTL as its authors wrote it (cvxpy/ECOS solves every step).
+
+The torch side is a long-lived subprocess driven one command per line, so every round visits every
+implementation (JAX and torch alike) in turn; odd rounds run the list backwards, ``ew`` and
+``floor`` run at both ends of every round. Each implementation runs enough steps per round to
+take about ``--target-ms`` (at least ``--min-steps``, so one step per round at K=40); the figure
+reported is the median over rounds of the per-step time. The load average is recorded: other work
+on the machine inflates torch's 2-thread OpenMP steps far more than XLA's. ``--pieces`` also times each Gramian method's ``update`` alone and the
+Gramian + weighted combination, to tell solver cost from gradient cost.
+
+Targets checked: loss-weighting methods <= 1.10x our EW step; Gramian/Jacobian methods <= 1.3x the
+floor; every method no slower than its TorchJD counterpart; Nash-MTL >= 3x faster than the
+cvxpy-per-step version. Prints JSON, then markdown tables. LibMTL is not timed: its only PyPI
+release (1.1.5, 2021) installs but fails at import on torch 2.13 (torchvision ops mismatch).
+
+Setup of the peers venv (once)::
+
+    python3 -m venv .peers-venv
+    .peers-venv/bin/pip install torch==2.13.0
+    .peers-venv/bin/pip install "torchjd[full]" torch==2.13.0 cvxpy
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtl_jax.config import load_config  # noqa: E402
+from mtl_jax.data import from_arrays  # noqa: E402
+from mtl_jax.data.pipeline import to_global  # noqa: E402
+from mtl_jax.tasks import classification  # noqa: E402
+from mtl_jax.train.losses import task_loss_fn  # noqa: E402
+from mtl_jax.train.methods import METHODS, Method, MethodInputs  # noqa: E402
+from mtl_jax.train.sharding import replicated  # noqa: E402
+from mtl_jax.train.step import gramian, make_train_step  # noqa: E402
+from mtl_jax.train.trainer import build_experiment  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BATCH_SIZE = 256
+IN_FEATURES = 784
+NUM_CLASSES = 10
+# Our method -> the TorchJD implementation timed against it (benchmarks/peers/torchjd_step.py keys).
+TORCHJD = {m: m for m in ("ew", "uw", "dwa", "rlw", "gls", "imtl_l", "famo", "stch", "excess_mtl", "mgda",
+                          "pcgrad", "gradvac", "cagrad", "nash_mtl", "imtl_g", "aligned_mtl", "upgrad",
+                          "dualproj", "fairgrad", "config", "sdmgrad", "modo", "graddrop")}
+TORCH_EXTRAS = ("torch_sum", "jd_mean")  # references without an mtl_jax method of their own
+LOSS_TARGET, FLOOR_TARGET, NASH_TARGET = 1.10, 1.3, 3.0
+
+
+def make_dataset(num_tasks: int, seed: int):
+    """One batch of random 784-d inputs and K 10-class random labels, as an mtl_jax Dataset."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((BATCH_SIZE, IN_FEATURES), dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, (BATCH_SIZE, num_tasks))
+    arrays = {"image": x, **{f"t{k}": y[:, k] for k in range(num_tasks)}}
+    tasks = [classification(f"t{k}", NUM_CLASSES) for k in range(num_tasks)]
+    return from_arrays("random_mlp", {"train": arrays}, tasks, input_key="image"), x, y
+
+
+def make_config(method: str):
+    return load_config(os.path.join(ROOT, "configs", "digits_mlp.py"), [
+        "model.trunk_kwargs.features=(512, 512)", "model.head=linear", f"batch_size={BATCH_SIZE}",
+        "mesh.data=1", "mesh.model=1", "optim.name=adam", "progress_bar=False", "num_steps=1000000",
+        f"method.name={method}"])
+
+
+def make_floor(model, tasks, input_key: str):
+    """``params, batch -> (losses, J)``: one forward, then ``jax.vmap(vjp_fn)(eye(K))``."""
+    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
+    num_tasks = len(tasks)
+
+    def losses_fn(params, batch):
+        preds = model.apply({"params": params}, batch[input_key], train=True)
+        return jnp.stack([fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns])
+
+    def floor(params, batch):
+        losses, vjp_fn = jax.vjp(lambda p: losses_fn(p, batch), params)
+        (jac,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
+        return losses, jac
+
+    return jax.jit(floor), losses_fn
+
+
+def trivial_method(needs: str) -> Method:
+    """A method whose solver costs nothing: weights 1 from the Gramian ('gramian'), or the row sum of
+    the flattened Jacobian as the direction ('jacobian'). Timing the train step with it isolates the
+    step's own cost of that path (vmapped VJP, Gramian / flattening, combination, optimisers)."""
+
+    def update(inputs, state, key):
+        del key
+        if needs == "jacobian":
+            # a matvec, not ``sum(axis=0)``: XLA:CPU reduces [K, P] over K ~70x slower than ``ones @ J``
+            return jnp.ones((inputs.jacobian.shape[0],), inputs.jacobian.dtype) @ inputs.jacobian, state
+        return jnp.ones_like(inputs.losses), state
+
+    return Method(f"trivial_{needs}", lambda num_tasks: {}, update, needs, False)
+
+
+def trivial_step(exp, dataset, config, needs: str):
+    """``exp``'s train step (same model, optimisers, shardings) with ``trivial_method(needs)``."""
+    step = make_train_step(exp.model, dataset.tasks, exp.optimizers, trivial_method(needs), dataset.input_key,
+                           config.sharpness)
+    return jax.jit(step, in_shardings=(exp.state_shardings, exp.data_sharding),
+                   out_shardings=(exp.state_shardings, replicated(exp.mesh)), donate_argnums=0)
+
+
+class JaxImpl:
+    """A jitted step with its carry: ``run(n)`` returns seconds per step over n steps."""
+
+    def __init__(self, step, carry, batch, donates: bool):
+        self.step, self.carry, self.batch, self.donates = step, carry, batch, donates
+
+    def run(self, n: int) -> float:
+        start = time.perf_counter()
+        out = None
+        for _ in range(n):
+            if self.donates:
+                self.carry, out = self.step(self.carry, self.batch)
+            else:
+                out = self.step(self.carry, self.batch)
+        jax.block_until_ready(out)
+        if self.donates:
+            jax.block_until_ready(self.carry)
+        return (time.perf_counter() - start) / n
+
+
+class TorchPeer:
+    """The long-lived torch subprocess (``benchmarks/peers/torchjd_step.py --serve``)."""
+
+    def __init__(self, python: str, threads: int):
+        self.proc = subprocess.Popen(
+            [python, os.path.join(HERE, "peers", "torchjd_step.py"), "--serve", "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"torch peer exited (code {self.proc.poll()}) on {cmd}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
+def steps_for(seconds_per_step: float, target_ms: float, min_steps: int) -> int:
+    return max(min_steps, min(100, int(round(target_ms / 1e3 / max(seconds_per_step, 1e-6)))))
+
+
+def time_pieces(methods, experiments, floor, params, batch, num_tasks: int, reps: int) -> dict:
+    """Per Gramian method: ``update`` alone on this batch's Gramian; plus Gramian + combination."""
+    losses, jac = floor(params, batch)
+    shared = jac["shared"]
+    gram = jax.jit(gramian)(shared)
+    flat = jnp.concatenate([j.reshape(num_tasks, -1) for j in jax.tree.leaves(shared)], axis=1)
+
+    def median_ms(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    combine = jax.jit(lambda j: (gramian(j), jax.tree.map(lambda x: jnp.tensordot(jnp.ones((num_tasks,)), x, 1), j)))
+    out = {"gramian_and_combine_ms": median_ms(combine, shared)}
+    for name in methods:
+        method = experiments[name].method
+        if method.needs == "losses":
+            continue
+        inputs = MethodInputs(losses=losses, step=jnp.asarray(1, jnp.int32), gramian=gram,
+                              jacobian=flat if method.needs == "jacobian" else None)
+        state = method.init(num_tasks)
+        update = jax.jit(lambda i, s, m=method: m.update(i, s, jax.random.key(0)))
+        out[f"update_ms/{name}"] = median_ms(update, inputs, state)
+    return out
+
+
+def bench_k(num_tasks, num_rounds, methods, args, peer):
+    dataset, x, y = make_dataset(num_tasks, args.seed)
+    jax_impls, experiments, compile_s = {}, {}, {}
+    for name in methods:
+        start = time.perf_counter()
+        exp = build_experiment(make_config(name), dataset)
+        batch = to_global({"image": x, **{f"t{k}": y[:, k] for k in range(num_tasks)}}, exp.data_sharding)
+        impl = JaxImpl(exp.train_step, exp.init(), batch, donates=True)
+        impl.run(1)  # compile
+        compile_s[name] = time.perf_counter() - start
+        experiments[name], jax_impls[name] = exp, impl
+    ew_exp = experiments["ew"]
+    floor, _ = make_floor(ew_exp.model, dataset.tasks, dataset.input_key)
+    params = jax.tree.map(jnp.copy, jax_impls["ew"].carry.params)
+    jax_impls["floor"] = JaxImpl(floor, params, jax_impls["ew"].batch, donates=False)
+    jax_impls["floor"].run(1)
+    for needs in ("gramian", "jacobian"):  # the step's own cost of each path, solver excluded
+        if any(experiments[m].method.needs == needs for m in methods):
+            jax_impls[f"trivial_{needs}"] = JaxImpl(trivial_step(ew_exp, dataset, make_config("ew"), needs),
+                                                    ew_exp.init(), jax_impls["ew"].batch, donates=True)
+            jax_impls[f"trivial_{needs}"].run(1)
+
+    torch_impls, torch_info = [], {}
+    if peer is not None:
+        wanted = list(TORCH_EXTRAS) + [TORCHJD[m] for m in methods if m in TORCHJD]
+        if "nash_mtl" in methods:
+            wanted.append("nash_mtl_cvxpy")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "batch.npz")
+            np.savez(path, x=x, y=y)
+            torch_info = peer.ask(cmd="setup", batch=path, num_tasks=num_tasks, impls=wanted, seed=args.seed)
+        torch_impls = torch_info["impls"]
+
+    def run(kind, name, n):
+        if kind == "jax":
+            return jax_impls[name].run(n)
+        return peer.ask(cmd="time", impl=name, steps=n)["sec_per_step"]
+
+    # Calibrate steps per round from one timed step of each implementation.
+    order = [("jax", "ew"), ("jax", "floor")] + [("torch", t) for t in TORCH_EXTRAS if t in torch_impls]
+    order += [("jax", n) for n in ("trivial_gramian", "trivial_jacobian") if n in jax_impls]
+    for name in methods:
+        if name != "ew":
+            order.append(("jax", name))
+        if name in TORCHJD and TORCHJD[name] in torch_impls:
+            order.append(("torch", TORCHJD[name]))
+        if name == "nash_mtl" and "nash_mtl_cvxpy" in torch_impls:
+            order.append(("torch", "nash_mtl_cvxpy"))
+    steps = {key: steps_for(run(*key, 1), args.target_ms, args.min_steps) for key in order}
+    samples = {key: [] for key in order}
+    ends, core = order[:2], order[2:]
+    for r in range(num_rounds):
+        for key in ends + (core if r % 2 == 0 else core[::-1]) + ends:
+            samples[key].append(run(*key, steps[key]))
+        print(f"  K={num_tasks}: round {r + 1}/{num_rounds} done", file=sys.stderr, flush=True)
+
+    ms = {f"{kind}:{name}": 1e3 * statistics.median(v) for (kind, name), v in samples.items()}
+    pieces = time_pieces(methods, experiments, floor, params, jax_impls["ew"].batch, num_tasks,
+                         reps=max(3, num_rounds)) if args.pieces else {}
+    ew, fl = ms["jax:ew"], ms["jax:floor"]
+    rows = []
+    for name in methods:
+        method = experiments[name].method
+        ours = ms[f"jax:{name}"]
+        peer_key = f"torch:{TORCHJD[name]}" if name in TORCHJD else None
+        jd = ms.get(peer_key) if peer_key else None
+        row = {"method": name, "needs": method.needs, "ours_ms": ours, "vs_ew": ours / ew,
+               "vs_floor": ours / fl if method.needs != "losses" else None,
+               "torchjd_ms": jd, "torchjd_over_ours": jd / ours if jd else None,
+               "steps_per_round": steps[("jax", name)], "compile_s": compile_s[name]}
+        if method.needs == "losses":
+            row["target"] = f"<= {LOSS_TARGET}x EW"
+            row["meets_target"] = row["vs_ew"] <= LOSS_TARGET
+        else:
+            row["target"] = f"<= {FLOOR_TARGET}x floor"
+            row["meets_target"] = row["vs_floor"] <= FLOOR_TARGET
+        row["meets_torchjd"] = None if jd is None else ours <= jd
+        if name == "nash_mtl" and "torch:nash_mtl_cvxpy" in ms:
+            row["nash_cvxpy_ms"] = ms["torch:nash_mtl_cvxpy"]
+            row["cvxpy_over_ours"] = ms["torch:nash_mtl_cvxpy"] / ours
+            row["meets_nash_target"] = row["cvxpy_over_ours"] >= NASH_TARGET
+        if pieces.get(f"update_ms/{name}") is not None:
+            row["update_alone_ms"] = pieces[f"update_ms/{name}"]
+        rows.append(row)
+    return {"num_tasks": num_tasks, "rounds": num_rounds, "ew_ms": ew, "floor_ms": fl, "ms": ms, "rows": rows, "pieces": pieces,
+            "torch_skipped": torch_info.get("skipped", {}), "torch_version": torch_info.get("torch"),
+            "torch_threads": torch_info.get("threads"),
+            "steps_per_round": {f"{k}:{n}": s for (k, n), s in steps.items()}}
+
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_tables(results) -> None:
+    for res in results:
+        k, ms = res["num_tasks"], res["ms"]
+        print(f"\n### K = {k} tasks (median ms per step; EW {res['ew_ms']:.2f} ms, floor {res['floor_ms']:.2f} ms"
+              f"; torch sum {fmt(ms.get('torch:torch_sum'))} ms, TorchJD Mean {fmt(ms.get('torch:jd_mean'))} ms)\n")
+        for needs in ("gramian", "jacobian"):
+            if f"jax:trivial_{needs}" in ms:
+                t = ms[f"jax:trivial_{needs}"]
+                print(f"Our step on the '{needs}' path with a free solver: {t:.2f} ms = {t / res['floor_ms']:.2f}x floor")
+        print()
+        print("| method | needs | ours (ms) | / EW | / floor | target | met | TorchJD (ms) | TorchJD / ours | "
+              "update alone (ms) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in res["rows"]:
+            met = "yes" if r["meets_target"] else "NO"
+            print(f"| {r['method']} | {r['needs']} | {r['ours_ms']:.2f} | {r['vs_ew']:.2f} | {fmt(r['vs_floor'])} | "
+                  f"{r['target']} | {met} | {fmt(r['torchjd_ms'])} | {fmt(r['torchjd_over_ours'])} | "
+                  f"{fmt(r.get('update_alone_ms'), '.3f')} |")
+        for r in res["rows"]:
+            if "nash_cvxpy_ms" in r:
+                print(f"\nNash-MTL: ours {r['ours_ms']:.2f} ms vs cvxpy-per-step original {r['nash_cvxpy_ms']:.2f} ms "
+                      f"-> {r['cvxpy_over_ours']:.1f}x faster (target >= {NASH_TARGET}x: "
+                      f"{'met' if r['meets_nash_target'] else 'MISSED'})")
+        if res["pieces"]:
+            print(f"\nGramian + weighted combination alone: {res['pieces']['gramian_and_combine_ms']:.2f} ms")
+        if res["torch_skipped"]:
+            print(f"\nTorch implementations that failed: {res['torch_skipped']}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="all", help="comma-separated mtl_jax method names, or 'all'")
+    parser.add_argument("--tasks", default="2,10,40", help="comma-separated K values")
+    parser.add_argument("--rounds", default="5,5,3", help="rounds per K (one value, or one per --tasks entry)")
+    parser.add_argument("--target-ms", type=float, default=250.0, help="time per implementation per round")
+    parser.add_argument("--min-steps", type=int, default=1)
+    parser.add_argument("--torch-python", default=os.path.join(ROOT, ".peers-venv", "bin", "python"))
+    parser.add_argument("--no-torch", action="store_true", help="skip the TorchJD / cvxpy peers")
+    parser.add_argument("--no-pieces", dest="pieces", action="store_false", help="skip the update-alone timings")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (match JAX's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", default="", help="also write the JSON here")
+    args = parser.parse_args()
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+    methods = ["ew"] + [m for m in methods if m != "ew"]
+    tasks = [int(k) for k in args.tasks.split(",")]
+    rounds = [int(r) for r in args.rounds.split(",")]
+    rounds = (rounds * len(tasks))[:len(tasks)] if len(rounds) == 1 else rounds
+    if len(rounds) != len(tasks):
+        parser.error(f"--rounds: give one value or {len(tasks)} (one per --tasks entry)")
+    use_torch = not args.no_torch and os.path.exists(args.torch_python)
+    if not args.no_torch and not use_torch:
+        print(f"no peers venv at {args.torch_python}: TorchJD not timed (see the docstring to create it)",
+              file=sys.stderr)
+    peer = TorchPeer(args.torch_python, args.threads) if use_torch else None
+    start = time.perf_counter()
+    try:
+        results = []
+        for k, r in zip(tasks, rounds):  # each K's table goes to stderr as soon as it is done
+            results.append(bench_k(k, r, methods, args, peer))
+            with contextlib.redirect_stdout(sys.stderr):
+                print_tables(results[-1:])
+    finally:
+        if peer is not None:
+            peer.close()
+    out = {"device": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+           "python": platform.python_version(), "batch_size": BATCH_SIZE, "model": "hps mlp 784-512-512 + linear heads",
+           "load_average": os.getloadavg(), "wall_s": time.perf_counter() - start,
+           "results": results}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()

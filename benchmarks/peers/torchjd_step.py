@@ -1,0 +1,289 @@
+"""PyTorch peer of ``benchmarks/method_step_time.py``: TorchJD (and a cvxpy Nash-MTL) train steps.
+
+Runs in the separate peers venv (``.peers-venv``: torch==2.13.0 CPU, ``torchjd[full]``, cvxpy)::
+
+    .peers-venv/bin/python benchmarks/peers/torchjd_step.py --tasks 10 --impls upgrad,mgda,nash_mtl_cvxpy
+
+prints ``{impl: median ms per step}`` as JSON. ``method_step_time.py`` starts it with ``--serve``
+instead and drives it with one JSON command per line on stdin (``setup``, ``time``, ``quit``), so
+that its rounds alternate with the JAX steps of the same run; each reply is one JSON line.
+
+The model is the one mtl_jax builds for that benchmark: trunk 784-512-512 (Linear + ReLU), one
+Linear(512, 10) head per task, cross-entropy per task, ``torch.optim.Adam(lr=1e-3)`` over every
+parameter. One step = forward, backward as the implementation prescribes, optimiser step.
+
+Implementations (the keys are mtl_jax method names where there is a counterpart):
+
+* TorchJD aggregators, used as its docs show: ``autojac.mtl_backward(losses, features=features)``
+  then ``autojac.jac_to_grad(trunk.parameters(), aggregator)`` (heads get their own gradients from
+  ``mtl_backward``). SDMGrad and MoDo exist only as weightings; they are wrapped in a
+  ``GramianWeightedAggregator``, i.e. fed the single-batch Gramian as mtl_jax does by default.
+* TorchJD scalarizers (loss weighting): ``scalarizer(stack(losses)).backward()``. FAMO's logit
+  update is fed the current batch's losses at the next step (``FAMO.update`` before the new call),
+  the same no-extra-forward variant mtl_jax runs by default.
+* ``torch_sum``: the plain summed-loss step (no TorchJD), the PyTorch floor of a loss-weighting step.
+* ``jd_mean``: TorchJD's Jacobian path with the ``Mean`` aggregator (EW through ``mtl_backward``).
+* ``nash_mtl_cvxpy``: Nash-MTL as in the authors' code (AvivNavon/nash-mtl,
+  ``methods/weight_methods.py``): per-task shared gradients by ``autograd.grad`` per task, Gramian
+  normalised by its Frobenius norm, the concave-convex sequence of ECOS solves through cvxpy
+  (``optim_niter=20``, warm start, ``max_iters=100``, same stop rules), weighted-loss backward,
+  ``clip_grad_norm_(shared, max_norm=1)``, optimiser step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchjd import aggregation as A
+from torchjd import scalarization as S
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+HIDDEN = (512, 512)
+NUM_CLASSES = 10
+LR = 1e-3
+
+# mtl_jax method name -> (kind, factory(num_tasks) -> TorchJD object, TorchJD name)
+AGGREGATORS = {
+    "jd_mean": lambda k: A.Mean(),
+    "mgda": lambda k: A.MGDA(),
+    "pcgrad": lambda k: A.PCGrad(),
+    "gradvac": lambda k: A.GradVac(beta=0.5),
+    "cagrad": lambda k: A.CAGrad(c=0.5),
+    "nash_mtl": lambda k: A.NashMTL(n_tasks=k, max_norm=1.0, update_weights_every=1, optim_niter=20),
+    "imtl_g": lambda k: A.IMTLG(),
+    "aligned_mtl": lambda k: A.AlignedMTL(),
+    "upgrad": lambda k: A.UPGrad(),
+    "dualproj": lambda k: A.DualProj(),
+    "fairgrad": lambda k: A.FairGrad(alpha=1.0),
+    "config": lambda k: A.ConFIG(),
+    "sdmgrad": lambda k: A.GramianWeightedAggregator(A.SDMGradWeighting(lambda_=0.3)),
+    "modo": lambda k: A.GramianWeightedAggregator(A.MoDoWeighting()),
+    "excess_mtl": lambda k: A.ExcessMTL(),
+    "graddrop": lambda k: A.GradDrop(),
+}
+SCALARIZERS = {
+    "torch_sum": lambda k: None,
+    "ew": lambda k: S.Sum(),
+    "uw": lambda k: S.UW(k),
+    "dwa": lambda k: S.DWA(temperature=2.0),
+    "rlw": lambda k: S.Random(),
+    "gls": lambda k: S.GeometricMean(),
+    "imtl_l": lambda k: S.IMTLL(k),
+    "famo": lambda k: S.FAMO(k),
+    "stch": lambda k: S.STCH(mu=1.0),
+}
+TORCHJD_NAMES = {
+    "jd_mean": "Mean (mtl_backward)", "mgda": "MGDA", "pcgrad": "PCGrad", "gradvac": "GradVac",
+    "cagrad": "CAGrad", "nash_mtl": "NashMTL", "imtl_g": "IMTLG", "aligned_mtl": "AlignedMTL",
+    "upgrad": "UPGrad", "dualproj": "DualProj", "fairgrad": "FairGrad", "config": "ConFIG",
+    "sdmgrad": "SDMGradWeighting", "modo": "MoDoWeighting", "excess_mtl": "ExcessMTL", "graddrop": "GradDrop",
+    "torch_sum": "(plain torch sum)", "ew": "scalarization.Sum", "uw": "scalarization.UW",
+    "dwa": "scalarization.DWA", "rlw": "scalarization.Random", "gls": "scalarization.GeometricMean",
+    "imtl_l": "scalarization.IMTLL", "famo": "scalarization.FAMO", "stch": "scalarization.STCH",
+    "nash_mtl_cvxpy": "Nash-MTL original (cvxpy/ECOS per step)",
+}
+IMPLS = list(SCALARIZERS) + list(AGGREGATORS) + ["nash_mtl_cvxpy"]
+
+
+class HPS(nn.Module):
+    """784-512-512 ReLU trunk + K linear heads: the model mtl_jax's ``hps`` config builds."""
+
+    def __init__(self, in_features: int, num_tasks: int):
+        super().__init__()
+        layers, width = [], in_features
+        for h in HIDDEN:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(width, NUM_CLASSES) for _ in range(num_tasks))
+
+    def losses(self, x, y):
+        features = self.trunk(x)
+        return features, [F.cross_entropy(head(features), y[:, k]) for k, head in enumerate(self.heads)]
+
+
+class CvxpyNashMTL:
+    """The authors' Nash-MTL weight solver: CCP over ECOS solves of a cvxpy problem, per step."""
+
+    def __init__(self, num_tasks: int, optim_niter: int = 20):
+        import cvxpy as cp
+
+        self.cp = cp
+        self.num_tasks = num_tasks
+        self.optim_niter = optim_niter
+        self.prvs_alpha = np.ones(num_tasks, dtype=np.float32)
+        self.normalization_factor = np.ones((1,))
+        self.alpha = cp.Variable(shape=(num_tasks,), nonneg=True)
+        self.prvs_alpha_param = cp.Parameter(shape=(num_tasks,), value=self.prvs_alpha)
+        self.gtg = cp.Parameter(shape=(num_tasks, num_tasks), value=np.eye(num_tasks))
+        self.norm_param = cp.Parameter(shape=(1,), value=np.array([1.0]))
+        g_prev = self.gtg @ self.prvs_alpha_param
+        phi_grad = 1 / self.prvs_alpha_param + (1 / g_prev) @ self.gtg
+        phi_alpha = phi_grad @ (self.alpha - self.prvs_alpha_param)
+        g_alpha = self.gtg @ self.alpha
+        constraints = [-cp.log(self.alpha[i] * self.norm_param) - cp.log(g_alpha[i]) <= 0 for i in range(num_tasks)]
+        self.problem = cp.Problem(cp.Minimize(cp.sum(g_alpha) + phi_alpha / self.norm_param), constraints)
+
+    def _stop(self, gtg, alpha_t) -> bool:
+        return bool(self.alpha.value is None
+                    or np.linalg.norm(gtg @ alpha_t - 1 / (alpha_t + 1e-10)) < 1e-3
+                    or np.linalg.norm(self.alpha.value - self.prvs_alpha_param.value) < 1e-6)
+
+    def weights(self, grads: torch.Tensor) -> np.ndarray:
+        gtg = grads @ grads.T
+        self.normalization_factor = torch.norm(gtg).detach().cpu().numpy().reshape((1,))
+        gtg = (gtg / self.normalization_factor.item()).cpu().numpy()
+        self.gtg.value = gtg
+        self.norm_param.value = self.normalization_factor
+        alpha_t = self.prvs_alpha
+        for _ in range(self.optim_niter):
+            self.alpha.value = alpha_t
+            self.prvs_alpha_param.value = alpha_t
+            try:
+                self.problem.solve(solver=self.cp.ECOS, warm_start=True, max_iters=100)
+            except (self.cp.error.SolverError, ValueError):
+                self.alpha.value = self.prvs_alpha_param.value
+            if self._stop(gtg, alpha_t):
+                break
+            alpha_t = self.alpha.value
+        if alpha_t is not None:
+            self.prvs_alpha = alpha_t
+        return self.prvs_alpha
+
+
+class Runner:
+    """One implementation's model, optimiser and step on a fixed batch."""
+
+    def __init__(self, impl: str, x: torch.Tensor, y: torch.Tensor, seed: int):
+        torch.manual_seed(seed)
+        self.impl, self.x, self.y = impl, x, y
+        num_tasks = y.shape[1]
+        self.model = HPS(x.shape[1], num_tasks)
+        params = list(self.model.parameters())
+        self.scalarizer = self.aggregator = self.nash = None
+        if impl in SCALARIZERS:
+            self.scalarizer = SCALARIZERS[impl](num_tasks)
+            if impl in ("uw", "imtl_l"):  # their log-variances / log-scales train with the model
+                params += list(self.scalarizer.parameters())
+        elif impl in AGGREGATORS:
+            self.aggregator = AGGREGATORS[impl](num_tasks)
+        elif impl == "nash_mtl_cvxpy":
+            self.nash = CvxpyNashMTL(num_tasks)
+        else:
+            raise ValueError(f"unknown implementation {impl!r}; valid: {IMPLS}")
+        self.optimizer = torch.optim.Adam(params, lr=LR)
+        self.steps = 0
+
+    def step(self) -> None:
+        features, losses = self.model.losses(self.x, self.y)
+        if self.aggregator is not None:
+            mtl_backward(losses, features=features)
+            jac_to_grad(self.model.trunk.parameters(), self.aggregator)
+        elif self.nash is not None:
+            shared = list(self.model.trunk.parameters())
+            grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                                 for loss in losses])
+            alpha = torch.from_numpy(self.nash.weights(grads))
+            sum(loss * alpha[i] for i, loss in enumerate(losses)).backward()
+            torch.nn.utils.clip_grad_norm_(shared, 1.0)
+        elif self.scalarizer is None:
+            torch.stack(losses).sum().backward()
+        else:
+            stacked = torch.stack(losses)
+            if self.impl == "famo" and self.steps > 0:
+                self.scalarizer.update(stacked)  # the previous step's logit update, from this batch's losses
+            self.scalarizer(stacked).backward()
+            if self.impl == "dwa":
+                self.scalarizer.step()  # mtl_jax's default steps_per_epoch=1: new weights every step
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return (time.perf_counter() - start) / steps
+
+
+def load_batch(path: str | None, num_tasks: int, batch_size: int, seed: int):
+    if path:
+        data = np.load(path)
+        x, y = data["x"], data["y"]
+    else:
+        rng = np.random.default_rng(seed)
+        x = rng.random((batch_size, 784), dtype=np.float32)
+        y = rng.integers(0, NUM_CLASSES, (batch_size, num_tasks))
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+
+
+def setup(impls, x, y, seed: int, warmup: int):
+    runners, skipped = {}, {}
+    for impl in impls:
+        try:
+            runner = Runner(impl, x, y, seed)
+            for _ in range(warmup):
+                runner.step()
+            runners[impl] = runner
+        except Exception as e:  # a peer that fails to build or run is reported, not fatal
+            skipped[impl] = f"{type(e).__name__}: {e}"
+    return runners, skipped
+
+
+def serve(threads: int) -> None:
+    runners: dict[str, Runner] = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "setup":
+            x, y = load_batch(cmd.get("batch"), cmd["num_tasks"], 256, cmd.get("seed", 0))
+            runners, skipped = setup(cmd["impls"], x, y, cmd.get("seed", 0), cmd.get("warmup", 2))
+            reply = {"ok": True, "impls": list(runners), "skipped": skipped, "torch": torch.__version__,
+                     "threads": torch.get_num_threads()}
+        elif cmd["cmd"] == "time":
+            reply = {"impl": cmd["impl"], "sec_per_step": runners[cmd["impl"]].time(cmd["steps"])}
+        elif cmd["cmd"] == "quit":
+            return
+        else:
+            reply = {"error": f"unknown command {cmd['cmd']!r}"}
+        print(json.dumps(reply), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", action="store_true", help="JSON-lines command loop on stdin/stdout")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", default=None, help=".npz with x [B, 784] float32 and y [B, K] int")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    if args.serve:
+        serve(args.threads)
+        return
+    x, y = load_batch(args.batch, args.tasks, 256, args.seed)
+    runners, skipped = setup(args.impls.split(","), x, y, args.seed, 2)
+    times = {impl: [] for impl in runners}
+    for _ in range(args.rounds):
+        for impl, runner in runners.items():
+            times[impl].append(runner.time(args.steps))
+    print(json.dumps({"num_tasks": args.tasks, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "ms": {impl: 1e3 * statistics.median(t) for impl, t in times.items()},
+                      "skipped": skipped}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
