@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
@@ -211,8 +210,9 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
                 train_metrics["steps_per_sec"] = (done - tick_step) / (now - tick)
                 train_metrics["nonfinite_total"] = int(state.nonfinite_total)
                 writer.write(done, "train", train_metrics)
-                progress.set_postfix({k.replace("/loss", " loss"): f"{v:.3f}" for k, v in train_metrics.items()
-                                      if k.endswith("/loss")} | {"skipped": train_metrics["nonfinite_total"]}, refresh=False)
+                losses = {k.replace("/loss", " loss"): f"{v:.3f}" for k, v in train_metrics.items()
+                          if k.endswith("/loss")}
+                progress.set_postfix(losses | {"skipped": train_metrics["nonfinite_total"]}, refresh=False)
                 progress.update(done - progress.n)
                 last_sums, last_count, tick, tick_step = sums, count, now, done
             if config.eval_every and done % config.eval_every == 0 and done != steps:
