@@ -14,6 +14,7 @@ from mtl_jax import tasks as T
 from mtl_jax.data import multimnist
 from mtl_jax.data.sources import Dataset, from_arrays
 from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, prepare
+from mtl_jax.registry import lookup
 
 
 def default_data_dir() -> str:
@@ -65,9 +66,7 @@ DATASETS = {"multimnist": load_multimnist, "digits": load_digits}
 
 def get_dataset(cfg) -> Dataset:
     """Loads ``cfg.name`` from DATASETS, keeps only ``cfg.tasks`` if given, caches in memory if asked."""
-    if cfg.name not in DATASETS:
-        raise ValueError(f"unknown dataset '{cfg.name}'; valid names: {sorted(DATASETS)}")
-    dataset = DATASETS[cfg.name](cfg)
+    dataset = lookup(DATASETS, cfg.name, "dataset")(cfg)
     if cfg.get("tasks"):
         dataset = dataset.select_tasks(list(cfg.tasks))
     if cfg.get("cache_in_memory", False):

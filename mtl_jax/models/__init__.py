@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import flax.linen as nn
 
+from mtl_jax.registry import lookup
+
 from mtl_jax.models.architectures import ARCHITECTURES
 from mtl_jax.models.heads import HEADS
 from mtl_jax.models.multitask import HardParameterSharing
@@ -15,9 +17,7 @@ from mtl_jax.models.trunks import TRUNKS
 
 def _build(registry: Mapping[str, type], name: str, kwargs: Mapping, what: str, **fixed) -> nn.Module:
     """``registry[name](**kwargs, **fixed)`` with errors naming unknown names and unknown options."""
-    if name not in registry:
-        raise ValueError(f"unknown {what} '{name}'; valid names: {sorted(registry)}")
-    cls = registry[name]
+    cls = lookup(registry, name, what)
     valid = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name") and f.name not in fixed]
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
@@ -38,9 +38,7 @@ MODELS = {"hps": build_hps, **ARCHITECTURES}
 
 
 def build_model(cfg, tasks: Sequence) -> nn.Module:
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model '{cfg.name}'; valid names: {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg, tasks)
+    return lookup(MODELS, cfg.name, "model")(cfg, tasks)
 
 
 __all__ = ["MODELS", "TRUNKS", "HEADS", "build_model", "HardParameterSharing"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from mtl_jax.registry import lookup
+
 
 def cross_entropy(logits, labels):
     """Softmax cross-entropy; logits [B, C], integer labels [B]."""
@@ -37,12 +39,6 @@ def accuracy(logits, labels):
 LOSSES = {"cross_entropy": cross_entropy, "mse": mse, "l1": l1}
 METRICS = {"accuracy": accuracy, "mae": l1, "mse": mse, "loss": None}  # 'loss' = the task's own loss
 HIGHER_IS_BETTER = {"accuracy": True, "mae": False, "mse": False, "loss": False}
-
-
-def lookup(registry: dict, name: str, what: str):
-    if name not in registry:
-        raise ValueError(f"unknown {what} '{name}'; valid names: {sorted(registry)}")
-    return registry[name]
 
 
 def task_loss_fn(task):

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 import ml_collections
 import optax
 
+from mtl_jax.registry import lookup
+
 
 def _schedule(cfg, total_steps: int):
     warmup = int(cfg.get("warmup_steps", 0))
@@ -22,9 +24,7 @@ def _schedule(cfg, total_steps: int):
         "cosine": lambda: optax.cosine_decay_schedule(cfg.lr, decay_steps),
         "linear": lambda: optax.linear_schedule(cfg.lr, 0.0, decay_steps),
     }
-    if name not in schedules:
-        raise ValueError(f"unknown schedule '{name}'; valid names: {sorted(schedules)}")
-    main = schedules[name]()
+    main = lookup(schedules, name, "schedule")()
     if warmup:
         return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
     return main
@@ -41,9 +41,7 @@ OPTIMIZERS = {
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     """``cfg``: name, lr, schedule, warmup_steps, grad_clip_norm (0 = off), weight_decay (adamw), ..."""
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimiser '{cfg.name}'; valid names: {sorted(OPTIMIZERS)}")
-    tx = OPTIMIZERS[cfg.name](cfg, _schedule(cfg, total_steps))
+    tx = lookup(OPTIMIZERS, cfg.name, "optimiser")(cfg, _schedule(cfg, total_steps))
     clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 

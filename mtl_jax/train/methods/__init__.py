@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from mtl_jax.registry import lookup
 from mtl_jax.train.methods import aggregation, jacobian, weighting
 from mtl_jax.train.methods.base import Method, MethodInputs, normalized_gramian, returns_direction
 
@@ -58,9 +59,7 @@ def get_method(name: str, **hparams) -> Method:
         (listing the method's valid ones), a missing required one (``num_params`` of MoCo /
         ExcessMTL), or a Gramian method built with ``num_tasks < 2``.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown MTL method {name!r}; valid names: {sorted(METHODS)}")
-    signature = inspect.signature(METHODS[name])
+    signature = inspect.signature(lookup(METHODS, name, "MTL method"))
     valid = list(signature.parameters)
     unknown = sorted(k for k in hparams if k not in valid)
     if unknown:
