@@ -75,15 +75,20 @@ def test_sharpness_steps_train_multimnist(multimnist, kind, method):
     assert int(state.nonfinite_total) == 0 and min(r["accuracy"] for r in res.values()) > 0.3, res
 
 
-def test_representation_level_mgda_matches_a_reference(multimnist):
-    config = small_config("method.name='mgda'", "jacobian.level='representation'", "optim.name='sgd'",
-                          "optim.lr=0.1", "mesh.data=1")
-    exp = build_experiment(config, multimnist)
+def sgd_step_setup(multimnist, *overrides):
+    """One-device SGD(0.1) experiment, a 32-example batch, its fresh state and params, and the
+    model's (encode, decode) split for reference gradients."""
+    exp = build_experiment(small_config(*overrides, "optim.name='sgd'", "optim.lr=0.1", "mesh.data=1"), multimnist)
     keys = [multimnist.input_key] + [t.label_key for t in multimnist.tasks]
     batch = train_dataset(multimnist.splits["train"], keys=keys, global_batch_size=32, seed=0)[0]
     state = exp.init()
-    params = jax.device_get(state.params)
     encode, decode = make_representation_forward(exp.model, multimnist.tasks, multimnist.input_key)
+    return exp, batch, state, jax.device_get(state.params), encode, decode
+
+
+def test_representation_level_mgda_matches_a_reference(multimnist):
+    exp, batch, state, params, encode, decode = sgd_step_setup(multimnist, "method.name='mgda'",
+                                                               "jacobian.level='representation'")
     jbatch = jax.tree.map(jnp.asarray, batch)
     key = jax.random.key(0)  # the MLP has no dropout: keys do not matter
     z = encode(params["shared"], jbatch, key, True)
@@ -129,14 +134,8 @@ def test_representation_level_needs_a_single_representation():
 def test_rep_mtl_step_matches_the_gradient_of_the_regularised_objective(multimnist):
     from mtl_jax.train import rep_mtl
 
-    config = small_config("rep_mtl.tsr_weight=0.5", "rep_mtl.csa_weight=0.5", "optim.name='sgd'", "optim.lr=0.1",
-                          "mesh.data=1")
-    exp = build_experiment(config, multimnist)
-    keys = [multimnist.input_key] + [t.label_key for t in multimnist.tasks]
-    batch = train_dataset(multimnist.splits["train"], keys=keys, global_batch_size=32, seed=0)[0]
-    state = exp.init()
-    params = jax.device_get(state.params)
-    encode, decode = make_representation_forward(exp.model, multimnist.tasks, multimnist.input_key)
+    exp, batch, state, params, encode, decode = sgd_step_setup(multimnist, "rep_mtl.tsr_weight=0.5",
+                                                               "rep_mtl.csa_weight=0.5")
     jbatch, key = jax.tree.map(jnp.asarray, batch), jax.random.key(0)
 
     def total(p):

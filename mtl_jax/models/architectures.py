@@ -19,6 +19,8 @@ model name        trunk registry                arch_kwargs (defaults)
 
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -59,40 +61,10 @@ def _architecture(cls: type, name: str, cfg, tasks: Sequence, staged: bool) -> n
                   **{field: encoder, "heads": _heads(cfg, tasks)})
 
 
-def build_mmoe(cfg, tasks: Sequence) -> nn.Module:
-    """MMoE (Ma et al. 2018): shared trunk experts, one softmax gate per task."""
-    return _architecture(MMoE, "mmoe", cfg, tasks, staged=False)
-
-
-def build_cgc(cfg, tasks: Sequence) -> nn.Module:
-    """CGC (Tang et al. 2020): shared and task-specific trunk experts, one gate per task."""
-    return _architecture(CGC, "cgc", cfg, tasks, staged=False)
-
-
-def build_dselect_k(cfg, tasks: Sequence) -> nn.Module:
-    """DSelect-k (Hazimeh et al. 2021): shared trunk experts, a sparse DSelect-k gate per task."""
-    return _architecture(DSelectK, "dselect_k", cfg, tasks, staged=False)
-
-
-def build_ple(cfg, tasks: Sequence) -> nn.Module:
-    """PLE (Tang et al. 2020): CGC at every stage of staged-trunk experts."""
-    return _architecture(PLE, "ple", cfg, tasks, staged=True)
-
-
-def build_mtan(cfg, tasks: Sequence) -> nn.Module:
-    """MTAN (Liu et al. 2019): task attention masks over a shared staged trunk's stages."""
-    return _architecture(MTAN, "mtan", cfg, tasks, staged=True)
-
-
-def build_cross_stitch(cfg, tasks: Sequence) -> nn.Module:
-    """Cross-stitch (Misra et al. 2016): task columns mixed by cross-stitch units between stages."""
-    return _architecture(CrossStitch, "cross_stitch", cfg, tasks, staged=True)
-
-
-def build_ltb(cfg, tasks: Sequence) -> nn.Module:
-    """Learning-to-Branch (Guo et al. 2020): task columns with Gumbel-softmax branching between stages."""
-    return _architecture(LTB, "ltb", cfg, tasks, staged=True)
-
-
-ARCHITECTURES = {"mmoe": build_mmoe, "cgc": build_cgc, "dselect_k": build_dselect_k, "ple": build_ple,
-                 "mtan": build_mtan, "cross_stitch": build_cross_stitch, "ltb": build_ltb}
+# name -> (module, built on a staged trunk?): MMoE (Ma et al. 2018), CGC / PLE (Tang et al. 2020),
+# DSelect-k (Hazimeh et al. 2021), MTAN (Liu et al. 2019), Cross-stitch (Misra et al. 2016),
+# Learning-to-Branch (Guo et al. 2020); each module's docstring has the details.
+_SPECS = {"mmoe": (MMoE, False), "cgc": (CGC, False), "dselect_k": (DSelectK, False), "ple": (PLE, True),
+          "mtan": (MTAN, True), "cross_stitch": (CrossStitch, True), "ltb": (LTB, True)}
+ARCHITECTURES = {name: functools.partial(_architecture, cls, name, staged=staged)
+                 for name, (cls, staged) in _SPECS.items()}

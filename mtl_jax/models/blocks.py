@@ -74,3 +74,15 @@ class Column(nn.Module):
     @nn.compact
     def __call__(self, level: int, x, train: bool = False):
         return self.encoder.stages()[level].clone(parent=self, name=f"stage_{level}")(x, train)
+
+
+def mixed_columns(encoder: nn.Module, tasks: tuple, x, train: bool, mixing):
+    """One staged-encoder column per task, the task streams mixed between stages (Cross-stitch
+    units, LTB branch choices): mixing [S - 1, K, K] -> {task: [B, D]}. Column parameters go under
+    ``columns/<task>`` of the calling module; call it from a compact method."""
+    columns = PerTask({t: Column(encoder, parent=None) for t in tasks}, name="columns")
+    reps = columns({t: (0, x, train) for t in tasks})
+    for level in range(1, len(encoder.stages())):
+        mixed = stitch(mixing[level - 1], jnp.stack([reps[t] for t in tasks]))
+        reps = columns({t: (level, mixed[k], train) for k, t in enumerate(tasks)})
+    return reps

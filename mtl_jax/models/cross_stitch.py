@@ -25,7 +25,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtl_jax.models.blocks import Column, PerTask, stitch
+from mtl_jax.models.blocks import PerTask, mixed_columns
 
 
 def cross_stitch_init(alpha_self: float, alpha_other: float):
@@ -51,12 +51,7 @@ class CrossStitchColumns(nn.Module):
         num_stages, num_tasks = len(self.encoder.stages()), len(self.tasks)
         units = self.param("cross_stitch", cross_stitch_init(self.alpha_self, self.alpha_other),
                            (num_stages - 1, num_tasks, num_tasks))
-        columns = PerTask({t: Column(self.encoder, parent=None) for t in self.tasks}, name="columns")
-        reps = columns({t: (0, x, train) for t in self.tasks})
-        for level in range(1, num_stages):
-            mixed = stitch(units[level - 1], jnp.stack([reps[t] for t in self.tasks]))
-            reps = columns({t: (level, mixed[k], train) for k, t in enumerate(self.tasks)})
-        return reps
+        return mixed_columns(self.encoder, self.tasks, x, train, units)
 
 
 class CrossStitch(nn.Module):

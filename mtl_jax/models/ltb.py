@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.blocks import Column, PerTask, sow_unless_init, stitch
+from mtl_jax.models.blocks import PerTask, mixed_columns, sow_unless_init
 
 
 def ltb_temperature(epoch, epochs: int):
@@ -80,12 +80,7 @@ class LTBColumns(nn.Module):
             step.value = step.value + 1
         sow_unless_init(self, "branch_probs", jax.nn.softmax(logits, axis=-1))
         sow_unless_init(self, "branching", branching)
-        columns = PerTask({t: Column(self.encoder, parent=None) for t in self.tasks}, name="columns")
-        reps = columns({t: (0, x, train) for t in self.tasks})
-        for level in range(1, num_stages):
-            mixed = stitch(branching[level - 1], jnp.stack([reps[t] for t in self.tasks]))
-            reps = columns({t: (level, mixed[k], train) for k, t in enumerate(self.tasks)})
-        return reps
+        return mixed_columns(self.encoder, self.tasks, x, train, branching)
 
 
 class LTB(nn.Module):

@@ -33,6 +33,24 @@ def _adam_step(params: jax.Array, grad: jax.Array, opt_state, optimizer):
     return optax.apply_updates(params, updates), opt_state
 
 
+def _learned_scalars_method(name: str, field: str, lr: float, weights_fn, grad_fn) -> Method:
+    """A loss weighting with learned per-task scalars ``s`` [K] (state ``{field: s, 'opt'}``, init 0):
+    returns ``weights_fn(s)``, then takes one Adam step on the exact gradient ``grad_fn(s, L)``."""
+    optimizer = optax.adam(lr)
+
+    def init(num_tasks: int):
+        scalars = jnp.zeros((num_tasks,), jnp.float32)
+        return {field: scalars, "opt": optimizer.init(scalars)}
+
+    def update(inputs: MethodInputs, state, key):
+        del key
+        scalars = state[field]
+        scalars_next, opt = _adam_step(scalars, grad_fn(scalars, inputs.losses), state["opt"], optimizer)
+        return weights_fn(scalars), {field: scalars_next, "opt": opt}
+
+    return Method(name, init, update, "losses", True)
+
+
 def make_uw(num_tasks: int | None = None, lr: float = 0.025) -> Method:
     """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018, Eq. 7, LibMTL's form).
 
@@ -44,21 +62,8 @@ def make_uw(num_tasks: int | None = None, lr: float = 0.025) -> Method:
     State: ``{'log_var': [K], 'opt': adam state}``.
     """
     del num_tasks
-    optimizer = optax.adam(lr)
-
-    def init(num_tasks: int):
-        log_var = jnp.zeros((num_tasks,), jnp.float32)
-        return {"log_var": log_var, "opt": optimizer.init(log_var)}
-
-    def update(inputs: MethodInputs, state, key):
-        del key
-        log_var = state["log_var"]
-        weights = 0.5 * jnp.exp(-log_var)
-        grad = 0.5 * (1.0 - jnp.exp(-log_var) * inputs.losses)
-        log_var, opt = _adam_step(log_var, grad, state["opt"], optimizer)
-        return weights, {"log_var": log_var, "opt": opt}
-
-    return Method("uw", init, update, "losses", True)
+    return _learned_scalars_method("uw", "log_var", lr, lambda s: 0.5 * jnp.exp(-s),
+                                   lambda s, losses: 0.5 * (1.0 - jnp.exp(-s) * losses))
 
 
 def make_imtl_l(num_tasks: int | None = None, lr: float = 0.025) -> Method:
@@ -69,21 +74,7 @@ def make_imtl_l(num_tasks: int | None = None, lr: float = 0.025) -> Method:
     scaled losses are all 1). Combine with ``imtl_g`` on the scaled losses for the full IMTL.
     """
     del num_tasks
-    optimizer = optax.adam(lr)
-
-    def init(num_tasks: int):
-        scale = jnp.zeros((num_tasks,), jnp.float32)
-        return {"log_scale": scale, "opt": optimizer.init(scale)}
-
-    def update(inputs: MethodInputs, state, key):
-        del key
-        log_scale = state["log_scale"]
-        weights = jnp.exp(log_scale)
-        grad = weights * inputs.losses - 1.0
-        log_scale, opt = _adam_step(log_scale, grad, state["opt"], optimizer)
-        return weights, {"log_scale": log_scale, "opt": opt}
-
-    return Method("imtl_l", init, update, "losses", True)
+    return _learned_scalars_method("imtl_l", "log_scale", lr, jnp.exp, lambda s, losses: jnp.exp(s) * losses - 1.0)
 
 
 def make_dwa(num_tasks: int | None = None, temperature: float = 2.0, steps_per_epoch: int = 1) -> Method:
