@@ -12,6 +12,8 @@ import numpy as np
 
 from mtl_jax import tasks as T
 from mtl_jax.data import multimnist
+from mtl_jax.data.multitab_bench import load_multitab_bench
+from mtl_jax.data.pde import load_darcy, load_fisher
 from mtl_jax.data.sources import Dataset, from_arrays
 from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, prepare
 from mtl_jax.registry import lookup
@@ -61,7 +63,8 @@ def load_digits(cfg) -> Dataset:
     return from_arrays("digits", splits, tasks, input_key="image")
 
 
-DATASETS = {"multimnist": load_multimnist, "digits": load_digits}
+DATASETS = {"multimnist": load_multimnist, "digits": load_digits, "multitab_bench": load_multitab_bench,
+            "pde_fisher": load_fisher, "pde_darcy": load_darcy}
 
 
 def get_dataset(cfg) -> Dataset:

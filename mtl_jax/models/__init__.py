@@ -10,7 +10,9 @@ import flax.linen as nn
 from mtl_jax.registry import lookup
 
 from mtl_jax.models.architectures import ARCHITECTURES
+from mtl_jax.models.deeponet import build_deeponet
 from mtl_jax.models.heads import HEADS
+from mtl_jax.models.multitab import build_multitab
 from mtl_jax.models.multitask import HardParameterSharing
 from mtl_jax.models.trunks import TRUNKS
 
@@ -34,7 +36,7 @@ def build_hps(cfg, tasks: Sequence) -> nn.Module:
     return HardParameterSharing(trunk=trunk, heads=heads)
 
 
-MODELS = {"hps": build_hps, **ARCHITECTURES}
+MODELS = {"hps": build_hps, **ARCHITECTURES, "multitab": build_multitab, "deeponet": build_deeponet}
 
 
 def build_model(cfg, tasks: Sequence) -> nn.Module:

@@ -36,9 +36,37 @@ def accuracy(logits, labels):
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
-LOSSES = {"cross_entropy": cross_entropy, "mse": mse, "l1": l1}
-METRICS = {"accuracy": accuracy, "mae": l1, "mse": mse, "loss": None}  # 'loss' = the task's own loss
-HIGHER_IS_BETTER = {"accuracy": True, "mae": False, "mse": False, "loss": False}
+def _value_and_mask(pred, target):
+    """target [B, ..., 2] = (value, mask) reshaped to pred [B, ...] -> (error, value, mask), float32."""
+    target = target.reshape(pred.shape + (2,)).astype(jnp.float32)
+    value, mask = target[..., 0], target[..., 1]
+    return pred.astype(jnp.float32) - value, value, mask
+
+
+def _masked_sum(x, mask):
+    return (x * mask).reshape(x.shape[0], -1).sum(axis=1)
+
+
+def masked_mse(pred, target):
+    """Mean squared error over the points where the mask is 1 (MT-DeepONet's geometry-masked loss,
+    Kumar et al. 2024, the Darcy example): pred [B, ...], target [B, ..., 2] (value, mask) -> [B];
+    points with mask 0 do not count (an all-zero mask gives 0)."""
+    err, _, mask = _value_and_mask(pred, target)
+    return _masked_sum(jnp.square(err), mask) / jnp.maximum(_masked_sum(jnp.ones_like(mask), mask), 1.0)
+
+
+def relative_l2(pred, target):
+    """Relative L2 error ``||m (pred - u)|| / ||m u||`` per example (operator-learning's test metric);
+    target [B, ..., 2] = (u, mask m) -> [B]."""
+    err, value, mask = _value_and_mask(pred, target)
+    return jnp.sqrt(_masked_sum(jnp.square(err), mask) / jnp.maximum(_masked_sum(jnp.square(value), mask), 1e-12))
+
+
+LOSSES = {"cross_entropy": cross_entropy, "mse": mse, "l1": l1, "masked_mse": masked_mse}
+METRICS = {"accuracy": accuracy, "mae": l1, "mse": mse, "loss": None,  # 'loss' = the task's own loss
+           "masked_mse": masked_mse, "relative_l2": relative_l2}
+HIGHER_IS_BETTER = {"accuracy": True, "mae": False, "mse": False, "loss": False, "masked_mse": False,
+                    "relative_l2": False}
 
 
 def task_loss_fn(task):
