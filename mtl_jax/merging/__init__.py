@@ -8,8 +8,9 @@ jittable with the hyperparameters bound statically, e.g.
 work on sharded leaves (NamedSharding) under jit.
 
 Per-task reconstructions (TALL masks, EMR) return compressed state plus a ``retrieve`` function
-and are not in :data:`MERGE_METHODS`. Leaf selection: :func:`merge_subset` /
-:func:`merge_subset_per_task`.
+and are not in :data:`MERGE_METHODS`; nor are the learned-coefficient methods (AdaMerging,
+aTLAS, Self Positioning: they take an objective) and BOOM (it takes a training function).
+Leaf selection: :func:`merge_subset` / :func:`merge_subset_per_task`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,20 @@ from mtl_jax.merging.arithmetic import (
     task_arithmetic_vector,
     weight_average,
 )
+from mtl_jax.merging.boom import BoomModel, boom, boom_update, member_keys, sample_indices, take_examples
 from mtl_jax.merging.emr import EMRModel, emr_elect, emr_merging, emr_rescalers, emr_retrieve
 from mtl_jax.merging.fisher_regmean import fisher_merging, regmean_merging, regmean_solve
 from mtl_jax.merging.interpolation import model_stock, model_stock_ratio, slerp, slerp_leaf
+from mtl_jax.merging.learned import (
+    LearnedMerge,
+    adamerging,
+    atlas,
+    coefficient_groups,
+    merge_with_coefficients,
+    prediction_entropy,
+    self_positioning,
+    ties_selected_entries,
+)
 from mtl_jax.merging.lines import lines_alpha, lines_edit, lines_merging, lines_scale, lines_schedule
 from mtl_jax.merging.masks import (
     TallMaskModel,

@@ -45,10 +45,34 @@ def weight_average(
     return jax.tree_util.tree_map(avg, pretrained, *finetuned)
 
 
-def task_arithmetic_vector(stacked_tau: Params, lam: float | Sequence[float] = 0.3) -> Params:
+def is_per_leaf_coefficients(lam: Any, stacked_tau: Params) -> bool:
+    """Whether ``lam`` is a tree of per-(task, leaf) coefficients: the structure of ``stacked_tau``
+    with a 1-D (T,) array at every leaf (scalars or a flat per-task sequence are not)."""
+    if isinstance(lam, (int, float)) or (hasattr(lam, "ndim") and not isinstance(lam, (list, tuple, dict))):
+        return False
+    if jax.tree_util.tree_structure(lam) != jax.tree_util.tree_structure(stacked_tau):
+        return False
+    return all(np.ndim(c) == 1 for c in jax.tree_util.tree_leaves(lam))
+
+
+def task_arithmetic_vector(stacked_tau: Params, lam: float | Sequence[float] | Params = 0.3) -> Params:
     """``lam * sum_t tau_t`` (or ``sum_t lam_t tau_t`` for per-task coefficients) from a stacked
-    (T, ...) fp32 task-vector tree."""
+    (T, ...) fp32 task-vector tree.
+
+    ``lam`` may also be a tree with the structure of ``stacked_tau`` holding a (T,) array per leaf:
+    ``sum_t lam_t^l tau_t^l`` with one coefficient per (task, leaf), as layer-wise AdaMerging
+    (Yang et al., ICLR 2024, Eq. 6) and aTLAS (Zhang et al., NeurIPS 2024) need. Coefficients may
+    be traced, so ``jax.grad`` flows to them.
+    """
     num = jax.tree_util.tree_leaves(stacked_tau)[0].shape[0]
+    if is_per_leaf_coefficients(lam, stacked_tau):
+        check_compatible(
+            jax.tree_util.tree_map(lambda _: jnp.zeros((num,)), stacked_tau), [lam],
+            reference_name="per-task coefficients (T,)", other_name="lam",
+        )
+        return jax.tree_util.tree_map(
+            lambda x, c: jnp.tensordot(jnp.asarray(c, x.dtype), x, axes=1), stacked_tau, lam
+        )
     lam_t = per_task_weights(lam, num)
     return jax.tree_util.tree_map(lambda x: jnp.tensordot(lam_t, x, axes=1), stacked_tau)
 
@@ -60,7 +84,8 @@ def task_arithmetic(
 
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, Sec. 2 (addition of task
     vectors). The paper picks ``lam`` on validation data (see :func:`grid_search`); 0.3 is the
-    fixed value used by AdaMerging/FusionBench. ``lam`` may be a per-task sequence.
+    fixed value used by AdaMerging/FusionBench. ``lam`` may be a per-task sequence, or a tree of
+    (T,) arrays with the pretrained structure for one coefficient per (task, leaf).
     """
     tau = task_arithmetic_vector(stacked_task_vectors(finetuned, pretrained), lam)
     return apply_task_vector(pretrained, tau)
