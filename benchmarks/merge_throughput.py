@@ -3,6 +3,7 @@ MergeKit and a plain numpy read-all-inputs/write-one-output pass (the I/O floor)
 
     python benchmarks/merge_throughput.py                    # T=8 task vectors of a ~100M model
     python benchmarks/merge_throughput.py --params 5e6       # quick run
+    python benchmarks/merge_throughput.py --rounds 5 --impls floor,ours_stream   # ours vs floor only
 
 Inputs: a ViT-B-like list of fp32 matrices (12 blocks of qkv/proj/fc1/fc2 + biases + LayerNorms,
 patch/position embeddings, and a token embedding that tops the count up to ``--params``),
@@ -11,6 +12,11 @@ deltas of scale 1e-3). Every (implementation, method) runs in a fresh subprocess
 own phase times and peak RSS (``ru_maxrss``) and its RSS after imports; a watchdog kills a run
 whose RSS passes ``--rss-limit-gb`` (the machine is shared). Peers run in ``.peers-merge-venv``
 (torch 2.13 CPU, fusion-bench, mergekit) through ``benchmarks/peers/merge_peer.py``.
+
+``--rounds R`` runs the floor and our streaming merges R times, interleaved (floor, then each
+method, per round), and reports medians; the other implementations run once (``--peer-rounds``).
+Ratios: ``x floor`` = time / the floor's median; ``peer / ours`` = a peer's time / our streaming
+time for that method; ``RSS / (in+2)`` = peak RSS / (inputs + 2 models).
 
 Methods: TA (lam 0.3), TIES (top 20% over the whole model, lam 1; MergeKit trims per tensor),
 DARE (p 0.9, lam 0.3), Consensus TA (k 2, TALL lambda 0.4, lam 0.3; MergeKit has none).
@@ -218,7 +224,7 @@ def run_child(cmd: list[str], rss_limit: int, timeout: float) -> dict:
         except OSError:
             rss = 0
         if rss > rss_limit:
-            killed = f"killed: RSS {rss / 2**30:.1f} GiB > limit {rss_limit / 2**30:.1f} GiB"
+            killed = f"out of memory: RSS {rss / 2**30:.1f} GiB > cap {rss_limit / 2**30:.1f} GiB (killed)"
         elif time.perf_counter() - start > timeout:
             killed = f"killed: over {timeout:.0f} s"
         if killed:
@@ -249,19 +255,28 @@ def command(impl: str, method: str, d: str, num_tasks: int, out: str, budget: in
     return [PEER_PY, PEER_DRIVER, impl, method, d, str(num_tasks), out]
 
 
-def _ratio(total: float, other: dict) -> str:
-    return f"{total / other['total_s']:10.2f}" if other.get("total_s") else f"{'-':>10s}"
+def summarise(runs: list[dict]) -> dict:
+    """Medians over the successful rounds of one (implementation, method): total_s, merge_s,
+    peak_rss, base_rss, plus every round's total_s; the first error if no round succeeded."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return dict(runs[0], rounds=len(runs))
+    med = {k: float(np.median([r[k] for r in ok])) for k in ("total_s", "merge_s", "peak_rss", "base_rss")}
+    return dict(med, rounds=len(ok), totals_s=[round(r["total_s"], 3) for r in ok],
+                **{k: ok[0][k] for k in ("passes", "groups") if k in ok[0]})
 
 
 def table(results: dict, model_bytes: int, num_tasks: int) -> str:
     gib = lambda b: f"{b / 2**30:5.2f}"
     floor = results.get("floor", {}).get("-", {})
+    floor_s = floor.get("total_s", float("nan"))
+    budget = (num_tasks + 3) * model_bytes  # inputs + 2 models
     lines = [f"model {model_bytes / 2**20:.0f} MiB fp32, T={num_tasks}, inputs {(num_tasks + 1) * model_bytes / 2**30:.2f} GiB; "
-             f"floor (read all + write one) {floor.get('total_s', float('nan')):.2f} s",
-             f"{'method':10s} {'impl':12s} {'total s':>8s} {'merge s':>8s} {'peak GiB':>8s} {'extra GiB':>9s} "
-             f"{'x floor':>8s} {'ours_mem x':>10s} {'ours_str x':>10s}"]
+             f"floor (read all + write one) {floor_s:.2f} s (median of {floor.get('rounds', 0)})",
+             f"{'method':10s} {'impl':12s} {'rounds':>6s} {'total s':>8s} {'peak GiB':>8s} {'x floor':>8s} "
+             f"{'peer/ours':>9s} {'RSS/(in+2)':>10s}"]
     for m in METHODS:
-        ours = {k: results.get(k, {}).get(m, {}) for k in ("ours_mem", "ours_stream")}
+        ours = results.get("ours_stream", {}).get(m, {})
         for impl in IMPLS[1:]:
             r = results.get(impl, {}).get(m)
             if r is None:
@@ -270,9 +285,9 @@ def table(results: dict, model_bytes: int, num_tasks: int) -> str:
                 lines.append(f"{m:10s} {impl:12s} {r['error']}")
                 continue
             tot = r["total_s"]
-            lines.append(f"{m:10s} {impl:12s} {tot:8.2f} {r['merge_s']:8.2f} {gib(r['peak_rss']):>8s} "
-                         f"{gib(r['peak_rss'] - r['base_rss']):>9s} {tot / floor.get('total_s', np.nan):8.2f} "
-                         f"{_ratio(tot, ours['ours_mem'])} {_ratio(tot, ours['ours_stream'])}")
+            vs_ours = f"{tot / ours['total_s']:9.2f}" if impl != "ours_stream" and ours.get("total_s") else f"{'-':>9s}"
+            lines.append(f"{m:10s} {impl:12s} {r.get('rounds', 1):6d} {tot:8.2f} {gib(r['peak_rss']):>8s} "
+                         f"{tot / floor_s:8.2f} {vs_ours} {r['peak_rss'] / budget:10.2f}")
     return "\n".join(lines)
 
 
@@ -283,7 +298,9 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--budget", type=int, default=0, help="streaming memory_budget in bytes (0: one leaf at a time)")
-    ap.add_argument("--rss-limit-gb", type=float, default=14.0)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the floor and our streaming merges")
+    ap.add_argument("--peer-rounds", type=int, default=1, help="rounds of the other implementations")
+    ap.add_argument("--rss-limit-gb", type=float, default=8.0, help="kill a run past this RSS (recorded as out of memory)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--dir", default="", help="reuse/keep input files here (default: a temp dir, removed)")
     ap.add_argument("--json", default="", help="also write the results JSON here")
@@ -312,16 +329,28 @@ def main(argv=None) -> None:
                                     "loadavg_start": os.getloadavg()}}
         impls = args.impls.split(",")
         out = os.path.join(d, "out.safetensors")
-        for impl in impls:
-            for m in (["-"] if impl == "floor" else args.methods.split(",")):
-                cmd = command(impl, m, d, args.tasks, out, args.budget)
-                if cmd is None:
-                    continue
-                res = run_child(cmd, int(args.rss_limit_gb * 2**30), args.timeout)
-                results.setdefault(impl, {})[m] = res
-                print(f"{impl:12s} {m:10s} {json.dumps(res)}", file=sys.stderr)
-                if os.path.exists(out):
-                    os.remove(out)
+        runs: dict = {}
+
+        def run(impl, m):
+            cmd = command(impl, m, d, args.tasks, out, args.budget)
+            if cmd is None:
+                return
+            res = run_child(cmd, int(args.rss_limit_gb * 2**30), args.timeout)
+            runs.setdefault(impl, {}).setdefault(m, []).append(res)
+            print(f"{impl:12s} {m:10s} {json.dumps(res)}", file=sys.stderr)
+            if os.path.exists(out):
+                os.remove(out)
+
+        repeated = [i for i in ("floor", "ours_stream") if i in impls]
+        for _ in range(args.rounds):  # interleaved, so that load changes hit ours and the floor alike
+            for impl in repeated:
+                for m in (["-"] if impl == "floor" else args.methods.split(",")):
+                    run(impl, m)
+        for impl in (i for i in impls if i not in repeated):
+            for _ in range(args.peer_rounds):
+                for m in args.methods.split(","):
+                    run(impl, m)
+        results.update({impl: {m: summarise(r) for m, r in ms.items()} for impl, ms in runs.items()})
         results["config"]["loadavg_end"] = os.getloadavg()
         print(json.dumps(results, indent=1))
         if args.json:

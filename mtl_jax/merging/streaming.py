@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import mmap as mmap_module
 import os
 import struct
 import time
@@ -52,6 +54,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mtl_jax.merging.arithmetic import (
+    per_task_weights,
     task_arithmetic,
     task_arithmetic_vector,
     weight_average,
@@ -67,11 +70,10 @@ from mtl_jax.merging.task_vectors import (
 from mtl_jax.merging.threshold import (
     _INF_BITS,
     _threshold_mask,
-    abs_bits,
     num_kept,
     topk_trim,
 )
-from mtl_jax.merging.ties import disjoint_mean
+from mtl_jax.merging.ties import dare_keep, disjoint_mean
 from mtl_jax.merging.tree import LayerIndexFn, default_layer_index
 
 # ------------------------------------------------------------------------------ safetensors I/O
@@ -106,7 +108,7 @@ class LeafSpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -147,6 +149,34 @@ class SafetensorsReader:
         self.specs = {n: e[0] for n, e in self._entries.items()}
         self._mmap = mmap
         self._file = open(self.path, "rb", buffering=0)
+        self._map: Optional[mmap_module.mmap] = None
+
+    def _mapping(self) -> mmap_module.mmap:
+        if self._map is None:
+            self._map = mmap_module.mmap(self._file.fileno(), 0, access=mmap_module.ACCESS_READ)
+        return self._map
+
+    def _page_range(self, name: str) -> tuple[int, int]:
+        _, begin, end = self._entries[name]
+        start = (self._data_start + begin) // mmap_module.PAGESIZE * mmap_module.PAGESIZE
+        return start, self._data_start + end - start
+
+    def view(self, name: str) -> np.ndarray:
+        """Zero-copy read-only view of leaf ``name`` in a mapping of the whole file (the pages come
+        from the page cache; :meth:`release` drops them from this process again)."""
+        spec, begin, _ = self._entries[name]
+        return np.frombuffer(self._mapping(), spec.dtype, spec.size, self._data_start + begin).reshape(spec.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read leaf ``name`` ahead (``MADV_WILLNEED``; returns at once)."""
+        if self._entries[name][0].nbytes:
+            self._mapping().madvise(mmap_module.MADV_WILLNEED, *self._page_range(name))
+
+    def release(self, name: str) -> None:
+        """Unmap the pages of leaf ``name`` from this process (``MADV_DONTNEED`` on a read-only
+        file mapping: they stay in the page cache; a later :meth:`view` maps them again)."""
+        if self._map is not None and self._entries[name][0].nbytes:
+            self._map.madvise(mmap_module.MADV_DONTNEED, *self._page_range(name))
 
     def read(self, name: str) -> np.ndarray:
         spec, begin, _ = self._entries[name]
@@ -167,6 +197,12 @@ class SafetensorsReader:
         return {n: self.read(n) for n in names}
 
     def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive: the mapping goes when it does
+                pass
+            self._map = None
         self._file.close()
 
 
@@ -193,7 +229,12 @@ class SafetensorsWriter:
         self._next = 0
         self._tmp = self.path + ".partial"
         self._file = open(self._tmp, "wb")
-        self._file.write(_safetensors_header_bytes(self._specs, metadata))
+        header = _safetensors_header_bytes(self._specs, metadata)
+        self._file.write(header)
+        self._offsets, offset = {}, len(header)
+        for spec in self._specs:
+            self._offsets[spec.name] = offset
+            offset += spec.nbytes
 
     def write(self, name: str, array: Any) -> None:
         spec = self._specs[self._next]
@@ -204,6 +245,16 @@ class SafetensorsWriter:
             raise ValueError(f"leaf '{name}': writing shape {arr.shape}, header says {spec.shape}")
         self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self._next += 1
+
+    def patch(self, name: str, flat_index: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite entries ``flat_index`` (C order) of an already written leaf with ``values``."""
+        if not len(flat_index):
+            return
+        spec = next(s for s in self._specs if s.name == name)
+        self._file.flush()
+        leaf = np.memmap(self._tmp, spec.dtype, "r+", self._offsets[name], (spec.size,))
+        leaf[flat_index] = np.asarray(values).astype(spec.dtype)
+        del leaf  # the shared mapping's dirty pages go to the file through the page cache
 
     def close(self) -> None:
         self._file.close()
@@ -306,7 +357,14 @@ class OrbaxWriter:
         *parents, last = name.split("/")
         for k in parents:
             node = node.setdefault(k, {})
-        node[last] = np.asarray(array).astype(self._specs[name].dtype, copy=False)
+        node[last] = np.array(array, dtype=self._specs[name].dtype)  # a copy: callers reuse buffers
+
+    def patch(self, name: str, flat_index: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite entries ``flat_index`` (C order) of an already written leaf with ``values``."""
+        node = self._tree
+        for k in name.split("/"):
+            node = node[k]
+        node.reshape(-1)[flat_index] = np.asarray(values).astype(node.dtype)
 
     def close(self) -> None:
         import orbax.checkpoint as ocp
@@ -433,9 +491,6 @@ class Stream:
             bar.close()
 
 
-Writer = Callable[[dict[str, Any]], None]
-
-
 def _host(tree: dict[str, Any]) -> dict[str, np.ndarray]:
     return {n: np.asarray(x) for n, x in tree.items()}
 
@@ -476,7 +531,8 @@ def dare_drop_leaf(key: jax.Array, index: Any, x: jax.Array, p: float) -> jax.Ar
     """Leaf ``index`` of :func:`mtl_jax.merging.ties.dare_drop` (Yu et al. 2024): the same
     Bernoulli mask ``bernoulli(fold_in(key, index), 1 - p)`` on the (T, ...) leaf, survivors scaled
     by ``1 / (1 - p)``."""
-    keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - p, x.shape)
+    n = int(np.prod(x.shape[1:], dtype=np.int64))
+    keep = dare_keep(key, index, x.shape[0], jnp.arange(n, dtype=jnp.uint32), p).reshape(x.shape)
     return jnp.where(keep, x / (1.0 - p), jnp.zeros_like(x))
 
 
@@ -499,18 +555,6 @@ def _ties_vector(p0, fts, offset, dyn, hp):
     return disjoint_mean(trimmed, elect_sign_with_majority(trimmed, dyn["majority"]))
 
 
-def _core_weight_average(p0, fts, offset, dyn, hp):
-    return weight_average(p0, fts, hp["weights"])
-
-
-def _core_task_arithmetic(p0, fts, offset, dyn, hp):
-    return task_arithmetic(p0, fts, hp["lam"])
-
-
-def _core_abs_bits(p0, fts, offset, dyn, hp):
-    return {n: abs_bits(x) for n, x in stacked_task_vectors(fts, p0).items()}
-
-
 def _core_sign_sums(p0, fts, offset, dyn, hp):
     trimmed = _trimmed(p0, fts, offset, dyn, hp)
     return {n: jnp.sum(jnp.sign(jnp.sum(x, axis=0)), dtype=jnp.int32) for n, x in trimmed.items()}
@@ -518,14 +562,6 @@ def _core_sign_sums(p0, fts, offset, dyn, hp):
 
 def _core_ties(p0, fts, offset, dyn, hp):
     return apply_task_vector(p0, _ties_vector(p0, fts, offset, dyn, hp), hp["lam"])
-
-
-def _core_dare_ta(p0, fts, offset, dyn, hp):
-    return apply_task_vector(p0, task_arithmetic_vector(_trimmed(p0, fts, offset, dyn, hp), hp["lam"]))
-
-
-def _core_consensus_ta(p0, fts, offset, dyn, hp):
-    return consensus_merging(p0, fts, hp["k"], hp["tall_lambda"], hp["lam"], base="ta")
 
 
 def _core_consensus_ties(p0, fts, offset, dyn, hp):
@@ -554,13 +590,8 @@ def _jit_core(fn: Callable) -> Callable:
 CORES: dict[str, Callable] = {
     name: _jit_core(fn)
     for name, fn in {
-        "weight_average": _core_weight_average,
-        "task_arithmetic": _core_task_arithmetic,
-        "abs_bits": _core_abs_bits,
         "sign_sums": _core_sign_sums,
         "ties": _core_ties,
-        "dare_ta": _core_dare_ta,
-        "consensus_ta": _core_consensus_ta,
         "consensus_ties": _core_consensus_ties,
         "merged_vector": _core_merged_vector,
         "lines_norms": _core_lines_norms,
@@ -584,9 +615,228 @@ def run_pass(stream: Stream, desc: str, core: str, dyn: dict, hp: tuple) -> Iter
         offset += len(p0)
 
 
-def _write_pass(stream: Stream, write: Writer, core: str, dyn: dict, hp: tuple) -> None:
+def _write_pass(stream: Stream, writer: Any, core: str, dyn: dict, hp: tuple) -> None:
     for _, out in run_pass(stream, "merge", core, dyn, hp):
-        write(_host(out))
+        _write_group(writer, _host(out))
+
+
+# ------------------------------------------------------------ chunked numpy kernels (fast path)
+#
+# The per-leaf methods and the global TIES run as numpy kernels over chunks of CHUNK entries of
+# zero-copy views of the inputs (safetensors files are mapped, not read into buffers): every
+# temporary is a (T, CHUNK) workspace allocated once per pass and reused, so a merge touches each
+# input byte once per pass, writes each output leaf with one write, and allocates no per-leaf
+# arrays. The arithmetic is the in-memory code's, operation for operation (task vectors
+# ``f32(theta_t) - f32(theta_0)``, sums over tasks in task order, the same comparisons), so the
+# results equal the in-memory merges (tests/merging/test_streaming.py).
+
+CHUNK = 1 << 16  # entries per chunk: a (T, CHUNK) fp32 workspace is T/4 MiB (cache-sized)
+_HIST_SHIFT = 14  # the TIES histogram bins |tau| by its float32 bit pattern >> 14 (2**17 bins)
+_NUM_BINS = 1 << (31 - _HIST_SHIFT)
+
+
+class Workspace:
+    """Reusable chunk buffers of one pass: ``tau`` / ``work`` fp32 (T, CHUNK), ``mask`` /
+    ``mask2`` bool (T, CHUNK), ``row`` / ``row2`` fp32 (CHUNK,), ``flags`` bool (3, CHUNK),
+    ``count`` (CHUNK,) uint8 (int32 for T >= 255), ``inputs`` fp32 (T + 1, CHUNK) for non-fp32 inputs, and the
+    output arena (one leaf)."""
+
+    def __init__(self, num_tasks: int, max_leaf_bytes: int):
+        self.tau = np.empty((num_tasks, CHUNK), np.float32)
+        self.work = np.empty((num_tasks, CHUNK), np.float32)
+        self.mask = np.empty((num_tasks, CHUNK), np.bool_)
+        self.mask2 = np.empty((num_tasks, CHUNK), np.bool_)
+        self.row = np.empty((CHUNK,), np.float32)
+        self.row2 = np.empty((CHUNK,), np.float32)
+        self.flags = np.empty((3, CHUNK), np.bool_)
+        self.count = np.empty((CHUNK,), np.uint8 if num_tasks < 255 else np.int32)
+        self.inputs = np.empty((num_tasks + 1, CHUNK), np.float32)
+        self._arena = np.empty(max(max_leaf_bytes, 1), np.uint8)
+
+    def output(self, spec: LeafSpec) -> np.ndarray:
+        """Flat output buffer for one leaf (valid until the next call)."""
+        return self._arena[: spec.nbytes].view(spec.dtype)
+
+    def f32(self, x: np.ndarray, i: int, s: int, e: int) -> np.ndarray:
+        """Chunk ``[s, e)`` of flat input ``x`` as fp32 (a view if it is fp32; else cast into row
+        ``i`` of ``inputs``)."""
+        if x.dtype == np.float32:
+            return x[s:e]
+        out = self.inputs[i, : e - s]
+        np.copyto(out, x[s:e], casting="unsafe")
+        return out
+
+    def task_vectors(self, p0: np.ndarray, fts: Sequence[np.ndarray], s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(theta_0 chunk, tau chunk (T, n))`` with ``tau_t = f32(theta_t) - f32(theta_0)``."""
+        p = self.f32(p0, 0, s, e)
+        tau = self.tau[:, : e - s]
+        for t, f in enumerate(fts):
+            np.subtract(self.f32(f, t + 1, s, e), p, out=tau[t])
+        return p, tau
+
+
+def spans(size: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` chunks of ``range(size)``."""
+    for s in range(0, size, CHUNK):
+        yield s, min(s + CHUNK, size)
+
+
+def _flat_inputs(reader: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Flat (C-order) arrays of ``names``: zero-copy views where the reader has them."""
+    if hasattr(reader, "view"):
+        return {n: reader.view(n).reshape(-1) for n in names}
+    return {n: np.asarray(x).reshape(-1) for n, x in reader.read_group(names).items()}
+
+
+def leaf_pass(stream: Stream, desc: str) -> Iterator[tuple[int, str, np.ndarray, list[np.ndarray]]]:
+    """One pass over the inputs leaf by leaf: ``(leaf index, name, flat theta_0, [flat theta_t])``.
+    Views are released (and the next group prefetched) when the consumer moves on."""
+    stream.passes += 1
+    readers = [stream.pretrained] + list(stream.finetuned)
+    bar = tqdm(total=len(stream.names), desc=desc, unit="leaf", disable=not stream.progress, leave=False)
+    index = 0
+    try:
+        for g, group in enumerate(stream.groups):
+            if g + 1 < len(stream.groups):
+                for r in readers:
+                    for n in stream.groups[g + 1] if hasattr(r, "prefetch") else ():
+                        r.prefetch(n)
+            arrays = [_flat_inputs(r, group) for r in readers]
+            for name in group:
+                yield index, name, arrays[0][name], [a[name] for a in arrays[1:]]
+                index += 1
+                bar.update(1)
+            del arrays
+            for r in readers:
+                for n in group if hasattr(r, "release") else ():
+                    r.release(n)
+    finally:
+        bar.close()
+
+
+def _max_leaf_bytes(stream: Stream) -> int:
+    return max(stream.pretrained.specs[n].nbytes for n in stream.names)
+
+
+def _numpy_write_pass(stream: Stream, writer: Any, leaf_fn: Callable, desc: str = "merge") -> Workspace:
+    """Output pass: ``leaf_fn(ws, index, p0, fts, out)`` fills the flat output leaf ``out``."""
+    ws = Workspace(stream.num_tasks, _max_leaf_bytes(stream))
+    for index, name, p0, fts in leaf_pass(stream, desc):
+        spec = stream.pretrained.specs[name]
+        out = ws.output(spec)
+        leaf_fn(ws, index, p0, fts, out)
+        writer.write(name, out.reshape(spec.shape))
+    return ws
+
+
+def _masked(x: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``where(mask, x, 0)`` for fp32 ``x`` into ``out``: the bit patterns times the 0/1 mask
+    (exact, +0.0 where dropped; several times faster than a masked ``copyto``)."""
+    np.multiply(x.view(np.int32), mask, out=out.view(np.int32))
+    return out
+
+
+def _sign(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """``sign(x)`` in {-1, 0, 1} for fp32 ``x`` (NaN -> 0) into ``out``; scratch bool (2, n)."""
+    np.greater(x, 0, out=scratch[0])
+    np.less(x, 0, out=scratch[1])
+    return np.subtract(scratch[0], scratch[1], out=out, dtype=np.float32)
+
+
+def _store(out: np.ndarray, s: int, e: int, value: np.ndarray) -> None:
+    np.copyto(out[s:e], value, casting="unsafe")
+
+
+def _fp32_slot(ws: Workspace, out: np.ndarray, s: int, e: int) -> np.ndarray:
+    """Where to compute an fp32 result chunk: the output itself if it is fp32."""
+    return out[s:e] if out.dtype == np.float32 else ws.row2[: e - s]
+
+
+def task_arithmetic_leaf(lam: np.ndarray) -> Callable:
+    """``theta_0 + sum_t lam_t tau_t`` per chunk (:func:`mtl_jax.merging.arithmetic.task_arithmetic`);
+    lam: fp32 (T,)."""
+
+    def leaf_fn(ws, index, p0, fts, out):
+        for s, e in spans(p0.size):
+            p, tau = ws.task_vectors(p0, fts, s, e)
+            acc = _fp32_slot(ws, out, s, e)
+            np.multiply(tau[0], lam[0], out=acc)
+            for t in range(1, len(fts)):
+                tau[t] *= lam[t]
+                acc += tau[t]
+            acc += p
+            _store(out, s, e, acc)
+
+    return leaf_fn
+
+
+def weight_average_leaf(w: np.ndarray) -> Callable:
+    """``sum_t w_t f32(theta_t)`` per chunk (:func:`mtl_jax.merging.arithmetic.weight_average`);
+    w: normalised fp32 (T,)."""
+
+    def leaf_fn(ws, index, p0, fts, out):
+        for s, e in spans(p0.size):
+            acc = _fp32_slot(ws, out, s, e)
+            np.multiply(ws.f32(fts[0], 1, s, e), w[0], out=acc)
+            for t in range(1, len(fts)):
+                tmp = ws.tau[0, : e - s]
+                np.multiply(ws.f32(fts[t], t + 1, s, e), w[t], out=tmp)
+                acc += tmp
+            _store(out, s, e, acc)
+
+    return leaf_fn
+
+
+@functools.partial(jax.jit, static_argnames=("num_tasks", "p"))
+def _dare_keep_chunk(key: jax.Array, index: jax.Array, start: jax.Array, num_tasks: int, p: float) -> jax.Array:
+    """:func:`mtl_jax.merging.ties.dare_keep` of entries ``[start, start + CHUNK)``: bool (T, CHUNK)."""
+    return dare_keep(key, index, num_tasks, start + jnp.arange(CHUNK, dtype=jnp.uint32), p)
+
+
+def dare_ta_leaf(key: jax.Array, p: float, lam: np.ndarray) -> Callable:
+    """:func:`mtl_jax.merging.ties.dare_merging` with ``combine="ta"`` per chunk: the keep mask of
+    each chunk is drawn by the same counter-based generator as the in-memory DARE (one fused
+    jitted call for all T tasks), survivors scaled by ``1 / (1 - p)``, then task arithmetic."""
+    scale = np.float32(1.0 - p)
+
+    def leaf_fn(ws, index, p0, fts, out):
+        for s, e in spans(p0.size):
+            keep = np.asarray(_dare_keep_chunk(key, np.uint32(index), np.uint32(s), len(fts), p))[:, : e - s]
+            p_, tau = ws.task_vectors(p0, fts, s, e)
+            np.divide(tau, scale, out=tau)
+            np.multiply(tau, lam[:, None], out=tau)
+            dropped = _masked(tau, keep, ws.work[:, : e - s])
+            acc = _fp32_slot(ws, out, s, e)
+            np.sum(dropped, axis=0, out=acc)
+            acc += p_
+            _store(out, s, e, acc)
+
+    return leaf_fn
+
+
+def consensus_ta_leaf(k: int, tall_lambda: np.ndarray, lam: float) -> Callable:
+    """Consensus TA per chunk (:func:`mtl_jax.merging.masks.consensus_merging`, base "ta"): TALL
+    masks ``|tau_t| > lam_t |tau_MTL - tau_t|`` around ``tau_MTL = sum_t tau_t``, kept where at
+    least ``k`` masks agree; tall_lambda: fp32 (T,)."""
+
+    def leaf_fn(ws, index, p0, fts, out):
+        for s, e in spans(p0.size):
+            n = e - s
+            p, tau = ws.task_vectors(p0, fts, s, e)
+            mtl, dist, agree, count = ws.row[:n], ws.work[:, :n], ws.mask[:, :n], ws.count[:n]
+            np.sum(tau, axis=0, out=mtl)
+            np.subtract(mtl[None], tau, out=dist)
+            np.abs(dist, out=dist)
+            dist *= tall_lambda[:, None]
+            np.abs(tau, out=tau)
+            np.greater(tau, dist, out=agree)
+            np.add.reduce(agree.view(np.uint8), axis=0, dtype=count.dtype, out=count)
+            merged = _masked(mtl, count >= k, _fp32_slot(ws, out, s, e))
+            merged *= np.float32(lam)
+            merged += p
+            _store(out, s, e, merged)
+
+    return leaf_fn
 
 
 # ------------------------------------------------------------------ exact global TIES statistics
@@ -602,36 +852,93 @@ def _select_from_top(hist: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.nd
     return bins, k - before
 
 
+@dataclasses.dataclass(frozen=True)
+class ThresholdBuckets:
+    """Where each task's exact TIES threshold (the k-th largest |tau_t| over the model) lies after
+    the histogram pass: in ``[lo_t, hi_t)`` (fp32 (T,)) as the ``rank_t``-th largest entry there.
+    A task whose threshold is already exact has ``lo_t = hi_t = threshold`` (+inf for k = 0 or when
+    the k-th largest is inf/NaN: the in-memory search clips at inf)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    rank: np.ndarray
+
+    def threshold(self, candidates: Sequence[np.ndarray]) -> np.ndarray:
+        """Exact thresholds from each task's entries in its bucket (all of them, any order)."""
+        thr = self.lo.copy()
+        for t, c in enumerate(candidates):
+            if self.lo[t] < self.hi[t]:
+                c = np.concatenate(c)
+                thr[t] = np.partition(c, len(c) - self.rank[t])[len(c) - self.rank[t]]
+        return thr
+
+
+def bucket_entries(magnitudes: np.ndarray, buckets: ThresholdBuckets) -> list[np.ndarray]:
+    """Per task, the entries of ``magnitudes`` (T, n) inside that task's bucket ``[lo_t, hi_t)``."""
+    inside = (magnitudes >= buckets.lo[:, None]) & (magnitudes < buckets.hi[:, None])
+    return [m[i] for m, i in zip(magnitudes, inside)]
+
+
+def threshold_buckets(stream: Stream, top_k: float) -> ThresholdBuckets:
+    """Pass 1 of the exact global TIES threshold: per-task histograms of the float32 bit pattern
+    of ``|tau_t|`` (monotone in the value; as :func:`mtl_jax.merging.threshold.kth_largest_abs`),
+    ``bits >> 14``, exact int64 counts, then the bucket of the k-th largest,
+    ``k = num_kept(N, top_k)``."""
+    total = sum(stream.pretrained.specs[n].size for n in stream.names)
+    k = min(num_kept(total, top_k), total)
+    num = stream.num_tasks
+    inf = np.full((num,), np.inf, np.float32)
+    if k <= 0:
+        return ThresholdBuckets(inf, inf, np.zeros((num,), np.int64))
+    hist = np.zeros((num, _NUM_BINS), np.int64)
+    ws = Workspace(num, 0)
+    staged = np.empty((num, 4 * CHUNK), np.intp)  # bins of several chunks (and small leaves) per bincount
+    fill = 0
+
+    def flush():
+        for t in range(num):
+            hist[t] += np.bincount(staged[t, :fill], minlength=_NUM_BINS)
+
+    for _, _, p0, fts in leaf_pass(stream, "ties threshold"):
+        for s, e in spans(p0.size):
+            if fill + e - s > staged.shape[1]:
+                flush()
+                fill = 0
+            _, tau = ws.task_vectors(p0, fts, s, e)
+            bits = tau.view(np.int32)
+            np.bitwise_and(bits, 0x7FFFFFFF, out=bits)
+            np.right_shift(bits, _HIST_SHIFT, out=staged[:, fill : fill + e - s])
+            fill += e - s
+    flush()
+    bucket, rank = _select_from_top(hist, np.full((num,), k, np.int64))
+    lo_bits = bucket.astype(np.int64) << _HIST_SHIFT
+    exact = lo_bits >= _INF_BITS  # the k-th largest is inf or NaN: the threshold is +inf
+    lo = np.where(exact, np.inf, np.minimum(lo_bits, _INF_BITS).astype(np.int32).view(np.float32))
+    hi_bits = np.minimum(lo_bits + (1 << _HIST_SHIFT), _INF_BITS).astype(np.int32)
+    hi = np.where(exact, np.inf, hi_bits.view(np.float32))
+    return ThresholdBuckets(lo.astype(np.float32), hi.astype(np.float32), rank)
+
+
 def ties_thresholds(stream: Stream, top_k: float) -> np.ndarray:
     """Exact per-task TIES threshold over the whole model: the k-th largest |tau_t| with
     ``k = num_kept(N, top_k)`` (identical to ``kth_largest_abs(stacked_tau, k, batched=True)``).
 
-    Two counting passes (radix select on the float32 bit pattern, 16 bits per pass); each pass
-    sums exact per-leaf histograms (int64). Returns float32 (T,); +inf where k = 0.
+    Two passes: the histogram pass (:func:`threshold_buckets`), then one that keeps only the
+    entries inside each task's bucket (a 2**-10 relative band of magnitudes) and selects the
+    exact k-th among them. Returns float32 (T,); +inf where k = 0.
     """
-    total = sum(stream.pretrained.specs[n].size for n in stream.names)
-    k = min(num_kept(total, top_k), total)
-    num = stream.num_tasks
-    if k <= 0:
-        return np.full((num,), np.inf, np.float32)
-    hp = hparams_key()
-    hist = np.zeros((num, 1 << 15), np.int64)
-    for _, out in run_pass(stream, "ties threshold 1/2", "abs_bits", {}, hp):
-        for x in out.values():
-            bits = np.asarray(x).reshape(num, -1)
-            for t in range(num):
-                hist[t] += np.bincount(bits[t] >> 16, minlength=1 << 15)
-    hi, rank = _select_from_top(hist, np.full((num,), k, np.int64))
-    hist = np.zeros((num, 1 << 16), np.int64)
-    for _, out in run_pass(stream, "ties threshold 2/2", "abs_bits", {}, hp):
-        for x in out.values():
-            bits = np.asarray(x).reshape(num, -1)
-            for t in range(num):
-                sel = bits[t][(bits[t] >> 16) == hi[t]]
-                hist[t] += np.bincount(sel & 0xFFFF, minlength=1 << 16)
-    lo, _ = _select_from_top(hist, rank)
-    thr_bits = np.minimum((hi.astype(np.int64) << 16) | lo, _INF_BITS).astype(np.int32)
-    return thr_bits.view(np.float32)
+    buckets = threshold_buckets(stream, top_k)
+    if np.array_equal(buckets.lo, buckets.hi):
+        return buckets.lo
+    ws = Workspace(stream.num_tasks, 0)
+    candidates: list[list[np.ndarray]] = [[] for _ in range(stream.num_tasks)]
+    for _, _, p0, fts in leaf_pass(stream, "ties threshold candidates"):
+        for s, e in spans(p0.size):
+            _, tau = ws.task_vectors(p0, fts, s, e)
+            np.abs(tau, out=tau)
+            for t, x in enumerate(bucket_entries(tau, buckets)):
+                candidates[t].append(x)
+    return buckets.threshold(candidates)
 
 
 def majority_sign(stream: Stream, dyn: dict, hp: tuple) -> float:
@@ -655,52 +962,155 @@ def ties_statistics(stream: Stream, trim: str, top_k: float = 0.2, key: Any = No
     return dyn
 
 
+def _disjoint_mean_np(trimmed: np.ndarray, sign: np.ndarray, scratch: np.ndarray, agree: np.ndarray,
+                      out: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """:func:`mtl_jax.merging.ties.disjoint_mean` of one chunk into ``out`` (n,): trimmed (T, n),
+    sign (n,) in {-1, 0, 1}; ``scratch`` fp32 / ``agree`` bool (T, n), ``count`` integer (n,) (uint8
+    when T < 255).
+
+    ``A = {t : trimmed_t * s > 0}`` as in the in-memory code; the sum of the agreeing entries is
+    computed as ``s * sum_{t in A} trimmed_t * s``: the same magnitudes added in the same task
+    order (float addition is sign-symmetric), so the same value bit for bit.
+    """
+    np.multiply(trimmed, sign[None], out=scratch)
+    np.greater(scratch, 0, out=agree)
+    _masked(scratch, agree, scratch)
+    np.sum(scratch, axis=0, out=out)
+    out *= sign
+    np.add.reduce(agree.view(np.uint8), axis=0, dtype=count.dtype, out=count)
+    np.maximum(count, 1, out=count)
+    out /= count.astype(np.float32)
+    return out
+
+
+@dataclasses.dataclass
+class _Deferred:
+    """Entries of one leaf whose TIES output needs the exact thresholds or the majority sign:
+    flat positions, theta_0 (n,) and tau (T, n), fp32."""
+
+    name: str
+    index: np.ndarray
+    p0: np.ndarray
+    tau: np.ndarray
+
+
+def stream_ties_global(stream: Stream, writer: Any, top_k: float, lam: float) -> None:
+    """Global TIES (:func:`mtl_jax.merging.ties.ties_merging`, Yadav et al. 2023, Sec. 3) in two
+    passes over the inputs, exact:
+
+    1. :func:`threshold_buckets`: each task's k-th largest |tau_t| lies in a known bucket.
+    2. the output pass: an entry outside its task's bucket is kept or dropped exactly as by the
+       exact threshold, so every position where no task has an entry in its bucket (all but a
+       small fraction) gets its elected sign, disjoint mean and output now, and adds its sign to
+       the model-wide majority count. Positions with a bucket entry, and those whose trimmed sum
+       is exactly 0 with non-zero entries (where the majority sign decides), are kept aside
+       (position, theta_0, tau). After the pass the bucket entries give the exact thresholds, the
+       kept-aside positions complete the majority count, and their outputs are patched into the
+       written leaves.
+    """
+    buckets = threshold_buckets(stream, top_k)
+    deferred: list[_Deferred] = []
+    majority_count = 0
+    names = stream.names
+    lam32 = np.float32(lam)
+
+    def leaf_fn(ws, index, p0, fts, out):
+        nonlocal majority_count
+        for s, e in spans(p0.size):
+            n = e - s
+            p, tau = ws.task_vectors(p0, fts, s, e)
+            mag, kept, inside = ws.work[:, :n], ws.mask[:, :n], ws.mask2[:, :n]
+            sign, undecided = ws.row[:n], ws.flags[0, :n]
+            np.abs(tau, out=mag)
+            np.greater_equal(mag, buckets.hi[:, None], out=kept)
+            np.greater_equal(mag, buckets.lo[:, None], out=inside)
+            np.greater(inside, kept, out=inside)  # in the bucket: lo <= |tau| < hi
+            np.any(inside, axis=0, out=undecided)
+            trimmed = _masked(tau, kept, mag)
+            np.sum(trimmed, axis=0, out=sign)
+            _sign(sign, sign, ws.flags[1:, :n])
+            # an exactly cancelling sum of kept (so non-zero) entries: the majority sign decides
+            cancels = np.any(kept, axis=0, out=ws.flags[1, :n])
+            cancels &= sign == 0
+            undecided |= cancels
+            pos = np.flatnonzero(undecided)
+            majority_count += int(np.sum(sign)) - int(np.sum(sign[pos]))
+            if len(pos):
+                deferred.append(_Deferred(names[index], pos + s, p[pos].copy(), tau[:, pos].copy()))
+            merged = _disjoint_mean_np(trimmed, sign, tau, kept, _fp32_slot(ws, out, s, e), ws.count[:n])
+            merged *= lam32
+            merged += p
+            _store(out, s, e, merged)
+
+    _numpy_write_pass(stream, writer, leaf_fn)
+    entries = [bucket_entries(np.abs(d.tau), buckets) for d in deferred]
+    thr = buckets.threshold([[x[t] for x in entries] for t in range(stream.num_tasks)])
+    signs = []
+    for d in deferred:
+        trimmed = np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0))
+        signs.append(np.sign(np.sum(trimmed, axis=0)))
+        majority_count += int(np.sum(signs[-1]))
+    majority = np.float32(np.sign(majority_count))
+    for d, sign in zip(deferred, signs):
+        trimmed = np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0))
+        n = len(d.index)
+        merged = _disjoint_mean_np(trimmed, np.where(sign == 0, majority, sign), np.empty_like(trimmed),
+                                   np.empty(trimmed.shape, np.bool_), np.empty((n,), np.float32), np.empty((n,), np.int32))
+        writer.patch(d.name, d.index, lam32 * merged + d.p0)
+
+
 # ------------------------------------------------------------------------- streaming methods
 
 
-def stream_weight_average(stream: Stream, write: Writer, weights: Optional[Sequence[float]] = None) -> None:
-    """:func:`mtl_jax.merging.arithmetic.weight_average`, one pass."""
-    _write_pass(stream, write, "weight_average", {}, hparams_key(weights=weights))
+def stream_weight_average(stream: Stream, writer: Any, weights: Optional[Sequence[float]] = None) -> None:
+    """:func:`mtl_jax.merging.arithmetic.weight_average`, one pass (numpy kernel)."""
+    w = per_task_weights(weights, stream.num_tasks)
+    _numpy_write_pass(stream, writer, weight_average_leaf(np.asarray(w / jnp.sum(w))))
 
 
-def stream_task_arithmetic(stream: Stream, write: Writer, lam: float | Sequence[float] = 0.3) -> None:
-    """:func:`mtl_jax.merging.arithmetic.task_arithmetic` (Ilharco et al. 2023), one pass."""
-    _write_pass(stream, write, "task_arithmetic", {}, hparams_key(lam=lam))
+def stream_task_arithmetic(stream: Stream, writer: Any, lam: float | Sequence[float] = 0.3) -> None:
+    """:func:`mtl_jax.merging.arithmetic.task_arithmetic` (Ilharco et al. 2023), one pass (numpy
+    kernel); ``lam`` a scalar or per task."""
+    _numpy_write_pass(stream, writer, task_arithmetic_leaf(np.asarray(per_task_weights(lam, stream.num_tasks))))
 
 
-def stream_ties(stream: Stream, write: Writer, top_k: float = 0.2, lam: float = 1.0, per_tensor: bool = False) -> None:
-    """:func:`mtl_jax.merging.ties.ties_merging` (Yadav et al. 2023). Global top-k: two threshold
-    passes + one majority-sign pass + the output pass; ``per_tensor``: majority + output."""
-    trim = "per_tensor" if per_tensor else "global"
-    dyn = ties_statistics(stream, trim, top_k)
-    _write_pass(stream, write, "ties", dyn, hparams_key(trim=trim, top_k=top_k, lam=lam))
+def stream_ties(stream: Stream, writer: Any, top_k: float = 0.2, lam: float = 1.0, per_tensor: bool = False) -> None:
+    """:func:`mtl_jax.merging.ties.ties_merging` (Yadav et al. 2023). Global top-k: two passes
+    (:func:`stream_ties_global`); ``per_tensor``: a majority-sign pass + the output pass."""
+    if not per_tensor:
+        num_kept(1, top_k)  # validates top_k
+        stream_ties_global(stream, writer, top_k, lam)
+        return
+    dyn = ties_statistics(stream, "per_tensor", top_k)
+    _write_pass(stream, writer, "ties", dyn, hparams_key(trim="per_tensor", top_k=top_k, lam=lam))
 
 
 def stream_dare(
     stream: Stream,
-    write: Writer,
+    writer: Any,
     key: jax.Array,
     p: float = 0.9,
     combine: str = "ta",
     lam: Optional[float] = None,
 ) -> None:
-    """:func:`mtl_jax.merging.ties.dare_merging` (Yu et al. 2024) with the same per-leaf keys.
-    ``combine="ta"``: one pass; ``"ties"``: majority-sign pass + output pass."""
+    """:func:`mtl_jax.merging.ties.dare_merging` (Yu et al. 2024), the same keep masks
+    (:func:`mtl_jax.merging.ties.dare_keep`, leaf i = i-th name in sorted order).
+    ``combine="ta"``: one pass (numpy kernel); ``"ties"``: majority-sign pass + output pass."""
     if combine not in ("ta", "ties"):
         raise ValueError(f"unknown DARE combine {combine!r}; valid: 'ta', 'ties'")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"DARE drop rate must be in [0, 1), got {p}")
     if combine == "ta":
-        hp = hparams_key(trim="dare", p=p, lam=0.3 if lam is None else lam)
-        _write_pass(stream, write, "dare_ta", {"key": key}, hp)
+        lam_t = np.asarray(per_task_weights(0.3 if lam is None else lam, stream.num_tasks))
+        _numpy_write_pass(stream, writer, dare_ta_leaf(key, p, lam_t))
         return
     dyn = ties_statistics(stream, "dare", key=key, p=p)
-    _write_pass(stream, write, "ties", dyn, hparams_key(trim="dare", p=p, lam=1.0 if lam is None else lam))
+    _write_pass(stream, writer, "ties", dyn, hparams_key(trim="dare", p=p, lam=1.0 if lam is None else lam))
 
 
 def stream_consensus(
     stream: Stream,
-    write: Writer,
+    writer: Any,
     k: int = 2,
     tall_lambda: float | Sequence[float] = 0.4,
     lam: Optional[float] = None,
@@ -708,20 +1118,22 @@ def stream_consensus(
     top_k: float = 0.2,
 ) -> None:
     """:func:`mtl_jax.merging.masks.consensus_merging` (Wang et al. 2024). ``base="ta"``: the
-    TALL/consensus counts are per entry, one pass; ``base="ties"``: the TIES passes first."""
+    TALL/consensus counts are per entry, one pass (numpy kernel); ``base="ties"``: the TIES
+    threshold and majority passes first."""
     if base == "ta":
-        _write_pass(stream, write, "consensus_ta", {}, hparams_key(k=k, tall_lambda=tall_lambda, lam=lam))
+        tall = np.asarray(per_task_weights(tall_lambda, stream.num_tasks))
+        _numpy_write_pass(stream, writer, consensus_ta_leaf(k, tall, 0.3 if lam is None else lam))
         return
     if base != "ties":
         raise ValueError(f"unknown consensus base {base!r}; valid: 'ta', 'ties'")
     dyn = ties_statistics(stream, "global", top_k)
     hp = hparams_key(trim="global", top_k=top_k, k=k, tall_lambda=tall_lambda, lam=1.0 if lam is None else lam)
-    _write_pass(stream, write, "consensus_ties", dyn, hp)
+    _write_pass(stream, writer, "consensus_ties", dyn, hp)
 
 
 def stream_lines(
     stream: Stream,
-    write: Writer,
+    writer: Any,
     beta: float = 0.5,
     base: str = "ta",
     top_k: float = 0.2,
@@ -744,7 +1156,7 @@ def stream_lines(
             norm_sum, norm_merged = norm_sum + out[n][0], norm_merged + out[n][1]
     alpha = norm_sum / norm_merged / stream.num_tasks
     for p0, merged in run_pass(stream, "merge", "merged_vector", dyn, hp):
-        write(_host(apply_task_vector(p0, lines_scale(merged, alpha, beta, num_blocks, layer_index_fn))))
+        _write_group(writer, _host(apply_task_vector(p0, lines_scale(merged, alpha, beta, num_blocks, layer_index_fn))))
 
 
 STREAMING_METHODS: dict[str, Callable] = {
@@ -813,7 +1225,7 @@ def stream_merge(
         fmt = output_format_of(output, output_format)
         writer = SafetensorsWriter(output, specs, metadata) if fmt == "safetensors" else OrbaxWriter(output, specs)
         try:
-            fn(stream, functools.partial(_write_group, writer), **hparams)
+            fn(stream, writer, **hparams)
         except BaseException:
             writer.abort()
             raise

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_jax.merging.arithmetic import task_arithmetic_vector
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
@@ -74,11 +75,60 @@ def ties_merging(
 # ------------------------------------------------------------------------------------------ DARE
 
 
-def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
-    """DARE "drop and rescale" (Yu et al. 2024): ``m ~ Bernoulli(p)`` drops each delta entry,
-    survivors are rescaled by ``1 / (1 - p)`` so ``E[dare(tau)] = tau``.
+_GOLDEN32 = 0x9E3779B9  # 2**32 / golden ratio, odd: the Weyl increment of SplitMix-style streams
 
-    key: PRNG key; leaf i uses ``fold_in(key, i)``; entries of all tasks are independent.
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser ``fmix32`` (a bijection of uint32 with full avalanche)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def dare_streams(key: jax.Array, index: int | jax.Array, num_tasks: int) -> tuple[jax.Array, jax.Array]:
+    """Per-task stream constants of leaf ``index`` for :func:`dare_keep`: (offset, odd increment),
+    each uint32 (T,), hashed from the key's words, the leaf index and the task."""
+    words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    seed = jnp.uint32(0)
+    for i in range(words.shape[0]):
+        seed = _mix32(seed ^ words[i])
+    leaf = _mix32(seed + (jnp.asarray(index).astype(jnp.uint32) + jnp.uint32(1)) * jnp.uint32(_GOLDEN32))
+    offset = _mix32(leaf ^ _mix32(jnp.arange(num_tasks, dtype=jnp.uint32) + jnp.uint32(_GOLDEN32)))
+    return offset, _mix32(offset ^ jnp.uint32(0x5BD1E995)) | jnp.uint32(1)
+
+
+def drop_threshold(p: float) -> int:
+    """uint32 cut ``c = round(p * 2**32)`` (at most 2**32 - 1): an entry is dropped iff its
+    uniform 32-bit word is < c, i.e. with probability ``c / 2**32``, within 2**-33 of ``p``
+    (exactly ``p`` when ``p * 2**32`` is an integer, e.g. 0.5 or 0.75)."""
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
+
+
+def dare_keep(key: jax.Array, index: int | jax.Array, num_tasks: int, counters: jax.Array, p: float) -> jax.Array:
+    """DARE keep mask of leaf ``index`` at flat entry positions ``counters`` (uint32 (n,), the
+    C-order index inside one task's slice): bool (T, n).
+
+    A counter-based generator: word ``u = fmix32(counter * g_t + o_t)`` with per-(leaf, task)
+    stream constants (:func:`dare_streams`); keep iff ``u >= drop_threshold(p)``. Every entry is
+    an independent Bernoulli(1 - p) draw (p rounded to a multiple of 2**-32; the independence is
+    the statistical quality of the hash, not a cryptographic guarantee), fixed by the key, the
+    leaf index and the position, so any chunk of a leaf can be drawn on its own (the streaming
+    merge draws chunk by chunk and gets the in-memory mask bit for bit). One task's slice of a
+    leaf must have < 2**32 entries.
+    """
+    offset, inc = dare_streams(key, index, num_tasks)
+    u = _mix32(counters[None, :] * inc[:, None] + offset[:, None])
+    return u >= jnp.uint32(drop_threshold(p))
+
+
+def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
+    """DARE "drop and rescale" (Yu et al. 2024, Sec. 3, Eq. 1-2): ``m ~ Bernoulli(p)`` drops each
+    delta entry, survivors are rescaled by ``1 / (1 - p)`` so ``E[dare(tau)] = tau``.
+
+    key: PRNG key (any impl); leaf i (in tree-leaf order) draws its mask with :func:`dare_keep`
+    (index i); entries of all tasks and leaves are independent.
     stacked_tau: leaves (T, ...), fp32. p in [0, 1).
     """
     if not 0.0 <= p < 1.0:
@@ -86,7 +136,8 @@ def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
     leaves, treedef = jax.tree_util.tree_flatten(stacked_tau)
     out = []
     for i, x in enumerate(leaves):
-        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - p, x.shape)
+        n = int(np.prod(x.shape[1:], dtype=np.int64))
+        keep = dare_keep(key, i, x.shape[0], jnp.arange(n, dtype=jnp.uint32), p).reshape(x.shape)
         out.append(jnp.where(keep, x / (1.0 - p), jnp.zeros_like(x)))
     return treedef.unflatten(out)
 
