@@ -1,0 +1,117 @@
+"""experiments/architectures.py end to end on a seconds-long stand-in, and the FLOPs helper.
+
+The stand-in configs directory has the file names the script discovers (``multimnist.py`` = HPS,
+``multimnist_<arch>.py``, ``pde_<x>.py``) holding tiny scikit-learn digits configs (an MLP trunk,
+two tasks: a few steps compile and run in seconds).
+"""
+
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import architectures as A  # noqa: E402
+
+from mtl_jax.models.flops import cost_flops, model_cost  # noqa: E402
+
+DIGITS = os.path.abspath(os.path.join(ROOT, "configs", "digits_mlp.py"))
+TINY = f'''
+from mtl_jax.config import load_config
+
+
+def get_config(arg=None):
+    config = load_config("{DIGITS}:smoke")
+    config.data.tasks = config.data.tasks or ("digit", "parity")
+    config.model.trunk_kwargs.features = (16,)
+    config.num_steps = 6
+    config.log_every = 2
+    config.eval_batch_size = 512
+    {{arch}}
+    return config
+'''
+
+
+@pytest.fixture(scope="module")
+def configs_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("configs")
+    arch = {"multimnist.py": "", "multimnist_mmoe.py": "config.model.name = 'mmoe'; "
+            "config.model.arch_kwargs.num_experts = 2", "pde_toy.py": ""}
+    for name, body in arch.items():
+        (path / name).write_text(TINY.replace("{arch}", body))
+    return str(path)
+
+
+def test_discovery_and_unknown_names(configs_dir):
+    entries = A.discover_entries(configs_dir)
+    assert list(entries) == ["hps", "mmoe", "pde_toy"]
+    assert entries["mmoe"].baseline == entries["hps"].config  # MultiMNIST archs: the LeNet HPS reference
+    assert entries["pde_toy"].baseline == entries["pde_toy"].config and entries["pde_toy"].family == "pde_toy"
+    with pytest.raises(SystemExit, match=r"unknown architecture\(s\) \['lenet5'\]; valid: \['hps', 'mmoe'"):
+        A.select(entries, "hps,lenet5")
+    assert [e.name for e in A.select(entries, "mmoe,hps")] == ["mmoe", "hps"]  # the order they train in
+    assert A.with_arg("a.py", "smoke") == "a.py:smoke" and A.with_arg("a.py:task=x", "smoke") == "a.py:task=x,smoke"
+
+
+def test_script_writes_table_reports_failures_and_reuses_runs(configs_dir, data_dir, tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("multimnist.py", "multimnist_mmoe.py"):
+        (configs / name).write_text(open(os.path.join(configs_dir, name)).read())
+    (configs / "multimnist_bad.py").write_text(TINY.replace("{arch}", "config.model.name = 'no_such_model'"))
+    out = str(tmp_path / "table")
+    args = ["--archs=mmoe,bad", "--seeds=0,1", f"--configs={configs}", f"--workdir={tmp_path / 'runs'}", f"--out={out}",
+            f"--compile-cache={tmp_path / 'cache'}", "--full", "--config.checkpoint.enabled=False"]
+    dump = A.main(args)
+    family = json.load(open(out + ".json"))["multimnist"]
+    assert family == json.loads(json.dumps(dump["multimnist"], default=lambda o: o.__dict__))
+    baselines = family["baselines"]
+    for task in ("digit", "parity"):  # single-task runs: one per task and seed, trained on that task only
+        runs = family["single_task"][task]
+        assert len(runs) == 2 and list(runs[0]["results"]) == [task]
+        assert baselines[task]["accuracy"] == pytest.approx(np.mean([r["results"][task]["accuracy"] for r in runs]))
+    mmoe = family["architectures"]["mmoe"]
+    assert len(mmoe["runs"]) == 2 and mmoe["flops_per_example"] > 0
+    assert mmoe["params"] > A.architecture_cost(str(configs / "multimnist.py"), [])["params"]  # 2 expert MLPs + gates
+    for run in mmoe["runs"]:
+        expected = -50 * sum(run["results"][t]["accuracy"] / baselines[t]["accuracy"] - 1 for t in baselines)
+        assert run["delta_m"] == pytest.approx(expected) and run["steps_per_sec"] > 0
+    assert "no_such_model" in family["architectures"]["bad"]["error"]  # reported; mmoe still ran
+    table = open(out + ".md").read()
+    assert "| digit accuracy (%) ↑ | parity accuracy (%) ↑ | average | Δm% ↓ | params | FLOPs / example |" in table
+    assert "| bad | failed: " in table
+    row = next(line for line in table.splitlines() if line.startswith("| mmoe |"))
+    assert f"{np.mean([r['delta_m'] for r in mmoe['runs']]):.2f} ± " in row and A.fmt_count(mmoe["params"]) in row
+
+    again = A.main(args + ["--reuse"])["multimnist"]  # same runs kept (their timings too), nothing retrained
+    assert again["single_task"] == dump["multimnist"]["single_task"]
+    assert again["architectures"]["mmoe"]["runs"] == dump["multimnist"]["architectures"]["mmoe"]["runs"]
+
+
+@pytest.mark.slow  # real MultiMNIST configs at :smoke (minutes on 2 cores); the test above covers the script
+def test_smoke_on_multimnist(data_dir, tmp_path):
+    dump = A.main(["--smoke", "--archs=hps,mtan", "--seeds=0", f"--workdir={tmp_path / 'runs'}",
+                   f"--out={tmp_path / 'table'}"])
+    records = dump["multimnist"]["architectures"]
+    assert all("error" not in r for r in records.values()) and records["mtan"]["params"] > records["hps"]["params"]
+
+
+def test_flops_of_a_dense_layer_and_cost_analysis_forms():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return {"a": nn.Dense(10, use_bias=False)(x.reshape(x.shape[0], -1))}
+
+    cost = model_cost(Net(), jax.ShapeDtypeStruct((784,), jnp.float32))
+    assert cost["params"] == 7840
+    assert cost["flops_per_example"] == pytest.approx(2 * 784 * 10, rel=0.01)  # a multiply-add = 2 FLOPs
+    assert cost_flops({"flops": 3.0}) == 3.0 and cost_flops([{"flops": 1.0}, {"flops": 2.0}]) == 3.0
+    with pytest.raises(ValueError, match="no 'flops'"):
+        cost_flops([{}])
