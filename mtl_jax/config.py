@@ -41,7 +41,7 @@ def default_config() -> ConfigDict:
     c.batch_size = 256
     c.num_steps = config_dict.placeholder(int)  # total steps; if unset, num_epochs over the train split
     c.num_epochs = 10.0
-    c.mesh = ConfigDict(dict(data=-1, model=1))
+    c.mesh = ConfigDict(dict(data=-1, model=1, expert=1))  # expert > 1: MoE experts split over an 'expert' axis
     c.sharding = ConfigDict(dict(rules=()))  # ((regex, (axis or None, ...)), ...)
     c.log_every = 50
     c.eval_every = 0  # steps between evaluations during training; 0 = only at the end

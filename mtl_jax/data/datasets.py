@@ -14,7 +14,7 @@ from mtl_jax import tasks as T
 from mtl_jax.data import multimnist
 from mtl_jax.data.multitab_bench import load_multitab_bench
 from mtl_jax.data.pde import load_darcy, load_fisher
-from mtl_jax.data.sources import Dataset, from_arrays
+from mtl_jax.data.sources import Dataset, from_arrays, read_all
 from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, prepare
 from mtl_jax.registry import lookup
 
@@ -63,8 +63,36 @@ def load_digits(cfg) -> Dataset:
     return from_arrays("digits", splits, tasks, input_key="image")
 
 
-DATASETS = {"multimnist": load_multimnist, "digits": load_digits, "multitab_bench": load_multitab_bench,
-            "pde_fisher": load_fisher, "pde_darcy": load_darcy}
+def one_task_per_example(dataset: Dataset, ratios=(), seed: int = 0, split: str = "train") -> Dataset:
+    """Heterogeneous multi-task data (Mod-Squad's setting: each task its own examples): every
+    example of ``split`` keeps the label of one task, drawn with probabilities ``ratios`` (task
+    order; default equal), the other tasks' labels become -1 ("not labelled",
+    ``mtl_jax.train.step.labelled``). Other splits stay fully labelled. Classification tasks only."""
+    names = [t.name for t in dataset.tasks]
+    other = [t.name for t in dataset.tasks if t.kind != "classification"]
+    if other:
+        raise ValueError(f"one_task_per_example: tasks {other} are not classification tasks (no 'not labelled' label)")
+    ratios = np.full(len(names), 1.0 / len(names)) if not len(ratios) else np.asarray(ratios, np.float64)
+    if ratios.shape != (len(names),) or np.any(ratios < 0) or ratios.sum() <= 0:
+        raise ValueError(f"one_task_per_example: ratios {ratios.tolist()} must be {len(names)} non-negative "
+                         f"numbers (tasks {names})")
+    arrays = {s: dict(read_all(src)) for s, src in dataset.splits.items()}
+    size = len(next(iter(arrays[split].values())))
+    drawn = np.random.default_rng(seed).choice(len(names), size=size, p=ratios / ratios.sum())
+    for k, task in enumerate(dataset.tasks):
+        labels = arrays[split][task.label_key].astype(np.int64)
+        arrays[split][task.label_key] = np.where(drawn == k, labels, -1)
+    return from_arrays(dataset.name + "_one_task", arrays, dataset.tasks, dataset.input_key)
+
+
+def load_multimnist_one_task(cfg) -> Dataset:
+    """MultiMNIST with each training pair labelled for one digit (``one_task_per_example``, ratios
+    ``cfg.task_ratios`` if the config has them, else equal); the test split keeps both labels."""
+    return one_task_per_example(load_multimnist(cfg), tuple(cfg.get("task_ratios", ()) or ()), int(cfg.seed))
+
+
+DATASETS = {"multimnist": load_multimnist, "digits": load_digits, "multimnist_one_task": load_multimnist_one_task,
+            "multitab_bench": load_multitab_bench, "pde_fisher": load_fisher, "pde_darcy": load_darcy}
 
 
 def get_dataset(cfg) -> Dataset:

@@ -14,6 +14,10 @@ model name        trunk registry                arch_kwargs (defaults)
 ``mtan``          STAGED_TRUNKS                 (none)
 ``cross_stitch``  STAGED_TRUNKS                 alpha_self=1.0, alpha_other=1.0
 ``ltb``           STAGED_TRUNKS                 epochs=100, steps_per_epoch=100
+``m3vit``         (its own MoE ViT)             patch_size=4, dim=64, depth=4, num_heads=4, mlp_dim=128,
+                                                num_experts=8, top_k=2, capacity_factor=1.25, moe_every=2,
+                                                load_balance_weight=0.01, mi_weight=0.0
+``mod_squad``     (its own MoE ViT)             as m3vit, with moe_every=1, mi_weight=0.01
 ``unifork``       TRUNKS: vit                   shared_depth=2
 ``taskexpert``    TRUNKS: vit                   num_experts=4, expert_dim=64, gating='token'
 ``slimmable``     (its own slimmable layers)    encoder_features=(20, 40), decoder_hidden=(128,), kernel_size=5,
@@ -33,6 +37,7 @@ from mtl_jax.models.cross_stitch import CrossStitch
 from mtl_jax.models.heads import HEADS
 from mtl_jax.models.ltb import LTB
 from mtl_jax.models.moe import CGC, PLE, DSelectK, MMoE
+from mtl_jax.models.moe_vit import M3ViT, ModSquad
 from mtl_jax.models.mtan import MTAN
 from mtl_jax.models.slimmable import SlimmableMTL
 from mtl_jax.models.staged import STAGED_TRUNKS
@@ -76,6 +81,18 @@ _SPECS = {"mmoe": (MMoE, False), "cgc": (CGC, False), "dselect_k": (DSelectK, Fa
           "unifork": (UniFork, False), "taskexpert": (TaskExpert, False)}  # UniFork (2025), TaskExpert (ICCV 2023): ViT
 ARCHITECTURES = {name: functools.partial(_architecture, cls, name, staged=staged)
                  for name, (cls, staged) in _SPECS.items()}
+
+
+def _task_moe_vit(cls: type, name: str, cfg, tasks: Sequence) -> nn.Module:
+    """M3ViT / Mod-Squad (moe_vit.py): the ViT options are ``cfg.arch_kwargs``; ``cfg.head`` per task."""
+    if _options(cfg, "trunk_kwargs"):
+        raise ValueError(f"model '{name}' takes its ViT options in arch_kwargs; trunk_kwargs "
+                         f"{_options(cfg, 'trunk_kwargs')} would be ignored")
+    return _build({name: cls}, name, _options(cfg, "arch_kwargs"), "model", heads=_heads(cfg, tasks))
+
+
+ARCHITECTURES.update({name: functools.partial(_task_moe_vit, cls, name)
+                      for name, cls in (("m3vit", M3ViT), ("mod_squad", ModSquad))})
 
 
 def _slimmable(cfg, tasks: Sequence) -> nn.Module:

@@ -1,7 +1,9 @@
 """Device mesh and sharding rules.
 
-The mesh has axes ``('data', 'model')``: batches are split on 'data'; parameters are replicated
-unless a rule shards them. A rule is ``(regex, spec)``: every parameter whose '/'-joined path
+The mesh has axes ``('data', 'expert', 'model')``: batches are split on 'data' (and on 'expert'
+when it has more than one device: expert parallelism, GShard-style); parameters are replicated
+unless a rule shards them; stacked mixture-of-experts weights (paths matching ``EXPERT_PATTERN``,
+leaves [E, ...]) are split over 'expert' on their leading axis. A rule is ``(regex, spec)``: every parameter whose '/'-joined path
 (e.g. ``shared/dense_0/kernel``) matches ``regex`` (``re.search``; first match wins) gets
 ``PartitionSpec(*spec)``. Optimiser moments of a parameter follow its sharding; the rest of the
 train state is replicated.
@@ -17,24 +19,29 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "model")
+AXES = ("data", "expert", "model")
+# Stacked experts of the sparse MoE layers (mtl_jax.models.moe_layers.SparseMoE): leaves [E, ...].
+EXPERT_PATTERN = r"(^|/)moe/experts/[^/]+$"
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
-    """A ('data', 'model') mesh over ``devices`` (default: all); -1 means 'all remaining devices'.
+def make_mesh(data: int = -1, model: int = 1, devices=None, expert: int = 1) -> Mesh:
+    """A ('data', 'expert', 'model') mesh over ``devices`` (default: all); data=-1 means 'all
+    remaining devices'.
 
-    A mesh smaller than the device count uses the first ``data * model`` devices (e.g. data=1,
-    model=1 runs on one device).
+    A mesh smaller than the device count uses the first ``data * expert * model`` devices (e.g.
+    data=1, model=1 runs on one device).
     """
     devices = np.asarray(jax.devices() if devices is None else devices)
     n = devices.size
     if data == -1:
-        if n % model:
-            raise ValueError(f"mesh: model={model} does not divide the {n} devices")
-        data = n // model
-    if data * model > n:
-        raise ValueError(f"mesh: data={data} x model={model} needs {data * model} devices; {n} available")
-    return Mesh(devices[: data * model].reshape(data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+        if n % (model * expert):
+            raise ValueError(f"mesh: expert={expert} x model={model} does not divide the {n} devices")
+        data = n // (model * expert)
+    if data * expert * model > n:
+        raise ValueError(f"mesh: data={data} x expert={expert} x model={model} needs {data * expert * model} "
+                         f"devices; {n} available")
+    return Mesh(devices[: data * expert * model].reshape(data, expert, model), AXES,
+                axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def key_path_str(path) -> str:
@@ -78,6 +85,7 @@ def train_state_shardings(abstract_state, optimizers: dict, mesh: Mesh, rules: S
     (Adam's mu, nu, ...) like its params, everything else replicated."""
     from mtl_jax.train.optim import map_groups
 
+    rules = tuple(rules) + expert_rules(abstract_state.params, mesh)
     param_shardings = tree_shardings(abstract_state.params, mesh, rules)
     rep = replicated(mesh)
     opt_shardings = map_groups(
@@ -88,8 +96,28 @@ def train_state_shardings(abstract_state, optimizers: dict, mesh: Mesh, rules: S
     return everything_else.replace(params=param_shardings, opt_state=opt_shardings)
 
 
+def expert_rules(params, mesh: Mesh) -> tuple:
+    """Rules putting the leading (expert) axis of every ``EXPERT_PATTERN`` leaf on mesh axis
+    'expert' (none when the mesh has no 'expert' axis of size > 1); a leaf whose expert count the
+    axis does not divide raises, naming it. They come after the user's rules (first match wins)."""
+    size = dict(mesh.shape).get("expert", 1)
+    if size == 1:
+        return ()
+    rules = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = key_path_str(path)
+        if re.search(EXPERT_PATTERN, name):
+            if leaf.shape[0] % size:
+                raise ValueError(f"mesh axis 'expert' of size {size} does not divide the {leaf.shape[0]} experts of "
+                                 f"'{name}' {tuple(leaf.shape)}; use an expert count divisible by {size}")
+            rules.append((f"^{re.escape(name)}$", ("expert",) + (None,) * (leaf.ndim - 1)))
+    return tuple(rules)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over 'data'."""
+    """Leading (batch) dimension split over 'data' (and 'expert' when it has more than one device)."""
+    if dict(mesh.shape).get("expert", 1) > 1:
+        return NamedSharding(mesh, P(("data", "expert")))
     return NamedSharding(mesh, P("data"))
 
 

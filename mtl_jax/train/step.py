@@ -13,12 +13,14 @@ Options: per-task gradients w.r.t. the shared representation instead of the shar
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.models.moe_layers import AUX_LOSS
 from mtl_jax.train import flat_minima, rep_mtl
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
 from mtl_jax.train.methods import MethodInputs, returns_direction
@@ -31,25 +33,69 @@ def tree_all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
+def labelled(task, labels) -> jax.Array | None:
+    """bool [B]: which examples are labelled for a classification task (label >= 0; a negative
+    label marks an example of another task in heterogeneous data); None for other tasks (all)."""
+    return labels >= 0 if task.kind == "classification" else None
+
+
 def make_task_losses(tasks: Sequence) -> Callable:
-    """``task_losses(predictions, batch) -> [K]``: each task's mean loss, in task order."""
-    loss_fns = [(t.name, t.label_key, task_loss_fn(t)) for t in tasks]
-    return lambda preds, batch: jnp.stack([fn(preds[name], batch[label]).mean() for name, label, fn in loss_fns])
+    """``task_losses(predictions, batch) -> [K]``: each task's mean loss over its labelled examples
+    (``labelled``; every example when all are labelled), in task order."""
+    loss_fns = [(t, t.label_key, task_loss_fn(t)) for t in tasks]
+
+    def task_loss(task, fn, pred, labels):
+        mask = labelled(task, labels)
+        if mask is None:
+            return fn(pred, labels).mean()
+        per_example = fn(pred, jnp.where(mask, labels, 0))
+        return jnp.where(mask, per_example, 0.0).sum() / jnp.maximum(mask.sum(), 1).astype(per_example.dtype)
+
+    return lambda preds, batch: jnp.stack([task_loss(t, fn, preds[t.name], batch[label]) for t, label, fn in loss_fns])
+
+
+def task_mask(tasks: Sequence, batch) -> jax.Array:
+    """float32 [B, K]: 1 where example b is labelled for task k (``labelled``)."""
+    masks = [labelled(t, batch[t.label_key]) for t in tasks]
+    size = batch[tasks[0].label_key].shape[0]
+    return jnp.stack([jnp.ones((size,), bool) if m is None else m for m in masks], axis=1).astype(jnp.float32)
+
+
+def aux_task_losses(aux, num_tasks: int):
+    """[K]: the auxiliary losses a model sowed (``aux_loss`` collection, e.g. MoE load balancing):
+    [K] leaves are per-task terms added to task k's loss, scalar leaves are split equally over the
+    K tasks. So sum_k L_k holds every auxiliary loss once; a gradient method sees task k's share
+    in its task gradient g_k (its own router's terms and 1/K of the shared ones)."""
+    per_task = [a for a in jax.tree.leaves(aux) if a.ndim == 1]
+    shared = [a for a in jax.tree.leaves(aux) if a.ndim == 0]
+    return sum(per_task, jnp.zeros((num_tasks,), jnp.float32)) + sum(shared, jnp.zeros((), jnp.float32)) / num_tasks
 
 
 def make_forward(model, tasks: Sequence, input_key: str) -> Callable:
-    """``forward(params, model_state, batch, key, train) -> (losses [K], (predictions, model_state))``."""
+    """``forward(params, model_state, batch, key, train) -> (losses [K], (predictions, model_state))``.
+
+    In training, auxiliary losses the model sows into the ``aux_loss`` collection are added to
+    the task losses (``aux_task_losses``). A model whose ``__call__`` takes ``task_mask`` gets
+    ``task_mask(tasks, batch)`` (which examples are labelled for which task).
+    """
     task_losses = make_task_losses(tasks)
+    wants_mask = "task_mask" in inspect.signature(type(model).__call__).parameters
 
     def forward(params, model_state, batch, key, train: bool):
         variables = {"params": params, **model_state}
         rngs = {"dropout": key}
-        if train and model_state:
-            preds, model_state = model.apply(variables, batch[input_key], train=True, rngs=rngs,
-                                             mutable=list(model_state))
+        kwargs = {"task_mask": task_mask(tasks, batch)} if wants_mask else {}
+        aux = {}
+        if train:
+            preds, updated = model.apply(variables, batch[input_key], train=True, rngs=rngs,
+                                         mutable=list(model_state) + [AUX_LOSS], **kwargs)
+            updated = dict(updated)
+            aux = updated.pop(AUX_LOSS, {})
+            model_state = updated if model_state else model_state
         else:
-            preds = model.apply(variables, batch[input_key], train=train, rngs=rngs)
-        return task_losses(preds, batch), (preds, model_state)
+            preds = model.apply(variables, batch[input_key], train=train, rngs=rngs, **kwargs)
+        losses = task_losses(preds, batch)
+        return (losses + aux_task_losses(aux, len(tasks)) if aux else losses), (preds, model_state)
 
     return forward
 

@@ -120,7 +120,7 @@ def build_method(method_cfg, model, sample_input, num_tasks: int):
 def build_experiment(config, dataset=None) -> Experiment:
     dataset = get_dataset(config.data) if dataset is None else dataset
     tasks = dataset.tasks
-    mesh = make_mesh(config.mesh.data, config.mesh.model)
+    mesh = make_mesh(config.mesh.data, config.mesh.model, expert=config.mesh.get("expert", 1))
     model = build_model(config.model, tasks)
     steps = total_steps(config, len(dataset.splits["train"]))
     optimizers = make_optimizers(config, dataset.task_names, steps)

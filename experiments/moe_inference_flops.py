@@ -1,0 +1,146 @@
+"""Single-task vs all-task inference cost of the task-routed MoE ViTs (M3ViT, Mod-Squad).
+
+Trains a config (default: Mod-Squad on MultiMNIST with one task per training pair), then for every
+task measures, on the test images, XLA's FLOPs (``jit(f).lower(...).compile().cost_analysis()``)
+and the wall time of
+
+* the all-task forward (every task's pathway and head),
+* the single-task forward (that task's router, pathway and head; ``tasks=(task,)``),
+* the extracted sub-model (``extract_task_model``: only the experts the task routes to on the
+  test images with usage share > threshold), with its test accuracy and whether its predictions
+  equal the single-task forward's.
+
+  python experiments/moe_inference_flops.py --config=configs/multimnist_mod_squad.py \\
+      --config.num_steps=600 --config.data.num_train=8192 --config.data.num_test=1000
+
+Writes ``experiments/results/moe_inference_flops_<model>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from mtl_jax.config import load_config
+from mtl_jax.data.sources import read_all
+from mtl_jax.models.moe_vit import expert_usage, extract_task_model, kept_experts
+from mtl_jax.train.trainer import train_and_evaluate
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def flops_and_seconds(fn, params, x, repeats: int) -> tuple[float, float]:
+    """(XLA FLOPs of one call, median wall seconds over ``repeats`` calls after a warm-up)."""
+    jitted = jax.jit(fn)
+    cost = jitted.lower(params, x).compile().cost_analysis()
+    flops = float((cost if isinstance(cost, dict) else cost[0])["flops"])
+    jax.block_until_ready(jitted(params, x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(jitted(params, x))
+        times.append(time.perf_counter() - start)
+    return flops, float(np.median(times))
+
+
+def param_count(tree) -> int:
+    return int(sum(leaf.size for leaf in jax.tree.leaves(tree)))
+
+
+def measure(model, params, images, labels: dict, thresholds, repeats: int) -> dict:
+    """Per task: FLOPs / time / parameters of the all-task, single-task and extracted forwards."""
+    x = jax.device_put(images)
+    all_flops, all_time = flops_and_seconds(lambda p, v: model.apply({"params": p}, v), params, x, repeats)
+    out = {"batch": int(images.shape[0]), "all_tasks": {"flops": all_flops, "seconds": all_time,
+                                                         "params": param_count(params)}, "tasks": {}}
+    for task in model.heads:
+        single = lambda p, v, m=model, t=task: m.apply({"params": p}, v, tasks=(t,))[t]
+        flops, seconds = flops_and_seconds(single, params, x, repeats)
+        reference = np.asarray(jax.jit(single)(params, x))
+        usage = expert_usage(model, {"params": params}, x, task)
+        row = {"single_task": {"flops": flops, "seconds": seconds, "accuracy": float((reference.argmax(-1) == labels[task]).mean())},
+               "usage": {b: u.tolist() for b, u in usage.items()}, "extracted": {}}
+        for threshold in thresholds:
+            kept = kept_experts(usage, threshold, model.top_k)
+            sub_model, sub_params = extract_task_model(model, params, task, kept)
+            sub = lambda p, v, m=sub_model, t=task: m.apply({"params": p}, v)[t]
+            sub_flops, sub_seconds = flops_and_seconds(sub, sub_params, x, repeats)
+            pred = np.asarray(jax.jit(sub)(sub_params, x))
+            row["extracted"][str(threshold)] = {
+                "flops": sub_flops, "seconds": sub_seconds, "params": param_count(sub_params),
+                "experts_kept": {b: len(v) for b, v in kept.items()},
+                "equal_to_single_task": bool(np.array_equal(pred, reference)),
+                "accuracy": float((pred.argmax(-1) == labels[task]).mean())}
+        out["tasks"][task] = row
+    return out
+
+
+def markdown(name: str, setting: str, results: dict, test: dict) -> str:
+    a = results["all_tasks"]
+    lines = [f"### {name}: single-task vs all-task inference ({setting})", "",
+             f"Batch of {results['batch']} test images; FLOPs from XLA's cost analysis of the jitted forward, "
+             "time = median wall time on this shared 2-core CPU (noisy).", "",
+             "| forward | task | FLOPs / example | vs all-task | ms / batch | params | test accuracy | = single-task |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| all tasks | all | {a['flops'] / results['batch']:.3g} | 100% | {1e3 * a['seconds']:.1f} | "
+             f"{a['params']:,} | " + ", ".join(f"{t} {100 * test[t]['accuracy']:.2f}%" for t in test) + " | |"]
+    for task, row in results["tasks"].items():
+        s = row["single_task"]
+        lines.append(f"| single task | {task} | {s['flops'] / results['batch']:.3g} | {100 * s['flops'] / a['flops']:.1f}% "
+                     f"| {1e3 * s['seconds']:.1f} | {a['params']:,} (all held) | {100 * s['accuracy']:.2f}% | |")
+        for threshold, e in row["extracted"].items():
+            kept = ", ".join(str(v) for v in e["experts_kept"].values())
+            lines.append(f"| extracted (usage > {threshold}; experts per MoE block {kept}) | {task} | "
+                         f"{e['flops'] / results['batch']:.3g} | {100 * e['flops'] / a['flops']:.1f}% | "
+                         f"{1e3 * e['seconds']:.1f} | {e['params']:,} | {100 * e['accuracy']:.2f}% | "
+                         f"{'yes' if e['equal_to_single_task'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/multimnist_mod_squad.py")
+    parser.add_argument("--thresholds", default="0.0,0.02")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--eval_examples", type=int, default=500)
+    args, overrides = parser.parse_known_args(argv)
+    config = load_config(args.config, [o.removeprefix("--config.") for o in overrides])
+    config.progress_bar = False
+    config.checkpoint.enabled = False
+    config.baselines = ""
+    with tempfile.TemporaryDirectory() as workdir:
+        out = train_and_evaluate(config, workdir)
+    state = jax.device_get(out["state"])
+    from mtl_jax.data import get_dataset
+    from mtl_jax.models import build_model
+
+    dataset = get_dataset(config.data)
+    model = build_model(config.model, dataset.tasks)
+    test = read_all(dataset.splits["test"])
+    n = args.eval_examples
+    labels = {t.name: np.asarray(test[t.label_key][:n]) for t in dataset.tasks}
+    results = measure(model, state.params, np.asarray(test[dataset.input_key][:n]), labels,
+                      [float(t) for t in args.thresholds.split(",")], args.repeats)
+    a = config.model.arch_kwargs
+    setting = (f"{config.data.name}, {out['steps']} steps of batch {config.batch_size}; ViT patch {a.patch_size}, dim "
+               f"{a.dim}, depth {a.depth}, {a.num_experts} experts top-{a.top_k} per MoE block, moe_every "
+               f"{a.moe_every}, {len(dataset.tasks)} tasks")
+    name = config.model.name
+    os.makedirs(RESULTS, exist_ok=True)
+    record = {"config": args.config, "overrides": overrides, "setting": setting, "test": out["results"], **results}
+    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    table = markdown(name, setting, results, out["results"])
+    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
