@@ -1,0 +1,86 @@
+"""Real-data ViT merging benchmark (experiments/merging/run.py): a 4-block ViT pretrained by
+rotation prediction on the union of the digit images, fine-tuned on 8 tasks, merged by every method.
+
+``python experiments/merging/run.py --config=configs/merge/vit_benchmark.py[:smoke]``; override any
+key with ``--config.a.b=value``. ``:smoke`` is a seconds-long run on two small tasks (tests use it).
+Sizes were picked to fit ~25 CPU-minutes for 3 seeds on a 2-core machine.
+"""
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from mtl_jax.config import parse_arg
+
+TASKS = ("mnist", "mnist_parity", "mnist_mod3", "mnist_inverted", "mnist_rot90", "mnist_noisy", "digits",
+         "digits_mirror")
+
+
+def _grid(lo, hi, num):
+    return tuple(float(round(v, 4)) for v in np.linspace(lo, hi, num))
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, smoke=False)
+    c = ConfigDict()
+    c.tasks = TASKS
+    c.seeds = (0, 1, 2)  # fine-tuning / multi-task / merging seeds; pretraining uses pretrain.seed
+    c.data_seed = 0  # the train / val / test split
+    c.max_train = 0  # > 0: first N train examples per task (smoke)
+    c.max_eval = 0  # > 0: first N val and test examples per task (smoke)
+    c.model = ConfigDict(dict(patch_size=7, dim=64, depth=4, num_heads=4, mlp_dim=128))
+    c.eval_batch = 512
+    # Rotation-prediction pretext on the union of the train images (no task labels).
+    c.pretrain = ConfigDict(dict(seed=0, steps=800, batch_size=128, max_images=0,
+                                 optim=ConfigDict(dict(name="adamw", lr=2e-3, schedule="cosine", warmup_steps=50,
+                                                       weight_decay=0.05, grad_clip_norm=1.0))))
+    # Linear probe: full-batch Adam on frozen pretrained features.
+    c.probe = ConfigDict(dict(steps=300, optim=ConfigDict(dict(name="adam", lr=1e-2, schedule="constant"))))
+    # Fine-tuning: backbone + the task's head (initialised from its linear probe), one model per task.
+    c.finetune = ConfigDict(dict(steps=200, batch_size=64,
+                                 optim=ConfigDict(dict(name="adamw", lr=5e-4, schedule="cosine", warmup_steps=20,
+                                                       weight_decay=0.0, grad_clip_norm=1.0))))
+    # Multi-task training: a batch of batch_size from every task per step (sum of losses); 150 x 8 x 32 images
+    # = 3/8 of the fine-tuning images in all (CPU budget).
+    c.multitask = ConfigDict(dict(steps=150, batch_size=32,
+                                  optim=ConfigDict(dict(name="adamw", lr=5e-4, schedule="cosine", warmup_steps=20,
+                                                        weight_decay=0.0, grad_clip_norm=1.0))))
+    c.methods = ()  # rows to run after the baselines (names as in the table); () = every method
+    c.merge = ConfigDict(dict(
+        val_per_task=128,  # validation examples per task used to pick hyperparameters
+        ta_lambdas=_grid(0.1, 1.0, 10),  # tall_masks / LiNeS grid for task arithmetic
+        dare_lambdas=_grid(0.2, 1.0, 5),  # DARE (TA) and Consensus TA (coarser, for the CPU budget)
+        ties_lambdas=_grid(0.4, 1.6, 5),
+        ties_top_k=0.2,
+        dare_p=0.9,
+        consensus_k=2,
+        tall_lambda=0.4,
+        lines_betas=_grid(0.0, 1.0, 5),
+        svd_alphas=_grid(0.4, 1.6, 5),
+        tall_lambdas=_grid(0.2, 0.6, 5),  # per-task grid of the TALL-mask paper
+        stats_examples=256,  # Fisher / RegMean examples per task (the papers' 256)
+        regmean_alpha=0.95,
+    ))
+    c.learned = ConfigDict(dict(
+        steps=100, lr=1e-3, init=0.3, batch_per_task=16, pool_per_task=512, top_k=0.2,  # AdaMerging
+        atlas_steps=100, atlas_lr=1e-3, atlas_weight_decay=0.1, atlas_examples_per_task=32, atlas_eval_every=50,  # aTLAS
+    ))
+    c.workdir = "runs/merging_vit"
+    c.out = "experiments/results/merging_vit"
+    if arg.smoke:
+        c.tasks = ("digits", "digits_mirror")
+        c.seeds = (0,)
+        c.max_train, c.max_eval = 256, 96
+        c.model.update(dict(dim=16, depth=2, num_heads=2, mlp_dim=32))
+        c.eval_batch = 96
+        c.pretrain.update(dict(steps=30, batch_size=32, max_images=256))
+        c.probe.steps = 50
+        c.finetune.update(dict(steps=60, batch_size=32))
+        c.finetune.optim.update(dict(lr=2e-3, warmup_steps=5))
+        c.multitask.update(dict(steps=20, batch_size=16))
+        c.merge.update(dict(val_per_task=48, ta_lambdas=(0.3, 1.0), dare_lambdas=(0.3,), ties_lambdas=(1.0,), lines_betas=(0.5,),
+                            svd_alphas=(1.0,), tall_lambdas=(0.3, 0.5), stats_examples=16))
+        c.learned.update(dict(steps=5, batch_per_task=8, pool_per_task=32, atlas_steps=5, atlas_examples_per_task=8,
+                              atlas_eval_every=5))
+        c.workdir = "/tmp/mtl_jax_merging_smoke"
+        c.out = "/tmp/mtl_jax_merging_smoke/merging_vit"
+    return c

@@ -1,0 +1,87 @@
+"""Smoke run of the ViT merging benchmark (experiments/merging/run.py) on its `:smoke` config."""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from experiments.merging import run as bench  # noqa: E402
+from experiments.merging import tasks as task_lib  # noqa: E402
+from mtl_jax.config import config_from_file  # noqa: E402
+
+METHODS = ("Task arithmetic", "TIES", "TALL-mask retrieval", "EMR")
+BASELINES = ("Pretrained (linear probe)", "Individual (fine-tuned)", "Multi-task trained")
+
+
+def smoke_config(tmp_path):
+    config = config_from_file(bench.CONFIG + ":smoke")
+    config.methods = METHODS
+    config.workdir = str(tmp_path / "runs")
+    config.out = str(tmp_path / "results" / "merging_vit")
+    return config
+
+
+def test_tasks_transform_real_digits():
+    sources = task_lib.load_sources(("digits",), seed=0)
+    plain, mirror = task_lib.build_tasks(("digits", "digits_mirror"), sources)
+    x, y = plain.splits["train"]
+    assert x.shape[1:] == (28, 28, 1) and 0.0 <= x.min() and x.max() <= 1.0
+    np.testing.assert_array_equal(mirror.splits["train"][0], x[:, :, ::-1])
+    np.testing.assert_array_equal(mirror.splits["train"][1], y)
+    sizes = {k: len(v[1]) for k, v in plain.splits.items()}
+    assert sum(sizes.values()) == 1797 and sizes["test"] > sizes["val"] > 0
+    images, k = task_lib.rotation_pretext(x[:5], seed=0)
+    assert list(np.bincount(k)) == [5, 5, 5, 5]
+    for rot in range(4):  # un-rotating the label-k copies gives back the five source images
+        back = np.rot90(images[k == rot], -rot, axes=(1, 2)).reshape(5, -1)
+        dist = np.abs(back[:, None] - x[:5].reshape(1, 5, -1)).sum(-1)
+        assert sorted(np.argmin(dist, axis=1)) == [0, 1, 2, 3, 4] and np.all(dist.min(axis=1) == 0)
+
+
+def test_merge_space_round_trip_and_attention_matrices():
+    import jax
+
+    trunk = bench.ViT(patch_size=7, dim=16, depth=2, num_heads=2, mlp_dim=32)
+    params = jax.jit(trunk.init)(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
+    space = bench.to_merge_space(params)
+    att = space["shared"]["block_0"]["attention"]
+    assert att["query"]["kernel"].shape == (16, 16) and att["query"]["bias"].shape == (16,)
+    assert att["out"]["kernel"].shape == (16, 16)
+    back = bench.from_merge_space(space, params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+    # RegMean Grams are keyed by the merge-space kernel paths and match their input sizes.
+    grams = bench.regmean_grams(trunk, params, np.zeros((2, 28, 28, 1), np.float32))
+    flat = dict(bench.flatten_with_paths(space))
+    assert "shared/block_1/attention/out/kernel" in grams
+    for path, g in grams.items():
+        assert g.shape == (flat[path].shape[0],) * 2
+
+
+def test_smoke_benchmark_writes_table_and_finetuning_beats_probe(tmp_path):
+    config = smoke_config(tmp_path)
+    out = bench.run_benchmark(config)
+    rows = out["results"][0]
+    names = out["tasks"]
+    for row in BASELINES + METHODS:
+        assert len(rows[row]["acc"]) == len(names)
+    probe = np.array(rows["Pretrained (linear probe)"]["acc"])
+    individual = np.array(rows["Individual (fine-tuned)"]["acc"])
+    assert np.all(individual > probe), (individual, probe)
+    np.testing.assert_allclose(rows["Individual (fine-tuned)"]["normalised"], 1.0)
+    with open(config.out + ".md") as f:
+        table = f.read()
+    for row in BASELINES + ("Task arithmetic", "TIES", "TALL-mask retrieval (per-task models)"):
+        assert f"| {row} |" in table
+    assert "| method | " + " | ".join(names) + " | avg |" in table
+    with open(config.out + ".json") as f:
+        assert json.load(f)["results"]["0"]["TIES"]["acc"] == rows["TIES"]["acc"]
+    # A second run loads the cached checkpoints: same baselines, nothing retrained.
+    config.methods = ("EMR",)
+    again = bench.run_benchmark(config)["results"][0]
+    for row in BASELINES:
+        assert again[row]["acc"] == rows[row]["acc"]
+    assert again["_timings"]["finetune"] < rows["_timings"]["finetune"]
