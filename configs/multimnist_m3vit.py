@@ -22,6 +22,6 @@ def get_config(arg=None):
     config.num_epochs = 10.0
     if arg.smoke:
         smoke(config)
-        config.model.arch_kwargs.update(dict(dim=32, depth=2, mlp_dim=64, num_experts=4))
+        config.model.arch_kwargs.update(dict(patch_size=7, dim=16, depth=2, num_heads=2, mlp_dim=32, num_experts=4))
         config.optim.warmup_steps = 2
     return config

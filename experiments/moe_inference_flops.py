@@ -64,7 +64,8 @@ def measure(model, params, images, labels: dict, thresholds, repeats: int) -> di
         flops, seconds = flops_and_seconds(single, params, x, repeats)
         reference = np.asarray(jax.jit(single)(params, x))
         usage = expert_usage(model, {"params": params}, x, task)
-        row = {"single_task": {"flops": flops, "seconds": seconds, "accuracy": float((reference.argmax(-1) == labels[task]).mean())},
+        accuracy = float((reference.argmax(-1) == labels[task]).mean())
+        row = {"single_task": {"flops": flops, "seconds": seconds, "accuracy": accuracy},
                "usage": {b: u.tolist() for b, u in usage.items()}, "extracted": {}}
         for threshold in thresholds:
             kept = kept_experts(usage, threshold, model.top_k)
@@ -92,8 +93,8 @@ def markdown(name: str, setting: str, results: dict, test: dict) -> str:
              f"{a['params']:,} | " + ", ".join(f"{t} {100 * test[t]['accuracy']:.2f}%" for t in test) + " | |"]
     for task, row in results["tasks"].items():
         s = row["single_task"]
-        lines.append(f"| single task | {task} | {s['flops'] / results['batch']:.3g} | {100 * s['flops'] / a['flops']:.1f}% "
-                     f"| {1e3 * s['seconds']:.1f} | {a['params']:,} (all held) | {100 * s['accuracy']:.2f}% | |")
+        lines.append(f"| single task | {task} | {s['flops'] / results['batch']:.3g} | "
+                     f"{100 * s['flops'] / a['flops']:.1f}% | {1e3 * s['seconds']:.1f} | {a['params']:,} (all held) | {100 * s['accuracy']:.2f}% | |")
         for threshold, e in row["extracted"].items():
             kept = ", ".join(str(v) for v in e["experts_kept"].values())
             lines.append(f"| extracted (usage > {threshold}; experts per MoE block {kept}) | {task} | "

@@ -149,7 +149,8 @@ def test_single_task_forward_exact_extraction_aux_losses_and_one_trace():
     forward = jax.jit(make_forward(model, tasks, "image"), static_argnums=4)
     batch = {"image": x, "b": jnp.array([0, 1, -1, 2]), "a": jnp.array([-1, 4, 3, -1])}
     losses, _ = forward(params, {}, batch, jax.random.key(2), True)
-    log_softmax = lambda z: z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    shifted = lambda z: z - z.max(-1, keepdims=True)
+    log_softmax = lambda z: shifted(z) - np.log(np.exp(shifted(z)).sum(-1, keepdims=True))
     ce = lambda logits, y: -log_softmax(logits)[np.arange(len(y)), y]
     masked = [ce(preds["b"][[0, 1, 3]], np.array([0, 1, 2])).mean(), ce(preds["a"][[1, 2]], np.array([4, 3])).mean()]
     aux = state["aux_loss"]["shared"]

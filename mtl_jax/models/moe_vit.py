@@ -260,7 +260,8 @@ def kept_experts(usage: Mapping[str, np.ndarray], threshold: float, top_k: int) 
     out = {}
     for block, counts in usage.items():
         share = counts / max(counts.sum(), 1)
-        keep = set(np.flatnonzero(share > threshold).tolist()) | set(np.argsort(-counts, kind="stable")[:top_k].tolist())
+        most_used = np.argsort(-counts, kind="stable")[:top_k]
+        keep = set(np.flatnonzero(share > threshold).tolist()) | set(most_used.tolist())
         out[block] = np.array(sorted(keep), dtype=np.int64)
     return out
 

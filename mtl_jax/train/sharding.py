@@ -3,10 +3,10 @@
 The mesh has axes ``('data', 'expert', 'model')``: batches are split on 'data' (and on 'expert'
 when it has more than one device: expert parallelism, GShard-style); parameters are replicated
 unless a rule shards them; stacked mixture-of-experts weights (paths matching ``EXPERT_PATTERN``,
-leaves [E, ...]) are split over 'expert' on their leading axis. A rule is ``(regex, spec)``: every parameter whose '/'-joined path
-(e.g. ``shared/dense_0/kernel``) matches ``regex`` (``re.search``; first match wins) gets
-``PartitionSpec(*spec)``. Optimiser moments of a parameter follow its sharding; the rest of the
-train state is replicated.
+leaves [E, ...]) are split over 'expert' on their leading axis. A rule is ``(regex, spec)``: every
+parameter whose '/'-joined path (e.g. ``shared/dense_0/kernel``) matches ``regex`` (``re.search``;
+first match wins) gets ``PartitionSpec(*spec)``. Optimiser moments of a parameter follow its
+sharding; the rest of the train state is replicated.
 """
 
 from __future__ import annotations
