@@ -116,7 +116,7 @@ def test_search_follows_budget_and_preferences():
     # Encoder cost 8 w, each decoder 1 w (arbitrary units).
     costs = {c: 8 * c.encoder + sum(w for _, w in c.decoders) for c in all_width_configs(widths, tasks)}
     with pytest.raises(ValueError, match=r"budget 2 is below the smallest configuration's cost 2\.5 "
-                                         r"\(enc 0\.25 \| seg 0\.25, depth 0\.25\)"):
+                                         r"\(enc 0\.25; seg 0\.25, depth 0\.25\)"):
         search_widths(2.0, {"seg": 1, "depth": 1}, costs)
     with pytest.raises(ValueError, match="preferences name tasks"):
         search_widths(10.0, {"seg": 1}, costs)

@@ -1,6 +1,6 @@
 """A slimmable multi-task network: one set of parameters, run at any allowed width configuration.
 
-Aich et al. (ICCV 2023), "Efficient Controllable Multi-Task Architectures", Sec. 3.1: a shared
+Aich et al. (ICCV 2023), "Efficient Controllable Multi-Task Architectures" (method; only the abstract was available here): a shared
 encoder and one decoder per task, each *slimmable* (Yu et al. 2019, "Slimmable Neural Networks"):
 at width multiplier w a layer uses the first round(w * C) of its C output channels (and the
 first channels of its input that the previous layer produced), so the same parameters run at
@@ -49,7 +49,7 @@ class WidthConfig(NamedTuple):
         return dict(self.decoders)[task]
 
     def __str__(self) -> str:
-        return f"enc {self.encoder:g} | " + ", ".join(f"{t} {w:g}" for t, w in self.decoders)
+        return f"enc {self.encoder:g}; " + ", ".join(f"{t} {w:g}" for t, w in self.decoders)
 
 
 def width_config(encoder: float, decoders: Mapping[str, float] | float, tasks: Sequence[str]) -> WidthConfig:
@@ -148,7 +148,7 @@ class SlimDecoder(nn.Module):
 
 
 class SlimmableMTL(nn.Module):
-    """Slimmable shared encoder + slimmable task decoders (Aich et al., ICCV 2023, Sec. 3.1).
+    """Slimmable shared encoder + slimmable task decoders (Aich et al., ICCV 2023).
 
     ``tasks``: ((task name, outputs), ...); ``widths``: the allowed multipliers (the largest is the
     full model). ``apply(v, x, widths=WidthConfig | None)`` -> {task: [B, n_t]}.

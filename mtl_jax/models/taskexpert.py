@@ -1,7 +1,9 @@
 """TaskExpert: task-generic experts, per-task dynamic gating, and a multi-task feature memory.
 
 Ye & Xu (ICCV 2023), "TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial
-Mixture-of-Experts", Sec. 3 (Fig. 2-3). After every block l of a ViT backbone (``trunks.ViT``),
+Mixture-of-Experts", method section (Fig. 2: memorial MoE modules at backbone layers reading and
+writing a multi-task feature memory; only the abstract and that figure's caption were available
+here). After every block l of a ViT backbone (``trunks.ViT``),
 a memorial mixture-of-experts module
 
 1. decomposes the backbone tokens X_l [B, N, D] with E expert networks into task-generic features
@@ -62,7 +64,7 @@ GATE_INPUTS = {"token": lambda x: x, "sample": lambda x: x.mean(axis=1)}
 
 
 def assemble(gates, experts, memory):
-    """T = sum_e g_e F_e + g_E M (Sec. 3, step 2).
+    """T = sum_e g_e F_e + g_E M (step 2 above).
 
     gates [B, N, E+1] (per token) or [B, E+1] (per sample); experts [E, B, N, D]; memory [B, N, D].
     Returns [B, N, D].
@@ -111,7 +113,7 @@ class TaskExpertBackbone(nn.Module):
 
 
 class TaskExpert(nn.Module):
-    """TaskExpert (Ye & Xu, ICCV 2023, Sec. 3) on a ``trunks.ViT`` backbone (``encoder``).
+    """TaskExpert (Ye & Xu, ICCV 2023) on a ``trunks.ViT`` backbone (``encoder``).
     x [B, H, W, C] -> {task: [B, n_t]}. ``gating``: 'token' (per-token gates, the paper's dense
     case) or 'sample'."""
 

@@ -1,7 +1,8 @@
 """UniFork: a Y-shaped Vision Transformer with shared shallow blocks and task-specific deep branches.
 
 Li et al. (2025), "UniFork: Exploring Modality Alignment for Unified Multimodal Understanding and
-Generation", Sec. 3 (the Y-shaped architecture): the shallow layers are shared by every task, where
+Generation", method (the Y-shaped architecture; only the abstract was available here, so no
+section numbers are given): the shallow layers are shared by every task, where
 the tasks' representations agree, and the deeper layers fork into one branch per task, where they
 diverge. Here the trunk is ``trunks.ViT`` cut after ``shared_depth`` of its ``depth`` blocks::
 
@@ -17,7 +18,9 @@ Limits: ``shared_depth = depth`` is hard parameter sharing on the ViT (``shared`
 ``trunks.ViT`` tree, ``ln_final`` included, and the model computes ``HardParameterSharing(ViT,
 heads)``); ``shared_depth = 0`` gives every task its own transformer. Deviation: at
 ``shared_depth = 0`` the tasks still share the patch and position embedding (the tokenizer, which
-UniFork shares too), because the parameter tree needs a non-empty ``shared`` part.
+UniFork shares too), because the parameter tree needs a non-empty ``shared`` part. UniFork forks a
+multimodal language model between understanding and generation; here the same Y shape serves any
+set of tasks on an image ViT.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class UniForkBranch(nn.Module):
 
 
 class UniFork(nn.Module):
-    """Y-shaped ViT (UniFork, Li et al. 2025, Sec. 3). ``encoder``: a ``trunks.ViT`` (its fields set
+    """Y-shaped ViT (UniFork, Li et al. 2025). ``encoder``: a ``trunks.ViT`` (its fields set
     the patch size, width, depth, heads, MLP width, dropout); ``shared_depth`` in [0, depth]: how
     many blocks all tasks share. x [B, H, W, C] -> {task: [B, n_t]}."""
 

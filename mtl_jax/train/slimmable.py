@@ -1,8 +1,9 @@
 """Training and deploying a controllable (slimmable) multi-task network.
 
-Aich et al. (ICCV 2023), "Efficient Controllable Multi-Task Architectures":
+Aich et al. (ICCV 2023), "Efficient Controllable Multi-Task Architectures" (only the abstract was
+available here; what it states is followed, the rest is written out below):
 
-* **CIKD training** (Sec. 3.2). Every step trains the full-width configuration on the task losses
+* **CIKD training**. Every step trains the full-width configuration on the task losses
   and several sub-width configurations (the sandwich rule of Yu & Huang 2019: the smallest one and
   ``num_random`` random ones, encoder and decoder widths drawn independently) on their task losses
   plus the configuration-invariant knowledge distillation loss, which pulls the student's
@@ -15,7 +16,7 @@ Aich et al. (ICCV 2023), "Efficient Controllable Multi-Task Architectures":
   compared with the teacher's first C_c channels.) The gradients of all configurations are summed
   and applied once. Each configuration's gradient is one jitted function of its (static) width
   configuration: it compiles once per configuration and never again (``CIKDTrainer.trace_counts``).
-* **Budget search** (Sec. 3.3, ``search_widths``): a user's compute budget (FLOPs) and task
+* **Budget search** (``search_widths``): a user's compute budget (FLOPs) and task
   preferences map to encoder and decoder widths. The paper's rule: the higher a task's
   preference, the larger its decoder's budget, while the encoder configuration is chosen for the
   best overall MTL performance.
@@ -133,7 +134,7 @@ def respects_preferences(widths: WidthConfig, preferences: Mapping[str, float]) 
 def search_widths(budget: float, preferences: Mapping[str, float], costs: Mapping[WidthConfig, float],
                   scores: Mapping[WidthConfig, Mapping[str, float]] | None = None) -> WidthConfig:
     """Width configuration for a compute ``budget`` (same unit as ``costs``) and task ``preferences``
-    ({task: weight >= 0}, normalised here) among ``costs``' configurations (Sec. 3.3).
+    ({task: weight >= 0}, normalised here) among ``costs``' configurations.
 
     Keeps the configurations within the budget whose decoder widths follow the preference order;
     picks the best preference-weighted score sum_k p_k scores[c][k] when ``scores`` (validation
