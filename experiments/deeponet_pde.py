@@ -91,7 +91,8 @@ def main(argv=None):
                          f"{summary([r['rel_l2'][t] for r in entry['st'][t]])} |")
         lines.append("")
     command = "nice -n 10 python experiments/deeponet_pde.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines.append(f"Produced by: `{command.strip()}`")
+    lines.append(f"Produced by: `{command.strip()}` (1-minute load average at the end: {os.getloadavg()[0]:.1f}; "
+                 f"wall times are on a shared machine).")
     with open(os.path.join(RESULTS, "deeponet_pde.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
