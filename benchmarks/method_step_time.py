@@ -7,7 +7,11 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
 
 * ours: ``build_experiment(config, dataset).train_step`` per method (mesh 1x1, Adam, one optimiser
   per head, NaN guard, running metrics; the whole step, optimiser update included);
-* ``ew``: the same step with equal weighting (the baseline of the loss-weighting methods);
+* ``ew``: the same step with equal weighting (the baseline of the loss-weighting methods); FAMO
+  includes its extra no-grad forward at the updated parameters, GradNorm its K VJPs restricted to
+  the last shared layer, SDMGrad / MoDo the cross Gramian of two half-batches (their defaults);
+* ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column by column
+  as ``J (J^T e_l)`` (``config.jacobian.gramian_mode='vjp_jvp'``), then one weighted VJP;
 * ``floor``: one forward + K vmapped VJPs, ``jax.vmap(vjp_fn)(eye(K))`` over the same model, jitted
   (what any per-task-gradient method must at least pay; no Gramian, no optimiser);
 * TorchJD (``benchmarks/peers/torchjd_step.py``, run in ``.peers-venv`` with as many torch threads
@@ -87,11 +91,21 @@ def make_dataset(num_tasks: int, seed: int):
     return from_arrays("random_mlp", {"train": arrays}, tasks, input_key="image"), x, y
 
 
+VARIANT = "@vjp_jvp"  # '<method>@vjp_jvp': the method with config.jacobian.gramian_mode='vjp_jvp'
+
+
 def make_config(method: str):
+    name, _, variant = method.partition("@")
+    extra = [f"jacobian.gramian_mode={variant}"] if variant else []
     return load_config(os.path.join(ROOT, "configs", "digits_mlp.py"), [
         "model.trunk_kwargs.features=(512, 512)", "model.head=linear", f"batch_size={BATCH_SIZE}",
         "mesh.data=1", "mesh.model=1", "optim.name=adam", "progress_bar=False", "num_steps=1000000",
-        f"method.name={method}"])
+        f"method.name={name}"] + extra)
+
+
+def peer_of(method: str):
+    """The TorchJD implementation timed against ``method`` (a variant shares its base method's)."""
+    return TORCHJD.get(method.partition("@")[0])
 
 
 def make_floor(model, tasks, input_key: str):
@@ -235,7 +249,7 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
 
     torch_impls, torch_info = [], {}
     if peer is not None:
-        wanted = list(TORCH_EXTRAS) + [TORCHJD[m] for m in methods if m in TORCHJD]
+        wanted = list(TORCH_EXTRAS) + sorted({peer_of(m) for m in methods if peer_of(m)})
         if "nash_mtl" in methods:
             wanted.append("nash_mtl_cvxpy")
         with tempfile.TemporaryDirectory() as tmp:
@@ -255,8 +269,8 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
     for name in methods:
         if name != "ew":
             order.append(("jax", name))
-        if name in TORCHJD and TORCHJD[name] in torch_impls:
-            order.append(("torch", TORCHJD[name]))
+        if peer_of(name) in torch_impls and ("torch", peer_of(name)) not in order:
+            order.append(("torch", peer_of(name)))
         if name == "nash_mtl" and "nash_mtl_cvxpy" in torch_impls:
             order.append(("torch", "nash_mtl_cvxpy"))
     steps = {key: steps_for(run(*key, 1), args.target_ms, args.min_steps) for key in order}
@@ -275,7 +289,7 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
     for name in methods:
         method = experiments[name].method
         ours = ms[f"jax:{name}"]
-        peer_key = f"torch:{TORCHJD[name]}" if name in TORCHJD else None
+        peer_key = f"torch:{peer_of(name)}" if peer_of(name) else None
         jd = ms.get(peer_key) if peer_key else None
         row = {"method": name, "needs": method.needs, "ours_ms": ours, "vs_ew": ours / ew,
                "vs_floor": ours / fl if method.needs != "losses" else None,
@@ -347,9 +361,12 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (match JAX's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", default="", help="also write the JSON here")
+    parser.add_argument("--vjp-jvp", default="upgrad,mgda",
+                        help=f"Gramian methods also timed with jacobian.gramian_mode='vjp_jvp' (as '<name>{VARIANT}')")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    methods += [m + VARIANT for m in args.vjp_jvp.split(",") if m]
+    unknown = [m for m in methods if m.partition("@")[0] not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
     methods = ["ew"] + [m for m in methods if m != "ew"]

@@ -17,10 +17,11 @@ Implementations (the keys are mtl_jax method names where there is a counterpart)
 * TorchJD aggregators, used as its docs show: ``autojac.mtl_backward(losses, features=features)``
   then ``autojac.jac_to_grad(trunk.parameters(), aggregator)`` (heads get their own gradients from
   ``mtl_backward``). SDMGrad and MoDo exist only as weightings; they are wrapped in a
-  ``GramianWeightedAggregator``, i.e. fed the single-batch Gramian as mtl_jax does by default.
+  ``GramianWeightedAggregator``, i.e. fed the single-batch Gramian (mtl_jax's default is the
+  papers' double sampling, the cross Gramian of two half-batches: a little more work).
 * TorchJD scalarizers (loss weighting): ``scalarizer(stack(losses)).backward()``. FAMO's logit
-  update is fed the current batch's losses at the next step (``FAMO.update`` before the new call),
-  the same no-extra-forward variant mtl_jax runs by default.
+  update follows the official code, as mtl_jax's default does: after the optimiser step a no-grad
+  forward on the same batch gives ``L_t(theta_{t+1})`` for ``FAMO.update``.
 * ``torch_sum``: the plain summed-loss step (no TorchJD), the PyTorch floor of a loss-weighting step.
 * ``jd_mean``: TorchJD's Jacobian path with the ``Mean`` aggregator (EW through ``mtl_backward``).
 * ``nash_mtl_cvxpy``: Nash-MTL as in the authors' code (AvivNavon/nash-mtl,
@@ -199,13 +200,14 @@ class Runner:
             torch.stack(losses).sum().backward()
         else:
             stacked = torch.stack(losses)
-            if self.impl == "famo" and self.steps > 0:
-                self.scalarizer.update(stacked)  # the previous step's logit update, from this batch's losses
             self.scalarizer(stacked).backward()
             if self.impl == "dwa":
                 self.scalarizer.step()  # mtl_jax's default steps_per_epoch=1: new weights every step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.impl == "famo":  # FAMO's official loop: a no-grad forward at theta_{t+1}, then the logit update
+            with torch.no_grad():
+                self.scalarizer.update(torch.stack(self.model.losses(self.x, self.y)[1]))
         self.steps += 1
 
     def time(self, steps: int) -> float:

@@ -14,7 +14,8 @@ Options: per-task gradients w.r.t. the shared representation instead of the shar
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+import re
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from mtl_jax.train import flat_minima, rep_mtl
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
 from mtl_jax.train.methods import MethodInputs, returns_direction
 from mtl_jax.train.optim import map_groups
+from mtl_jax.train.sharding import key_path_str
 from mtl_jax.train.state import TrainState
 
 
@@ -111,10 +113,34 @@ def batch_metrics(tasks: Sequence, preds, batch, mask=None) -> dict:
     return out
 
 
-def gramian(jacobian_tree) -> jax.Array:
-    """G[k, l] = <g_k, g_l> summed over the leaves of a tree whose leaves are stacked [K, ...]."""
-    return sum(jnp.einsum("k...,l...->kl", j, j, preferred_element_type=jnp.float32)
-               for j in jax.tree.leaves(jacobian_tree))
+GRAMIAN_MODES = ("materialize", "vjp_jvp")
+
+
+class GradientOptions(NamedTuple):
+    """How the step gets per-task gradient information (from ``config.jacobian``).
+
+    Attributes:
+      chunk: tasks (or Gramian columns) per vmapped VJP; 0 = all K at once.
+      gramian_mode: ``'materialize'``: per-task shared gradients ``J`` (leaves [K, ...]) by one
+        vmapped VJP, then ``G = J J^T`` and ``J^T w``. ``'vjp_jvp'``: for methods that need only
+        the Gramian, column l of G is ``J (J^T e_l)``, one VJP + one JVP (``gramian_by_jvp``),
+        ``chunk`` columns at a time, so no more than chunk x P gradient entries are held; the
+        shared update is then one VJP with ``w`` as cotangent.
+      last_shared: ``select(shared_tree) -> [leaves]`` of the last shared layer, for methods that
+        want ``last_shared_gramian`` (GradNorm); None when no method needs it.
+    """
+
+    chunk: int = 0
+    gramian_mode: str = "materialize"
+    last_shared: Callable | None = None
+
+
+def gramian(jacobian_tree, other_tree=None) -> jax.Array:
+    """G[k, l] = <a_k, b_l> summed over the leaves of trees whose leaves are stacked [K, ...]:
+    the Gramian ``J J^T`` (``other_tree=None``) or the cross Gramian ``J_a J_b^T``."""
+    other = jacobian_tree if other_tree is None else other_tree
+    return sum(jnp.einsum("k...,l...->kl", a, b, preferred_element_type=jnp.float32)
+               for a, b in zip(jax.tree.leaves(jacobian_tree), jax.tree.leaves(other)))
 
 
 def _unflatten_like(flat, stacked_tree):
@@ -129,29 +155,151 @@ def _combine(weights, stacked_tree):
     return jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, axes=1), stacked_tree)
 
 
+def map_cotangents(fn, cotangents, chunk: int = 0):
+    """``fn`` over the leading axis of ``cotangents``: one vmap, or ``chunk`` at a time (``lax.map``)."""
+    return jax.lax.map(fn, cotangents, batch_size=chunk) if chunk else jax.vmap(fn)(cotangents)
+
+
 def per_task_jacobian(vjp_fn, num_tasks: int, dtype=jnp.float32, chunk: int = 0):
     """Per-task gradients from one vmapped VJP: leaves [K, ...] (a tuple if ``vjp_fn`` has several
     primals). ``chunk > 0`` evaluates ``chunk`` tasks at a time (``lax.map``) to bound memory.
 
     Row k of the head part is non-zero only for head k.
     """
-    eye = jnp.eye(num_tasks, dtype=dtype)
-    jac = jax.lax.map(vjp_fn, eye, batch_size=chunk) if chunk else jax.vmap(vjp_fn)(eye)
+    jac = map_cotangents(vjp_fn, jnp.eye(num_tasks, dtype=dtype), chunk)
     return jac[0] if len(jac) == 1 else jac
 
 
-def aggregate(method, losses, stacked_shared, method_state, step, key):
-    """``A(g_1..g_K)``: the method's combination of stacked shared gradients (leaves [K, ...]).
+def linearize(fn, primal, has_aux: bool = False):
+    """``(out, vjp_fn, jvp_fn[, aux])`` of ``fn`` at ``primal`` from one linearisation: the VJP is
+    the transpose of the JVP (as in ``jax.vjp``), so one forward pass serves both."""
+    out, jvp_fn, *aux = jax.linearize(fn, primal, has_aux=has_aux)
+    return (out, jax.linear_transpose(jvp_fn, primal), jvp_fn, *aux)
 
-    Returns (shared gradient tree, weights [K] (NaN for direction-returning methods), state).
+
+def gramian_by_jvp(vjp_fn, jvp_fn, cotangents, chunk: int = 0) -> jax.Array:
+    """Gramian columns without the Jacobian: row l of the result is ``jvp_fn(vjp_fn(c_l))``.
+
+    With ``vjp_fn(c) = J^T c`` (a parameter tangent) and ``jvp_fn(t) = J t`` [K], the cotangents
+    ``c_l = e_l`` ([C, K], C = K) give ``J J^T e_l``, column l of ``G``: one VJP + one JVP per
+    column, ``chunk`` columns at a time (memory chunk x P, never K x P). Returns [C, K].
     """
-    num_tasks = losses.shape[0]
-    inputs = MethodInputs(losses=losses, step=step)
-    if method.needs != "losses":
+    return map_cotangents(lambda c: jvp_fn(vjp_fn(c)), cotangents, chunk)
+
+
+def params_gramian_by_jvp(vjp_fn, jvp_fn, params, num_tasks: int, dtype, chunk: int = 0) -> jax.Array:
+    """[K, K] Gramian of the per-task *shared* gradients from the full-parameter ``vjp_fn`` /
+    ``jvp_fn`` (``linearize`` of the losses): the tangent is ``J_shared^T e_l`` with zero heads."""
+    zero_heads = jax.tree.map(jnp.zeros_like, params["heads"])
+    to_tangent = lambda c: {"shared": vjp_fn(c)[0]["shared"], "heads": zero_heads}
+    columns = gramian_by_jvp(to_tangent, jvp_fn, jnp.eye(num_tasks, dtype=dtype), chunk)
+    return (0.5 * (columns + columns.T)).astype(jnp.float32)
+
+
+def half_batches(batch: dict) -> dict:
+    """Every leaf [B, ...] -> [B/2, 2, ...]: index 0 the even rows, 1 the odd rows of the batch (two
+    disjoint halves; the split stays inside each device's shard of the batch axis)."""
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % 2:
+        raise ValueError(f"double sampling (cross_gramian) splits the batch into two halves and needs one even "
+                         f"batch size; got leading sizes {sorted(sizes)}")
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:]), batch)
+
+
+def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks: int, options: GradientOptions):
+    """``J_a J_b^T`` [K, K]: per-task shared gradients on the even (a) and odd (b) halves of the
+    batch (SDMGrad's / MoDo's double sampling), each half with its own dropout key.
+
+    Both halves run in one vmapped forward (``losses [2, K]``); 'materialize' stacks the 2K
+    half-batch gradients by one vmapped VJP, 'vjp_jvp' builds column l as ``J_a (J_b^T e_l)``.
+    Mutable model state (batch statistics) of these passes is discarded.
+    """
+    halves = half_batches(batch)
+    keys = jax.random.split(key, 2)
+
+    def half_losses(shared):
+        both = {"shared": shared, "heads": params["heads"]}
+        return jax.vmap(lambda b, k: forward(both, model_state, b, k, True)[0], in_axes=(1, 0))(halves, keys)
+
+    dtype = jnp.float32
+    if options.gramian_mode == "vjp_jvp":
+        _, vjp_fn, jvp_fn = linearize(half_losses, params["shared"])
+        on_b = jnp.stack([jnp.zeros((num_tasks, num_tasks), dtype), jnp.eye(num_tasks, dtype=dtype)], axis=1)
+        columns = gramian_by_jvp(lambda c: vjp_fn(c)[0], lambda t: jvp_fn(t)[0], on_b, options.chunk)
+        return columns.T  # row l held J_a J_b^T e_l
+    _, vjp_fn = jax.vjp(half_losses, params["shared"])
+    basis = jnp.eye(2 * num_tasks, dtype=dtype).reshape(2 * num_tasks, 2, num_tasks)
+    (jac,) = map_cotangents(vjp_fn, basis, options.chunk)
+    return gramian(jax.tree.map(lambda j: j[:num_tasks], jac), jax.tree.map(lambda j: j[num_tasks:], jac))
+
+
+def leaf_selector(pattern: str) -> Callable:
+    """``select(shared_tree) -> [leaves]``: the leaves whose path ``shared/<...>`` matches ``pattern``
+    (``re.search``; works on stacked trees too). Raises ValueError listing the paths when none does."""
+
+    def select(shared):
+        flat = jax.tree_util.tree_flatten_with_path(shared)[0]
+        paths = ["shared/" + key_path_str(path) for path, _ in flat]
+        chosen = [leaf for path, (_, leaf) in zip(paths, flat) if re.search(pattern, path)]
+        if not chosen:
+            raise ValueError(f"config.jacobian.last_shared={pattern!r} matches no shared parameter; paths: {paths}")
+        return chosen
+
+    return select
+
+
+def last_shared_layer(model, sample_input) -> str:
+    """A regex for the last leaf group of ``params['shared']`` in creation order, i.e. the last
+    layer the shared part applies (``^shared/dense_1/[^/]+$`` for a 2-layer MLP trunk,
+    ``^shared/ln_final/[^/]+$`` for the ViT). Traced by ``jax.eval_shape`` (no computation): flax
+    builds the params dict in creation order, which the sorted pytree order would lose.
+    """
+    seen = []
+
+    def init():
+        variables = model.init(jax.random.key(0), sample_input, train=False)
+        seen.append(variables["params"]["shared"])
+        return variables
+
+    jax.eval_shape(init)
+    node, path = seen[0], ["shared"]
+    while isinstance(node, Mapping) and node:
+        child = node[list(node)[-1]]
+        if not isinstance(child, Mapping):
+            break
+        path.append(list(node)[-1])
+        node = child
+        if not any(isinstance(v, Mapping) for v in node.values()):
+            break
+    return "^" + re.escape("/".join(path)) + "/[^/]+$"
+
+
+def method_inputs(method, losses, step, stacked_shared=None, last_shared=None, **fields) -> MethodInputs:
+    """``MethodInputs`` for ``method``: the losses, ``fields`` (precomputed K x K inputs), and from
+    ``stacked_shared`` (per-task shared gradients, leaves [K, ...]) the Gramian / flattened
+    Jacobian its ``needs`` ask for and, when wanted, the last shared layer's Gramian."""
+    inputs = MethodInputs(losses=losses, step=step, **fields)
+    if stacked_shared is None:
+        return inputs
+    if method.needs != "losses" and inputs.gramian is None:
         inputs = inputs.replace(gramian=gramian(stacked_shared))
     if method.needs == "jacobian":
+        num_tasks = losses.shape[0]
         inputs = inputs.replace(jacobian=jnp.concatenate(
             [j.reshape(num_tasks, -1) for j in jax.tree.leaves(stacked_shared)], axis=1))
+    if "last_shared_gramian" in method.wants and last_shared is not None and inputs.last_shared_gramian is None:
+        inputs = inputs.replace(last_shared_gramian=gramian(last_shared(stacked_shared)))
+    return inputs
+
+
+def aggregate(method, losses, stacked_shared, method_state, step, key, last_shared=None, **fields):
+    """``A(g_1..g_K)``: the method's combination of stacked shared gradients (leaves [K, ...]).
+
+    ``fields``: precomputed ``MethodInputs`` fields (e.g. ``cross_gramian``). Returns (shared
+    gradient tree, weights [K] (NaN for direction-returning methods), state).
+    """
+    num_tasks = losses.shape[0]
+    inputs = method_inputs(method, losses, step, stacked_shared, last_shared, **fields)
     out, method_state = method.update(inputs, method_state, key)
     out = jax.lax.stop_gradient(out)
     if returns_direction(method):
@@ -165,32 +313,53 @@ def head_gradients(method, weights, stacked_heads):
     return _combine(weights if method.weights_heads else jnp.ones((num_tasks,)), stacked_heads)
 
 
-def task_gradients(method, losses, vjp_fn, method_state, step, key, chunk: int = 0):
+def weighted_vjp_gradients(method, weights, vjp_fn):
+    """``{'shared': J^T w, 'heads': ...}`` from VJPs of the losses: one with ``w`` as cotangent (heads
+    included for loss-weighting methods), plus one with ones for the heads of gradient methods
+    (whose trunk half XLA drops as dead code)."""
+    (grads,) = vjp_fn(weights)
+    if not method.weights_heads:
+        (unweighted,) = vjp_fn(jnp.ones_like(weights))
+        grads = {"shared": grads["shared"], "heads": unweighted["heads"]}
+    return grads
+
+
+def task_gradients(method, losses, vjp_fn, method_state, step, key, options: GradientOptions = GradientOptions(),
+                   jvp_fn=None, params=None, cross_gramian=None):
     """Gradients of every parameter group under the method's weighting.
 
-    Loss-based methods cost one VJP with the weights as cotangent. The others get the per-task
-    gradients of the shared parameters from one vmapped VJP (``J``: leaves [K, ...]), its Gramian
-    and (``needs='jacobian'``) its flattened rows; the shared gradient is ``sum_k w_k J_k`` (or the
-    method's own direction); head k gets its own gradient, scaled by ``w_k`` for loss-weighting
-    methods.
+    Methods that return weights from K x K information finish with ``weighted_vjp_gradients``:
+    loss-based ones (plus, when wanted, the last shared layer's Gramian from a vmapped VJP of
+    which XLA keeps only that layer's rows), those fed a precomputed ``cross_gramian``, and, with
+    ``gramian_mode='vjp_jvp'`` (``jvp_fn`` and ``params`` given), Gramian methods whose ``G`` comes
+    from ``params_gramian_by_jvp``. The others get the per-task gradients of the shared parameters
+    from one vmapped VJP (``J``: leaves [K, ...]), its Gramian and (``needs='jacobian'``) its
+    flattened rows; the shared gradient is ``sum_k w_k J_k`` (or the method's own direction); head
+    k gets its own gradient, scaled by ``w_k`` for loss-weighting methods.
 
     Returns (grads {'shared', 'heads'}, weights [K] (NaN when the method returns a direction),
     method_state).
     """
-    if method.needs == "losses":
-        weights, method_state = method.update(MethodInputs(losses=losses, step=step), method_state, key)
-        weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
-        (grads,) = vjp_fn(weights)
-        if not method.weights_heads:
-            (unweighted,) = vjp_fn(jnp.ones_like(losses))
-            grads = {"shared": grads["shared"], "heads": unweighted["heads"]}
-        return grads, weights, method_state
+    num_tasks, dtype = losses.shape[0], losses.dtype
+    fields = {} if cross_gramian is None else {"cross_gramian": cross_gramian}
+    by_jvp = method.needs == "gramian" and options.gramian_mode == "vjp_jvp" and jvp_fn is not None
+    if method.needs == "losses" or (method.needs == "gramian" and (by_jvp or cross_gramian is not None)):
+        if "last_shared_gramian" in method.wants and options.last_shared is not None:
+            rows = per_task_jacobian(lambda c: (options.last_shared(vjp_fn(c)[0]["shared"]),), num_tasks, dtype,
+                                     options.chunk)
+            fields["last_shared_gramian"] = gramian(rows)
+        if method.needs == "gramian" and cross_gramian is None:
+            fields["gramian"] = params_gramian_by_jvp(vjp_fn, jvp_fn, params, num_tasks, dtype, options.chunk)
+        weights, method_state = method.update(MethodInputs(losses=losses, step=step, **fields), method_state, key)
+        weights = jax.lax.stop_gradient(weights).astype(dtype)
+        return weighted_vjp_gradients(method, weights, vjp_fn), weights, method_state
     # Per-task rows of the shared part only (XLA drops the unused per-task head cotangents); the
     # heads then need one more VJP, whose trunk half is dead code too.
-    jac_shared = per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), losses.shape[0], losses.dtype, chunk)
-    shared, weights, method_state = aggregate(method, losses, jac_shared, method_state, step, key)
+    jac_shared = per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), num_tasks, dtype, options.chunk)
+    shared, weights, method_state = aggregate(method, losses, jac_shared, method_state, step, key,
+                                              options.last_shared, **fields)
     head_weights = weights if method.weights_heads else jnp.ones_like(losses)
-    (head_grads,) = vjp_fn(head_weights.astype(losses.dtype))
+    (head_grads,) = vjp_fn(head_weights.astype(dtype))
     return {"shared": shared, "heads": head_grads["heads"]}, weights, method_state
 
 
@@ -238,18 +407,21 @@ def representation_task_gradients(method, encode, decode, params, batch, key, me
     return grads, weights, method_state, losses, preds
 
 
-def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, method_state, step, key):
-    """F-MTL (see flat_minima.py): shared ``A(g) + A(h)`` (or ``A(g~)`` for 'fmtl_a'), heads ``g~_k``."""
+def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, method_state, step, key,
+                        last_shared=None):
+    """F-MTL (see flat_minima.py): shared ``A(g) + A(h)`` (or ``A(g~)`` for 'fmtl_a'), heads ``g~_k``.
+    ``last_shared``: ``GradientOptions.last_shared`` (GradNorm's layer, read from the rows of J)."""
     jac = per_task_jacobian(vjp_fn, losses.shape[0], losses.dtype)
     task_eps = flat_minima.task_perturbations(jac, params, sharpness.rho, sharpness.adaptive, sharpness.eta)
     perturbed = flat_minima.perturbed_task_gradients(losses_fn, params, task_eps)
     key_g, key_h = jax.random.split(key)
     if sharpness.kind == "fmtl_a":
-        shared, weights, new_state = aggregate(method, losses, perturbed["shared"], method_state, step, key_g)
+        shared, weights, new_state = aggregate(method, losses, perturbed["shared"], method_state, step, key_g,
+                                               last_shared)
     else:
-        shared, weights, new_state = aggregate(method, losses, jac["shared"], method_state, step, key_g)
+        shared, weights, new_state = aggregate(method, losses, jac["shared"], method_state, step, key_g, last_shared)
         flat = jax.tree.map(jnp.subtract, perturbed["shared"], jac["shared"])
-        shared_flat, _, _ = aggregate(method, losses, flat, method_state, step, key_h)
+        shared_flat, _, _ = aggregate(method, losses, flat, method_state, step, key_h, last_shared)
         shared = jax.tree.map(jnp.add, shared, shared_flat)
     return {"shared": shared, "heads": head_gradients(method, weights, perturbed["heads"])}, weights, new_state
 
@@ -278,19 +450,52 @@ def rep_mtl_task_gradients(method, rep_cfg, encode, decode, params, batch, key, 
     return {"shared": shared, "heads": head_grads}, weights, method_state, losses, preds
 
 
+def gradient_options(jacobian, method, model=None, sample_input=None) -> GradientOptions:
+    """``GradientOptions`` from ``config.jacobian`` (``chunk``, ``gramian_mode``, ``last_shared``;
+    None = defaults) for ``method``: the last shared layer is resolved only when the method wants
+    ``last_shared_gramian``, from ``jacobian.last_shared`` (a regex over ``shared/...`` paths) or, when
+    that is '', ``last_shared_layer(model, sample_input)``."""
+    get = (lambda name, default: jacobian.get(name, default)) if jacobian is not None else (lambda _, d: d)
+    mode = get("gramian_mode", "materialize")
+    if mode not in GRAMIAN_MODES:
+        raise ValueError(f"unknown jacobian.gramian_mode '{mode}'; valid: {list(GRAMIAN_MODES)}")
+    last_shared = None
+    if "last_shared_gramian" in method.wants:
+        pattern = get("last_shared", "")
+        if not pattern:
+            if sample_input is None:
+                raise ValueError(f"method '{method.name}' wants the last shared layer's Gramian: set "
+                                 "config.jacobian.last_shared (a regex over 'shared/...' parameter paths) or pass "
+                                 "sample_input to make_train_step to find the last layer")
+            pattern = last_shared_layer(model, sample_input)
+        last_shared = leaf_selector(pattern)
+    return GradientOptions(chunk=int(get("chunk", 0)), gramian_mode=mode, last_shared=last_shared)
+
+
 def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key: str, sharpness=None,
-                    jacobian=None, rep_mtl_cfg=None) -> Callable:
+                    jacobian=None, rep_mtl_cfg=None, sample_input=None) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with shardings (trainer.py).
 
     ``sharpness``: None, or a config with ``kind`` in flat_minima.KINDS ('' = plain step, 'sam',
     'fmtl', 'fmtl_a'), ``rho``, ``adaptive`` (ASAM's T = |w| + eta) and ``eta``.
     ``jacobian``: None, or a config with ``level`` ('params', or 'representation' for MGDA-UB-style
-    gradients w.r.t. the shared representation) and ``chunk`` (tasks per vmapped VJP; 0 = all).
+    gradients w.r.t. the shared representation), ``chunk`` (tasks per vmapped VJP; 0 = all),
+    ``gramian_mode`` and ``last_shared`` (see ``GradientOptions`` / ``gradient_options``).
     ``rep_mtl_cfg``: None, or a config with ``tsr_weight``, ``csa_weight``, ``temperature``; either
     weight > 0 adds the Rep-MTL saliency regularisers (loss-weighting methods, HPS-like models).
+    ``sample_input``: one input batch (shape only), to find the last shared layer by default.
+
+    What the method asks for beyond ``needs``: ``after_update`` (FAMO) gets ``L_t(theta_{t+1})``
+    from one extra forward on the same batch (same dropout key) after the update, on every path;
+    ``wants=('cross_gramian',)`` (SDMGrad, MoDo) gets ``J_a J_b^T`` of the batch's two halves on the
+    plain parameter-level step (not with sharpness steps, whose methods see the single-batch
+    Gramian); ``wants=('last_shared_gramian',)`` (GradNorm) gets it on every parameter-level path.
+    ``gramian_mode='vjp_jvp'`` applies to the plain and SAM steps (F-MTL and representation-level
+    gradients hold per-task gradients by construction; methods that need J materialise it).
     """
     level = jacobian.level if jacobian is not None else "params"
-    chunk = int(jacobian.chunk) if jacobian is not None else 0
+    options = gradient_options(jacobian, method, model, sample_input)
+    chunk = options.chunk
     if level not in ("params", "representation"):
         raise ValueError(f"unknown jacobian level '{level}'; valid: ['params', 'representation']")
     rep_level = level == "representation" and method.needs != "losses"
@@ -309,9 +514,22 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     kind = sharpness.kind if sharpness is not None else ""
     if kind not in flat_minima.KINDS:
         raise ValueError(f"unknown sharpness kind '{kind}'; valid: {list(flat_minima.KINDS)}")
+    if options.gramian_mode == "vjp_jvp" and (rep_level or kind in ("fmtl", "fmtl_a")):
+        raise ValueError("jacobian.gramian_mode='vjp_jvp' applies to the parameter-level plain and SAM steps; F-MTL "
+                         "and jacobian.level='representation' hold the per-task gradients by construction")
+    by_jvp = options.gramian_mode == "vjp_jvp" and method.needs == "gramian"
+    double_sampling = "cross_gramian" in method.wants and kind == "" and not rep_level and not use_rep_mtl
 
-    def apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch):
-        """Per-group optimiser updates, applied only when every loss and gradient is finite."""
+    def losses_and_vjp(fn, params, has_aux=False):
+        """``(losses, vjp_fn, jvp_fn or None[, aux])``: a JVP too when the Gramian is built by JVPs."""
+        if by_jvp:
+            return linearize(fn, params, has_aux)
+        out = jax.vjp(fn, params, has_aux=has_aux)
+        return (out[0], out[1], None, *out[2:])
+
+    def apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch, key):
+        """Per-group optimiser updates, applied only when every loss and gradient is finite; then the
+        method's ``after_update`` with the losses re-evaluated at the new parameters (same batch)."""
         task_finite = jnp.isfinite(losses) & jnp.stack([tree_all_finite(grads["heads"][n]) for n in names])
         ok = task_finite.all() & tree_all_finite(grads["shared"])
 
@@ -321,10 +539,17 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
 
         new = map_groups(update, optimizers, grads, state.opt_state, state.params)
         pick = lambda new_tree, old_tree: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_tree, old_tree)
+        new_params = map_groups(lambda _, n: n["params"], optimizers, new)
+        if method.after_update is not None:
+            updated = jax.lax.stop_gradient(forward(new_params, model_state, batch, key, True)[0])
+            after = method.after_update(MethodInputs(losses=losses, step=state.step, updated_losses=updated),
+                                        method_state)
+            method_state = jax.tree.map(lambda a, b: jnp.where(jnp.isfinite(updated).all(), a, b), after,
+                                        method_state)
         metrics = batch_metrics(tasks, preds, batch)
         new_state = state.replace(
             step=state.step + 1,
-            params=pick(map_groups(lambda _, n: n["params"], optimizers, new), state.params),
+            params=pick(new_params, state.params),
             opt_state=pick(map_groups(lambda _, n: n["opt"], optimizers, new), state.opt_state),
             model_state=pick(model_state, state.model_state),
             method_state=pick(method_state, state.method_state),
@@ -336,7 +561,6 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         )
         return new_state, {"losses": losses, "weights": weights, "applied": ok, "nonfinite_tasks": ~task_finite}
 
-
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         dropout_key, method_key = jax.random.split(key)
@@ -344,27 +568,34 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             grads, weights, method_state, losses, preds = rep_mtl_task_gradients(
                 method, rep_mtl_cfg, encode, decode, state.params, batch, dropout_key, state.method_state, state.step,
                 method_key)
-            return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch)
+            return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch,
+                                   dropout_key)
         if rep_level:
             grads, weights, method_state, losses, preds = representation_task_gradients(
                 method, encode, decode, state.params, batch, dropout_key, state.method_state, state.step, method_key,
                 chunk)
-            return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch)
-        losses, vjp_fn, (preds, model_state) = jax.vjp(
+            return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch,
+                                   dropout_key)
+        losses, vjp_fn, jvp_fn, (preds, model_state) = losses_and_vjp(
             lambda p: forward(p, state.model_state, batch, dropout_key, True), state.params, has_aux=True)
         losses_fn = lambda p: forward(p, state.model_state, batch, dropout_key, True)[0]
         if kind in ("fmtl", "fmtl_a"):
             grads, weights, method_state = flat_task_gradients(method, sharpness, losses_fn, state.params, losses,
-                                                               vjp_fn, state.method_state, state.step, method_key)
+                                                               vjp_fn, state.method_state, state.step, method_key,
+                                                               options.last_shared)
         else:
+            cross = (cross_gramian_of_halves(forward, state.params, state.model_state, batch, dropout_key,
+                                             losses.shape[0], options) if double_sampling else None)
             grads, weights, method_state = task_gradients(method, losses, vjp_fn, state.method_state, state.step,
-                                                          method_key, chunk)
+                                                          method_key, options, jvp_fn, state.params, cross)
         if kind == "sam":  # the same method's gradient, taken at w + eps
             eps = flat_minima.perturbation(grads, state.params, sharpness.rho, sharpness.adaptive, sharpness.eta)
-            perturbed_losses, perturbed_vjp = jax.vjp(losses_fn, flat_minima.add(state.params, eps))
+            perturbed_params = flat_minima.add(state.params, eps)
+            perturbed_losses, perturbed_vjp, perturbed_jvp = losses_and_vjp(losses_fn, perturbed_params)
             grads, weights, method_state = task_gradients(method, perturbed_losses, perturbed_vjp, state.method_state,
-                                                          state.step, method_key, chunk)
-        return apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch)
+                                                          state.step, method_key, options, perturbed_jvp,
+                                                          perturbed_params)
+        return apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch, dropout_key)
 
     return train_step
 

@@ -132,7 +132,7 @@ def build_experiment(config, dataset=None) -> Experiment:
     state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules)
     data_sharding = batch_sharding(mesh)
     train_step = jax.jit(make_train_step(model, tasks, optimizers, method, dataset.input_key, config.sharpness,
-                                         config.jacobian, config.rep_mtl),
+                                         config.jacobian, config.rep_mtl, sample_input=sample),
                          in_shardings=(state_shardings, data_sharding),
                          out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, tasks, dataset.input_key),

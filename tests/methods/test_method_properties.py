@@ -10,10 +10,13 @@ import pytest
 from mtl_jax.train.methods import METHODS, MethodInputs, get_method, returns_direction
 
 NEEDS_PARAMS = {"moco": 5, "excess_mtl": 5}
+def _reads_gramian(method):
+    return method.needs == "gramian" or "last_shared_gramian" in method.wants  # GradNorm: a Gramian's diagonal
+
+
 GRAMIAN_METHODS = sorted(
-    n
-    for n in METHODS
-    if get_method(n, **({"num_params": NEEDS_PARAMS[n]} if n in NEEDS_PARAMS else {})).needs == "gramian"
+    n for n in METHODS
+    if _reads_gramian(get_method(n, **({"num_params": NEEDS_PARAMS[n]} if n in NEEDS_PARAMS else {})))
 )
 
 
@@ -64,7 +67,7 @@ def test_every_method_builds_and_returns_finite_output():
     jac = rng.normal(size=(3, 5)).astype(np.float32)
     for name in METHODS:
         method = build(name)
-        out, _ = call(method, jac=jac if method.needs != "losses" else None, losses=[1.0, 2.0, 0.5])
+        out, _ = call(method, jac=jac if method.needs != "losses" or method.wants else None, losses=[1.0, 2.0, 0.5])
         assert out.shape == ((5,) if returns_direction(method) else (3,)), name
         assert np.all(np.isfinite(out)), name
 
@@ -235,7 +238,7 @@ def test_gradvac_without_conflict_and_zero_target_is_sum():
 
 
 def test_famo_weights_and_logit_step_by_hand():
-    method = build("famo")
+    method = build("famo", extra_forward=False)  # the lagged variant: the step happens in ``update``
     w, state = call(method, losses=[1.0, 2.0])
     # z = (1/2, 1/2), c = sum z / L = 0.75, w = z / (c L) = (2/3, 1/3).
     np.testing.assert_allclose(np.asarray(w), [2 / 3, 1 / 3], rtol=1e-5)
@@ -248,15 +251,15 @@ def test_famo_weights_and_logit_step_by_hand():
     z = np.exp(logits) / np.exp(logits).sum()
     expected = z / (np.sum(z / new_losses) * new_losses)
     np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-4)
-    # With the post-update losses given explicitly, they replace the current ones in delta.
-    _, state2 = call(
-        method,
-        losses=new_losses,
-        state=call(method, losses=[1.0, 2.0])[1],
-        step=1,
-        updated_losses=jnp.asarray([2.0, 1.0]),
-    )
-    assert np.asarray(state2["logits"])[0] > 0 > np.asarray(state2["logits"])[1]
+    # The paper's variant: ``update`` leaves the logits alone, ``after_update`` steps them with
+    # delta = log L_t(theta_t) - log L_t(theta_{t+1}).
+    paper = build("famo")
+    assert method.after_update is None and paper.after_update is not None
+    _, state2 = call(paper, losses=new_losses, state=call(paper, losses=[1.0, 2.0])[1], step=1)
+    np.testing.assert_allclose(np.asarray(state2["logits"]), 0.0)
+    inputs = MethodInputs(losses=jnp.asarray([1.0, 2.0]), step=jnp.int32(0), updated_losses=jnp.asarray([2.0, 1.0]))
+    state3 = paper.after_update(inputs, state2)
+    assert np.asarray(state3["logits"])[0] > 0 > np.asarray(state3["logits"])[1]
 
 
 def test_gradnorm_moves_weights_toward_balanced_rates():

@@ -23,7 +23,8 @@ _EPS = 1e-8
 
 
 def _gramian_method(
-    name: str, num_tasks: int | None, update: Callable, init: Callable | None = None, needs: str = "gramian"
+    name: str, num_tasks: int | None, update: Callable, init: Callable | None = None, needs: str = "gramian",
+    wants: tuple[str, ...] = (),
 ) -> Method:
     """Wraps ``update`` with the K >= 2 checks and the Gramian lookup."""
     check_num_tasks(name, num_tasks)
@@ -32,7 +33,7 @@ def _gramian_method(
         check_num_tasks(name, num_tasks)
         return {} if init is None else init(num_tasks)
 
-    return Method(name, checked_init, update, needs, False)
+    return Method(name, checked_init, update, needs, False, wants=wants)
 
 
 def _inv_norms(gramian: jax.Array) -> jax.Array:
@@ -398,14 +399,16 @@ def make_config(num_tasks: int | None = None) -> Method:
 # -------------------------------------------------------------------------------- SDMGrad, MoDo
 
 
-def make_sdmgrad(num_tasks: int | None = None, lamda: float = 0.3, num_iters: int = 20) -> Method:
+def make_sdmgrad(num_tasks: int | None = None, lamda: float = 0.3, num_iters: int = 20,
+                 double_sampling: bool = True) -> Method:
     """SDMGrad (Xiao, Ban & Ji, NeurIPS 2023, Alg. 1; LibMTL defaults lamda = 0.3, niter = 20).
 
     ``w`` (state, init 1/K) takes ``num_iters`` projected SGD steps (lr 5, momentum 0.5, momentum
     reset each call) on ``1/2 w^T G' w + lamda w^T G' 1/K`` with ``G'`` the cross Gramian of two
     independent batches scaled by ``mean_k sqrt(G'_kk)^2`` and projected onto the simplex; the
     update is ``(J^T w + lamda g_0) / (1 + lamda)``, i.e. weights ``(w + lamda / K) / (1 + lamda)``.
-    Uses ``MethodInputs.cross_gramian`` when given (the paper's double sampling), else ``gramian``.
+    Uses ``MethodInputs.cross_gramian`` when given (the paper's double sampling; the train step
+    computes it when ``double_sampling``), else ``gramian``.
     """
 
     def init(num_tasks: int):
@@ -431,15 +434,17 @@ def make_sdmgrad(num_tasks: int | None = None, lamda: float = 0.3, num_iters: in
         w, _ = jax.lax.fori_loop(0, num_iters, sgd_step, (state["w"], jnp.zeros((num,), gramian.dtype)))
         return (w + lamda / num) / (1.0 + lamda), {"w": w}
 
-    return _gramian_method("sdmgrad", num_tasks, update, init)
+    return _gramian_method("sdmgrad", num_tasks, update, init, wants=("cross_gramian",) if double_sampling else ())
 
 
-def make_modo(num_tasks: int | None = None, gamma: float = 1e-3, rho: float = 0.1) -> Method:
+def make_modo(num_tasks: int | None = None, gamma: float = 1e-3, rho: float = 0.1,
+              double_sampling: bool = True) -> Method:
     """MoDo (Chen, Fernando, Ying & Chen, NeurIPS 2023, Alg. 1 / Eq. 9; LibMTL defaults).
 
     ``lambda <- Proj_simplex(lambda - gamma (G' lambda + rho lambda))`` with ``G' = J_1 J_2^T``
-    the cross Gramian of two independent batches (``MethodInputs.cross_gramian``; ``gramian``
-    when None), on the raw (unnormalised) Gramian; weights = the new ``lambda`` (sum 1).
+    the cross Gramian of two independent batches (``MethodInputs.cross_gramian``, computed by the
+    train step when ``double_sampling``; ``gramian`` when None), on the raw (unnormalised) Gramian;
+    weights = the new ``lambda`` (sum 1).
     """
 
     def init(num_tasks: int):
@@ -454,7 +459,7 @@ def make_modo(num_tasks: int | None = None, gamma: float = 1e-3, rho: float = 0.
         lam = solvers.project_to_simplex(lam - gamma * (gramian @ lam + rho * lam))
         return lam, {"lambda": lam}
 
-    return _gramian_method("modo", num_tasks, update, init)
+    return _gramian_method("modo", num_tasks, update, init, wants=("cross_gramian",) if double_sampling else ())
 
 
 # ------------------------------------------------------------------------------------- DB-MTL

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 PyTree = Any
 
 NEEDS = ("losses", "gramian", "jacobian")
+OPTIONAL_INPUTS = ("last_shared_gramian", "cross_gramian")
 
 
 class Method(NamedTuple):
@@ -41,6 +42,14 @@ class Method(NamedTuple):
         (nothing), ``'gramian'`` (``gramian``), ``'jacobian'`` (``jacobian``).
       weights_heads: True for loss-weighting methods (head k gets the gradient of ``w_k L_k``),
         False for gradient methods (head k gets the gradient of ``L_k``).
+      wants: optional ``MethodInputs`` fields (``OPTIONAL_INPUTS``) the train step computes for
+        this method on top of ``needs``: ``'last_shared_gramian'`` (GradNorm), ``'cross_gramian'``
+        (SDMGrad / MoDo double sampling). Paths of the step that cannot provide one leave it None.
+      after_update: optional ``after_update(inputs, state) -> state``, called by the train step
+        after the optimiser update with ``inputs.losses = L_t(theta_t)`` and
+        ``inputs.updated_losses = L_t(theta_{t+1})`` (one extra forward on the same batch, no
+        gradient; FAMO, Liu et al. 2023, Alg. 1). Its state is kept only when the step was applied
+        and the updated losses are finite.
     """
 
     name: str
@@ -48,6 +57,8 @@ class Method(NamedTuple):
     update: Callable[["MethodInputs", PyTree, jax.Array], tuple[jax.Array, PyTree]]
     needs: str
     weights_heads: bool
+    wants: tuple[str, ...] = ()
+    after_update: Callable[["MethodInputs", PyTree], PyTree] | None = None
 
 
 @flax.struct.dataclass
@@ -63,13 +74,13 @@ class MethodInputs:
       last_shared_gramian: optional [K, K] Gramian of the per-task gradients w.r.t. the *last
         shared layer* only (GradNorm, Chen et al. 2018, Sec. 3.2). GradNorm falls back to
         ``gramian`` when it is None.
-      updated_losses: optional [K] losses of the *previous* step's batch evaluated with the
-        parameters after the previous update (FAMO, Liu et al. 2023, Eq. 9: the logit update uses
-        ``log L_{t-1}(theta_{t-1}) - log L_{t-1}(theta_t)``). When None, FAMO uses the current
-        batch's ``losses`` in place of ``L_{t-1}(theta_t)`` (no extra forward pass).
-      cross_gramian: optional [K, K] ``J_a J_b^T`` of per-task gradients on two independent
-        mini-batches (the double sampling of SDMGrad, Xiao et al. 2023, Alg. 1, and MoDo, Chen
-        et al. 2023, Eq. 9). When None, both methods use ``gramian`` (single-sample variant).
+      updated_losses: optional [K] ``L_t(theta_{t+1})``: this step's batch re-evaluated with the
+        parameters after this step's update (FAMO, Liu et al. 2023, Eq. 9: the logit update uses
+        ``log L_t(theta_t) - log L_t(theta_{t+1})``). Given to ``Method.after_update`` only.
+      cross_gramian: optional [K, K] ``J_a J_b^T`` of per-task shared gradients on two disjoint
+        halves a, b of the batch (the double sampling of SDMGrad, Xiao et al. 2023, Alg. 1, and
+        MoDo, Chen et al. 2023, Eq. 9), when the method ``wants`` it. When None, both methods use
+        ``gramian`` (single-sample variant).
     """
 
     losses: jax.Array

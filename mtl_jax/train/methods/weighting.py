@@ -168,8 +168,10 @@ def make_gradnorm(num_tasks: int | None = None, alpha: float = 1.5, lr: float = 
     (``lr``) on ``sum_k |G_k - mean(G) r_k^alpha|`` with the target held constant. The returned
     weights are those before the step; ``L(0)`` are the losses of the first update. alpha = 1.5.
 
-    Needs ``MethodInputs.last_shared_gramian`` (norms at the last shared layer, the paper's choice)
-    or, when it is None, ``gramian`` (all shared parameters).
+    Wants ``MethodInputs.last_shared_gramian`` (norms at the last shared layer, the paper's choice;
+    the train step computes it from per-task VJPs restricted to that layer, see
+    ``config.jacobian.last_shared``) and falls back to ``gramian`` (all shared parameters) when it
+    is None. The shared update is one VJP with ``w`` as cotangent (``needs='losses'``).
     """
     check_num_tasks("gradnorm", num_tasks)
     optimizer = optax.adam(lr)
@@ -181,9 +183,10 @@ def make_gradnorm(num_tasks: int | None = None, alpha: float = 1.5, lr: float = 
 
     def update(inputs: MethodInputs, state, key):
         del key
-        gramian = inputs.last_shared_gramian
+        gramian = inputs.gramian if inputs.last_shared_gramian is None else inputs.last_shared_gramian
         if gramian is None:
-            gramian = require(inputs, "gramian", "gradnorm")
+            raise ValueError("gradnorm needs MethodInputs.last_shared_gramian (or gramian); the train step did not "
+                             "provide either.")
         num = inputs.losses.shape[0]
         grad_norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gramian), 0.0))
         initial = jnp.where(inputs.step == 0, inputs.losses, state["initial_losses"])
@@ -200,19 +203,32 @@ def make_gradnorm(num_tasks: int | None = None, alpha: float = 1.5, lr: float = 
         logits, opt = _adam_step(logits, jax.grad(gradnorm_loss)(logits), state["opt"], optimizer)
         return weights, {"logits": logits, "opt": opt, "initial_losses": initial}
 
-    return Method("gradnorm", init, update, "gramian", True)
+    return Method("gradnorm", init, update, "losses", True, wants=("last_shared_gramian",))
 
 
-def make_famo(num_tasks: int | None = None, gamma: float = 0.01, lr: float = 0.025, min_loss: float = 0.0) -> Method:
+def _famo_logit_step(logits, opt_state, optimizer, before, after, min_loss: float):
+    """FAMO's logit update (Liu et al. 2023, Eq. 9): one step of ``optimizer`` on
+    ``J_softmax(xi)^T delta`` with ``delta_k = log(before_k - L*_k) - log(after_k - L*_k)``."""
+    delta = jnp.log(jnp.maximum(before - min_loss, 0.0) + _EPS) - jnp.log(jnp.maximum(after - min_loss, 0.0) + _EPS)
+    _, softmax_vjp = jax.vjp(jax.nn.softmax, logits)
+    (logit_grad,) = softmax_vjp(delta)
+    return _adam_step(logits, logit_grad, opt_state, optimizer)
+
+
+def make_famo(num_tasks: int | None = None, gamma: float = 0.01, lr: float = 0.025, min_loss: float = 0.0,
+              extra_forward: bool = True) -> Method:
     """FAMO (Liu et al., NeurIPS 2023, Alg. 1; official defaults gamma=0.01, w_lr=0.025).
 
     Network objective ``sum_k z_k log(L_k - L*_k) / c`` with ``z = softmax(xi)``,
     ``c = sum_k z_k / (L_k - L*_k)`` held constant, i.e. ``w_k = z_k / (c (L_k - L*_k))``
-    (``L* = min_loss``). Logit update (Eq. 9): with ``delta_k = log(L_k^prev - L*) - log(L_k^after - L*)``
-    the change of each log loss over the last update, ``xi`` takes an Adam step (``lr``, L2 weight
-    decay ``gamma``) on ``J_softmax(xi)^T delta``. It is applied at the next ``update`` call:
-    ``L^after`` is ``MethodInputs.updated_losses`` (the previous batch re-evaluated after the
-    update, FAMO's extra forward) or, when None, the current batch's losses.
+    (``L* = min_loss``). Logit update (Eq. 9): ``xi`` takes an Adam step (``lr``, L2 weight decay
+    ``gamma``) on ``J_softmax(xi)^T delta`` with ``delta_k = log(L_k(theta_t) - L*) -
+    log(L_k(theta_{t+1}) - L*)``, the change of each log loss over the update.
+
+    ``extra_forward=True`` (the paper and the official code): ``after_update`` takes that step
+    with ``L_t(theta_{t+1})`` from the train step's extra no-grad forward on the same batch.
+    ``extra_forward=False`` (cheaper; TorchJD's usage): the step is taken at the next ``update``
+    with the *next* batch's losses ``L_{t+1}(theta_{t+1})`` in place of ``L_t(theta_{t+1})``.
 
     State: ``{'logits', 'opt', 'prev_losses', 'has_prev'}``.
     """
@@ -230,16 +246,11 @@ def make_famo(num_tasks: int | None = None, gamma: float = 0.01, lr: float = 0.0
 
     def update(inputs: MethodInputs, state, key):
         del key
-        after = inputs.losses if inputs.updated_losses is None else inputs.updated_losses
-        delta = jnp.log(jnp.maximum(state["prev_losses"] - min_loss, 0.0) + _EPS) - jnp.log(
-            jnp.maximum(after - min_loss, 0.0) + _EPS
-        )
-        _, softmax_vjp = jax.vjp(jax.nn.softmax, state["logits"])
-        (logit_grad,) = softmax_vjp(delta)
-        stepped, stepped_opt = _adam_step(state["logits"], logit_grad, state["opt"], optimizer)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(state["has_prev"], a, b), new, old)
-        logits, opt = keep((stepped, stepped_opt), (state["logits"], state["opt"]))
-
+        logits, opt = state["logits"], state["opt"]
+        if not extra_forward:  # the lagged step: the current batch's losses stand in for L_{t-1}(theta_t)
+            stepped = _famo_logit_step(logits, opt, optimizer, state["prev_losses"], inputs.losses, min_loss)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(state["has_prev"], a, b), new, old)
+            logits, opt = keep(stepped, (logits, opt))
         z = jax.nn.softmax(logits)
         gaps = jnp.maximum(inputs.losses - min_loss, 0.0) + _EPS
         normaliser = jnp.sum(z / gaps)
@@ -251,7 +262,12 @@ def make_famo(num_tasks: int | None = None, gamma: float = 0.01, lr: float = 0.0
             "has_prev": jnp.ones((), jnp.bool_),
         }
 
-    return Method("famo", init, update, "losses", True)
+    def after_update(inputs: MethodInputs, state):
+        after = require(inputs, "updated_losses", "famo")
+        logits, opt = _famo_logit_step(state["logits"], state["opt"], optimizer, inputs.losses, after, min_loss)
+        return {**state, "logits": logits, "opt": opt}
+
+    return Method("famo", init, update, "losses", True, after_update=after_update if extra_forward else None)
 
 
 def make_stch(num_tasks: int | None = None, mu: float = 1.0, warmup_steps: int = 1) -> Method:

@@ -1,0 +1,302 @@
+"""What the train step feeds the methods beyond losses / Gramian / Jacobian, checked against
+references written here: FAMO's extra forward (two steps by hand), GradNorm's last-shared-layer
+Gramian, SDMGrad / MoDo's cross Gramian of two half-batches, and the Gramian built by VJP + JVP
+columns without materialising J."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import tasks as T
+from mtl_jax.config import apply_overrides, load_config
+from mtl_jax.data import from_arrays
+from mtl_jax.data.pipeline import to_global
+from mtl_jax.train import step as S
+from mtl_jax.train.methods import Method, MethodInputs, get_method
+from mtl_jax.train.trainer import build_experiment
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+LR = 0.1
+
+
+def tiny_dataset(num=64, seed=0):
+    """8 features, two classification tasks and one regression (one learnable, one label noise)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num, 8)).astype(np.float32)
+    arrays = {"x": x, "a": (x[:, 0] + x[:, 1] > 0).astype(np.int32), "b": rng.integers(0, 3, num).astype(np.int32),
+              "c": (x[:, 2:3] * 2.0).astype(np.float32)}
+    tasks = [T.classification("a", 2), T.classification("b", 3), T.regression("c")]
+    return from_arrays("tiny", {"train": arrays, "test": arrays}, tasks, input_key="x")
+
+
+DATASET = tiny_dataset()
+
+
+def batch_of(start=0, size=16):
+    src = DATASET.splits["train"]
+    rows = [src[i] for i in range(start, start + size)]
+    return {k: np.stack([r[k] for r in rows]) for k in ("x", "a", "b", "c")}
+
+
+def experiment(*overrides):
+    config = load_config(os.path.join(ROOT, "configs", "digits_mlp.py"))
+    config = apply_overrides(config, ["model.trunk_kwargs.features=(16, 8)", "optim.name='sgd'", f"optim.lr={LR}",
+                                      "mesh.data=1", "mesh.model=1", "batch_size=16", "progress_bar=False"]
+                             + list(overrides))
+    return build_experiment(config, DATASET)
+
+
+@functools.lru_cache(maxsize=None)
+def plain_experiment():
+    """The EW experiment (every test's model; all experiments here build the same model)."""
+    return experiment()
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn():
+    forward = S.make_forward(plain_experiment().model, DATASET.tasks, "x")
+    return jax.jit(lambda params, batch: forward(params, {}, batch, jax.random.key(0), True)[0])
+
+
+def losses_fn(exp=None):
+    """``loss(params, batch) -> [K]``, jitted once (the model is the same in every experiment here)."""
+    del exp
+    return _loss_fn()
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_jacobian_fn():
+    loss = _loss_fn()
+
+    def flat_jacobian(params, batch):
+        jac = jax.jacrev(lambda s: loss({"shared": s, "heads": params["heads"]}, batch))(params["shared"])
+        return jnp.concatenate([j.reshape(3, -1) for j in jax.tree.leaves(jac)], axis=1)
+
+    return jax.jit(flat_jacobian)
+
+
+def shared_jacobian(exp, params, batch):
+    """[K, P] per-task gradients of the shared parameters, by jax.jacrev (the reference)."""
+    del exp
+    return np.asarray(_shared_jacobian_fn()(params, batch), np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_grad_fn():
+    loss = _loss_fn()
+    return jax.jit(jax.grad(lambda params, batch, w: jnp.dot(w, loss(params, batch))))
+
+
+def weighted_grad(params, batch, weights):
+    """grad of sum_k w_k L_k over every parameter (jitted reference)."""
+    return _weighted_grad_fn()(params, batch, jnp.asarray(weights, jnp.float32))
+
+
+def sgd(params, grads):
+    return jax.tree.map(lambda p, g: p - LR * g, params, grads)
+
+
+# ------------------------------------------------------------------------------------------- FAMO
+
+
+def famo_reference(exp, params, batches, steps=2, gamma=0.01, lr=0.025):
+    """FAMO by hand (Liu et al. 2023, Alg. 1): w = z / (c L), SGD on sum_k w_k L_k, then the
+    no-grad loss at theta_{t+1} on the same batch and one Adam step (+ L2 decay) on the logits."""
+    loss = losses_fn(exp)
+    logits, m, v = np.zeros(3), np.zeros(3), np.zeros(3)
+    all_weights = []
+    for t in range(steps):
+        before = np.asarray(loss(params, batches[t]), np.float64)
+        z = np.exp(logits) / np.exp(logits).sum()
+        weights = z / (np.sum(z / before) * before)
+        all_weights.append(weights)
+        params = sgd(params, weighted_grad(params, batches[t], weights))
+        after = np.asarray(loss(params, batches[t]), np.float64)
+        delta = np.log(before) - np.log(after)
+        grad = z * (delta - z @ delta) + gamma * logits  # softmax VJP, then add_decayed_weights
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad**2
+        m_hat, v_hat = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
+        logits = logits - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+    return params, logits, all_weights
+
+
+def test_famo_extra_forward_matches_two_steps_by_hand():
+    exp = experiment("method.name='famo'")
+    state = exp.init()
+    params0 = jax.device_get(state.params)
+    batches = [batch_of(0), batch_of(16)]
+    outs = []
+    for b in batches:
+        state, out = exp.train_step(state, to_global(b, exp.data_sharding))
+        outs.append(out)
+    want_params, want_logits, want_weights = famo_reference(exp, params0, batches)
+    np.testing.assert_allclose(np.asarray(state.method_state["logits"]), want_logits, rtol=1e-3, atol=1e-6)
+    for out, w in zip(outs, want_weights):
+        np.testing.assert_allclose(np.asarray(out["weights"]), w, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # The logits moved: after step 1 they are not the zeros a method without the extra forward would keep.
+    assert np.abs(want_logits).min() > 1e-3
+
+
+# ---------------------------------------------------------------------------- recording methods
+
+
+def recording(needs="losses", wants=()):
+    """A method that returns ones and keeps what the step fed it in its state."""
+    fields = ("gramian", "last_shared_gramian", "cross_gramian")
+
+    def init(num_tasks):
+        return {f: jnp.zeros((num_tasks, num_tasks), jnp.float32) for f in fields}
+
+    def update(inputs, state, key):
+        del key
+        got = {f: getattr(inputs, f) for f in fields}
+        return jnp.ones_like(inputs.losses), {f: state[f] if got[f] is None else got[f] for f in fields}
+
+    return Method("record", init, update, needs, False, wants=wants)
+
+
+def init_params(exp=None):
+    del exp
+    return jax.device_get(plain_experiment().init().params)
+
+
+def test_last_shared_layer_defaults_to_the_trunks_last_layer_in_creation_order():
+    exp = plain_experiment()
+    sample = jnp.zeros((1, 8))
+    assert S.last_shared_layer(exp.model, sample) == "^shared/dense_1/[^/]+$"
+    vit = load_config(os.path.join(ROOT, "configs", "multimnist_vit.py"))
+    from mtl_jax.models import build_model
+
+    model = build_model(vit.model, [T.classification("l", 10), T.classification("r", 10)])
+    # sorted order would give 'pos_embed'; the ViT applies its final LayerNorm last
+    assert S.last_shared_layer(model, jnp.zeros((1, 36, 36, 1))) == "^shared/ln_final/[^/]+$"
+    with pytest.raises(ValueError, match="matches no shared parameter"):
+        S.leaf_selector("nope")(init_params(exp)["shared"])
+
+
+def test_last_shared_gramian_is_the_last_layers_gradient_gramian():
+    exp = plain_experiment()
+    params, batch = init_params(exp), batch_of(0)
+    method = recording(wants=("last_shared_gramian",))
+    options = S.gradient_options(exp_config_jacobian(), method, exp.model, jnp.zeros((1, 8)))
+    losses, vjp_fn = jax.vjp(lambda p: losses_fn(exp)(p, batch), params)
+    _, _, state = jax.jit(lambda: S.task_gradients(method, losses, vjp_fn, method.init(3), jnp.int32(0),
+                                                   jax.random.key(0), options))()
+    full = shared_jacobian(exp, params, batch)
+    # flattened in sorted leaf order: dense_0/{bias, kernel}, dense_1/{bias, kernel}
+    start = sum(x.size for x in jax.tree.leaves(params["shared"]["dense_0"]))
+    last = full[:, start:]
+    assert last.shape[1] == 16 * 8 + 8
+    np.testing.assert_allclose(np.asarray(state["last_shared_gramian"]), last @ last.T, rtol=1e-4, atol=1e-7)
+
+
+def exp_config_jacobian(**kw):
+    config = load_config(os.path.join(ROOT, "configs", "digits_mlp.py"))
+    for k, v in kw.items():
+        config.jacobian[k] = v
+    return config.jacobian
+
+
+def test_gradnorm_in_the_step_moves_weight_to_the_slower_task():
+    """Task 'b' has random labels (its loss ratio stays ~1), 'a' and 'c' are learnable: GradNorm
+    (Sec. 3.2) raises the target norm of the task with the largest inverse training rate, so its
+    weight grows above the others' while the weights keep summing to K."""
+    exp = experiment("method.name='gradnorm'", "method.lr=0.05", "optim.lr=0.05")
+    state = exp.init()
+    for i in range(40):
+        state, out = exp.train_step(state, to_global(batch_of(16 * (i % 4)), exp.data_sharding))
+    w, losses = np.asarray(out["weights"]), np.asarray(out["losses"])
+    initial = np.asarray(state.method_state["initial_losses"])
+    rates = (losses / initial) / np.mean(losses / initial)
+    assert np.argmax(rates) == 1 and np.argmax(w) == 1, (w, rates)
+    assert abs(w.sum() - 3) < 1e-4
+
+
+# ------------------------------------------------------------------------- cross Gramian (halves)
+
+
+def test_cross_gramian_of_halves_matches_two_explicit_batches():
+    exp = plain_experiment()
+    params, batch = init_params(exp), batch_of(0)
+    forward = S.make_forward(exp.model, DATASET.tasks, "x")
+    even = {k: v[0::2] for k, v in batch.items()}
+    odd = {k: v[1::2] for k, v in batch.items()}
+    want = shared_jacobian(exp, params, even) @ shared_jacobian(exp, params, odd).T
+    assert not np.allclose(want, want.T, atol=1e-4)  # a cross Gramian, not a Gramian
+    for mode, chunk in (("materialize", 0), ("vjp_jvp", 2)):
+        options = S.GradientOptions(chunk=chunk, gramian_mode=mode)
+        got = jax.jit(lambda p, b: S.cross_gramian_of_halves(forward, p, {}, b, jax.random.key(0), 3, options))(
+            params, jax.tree.map(jnp.asarray, batch))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7, err_msg=mode)
+
+
+def test_sdmgrad_step_uses_the_cross_gramian_and_one_full_batch_combination():
+    exp = experiment("method.name='sdmgrad'")
+    state = exp.init()
+    params, batch = jax.device_get(state.params), batch_of(0)
+    even = {k: v[0::2] for k, v in batch.items()}
+    odd = {k: v[1::2] for k, v in batch.items()}
+    cross = shared_jacobian(exp, params, even) @ shared_jacobian(exp, params, odd).T
+    loss = losses_fn(exp)(params, batch)
+    method = get_method("sdmgrad", num_tasks=3)
+    w, _ = method.update(MethodInputs(losses=loss, step=jnp.int32(0), cross_gramian=jnp.asarray(cross)),
+                         method.init(3), None)
+    shared = weighted_grad(params, batch, w)["shared"]
+    heads = weighted_grad(params, batch, np.ones(3))["heads"]
+    want = sgd(params, {"shared": shared, "heads": heads})
+    state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
+    np.testing.assert_allclose(np.asarray(out["weights"]), np.asarray(w), rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    full = shared_jacobian(exp, params, batch)
+    w_single, _ = method.update(MethodInputs(losses=loss, step=jnp.int32(0), gramian=jnp.asarray(full @ full.T)),
+                                method.init(3), None)
+    assert not np.allclose(w, w_single, atol=1e-4)  # the cross Gramian changed the weights
+
+
+# ------------------------------------------------------------------------------ Gramian by JVPs
+
+
+def test_gramian_by_vjp_jvp_equals_the_materialised_gramian():
+    exp = plain_experiment()
+    params, batch = init_params(exp), batch_of(0)
+    full = shared_jacobian(exp, params, batch)
+    for chunk in (0, 2):  # all columns at once; 2 + 1 columns
+
+        def gram(p, b):
+            _, vjp_fn, jvp_fn = S.linearize(lambda q: losses_fn(exp)(q, b), p)
+            return S.params_gramian_by_jvp(vjp_fn, jvp_fn, p, 3, jnp.float32, chunk)
+
+        got = jax.jit(gram)(params, jax.tree.map(jnp.asarray, batch))
+        np.testing.assert_allclose(np.asarray(got), full @ full.T, rtol=1e-4, atol=1e-7, err_msg=str(chunk))
+
+
+def test_vjp_jvp_step_equals_the_materialised_step():
+    results = []
+    for mode in ("materialize", "vjp_jvp"):
+        exp = experiment("method.name='upgrad'", f"jacobian.gramian_mode='{mode}'", "jacobian.chunk=2")
+        state = exp.init()
+        for i in range(2):
+            state, out = exp.train_step(state, to_global(batch_of(16 * i), exp.data_sharding))
+        results.append((jax.device_get(state.params), np.asarray(out["weights"])))
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_gradient_options_name_the_problem():
+    method = get_method("mgda", num_tasks=3)
+    with pytest.raises(ValueError, match="unknown jacobian.gramian_mode 'jvp'.*materialize"):
+        S.gradient_options(exp_config_jacobian(gramian_mode="jvp"), method)
+    with pytest.raises(ValueError, match="set config.jacobian.last_shared"):
+        S.gradient_options(exp_config_jacobian(), get_method("gradnorm", num_tasks=3))
+    with pytest.raises(ValueError, match="gramian_mode='vjp_jvp' applies to the parameter-level"):
+        experiment("method.name='mgda'", "jacobian.gramian_mode='vjp_jvp'", "sharpness.kind='fmtl'")
+    with pytest.raises(ValueError, match="even batch size"):
+        S.half_batches({"x": jnp.zeros((5, 2))})
