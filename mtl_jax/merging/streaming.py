@@ -1,37 +1,48 @@
 """Streaming model merging: checkpoints are read and the merged model written leaf by leaf.
 
 A merge of T fine-tuned models then needs memory for about one leaf per input plus the output
-leaf (and the fp32 task-vector stack of that leaf), not T + 1 whole models. The merge math is the
-in-memory code of this package, called on small ``{name: leaf}`` groups:
+leaf, not T + 1 whole models. Two kinds of per-leaf code:
 
-* per-leaf methods (weight averaging, task arithmetic, DARE with ``combine="ta"``, Consensus TA)
-  read every input once;
-* methods with model-wide statistics first stream the inputs to compute those statistics
-  exactly, then stream again to write the output:
+* numpy kernels over chunks of ``CHUNK`` entries (weight averaging, task arithmetic, DARE with
+  ``combine="ta"``, Consensus TA, global TIES): the inputs are zero-copy views of the mapped
+  safetensors files, every temporary lives in a reused (T, CHUNK) workspace, and each output
+  leaf is written with one write. They repeat the in-memory code's arithmetic operation for
+  operation (tests: streaming == in-memory);
+* the in-memory jitted code of this package called on small ``{name: leaf}`` groups (per-tensor
+  TIES, DARE-TIES, Consensus TIES, LiNeS).
 
-  - the TIES top-k threshold per task (Yadav et al. 2023): the exact k-th largest |tau_t| over
-    the whole model, found by the same search as :func:`mtl_jax.merging.threshold.kth_largest_abs`
-    (count of int32 bit patterns ``bits(|x|) >= v``, monotone for non-negative floats), resolved
-    16 bits per pass as a radix select: pass 1 sums per-leaf histograms of the high 16 bits, pass
-    2 histograms the low 16 bits inside the bin holding the k-th value. Same value, same tie rule
-    (keep ``|x| >= v_k``) as the in-memory code;
-  - the TIES model-wide majority sign used where ``sum_t tau_t`` is exactly 0 (one counting pass,
-    also for per-tensor TIES and DARE-TIES);
+Per-leaf methods read every input once. Methods with model-wide statistics:
+
+  - global TIES (Yadav et al. 2023), two passes, exact: pass 1 histograms the float32 bit
+    pattern of every |tau_t| (``bits >> 14``, exact int64 counts; the bit pattern is monotone
+    for non-negative floats, as in :func:`mtl_jax.merging.threshold.kth_largest_abs`), which
+    puts each task's k-th largest |tau_t| in one bucket. Pass 2 writes the output: an entry
+    outside its bucket is kept or dropped as by the exact threshold, so only positions with a
+    bucket entry (or an exactly cancelling trimmed sum, where the model-wide majority sign
+    decides) are kept aside; the bucket entries then give the exact thresholds, those positions
+    complete the majority count and are patched into the output. Same value and tie rule (keep
+    ``|x| >= v_k``) as the in-memory code (:func:`stream_ties_global`);
+  - the TIES threshold alone for Consensus TIES / LiNeS: the histogram pass and a pass that
+    keeps the bucket entries (:func:`ties_thresholds`), and a majority-sign pass (also for
+    per-tensor TIES and DARE-TIES);
   - the LiNeS L1 norms ``||sum_t tau_t||_1`` and ``||tau_merged||_1`` (one pass).
 
 Leaves are visited in sorted-name order, the order ``jax.tree_util`` gives a flat ``{name:
-array}`` dict (what ``safetensors.numpy.load_file`` returns), so DARE's per-leaf keys
-``fold_in(key, i)`` and every result equal the in-memory merge of the loaded flat dicts.
+array}`` dict (what ``safetensors.numpy.load_file`` returns), so DARE's per-leaf masks
+(:func:`mtl_jax.merging.ties.dare_keep`, leaf index i) and every result equal the in-memory merge
+of the loaded flat dicts.
 
-Formats: safetensors files (header parsed here, leaves read with ``pread`` into a fresh buffer,
-or ``mmap=True`` for zero-copy ``np.memmap`` views; bf16/fp8 via ml_dtypes) and orbax PyTree
-checkpoints (metadata for shapes, then a partial restore of just the leaves of a group). Output:
+Formats: safetensors files (header parsed here; the kernels map the file and drop each leaf's
+pages from the process after use, ``read`` gives a fresh buffer filled by ``readinto``, or a
+``np.memmap`` view with ``mmap=True``; bf16/fp8 via ml_dtypes) and orbax PyTree checkpoints
+(metadata for shapes, then a partial restore of just the leaves of a group). Output:
 safetensors written incrementally (header first, then each leaf as it is merged; renamed into
 place on success), or orbax (the output tree is collected and saved at the end, so that format
 holds one output model in memory).
 
 ``memory_budget`` (bytes) groups consecutive leaves whose estimated working set
-(:func:`leaf_working_set`) fits; a leaf that alone does not fit raises ``ValueError`` naming it.
+(:func:`leaf_working_set`) fits (orbax reads and jitted cores work per group; the numpy kernels
+need less); a leaf that alone does not fit raises ``ValueError`` naming it.
 """
 
 from __future__ import annotations

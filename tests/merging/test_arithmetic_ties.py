@@ -168,3 +168,21 @@ def test_dare_ties_equals_ties_without_trim_on_dropped_vectors(small_models):
     np.testing.assert_allclose(flat(out), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="combine"):
         dare_merging(p0, fts, key=key, combine="nope")
+
+
+def test_dare_keep_is_a_counter_based_bernoulli_stream():
+    """The DARE generator: keep rate 1 - p within 5 sigma over 2**21 draws, any chunk of a leaf
+    drawn alone equals that slice of the whole draw, and tasks / leaves / neighbouring entries
+    are uncorrelated (|corr| < 5 / sqrt(n))."""
+    from mtl_jax.merging.ties import dare_keep, drop_threshold
+
+    key, n, p = jax.random.key(3), 1 << 21, 0.9
+    keep = np.asarray(dare_keep(key, 5, 2, jnp.arange(n, dtype=jnp.uint32), p))
+    assert abs(keep.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / keep.size)
+    chunk = np.asarray(dare_keep(key, 5, 2, jnp.arange(1000, 3000, dtype=jnp.uint32), p))
+    np.testing.assert_array_equal(chunk, keep[:, 1000:3000])
+    other_leaf = np.asarray(dare_keep(key, 6, 1, jnp.arange(n, dtype=jnp.uint32), p))[0]
+    corr = lambda a, b: np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1]
+    for a, b in [(keep[0], keep[1]), (keep[0], other_leaf), (keep[0][:-1], keep[0][1:])]:
+        assert abs(corr(a, b)) < 5 / np.sqrt(n)
+    assert drop_threshold(0.5) == 2**31 and drop_threshold(0.0) == 0  # exactly p where p * 2**32 is an integer

@@ -226,3 +226,16 @@ def test_peak_memory_below_inputs(tmp_path):
     for method, peak in extra.items():
         assert peak < inputs_total / 2, (method, peak, inputs_total)
         assert peak < budget + (8 << 20), (method, peak, budget)
+
+
+@pytest.mark.parametrize("top_k", [0.0, 1.0, 0.05])
+def test_global_ties_extreme_top_k(tmp_path, flat_models, top_k):
+    """k = 0 (threshold +inf, nothing kept), k = N (everything kept) and a small k: the
+    histogram + deferred-bucket TIES equals the in-memory bisection."""
+    p0, fts = flat_models
+    src, paths = _save_models(tmp_path, p0, fts)
+    S.stream_merge(src, paths, str(tmp_path / "o.safetensors"), "ties", top_k=top_k)
+    merged = S.load_safetensors(str(tmp_path / "o.safetensors"))
+    expected = jit_merge(ties_merging, top_k=top_k)(p0, fts)
+    for k in p0:
+        np.testing.assert_allclose(merged[k], np.asarray(expected[k]), rtol=1e-6, atol=1e-7, err_msg=k)
