@@ -449,7 +449,8 @@ def learned_module():
 def learned_methods(config, ctx: Context, tasks, seed: int) -> dict:
     """AdaMerging (task-wise, layer-wise, layer-wise++; Yang et al. ICLR 2024) minimising the summed
     mean prediction entropy (their Eq. 4) on unlabelled test batches of ``batch_per_task`` images
-    per task drawn from a pool of ``pool_per_task`` test images; aTLAS (Zhang et al. NeurIPS 2024)
+    per task drawn from a pool of the first ``pool_per_task`` test images of every task (fewer if a
+    task has fewer); aTLAS (Zhang et al. NeurIPS 2024)
     minimising the cross-entropy on the last ``atlas_examples_per_task`` labelled validation
     examples per task (disjoint from the first ``val_per_task`` used by ``validate``, which keeps
     the best coefficients by mean normalised validation accuracy). Empty when
@@ -460,7 +461,8 @@ def learned_methods(config, ctx: Context, tasks, seed: int) -> dict:
     c = config.learned
     trunk, template, heads = ctx.trunk, ctx.template, ctx.heads
     num = len(heads)
-    pool = jnp.stack([jnp.asarray(t.splits["test"][0][: c.pool_per_task]) for t in tasks])  # [T, P, ...]
+    size = min([c.pool_per_task] + [len(t.splits["test"][1]) for t in tasks])  # equal pools: digits has 359
+    pool = jnp.stack([jnp.asarray(t.splits["test"][0][:size]) for t in tasks])  # [T, P, ...]
     n_lab = c.atlas_examples_per_task
     for t in tasks:
         if len(t.splits["val"][1]) < n_lab + config.merge.val_per_task:
