@@ -84,7 +84,7 @@ def test_param_tree_outputs_and_gates(name):
 
 
 def test_registry_and_unknown_options():
-    assert set(ARCHS) | {"hps"} == set(MODELS)
+    assert set(ARCHS) | {"hps"} <= set(MODELS)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['experts'\] for model 'mmoe'; valid options: "
                                          r"\['num_experts'\]"):
         build_model(config("mmoe", experts=3), TASKS)

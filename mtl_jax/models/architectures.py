@@ -14,14 +14,14 @@ model name        trunk registry                arch_kwargs (defaults)
 ``mtan``          STAGED_TRUNKS                 (none)
 ``cross_stitch``  STAGED_TRUNKS                 alpha_self=1.0, alpha_other=1.0
 ``ltb``           STAGED_TRUNKS                 epochs=100, steps_per_epoch=100
-``m3vit``         (its own MoE ViT)             patch_size=4, dim=64, depth=4, num_heads=4, mlp_dim=128,
-                                                num_experts=8, top_k=2, capacity_factor=1.25, moe_every=2,
-                                                load_balance_weight=0.01, mi_weight=0.0
-``mod_squad``     (its own MoE ViT)             as m3vit, with moe_every=1, mi_weight=0.01
 ``unifork``       TRUNKS: vit                   shared_depth=2
 ``taskexpert``    TRUNKS: vit                   num_experts=4, expert_dim=64, gating='token'
 ``slimmable``     (its own slimmable layers)    encoder_features=(20, 40), decoder_hidden=(128,), kernel_size=5,
                                                 padding='VALID', widths=(0.25, 0.5, 0.75, 1.0)
+``m3vit``         (its own MoE ViT)             patch_size=4, dim=64, depth=4, num_heads=4, mlp_dim=128,
+                                                num_experts=8, top_k=2, capacity_factor=1.25, moe_every=2,
+                                                load_balance_weight=0.01, mi_weight=0.0
+``mod_squad``     (its own MoE ViT)             as m3vit, with moe_every=1, mi_weight=0.01
 ================  ============================  ==========================================
 """
 
@@ -83,6 +83,15 @@ ARCHITECTURES = {name: functools.partial(_architecture, cls, name, staged=staged
                  for name, (cls, staged) in _SPECS.items()}
 
 
+def _slimmable(cfg, tasks: Sequence) -> nn.Module:
+    """Slimmable encoder + decoders (Aich et al. 2023); its own layers: ``cfg.trunk`` / ``cfg.head`` are not read."""
+    return _build({"slimmable": SlimmableMTL}, "slimmable", _options(cfg, "arch_kwargs"), "model",
+                  tasks=tuple((t.name, t.num_outputs) for t in tasks))
+
+
+ARCHITECTURES["slimmable"] = _slimmable
+
+
 def _task_moe_vit(cls: type, name: str, cfg, tasks: Sequence) -> nn.Module:
     """M3ViT / Mod-Squad (moe_vit.py): the ViT options are ``cfg.arch_kwargs``; ``cfg.head`` per task."""
     if _options(cfg, "trunk_kwargs"):
@@ -93,12 +102,3 @@ def _task_moe_vit(cls: type, name: str, cfg, tasks: Sequence) -> nn.Module:
 
 ARCHITECTURES.update({name: functools.partial(_task_moe_vit, cls, name)
                       for name, cls in (("m3vit", M3ViT), ("mod_squad", ModSquad))})
-
-
-def _slimmable(cfg, tasks: Sequence) -> nn.Module:
-    """Slimmable encoder + decoders (Aich et al. 2023); its own layers: ``cfg.trunk`` / ``cfg.head`` are not read."""
-    return _build({"slimmable": SlimmableMTL}, "slimmable", _options(cfg, "arch_kwargs"), "model",
-                  tasks=tuple((t.name, t.num_outputs) for t in tasks))
-
-
-ARCHITECTURES["slimmable"] = _slimmable
