@@ -59,6 +59,7 @@ MULTIMNIST_BUDGET = ("data.num_train=10000", "data.num_test=2000", "batch_size=6
 # Other task families (MultiTab-Bench, PDEs): their own data and model sizes, the step count capped.
 FAMILY_BUDGET = ("num_steps=300", "log_every=25", "checkpoint.enabled=False")
 SMOKE_BUDGET = ("checkpoint.enabled=False",)
+NOT_RUN = "not run (--report-only: no earlier run with these settings)"
 MAX_WARMUP_FRACTION = 0.1  # a config's lr warm-up is cut to this fraction of a shortened run
 
 
@@ -203,7 +204,7 @@ def table_rows(records: dict, tasks: list) -> list:
     rows = []
     for name, rec in records.items():
         if "error" in rec:
-            rows.append(f"| {name} | failed: {rec['error']} |" + " |" * (len(tasks) + 5))
+            rows.append(f"| {name} | {rec['error']} |" + " |" * (len(tasks) + 5))
             continue
         per_task = [[r["results"][t.name][t.metrics[0]] for r in rec["runs"]] for t in tasks]
         average = np.mean(np.asarray(per_task, float), axis=0)
@@ -248,9 +249,9 @@ def family_budget(family: str, smoke: bool, full: bool) -> tuple:
 
 
 def error_text(e: Exception) -> str:
-    """'TypeName: first line of the message' (at most 200 characters of it)."""
+    """'failed: TypeName: first line of the message' (at most 200 characters of it)."""
     text = str(e).splitlines()[0][:200] if str(e) else ""
-    return f"{type(e).__name__}: {text}".replace("|", "/")
+    return f"failed: {type(e).__name__}: {text}".replace("|", "/")
 
 
 def enable_compile_cache(path: str) -> None:
@@ -278,19 +279,23 @@ def reusable(family: dict, overrides: list, seeds: list, baseline_spec: str) -> 
     return family if same else None
 
 
-def start_family(entry: Entry, arg: str, overrides: list, seeds: list, previous: dict, workdir: str) -> dict:
+def start_family(entry: Entry, arg: str, overrides: list, seeds: list, previous: dict, workdir: str,
+                 command: str, train: bool = True) -> dict:
     """A family's record: its budget, tasks and single-task baselines (reused from ``previous`` when it
     used the same overrides, seeds and baseline config, with its architecture runs under 'earlier'),
-    or ``{'error': ...}`` when the baselines fail."""
+    or ``{'error': ...}`` when the baselines fail (or are not in ``previous`` and ``train`` is False)."""
     baseline_spec = with_arg(entry.baseline, arg)
     record = {"overrides": overrides, "seeds": seeds, "baseline_config": baseline_spec}
+    old = reusable(previous, overrides, seeds, baseline_spec)
+    if not (old or train):
+        return {**record, "error": NOT_RUN}
     try:
         tasks = architecture_cost(baseline_spec, overrides)["tasks"]
-        old = reusable(previous, overrides, seeds, baseline_spec)
         single = old["single_task"] if old else single_task_baselines(baseline_spec, tasks, overrides, seeds, workdir)
     except Exception as e:  # noqa: BLE001 -- a family whose baselines fail is reported, the others run
         traceback.print_exc()
         return {**record, "error": error_text(e)}
+    record["command"] = old.get("command", "") if old else command  # the invocation that trained the baselines
     return {**record, "tasks": tasks, "baselines": baseline_means(single), "single_task": single,
             "architectures": {}, "earlier": dict(old["architectures"]) if old else {}}
 
@@ -300,11 +305,13 @@ def render(dump: dict, command: str) -> list:
     lines = []
     for name, family in dump.items():
         if "error" in family:
-            lines += [f"### {name}: single-task baselines failed: {family['error']}", ""]
+            lines += [f"### {name}: single-task baselines {family['error']}", ""]
             continue
         caption = caption_for(name, family["overrides"], family["seeds"], family["baseline_config"])
         lines += family_table(name, family["architectures"], family["tasks"], family["baselines"], caption) + [""]
-    return lines + [f"Produced by: `{command}`"]
+    earlier = sorted({f.get("command") for f in dump.values() if f.get("command") not in (None, "", command)})
+    reused = [f" Runs kept from `{c}` (same settings, --reuse / --report-only)." for c in earlier]
+    return lines + [f"Produced by: `{command}`." + "".join(reused)]
 
 
 def write_results(out: str, lines: list, dump: dict) -> None:
@@ -328,6 +335,8 @@ def main(argv=None):
     parser.add_argument("--compile-cache", default="", help="jax persistent compilation cache directory: seeds "
                         "after the first reuse the compiled steps (default <workdir>/jax_cache; 'off' disables)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "architectures"))
+    parser.add_argument("--report-only", action="store_true", help="--reuse and train nothing: the tables of "
+                        "the runs in --out's JSON (e.g. after a stopped run), the others marked 'not run'")
     parser.add_argument("--reuse", action="store_true", help="keep the runs already in --out's JSON that have the "
                         "same config, overrides and seeds (baselines, architectures); train the rest")
     args, rest = parser.parse_known_args(argv)
@@ -341,20 +350,24 @@ def main(argv=None):
     if args.compile_cache != "off":
         enable_compile_cache(args.compile_cache or os.path.join(args.workdir, "jax_cache"))
     command = " ".join(["python experiments/architectures.py"] + (argv if argv is not None else sys.argv[1:]))
-    previous = load_previous(args.out) if args.reuse else {}
+    previous = load_previous(args.out) if args.reuse or args.report_only else {}
     dump = {}
     for entry in entries:  # in the order of --archs: a family's baselines are trained at its first entry
         if entry.family not in dump:
             overrides = list(family_budget(entry.family, args.smoke, args.full)) + user
             dump[entry.family] = start_family(entry, arg, overrides, seeds, previous.get(entry.family, {}),
-                                              os.path.join(args.workdir, entry.family))
+                                              os.path.join(args.workdir, entry.family), command,
+                                              train=not args.report_only)
         family = dump[entry.family]
         if "error" not in family:
             spec = with_arg(entry.config, arg)
-            earlier = family.pop("earlier", {}).get(entry.name, {})
-            family["architectures"][entry.name] = earlier if earlier.get("config") == spec else run_or_error(
-                dataclasses.replace(entry, config=spec), family["overrides"], seeds, family["baselines"],
-                os.path.join(args.workdir, entry.family))
+            earlier = family.get("earlier", {}).get(entry.name, {})
+            if earlier.get("config") == spec:
+                family["architectures"][entry.name] = earlier
+            else:
+                family["architectures"][entry.name] = {"error": NOT_RUN} if args.report_only else run_or_error(
+                    dataclasses.replace(entry, config=spec), family["overrides"], seeds, family["baselines"],
+                    os.path.join(args.workdir, entry.family))
         lines = render(dump, command)
         write_results(args.out, lines, dump)  # after every architecture
     print("\n".join(lines))

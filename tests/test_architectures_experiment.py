@@ -67,7 +67,7 @@ def test_script_writes_table_reports_failures_and_reuses_runs(configs_dir, data_
         (configs / name).write_text(open(os.path.join(configs_dir, name)).read())
     (configs / "multimnist_bad.py").write_text(TINY.replace("{arch}", "config.model.name = 'no_such_model'"))
     out = str(tmp_path / "table")
-    args = ["--archs=mmoe,bad", "--seeds=0,1", f"--configs={configs}", f"--workdir={tmp_path / 'runs'}", f"--out={out}",
+    args = ["--archs=mmoe,bad", "--seeds=3", f"--configs={configs}", f"--workdir={tmp_path / 'runs'}", f"--out={out}",
             f"--compile-cache={tmp_path / 'cache'}", "--full", "--config.checkpoint.enabled=False"]
     dump = A.main(args)
     family = json.load(open(out + ".json"))["multimnist"]
@@ -75,10 +75,10 @@ def test_script_writes_table_reports_failures_and_reuses_runs(configs_dir, data_
     baselines = family["baselines"]
     for task in ("digit", "parity"):  # single-task runs: one per task and seed, trained on that task only
         runs = family["single_task"][task]
-        assert len(runs) == 2 and list(runs[0]["results"]) == [task]
-        assert baselines[task]["accuracy"] == pytest.approx(np.mean([r["results"][task]["accuracy"] for r in runs]))
+        assert len(runs) == 1 and list(runs[0]["results"]) == [task]
+        assert baselines[task] == runs[0]["results"][task]
     mmoe = family["architectures"]["mmoe"]
-    assert len(mmoe["runs"]) == 2 and mmoe["flops_per_example"] > 0
+    assert len(mmoe["runs"]) == 1 and mmoe["flops_per_example"] > 0
     assert mmoe["params"] > A.architecture_cost(str(configs / "multimnist.py"), [])["params"]  # 2 expert MLPs + gates
     for run in mmoe["runs"]:
         expected = -50 * sum(run["results"][t]["accuracy"] / baselines[t]["accuracy"] - 1 for t in baselines)
@@ -88,11 +88,23 @@ def test_script_writes_table_reports_failures_and_reuses_runs(configs_dir, data_
     assert "| digit accuracy (%) ↑ | parity accuracy (%) ↑ | average | Δm% ↓ | params | FLOPs / example |" in table
     assert "| bad | failed: " in table
     row = next(line for line in table.splitlines() if line.startswith("| mmoe |"))
-    assert f"{np.mean([r['delta_m'] for r in mmoe['runs']]):.2f} ± " in row and A.fmt_count(mmoe["params"]) in row
+    assert f"| {mmoe['runs'][0]['delta_m']:.2f} |" in row and A.fmt_count(mmoe["params"]) in row
 
     again = A.main(args + ["--reuse"])["multimnist"]  # same runs kept (their timings too), nothing retrained
     assert again["single_task"] == dump["multimnist"]["single_task"]
     assert again["architectures"]["mmoe"]["runs"] == dump["multimnist"]["architectures"]["mmoe"]["runs"]
+    report = A.main([a for a in args if not a.startswith("--archs")] + ["--archs=mmoe,hps", "--report-only"])
+    assert report["multimnist"]["architectures"]["mmoe"]["runs"] == again["architectures"]["mmoe"]["runs"]
+    assert report["multimnist"]["architectures"]["hps"] == {"error": A.NOT_RUN}  # never trained: marked, not run
+    assert f"| hps | {A.NOT_RUN} |" in open(out + ".md").read()
+
+
+def test_baselines_are_seed_means_and_cells_show_mean_and_std():
+    single = {"a": [{"results": {"a": {"accuracy": 0.5, "loss": 1.0}}}, {"results": {"a": {"accuracy": 0.7, "loss": 3.0}}}]}
+    assert A.baseline_means(single) == {"a": {"accuracy": pytest.approx(0.6), "loss": pytest.approx(2.0)}}
+    assert A.fmt_metric([0.5, 0.7], "accuracy") == "60.00 ± 10.00"
+    assert A.fmt_metric([0.1, 0.3], "relative_l2") == "0.2 ± 0.1"
+    assert A.fmt_count(95_780) == "95.78k" and A.fmt_count(3.3e6) == "3.30M"
 
 
 @pytest.mark.slow  # real MultiMNIST configs at :smoke (minutes on 2 cores); the test above covers the script
