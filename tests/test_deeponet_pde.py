@@ -58,7 +58,7 @@ def darcy_error(n, half_domain: bool):
     return float(jnp.abs(solution - jnp.where(mask, u(xi, yi), 0.0)).max())
 
 
-@pytest.mark.parametrize("half_domain", [False, True], ids=["square", "masked_half"])
+@pytest.mark.parametrize("half_domain", [pytest.param(False, marks=pytest.mark.slow), True], ids=["square", "masked_half"])
 def test_darcy_solver_is_second_order(half_domain):
     errors = [darcy_error(n, half_domain) for n in (8, 16, 32)]
     assert np.all(observed_orders(errors) > 1.8), errors
