@@ -216,3 +216,29 @@ def test_delta_m_matches_hand_computation():
     baselines = {"a": {"accuracy": 0.8}, "b": {"mae": 0.4}}
     # a: -(0.9-0.8)/0.8 = -12.5%; b: +(0.5-0.4)/0.4 = +25%  -> mean 6.25
     assert delta_m(results, baselines, tasks) == pytest.approx(6.25)
+
+
+# The architectures whose MultiMNIST config run is slow-only (SLOW_CONFIGS) train end to end here on
+# scikit-learn digits with small MLP encoders / a tiny MoE ViT: the same trainer path in a few seconds.
+FAST_ARCHITECTURES = {
+    "mmoe": ("model.trunk_kwargs.features=(32,)", "model.arch_kwargs.num_experts=2"),
+    "cgc": ("model.trunk_kwargs.features=(32,)",),
+    "dselect_k": ("model.trunk_kwargs.features=(32,)", "model.arch_kwargs.num_experts=3"),
+    "ple": ("model.trunk_kwargs.features=(32,16)",),
+    "mtan": ("model.trunk_kwargs.features=(32,16)",),
+    "cross_stitch": ("model.trunk_kwargs.features=(32,16)",),
+    "m3vit": ("model.trunk_kwargs={}", "model.arch_kwargs.patch_size=4", "model.arch_kwargs.dim=16",
+              "model.arch_kwargs.depth=2", "model.arch_kwargs.num_heads=2", "model.arch_kwargs.mlp_dim=16",
+              "model.arch_kwargs.num_experts=4"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FAST_ARCHITECTURES))
+def test_architectures_train_end_to_end_on_digits(arch, tmp_path):
+    config = digits_config(f"model.name='{arch}'", *FAST_ARCHITECTURES[arch], "num_steps=30",
+                           "checkpoint.enabled=False", "optim.lr=3e-3")
+    out = train_and_evaluate(config, str(tmp_path))
+    assert out["steps"] == 30
+    for metrics in out["results"].values():
+        assert all(np.isfinite(v) for v in metrics.values())
+    assert out["results"]["digit"]["accuracy"] > 0.2  # chance is 0.1
