@@ -2,30 +2,20 @@
 hole; ``mtl_jax.data.pde``), random log-normal permeability k; geometry mask in the branch
 input and in the loss (masked MSE); test metric relative L2.
 
-``:smoke`` shrinks it to a seconds-long run; ``:task=lshape`` trains a single-task DeepONet.
+The Fisher-KPP config (``configs/pde_fisher.py``) on the Darcy data and grid. ``:smoke`` shrinks it
+to a seconds-long run; ``:task=lshape`` trains a single-task DeepONet.
 """
 
-from mtl_jax.config import default_config, parse_arg, smoke
+import os
+
+from mtl_jax.config import load_config
 from mtl_jax.data.pde import darcy_grid_shape
+
+BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pde_fisher.py")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, smoke=False, task="")
-    config = default_config()
+    config = load_config(f"{BASE}:{arg}" if arg else BASE)
     config.data.name = "pde_darcy"
-    config.data.num_train, config.data.num_test = 1000, 200
-    config.data.tasks = (arg.task,) if arg.task else ()
-    config.model.name = "deeponet"
-    config.model.arch_kwargs.update(dict(grid_shape=darcy_grid_shape(), branch_features=(128, 128),
-                                         trunk_features=(128, 128, 64)))
-    config.optim.update(dict(name="adam", lr=1e-3, schedule="cosine"))
-    config.batch_size = 64
-    config.num_steps = 3000
-    config.eval_batch_size = 200
-    config.log_every = 100
-    config.checkpoint.every = 1000
-    if arg.smoke:
-        smoke(config)
-        config.data.num_train, config.data.num_test = 128, 64
-        config.model.arch_kwargs.update(dict(branch_features=(32,), trunk_features=(32, 16)))
+    config.model.arch_kwargs.grid_shape = darcy_grid_shape()
     return config
