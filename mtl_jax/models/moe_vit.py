@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.models.blocks import PerTask, as_float, sow_unless_init
+from mtl_jax.models.blocks import PerTask, sow_unless_init
 from mtl_jax.models.moe_layers import SparseMoE, load_balancing_loss, sow_aux_loss, task_expert_entropy
-from mtl_jax.models.trunks import EncoderBlock
+from mtl_jax.models.trunks import EncoderBlock, patch_tokens
 
 
 class Router(nn.Module):
@@ -122,11 +122,7 @@ class TaskRoutedViTTrunk(nn.Module):
     @nn.compact
     def __call__(self, x, routers, task_weights, train: bool = False):
         c = self
-        x = as_float(x)
-        p = c.patch_size
-        x = nn.Conv(c.dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)
-        x = x.reshape(x.shape[0], -1, c.dim)
-        x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], c.dim))
+        x = patch_tokens(self, x, c.patch_size, c.dim)
         num_tasks = task_weights.shape[0]
         experts = dict(c.experts)
         for i in range(c.depth):

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.blocks import PerTask, sow_unless_init, stacked
-from mtl_jax.models.trunks import ViT
-from mtl_jax.models.unifork import vit_blocks, vit_tokens
+from mtl_jax.models.trunks import ViT, patch_tokens
+from mtl_jax.models.unifork import vit_blocks
 from mtl_jax.registry import lookup
 
 
@@ -106,7 +106,7 @@ class TaskExpertBackbone(nn.Module):
     @nn.compact
     def __call__(self, level: int, x, train: bool = False):
         if level < 0:
-            return vit_tokens(self, self.vit, x)
+            return patch_tokens(self, x, self.vit.patch_size, self.vit.dim)
         tokens = vit_blocks(self.vit, level, level + 1, x, train)
         experts = stacked(ExpertMLP(self.expert_dim, self.vit.dim, parent=None), self.num_experts, f"experts_{level}")
         return tokens, experts(tokens, train)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
+
+from mtl_jax.models.blocks import as_float
 
 
 class MLP(nn.Module):
@@ -16,7 +17,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1).astype(jnp.float32) / (255.0 if x.dtype == jnp.uint8 else 1.0)
+        x = as_float(x.reshape(x.shape[0], -1))
         for i, width in enumerate(self.features):
             x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
             if self.dropout:
@@ -37,7 +38,7 @@ class LeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.astype(jnp.float32) / (255.0 if x.dtype == jnp.uint8 else 1.0)
+        x = as_float(x)
         x = nn.Conv(10 * self.width, (5, 5), padding="VALID", name="conv_0")(x)
         x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
         x = nn.Conv(20 * self.width, (5, 5), padding="VALID", name="conv_1")(x)
@@ -66,6 +67,17 @@ class EncoderBlock(nn.Module):
         return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+def patch_tokens(module: nn.Module, x, patch_size: int, dim: int):
+    """ViT patch embedding + learned position embedding, created as children ``patch_embed`` /
+    ``pos_embed`` of ``module`` (call inside its compact method): x [B, H, W, C] (uint8 scaled to
+    [0, 1]) -> tokens [B, N, dim] (Dosovitskiy et al. 2021, Eq. 1)."""
+    x = as_float(x)
+    x = nn.Conv(dim, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID",
+                name="patch_embed")(x)
+    x = x.reshape(x.shape[0], -1, dim)
+    return x + module.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], dim))
+
+
 class ViT(nn.Module):
     """A small Vision Transformer (Dosovitskiy et al. 2021): patch embedding, learned position
     embedding, ``depth`` pre-LN blocks named ``block_{i}`` (the layer index merging and layer-wise
@@ -80,12 +92,7 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.astype(jnp.float32) / (255.0 if x.dtype == jnp.uint8 else 1.0)
-        p = self.patch_size
-        x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)
-        x = x.reshape(x.shape[0], -1, self.dim)
-        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
-        x = x + pos
+        x = patch_tokens(self, x, self.patch_size, self.dim)
         for i in range(self.depth):
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, name=f"block_{i}")(x, train)
         return nn.LayerNorm(name="ln_final")(x).mean(axis=1)

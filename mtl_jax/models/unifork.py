@@ -29,18 +29,8 @@ from typing import Mapping
 
 import flax.linen as nn
 
-from mtl_jax.models.blocks import PerTask, as_float
-from mtl_jax.models.trunks import EncoderBlock, ViT
-
-
-def vit_tokens(module: nn.Module, vit: ViT, x):
-    """``trunks.ViT``'s patch embedding + learned position embedding, as children ``patch_embed`` /
-    ``pos_embed`` of ``module`` (call inside its compact method): x [B, H, W, C] -> [B, N, dim]."""
-    x = as_float(x)
-    p = vit.patch_size
-    x = nn.Conv(vit.dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)
-    x = x.reshape(x.shape[0], -1, vit.dim)
-    return x + module.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], vit.dim))
+from mtl_jax.models.blocks import PerTask
+from mtl_jax.models.trunks import EncoderBlock, ViT, patch_tokens
 
 
 def vit_blocks(vit: ViT, start: int, stop: int, x, train: bool):
@@ -65,7 +55,7 @@ class UniForkStem(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = vit_blocks(self.vit, 0, self.shared_depth, vit_tokens(self, self.vit, x), train)
+        x = vit_blocks(self.vit, 0, self.shared_depth, patch_tokens(self, x, self.vit.patch_size, self.vit.dim), train)
         return vit_pool(x) if self.shared_depth == self.vit.depth else x
 
 
