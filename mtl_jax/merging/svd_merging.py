@@ -9,6 +9,11 @@ A "matrix" is a leaf that is 2-D per task and not matched by the ``exclude`` reg
 code excludes e.g. CLIP's ``text_projection``). All other leaves (biases, norms, conv kernels,
 3-D DenseGeneral kernels) are averaged over tasks, as the reference implementations do. The whole
 merged vector is then scaled by ``alpha`` and added to theta_0. SVDs run in float32.
+
+Per-task SVDs of a (T, m, n) stack run as a loop of 2-D SVDs (:func:`task_svds`), not one batched
+LAPACK call: jaxlib's batched CPU SVD fans its batch out into the XLA:CPU intra-op pool it runs on
+and blocks until that work is done, so two batched SVDs scheduled at once on a 2-core machine wait
+on each other for ever (the 8-task 4-block ViT merge hung this way).
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ def polar_factor(a: jax.Array) -> jax.Array:
     (orthogonal Procrustes). a: (m, r) -> (m, r)."""
     u, _, vt = jnp.linalg.svd(a, full_matrices=False)
     return u @ vt
+
+
+def task_svds(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD of every task matrix, one after another: stack (T, m, n) ->
+    ``(U (T, m, r), S (T, r), Vt (T, r, n))``, ``r = min(m, n)``."""
+    return jax.lax.map(lambda a: jnp.linalg.svd(a, full_matrices=False), stack)
 
 
 def _is_matrix(path: str, x: jax.Array, exclude) -> bool:
@@ -52,7 +63,7 @@ def tsv_factors(stack: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """
     num, m, n = stack.shape
     k = min(m, n) // num
-    u, s, vt = jnp.linalg.svd(stack, full_matrices=False)  # (T,m,r) (T,r) (T,r,n)
+    u, s, vt = task_svds(stack)
     u_cat = jnp.transpose(u[:, :, :k], (1, 0, 2)).reshape(m, num * k)
     s_cat = s[:, :k].reshape(num * k)
     v_cat = vt[:, :k, :].reshape(num * k, n)
@@ -133,7 +144,7 @@ def iso_cts_factors(stack: jax.Array, common_fraction: float = 0.8) -> tuple[jax
     u, s, vt = jnp.linalg.svd(jnp.sum(stack, axis=0), full_matrices=False)
     u_c, s_c, v_c = u[:, :k_c], s[:k_c], vt[:k_c, :]
     residual = stack - jnp.einsum("ik,jk,tjn->tin", u_c, u_c, stack)
-    ut, st, vtt = jnp.linalg.svd(residual, full_matrices=False)  # (T,m,r) (T,r) (T,r,n)
+    ut, st, vtt = task_svds(residual)
     u_ts = jnp.transpose(ut[:, :, :k_t], (1, 0, 2)).reshape(m, num * k_t)
     v_ts = vtt[:, :k_t, :].reshape(num * k_t, n)
     u_all = jnp.concatenate([u_ts, u_c], axis=1)

@@ -9,6 +9,7 @@ from mtl_jax.merging import (
     fisher_merging,
     iso_c_matrix,
     iso_c_merging,
+    iso_cts_merging,
     iso_cts_factors,
     iso_cts_matrix,
     model_stock,
@@ -55,6 +56,19 @@ def test_tsv_merging_matrix_and_vector_leaves():
     np.testing.assert_allclose(out["w"], 0.5 * tsv_matrix(jnp.stack([fts[0]["w"], fts[1]["w"]])), atol=1e-5)
     ex = jit_merge(tsv_merging, alpha=1.0, exclude="w")(p0, fts)  # excluded matrix -> averaged
     np.testing.assert_allclose(ex["w"], (fts[0]["w"] + fts[1]["w"]) / 2, rtol=1e-5)
+
+
+def test_svd_merges_call_only_unbatched_lapack_svds():
+    """Batched CPU SVDs fan out into the intra-op pool they run on; two at once deadlock a 2-core
+    machine (the 8-task ViT TSV-M merge hung), so every SVD of a merge must be 2-D."""
+    rng = np.random.default_rng(9)
+    p0 = {f"w{i}": np.zeros((8, 6), np.float32) for i in range(4)}
+    fts = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in p0.items()} for _ in range(3)]
+    for merge in (tsv_merging, iso_c_merging, iso_cts_merging):
+        hlo = jax.jit(merge).lower(p0, fts).as_text()
+        calls = [line for line in hlo.splitlines() if "custom_call @lapack_sgesdd" in line]
+        assert calls, merge.__name__
+        assert all('num_batch_dims = "0"' in line for line in calls), merge.__name__
 
 
 def test_iso_c_flat_spectrum(stack):
