@@ -18,6 +18,24 @@ from ml_collections import ConfigDict, config_dict
 # validates them, listing its valid options.
 FREE_FORM = ("model.trunk_kwargs", "model.head_kwargs", "model.arch_kwargs", "method", "head_optim", "sharding.rules")
 
+# Keys of ``config.data`` that only one dataset reads, with their defaults (the loaders read them from
+# here): valid in the config, and as ``--config.data.<key>=...`` overrides, when ``data.name`` is that dataset.
+DATA_OPTIONS = {
+    # MultiTab-Bench generator (mtl_jax.data.multitab_bench.make_multitab_bench): feature count, task
+    # count, pairwise task correlation rho, polynomial degree per task (None: 1, 2, 3, ...), noise sigma,
+    # 'regression' / 'classification' per task (None: every second task classification), classes.
+    "multitab_bench": dict(num_features=16, num_tasks=3, correlation=0.5, degrees=None, noise=0.01, kinds=None,
+                           num_classes=2),
+    # Mod-Squad-style heterogeneous data: the probability of each task's label per training pair
+    # (() = equal).
+    "multimnist_one_task": dict(task_ratios=()),
+}
+
+
+def data_options(config: ConfigDict) -> dict:
+    """The dataset-specific keys (and defaults) valid under ``config.data`` for its ``name``."""
+    return DATA_OPTIONS.get(config.get("data", {}).get("name", ""), {})
+
 
 def default_config() -> ConfigDict:
     c = ConfigDict()
@@ -119,9 +137,13 @@ def set_by_path(config: ConfigDict, path: str, value, free_form=FREE_FORM) -> No
         free = any(here == f or here.startswith(f + ".") for f in free_form) and here not in free_form
         last = i == len(keys) - 1
         if key not in node:
-            if not free:
+            options = data_options(config) if here == f"data.{key}" else {}
+            if key in options:
+                with node.unlocked():
+                    node[key] = options[key]
+            elif not free:
                 parent = ".".join(keys[:i]) or "config"
-                raise KeyError(f"unknown config key '{here}'; valid keys under '{parent}': {sorted(node)}")
+                raise KeyError(f"unknown config key '{here}'; valid keys under '{parent}': {sorted(set(node) | set(options))}")
             if not last:
                 with node.unlocked():
                     node[key] = ConfigDict()
@@ -150,8 +172,11 @@ def apply_overrides(config: ConfigDict, overrides: list[str], free_form=FREE_FOR
 
 
 def validate(config: ConfigDict, reference: ConfigDict | None = None, prefix: str = "") -> None:
-    """Fails on any key of ``config`` that ``default_config()`` lacks, naming its path."""
-    reference = default_config() if reference is None else reference
+    """Fails on any key of ``config`` that ``default_config()`` (plus the dataset's DATA_OPTIONS) lacks,
+    naming its path."""
+    if reference is None:
+        reference = default_config()
+        reference.data.update(data_options(config))
     for key in config.keys():
         path = f"{prefix}{key}"
         if path in FREE_FORM:

@@ -13,6 +13,7 @@ from mtl_jax import tasks as T
 from mtl_jax.config import load_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.multitab_bench import make_multitab_bench
+from mtl_jax.data.sources import read_all
 from mtl_jax.models import build_model
 from mtl_jax.models.multitab import multitask_attention_mask
 from mtl_jax.train.trainer import build_experiment
@@ -104,6 +105,23 @@ def test_correlation_knob_sets_the_measured_task_correlation():
         assert abs(_offdiag_corr(y) - rho) < 0.05, (rho, _offdiag_corr(y))
     with pytest.raises(ValueError, match="indefinite"):
         make_multitab_bench(10, 10, num_tasks=3, correlation=-0.9)
+
+
+def test_generator_knobs_are_config_keys_of_their_dataset_only():
+    """``--config.data.correlation=...`` reaches the generator; the same key is refused for a
+    dataset that does not read it, and the error lists the dataset's valid keys."""
+    config = load_config(f"{CONFIG}:smoke", ["data.correlation=0.8", "data.num_tasks=4", "data.degrees=(1, 1, 1, 1)",
+                                             "data.num_train=2000", "data.num_test=10"])
+    assert config.data.correlation == 0.8 and config.data.degrees == (1, 1, 1, 1)
+    data = get_dataset(config.data)
+    assert data.task_names == ("task_0", "task_1", "task_2", "task_3")
+    train = read_all(data.splits["train"])
+    y = np.stack([np.asarray(train[t], np.float64).reshape(-1) for t in ("task_0", "task_2")], axis=1)
+    assert abs(_offdiag_corr(y) - 0.8) < 0.06
+    with pytest.raises(KeyError, match=r"unknown config key 'data.correlation'.*'num_train'"):
+        load_config(os.path.join(os.path.dirname(CONFIG), "multimnist.py"), ["data.correlation=0.8"])
+    with pytest.raises(KeyError, match=r"unknown config key 'data.corelation'.*'correlation'"):
+        load_config(CONFIG, ["data.corelation=0.8"])
 
 
 def _linear_r2(x, y):

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from mtl_jax import tasks as T
+from mtl_jax.config import DATA_OPTIONS
 from mtl_jax.data import multimnist
 from mtl_jax.data.multitab_bench import load_multitab_bench
 from mtl_jax.data.pde import load_darcy, load_fisher
@@ -87,8 +88,9 @@ def one_task_per_example(dataset: Dataset, ratios=(), seed: int = 0, split: str 
 
 def load_multimnist_one_task(cfg) -> Dataset:
     """MultiMNIST with each training pair labelled for one digit (``one_task_per_example``, ratios
-    ``cfg.task_ratios`` if the config has them, else equal); the test split keeps both labels."""
-    return one_task_per_example(load_multimnist(cfg), tuple(cfg.get("task_ratios", ()) or ()), int(cfg.seed))
+    ``cfg.task_ratios``, a DATA_OPTIONS key; () = equal); the test split keeps both labels."""
+    ratios = tuple(cfg.get("task_ratios", DATA_OPTIONS["multimnist_one_task"]["task_ratios"]) or ())
+    return one_task_per_example(load_multimnist(cfg), ratios, int(cfg.seed))
 
 
 DATASETS = {"multimnist": load_multimnist, "digits": load_digits, "multimnist_one_task": load_multimnist_one_task,

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from mtl_jax import tasks as T
+from mtl_jax.config import DATA_OPTIONS
 from mtl_jax.data.sources import Dataset, from_arrays
 
 
@@ -107,14 +108,13 @@ def make_multitab_bench(num_train: int = 8000, num_test: int = 2000, num_feature
 
 def load_multitab_bench(cfg) -> Dataset:
     """DATASETS['multitab_bench']: ``cfg.num_train`` / ``cfg.num_test`` / ``cfg.seed``, and the generator's
-    knobs when the data config has them (``num_features``, ``num_tasks``, ``correlation``, ``degrees``,
-    ``noise``, ``kinds``, ``num_classes``); the defaults are 16 features and three tasks of degrees
+    knobs (``mtl_jax.config.DATA_OPTIONS['multitab_bench']``: ``num_features``, ``num_tasks``,
+    ``correlation``, ``degrees``, ``noise``, ``kinds``, ``num_classes``); the defaults are 16 features and three tasks of degrees
     1, 2, 3 with correlation 0.5, task_0 and task_2 regression, task_1 binary classification."""
-    num_tasks = int(cfg.get("num_tasks", 3))
-    options = dict(num_features=int(cfg.get("num_features", 16)), num_tasks=num_tasks,
-                   correlation=float(cfg.get("correlation", 0.5)), degrees=cfg.get("degrees", None),
-                   noise=cfg.get("noise", 0.01), num_classes=int(cfg.get("num_classes", 2)),
-                   kinds=cfg.get("kinds", None) or tuple("classification" if t % 2 else "regression"
-                                                         for t in range(num_tasks)))
+    knobs = {key: cfg.get(key, default) for key, default in DATA_OPTIONS["multitab_bench"].items()}
+    num_tasks = int(knobs["num_tasks"])
+    options = dict(num_features=int(knobs["num_features"]), num_tasks=num_tasks, correlation=float(knobs["correlation"]),
+                   degrees=knobs["degrees"], noise=knobs["noise"], num_classes=int(knobs["num_classes"]),
+                   kinds=knobs["kinds"] or tuple("classification" if t % 2 else "regression" for t in range(num_tasks)))
     splits, specs = make_multitab_bench(int(cfg.num_train), int(cfg.num_test), seed=int(cfg.seed), **options)
     return from_arrays("multitab_bench", splits, specs, input_key="features")
