@@ -22,7 +22,7 @@ from mtl_jax.models.heads import LinearHead
 from mtl_jax.models.moe_layers import (SparseMoE, capacity, load_balancing_loss, task_expert_entropy,
                                        top_k_routing)
 from mtl_jax.models.moe_vit import ModSquad, expert_usage, extract_task_model, kept_experts
-from mtl_jax.train.step import make_forward, make_task_losses
+from mtl_jax.train.step import batch_metrics, make_forward, make_task_losses, metric_sums
 from mtl_jax.train.trainer import build_experiment, evaluate
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -168,6 +168,22 @@ def test_single_task_forward_exact_extraction_aux_losses_and_one_trace():
     extra = sum(aux_full[b]["load_balance"][0] + aux_full[b]["task_expert_entropy"][0] / 2 for b in aux_full)
     np.testing.assert_allclose(losses_full, plain + extra, rtol=1e-5)
     assert forward._cache_size() == 1  # new labels and masks, no new trace
+
+
+def test_metrics_count_only_the_examples_labelled_for_each_task():
+    """Train-batch means and evaluation sums / counts skip label -1 (another task's example) and padding."""
+    tasks = (T.classification("a", 3), T.classification("b", 3))
+    logits = jnp.eye(3)[jnp.array([0, 1, 2, 0])] * 5.0  # predicts 0, 1, 2, 0
+    preds = {"a": logits, "b": logits}
+    batch = {"a": jnp.array([0, 2, -1, -1]), "b": jnp.array([-1, 1, 2, 1])}
+    means = batch_metrics(tasks, preds, batch)
+    np.testing.assert_allclose(means["a"]["accuracy"], 0.5)  # 1 of its 2 labelled examples right
+    np.testing.assert_allclose(means["b"]["accuracy"], 2 / 3)
+    sums, counts = metric_sums(tasks, preds, batch, jnp.array([1.0, 1.0, 1.0, 0.0]))  # last one is padding
+    assert float(counts["a"]) == 2 and float(counts["b"]) == 2
+    np.testing.assert_allclose([sums["a"]["accuracy"], sums["b"]["accuracy"]], [1.0, 2.0])
+    none = batch_metrics(tasks, preds, {"a": -jnp.ones(4, jnp.int32), "b": batch["b"]})
+    assert float(none["a"]["accuracy"]) == 0.0 and np.isfinite(float(none["a"]["loss"]))
 
 
 def test_expert_sharded_moe_layer_matches_unsharded():

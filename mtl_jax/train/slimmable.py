@@ -44,7 +44,7 @@ import optax
 
 from mtl_jax.models.slimmable import SlimmableMTL, WidthConfig
 from mtl_jax.train import trainer
-from mtl_jax.train.step import batch_metrics, make_task_losses
+from mtl_jax.train.step import make_task_losses, metric_sums
 
 
 def cikd_loss(student, teacher):
@@ -169,7 +169,7 @@ def make_config_evaluator(model: SlimmableMTL, tasks: Sequence, input_key: str =
     @functools.partial(jax.jit, static_argnames="widths")
     def sums(params, batch, widths):
         preds = model.apply({"params": params}, batch[input_key], train=False, widths=widths)
-        return batch_metrics(tasks, preds, batch, mask=batch["mask"]), batch["mask"].sum()
+        return metric_sums(tasks, preds, batch, batch["mask"])
 
     def evaluate(params, dataset, split: str, widths: WidthConfig, batch_size: int = 1000) -> dict:
         eval_step = lambda p, _, batch: sums(p, batch, widths=model.check(widths))

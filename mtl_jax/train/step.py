@@ -102,15 +102,35 @@ def make_forward(model, tasks: Sequence, input_key: str) -> Callable:
     return forward
 
 
-def batch_metrics(tasks: Sequence, preds, batch, mask=None) -> dict:
-    """``{task: {metric: value}}``: batch means (``mask=None``) or masked sums over examples."""
+def _task_metrics(task, pred, labels) -> tuple[dict, jax.Array]:
+    """``({metric: per-example values [B]}, weight [B])``: weight 1 on the examples labelled for the
+    task (``labelled``), 0 on the others (whose values are computed on a dummy label 0)."""
+    mask = labelled(task, labels)
+    weight = jnp.ones(labels.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    labels = labels if mask is None else jnp.where(mask, labels, 0)
+    pred = jax.lax.stop_gradient(pred)
+    return {metric: fn(pred, labels) for metric, fn in task_metric_fns(task).items()}, weight
+
+
+def batch_metrics(tasks: Sequence, preds, batch) -> dict:
+    """``{task: {metric: mean over the batch's examples labelled for the task}}`` (0 when none are)."""
     out = {}
     for t in tasks:
-        out[t.name] = {}
-        for metric, fn in task_metric_fns(t).items():
-            values = fn(jax.lax.stop_gradient(preds[t.name]), batch[t.label_key])
-            out[t.name][metric] = values.mean() if mask is None else (values * mask).sum()
+        values, weight = _task_metrics(t, preds[t.name], batch[t.label_key])
+        out[t.name] = {m: (v * weight).sum() / jnp.maximum(weight.sum(), 1.0) for m, v in values.items()}
     return out
+
+
+def metric_sums(tasks: Sequence, preds, batch, mask) -> tuple[dict, dict]:
+    """``({task: {metric: sum}}, {task: count})`` over the examples that are real (``mask`` [B], 0 on
+    padding) and labelled for the task: a split's mean is the sum of sums over the sum of counts."""
+    sums, counts = {}, {}
+    for t in tasks:
+        values, weight = _task_metrics(t, preds[t.name], batch[t.label_key])
+        weight = weight * mask
+        sums[t.name] = {m: (v * weight).sum() for m, v in values.items()}
+        counts[t.name] = weight.sum()
+    return sums, counts
 
 
 GRAMIAN_MODES = ("materialize", "vjp_jvp")
@@ -601,11 +621,11 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
 
 
 def make_eval_step(model, tasks: Sequence, input_key: str) -> Callable:
-    """``eval_step(params, model_state, batch) -> ({task: {metric: masked sum}}, example count)``."""
+    """``eval_step(params, model_state, batch) -> ({task: {metric: sum}}, {task: count})`` (:func:`metric_sums`)."""
     forward = make_forward(model, tasks, input_key)
 
     def eval_step(params, model_state, batch):
         _, (preds, _) = forward(params, model_state, batch, jax.random.key(0), False)
-        return batch_metrics(tasks, preds, batch, mask=batch["mask"]), batch["mask"].sum()
+        return metric_sums(tasks, preds, batch, batch["mask"])
 
     return eval_step

@@ -71,14 +71,18 @@ def total_steps(config, num_train: int) -> int:
 
 
 def evaluate(eval_step, state, dataset, split: str, batch_size: int, sharding) -> dict:
-    """``{task: {metric: mean over the split}}``."""
+    """``{task: {metric: mean over the split's examples labelled for the task}}`` (``eval_step``
+    returns per-task sums and counts, :func:`mtl_jax.train.step.metric_sums`)."""
     keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
-    totals, count = None, 0.0
+    totals = None
     for batch in eval_batches(dataset.splits[split], keys=keys, global_batch_size=batch_size):
-        sums, n = eval_step(state.params, state.model_state, to_global(batch, sharding))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        count += n
-    return jax.tree.map(lambda s: float(s) / float(count), totals)
+        out = eval_step(state.params, state.model_state, to_global(batch, sharding))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    sums, counts = jax.device_get(totals)
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"split '{split}' has no example labelled for task(s) {empty}")
+    return {name: {m: float(v) / float(counts[name]) for m, v in metrics.items()} for name, metrics in sums.items()}
 
 
 @dataclasses.dataclass(frozen=True)
