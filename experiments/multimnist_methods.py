@@ -36,8 +36,20 @@ CAPTION = (
 
 
 def run(config_arg: str, overrides: list[str], workdir: str) -> dict:
+    """Test results of one training run, read back from ``workdir/results.json`` when a previous
+    invocation finished it with the same config and overrides (so a long sweep can be resumed)."""
     config = load_config(config_arg, overrides + ["progress_bar=False", "baselines=''"])
-    return train_and_evaluate(config, workdir)["results"]
+    path = os.path.join(workdir, "results.json")
+    key = config.to_json(sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("config") == key:
+            return saved["results"]
+    results = train_and_evaluate(config, workdir)["results"]
+    with open(path, "w") as f:
+        json.dump({"config": key, "results": results}, f)
+    return results
 
 
 def mean_std(values) -> str:
@@ -70,6 +82,9 @@ def main(argv=None):
             runs["single_task"].setdefault(task, []).append(res[task]["accuracy"])
     baselines = {t: {"accuracy": float(np.mean(v))} for t, v in runs["single_task"].items()}
     specs = (T.classification("left", 10), T.classification("right", 10))
+    command = "python experiments/multimnist_methods.py " + " ".join(
+        [f"--methods={args.methods}", f"--seeds={args.seeds}", f"--sharpness={args.sharpness}", f"--rho={args.rho}"]
+        + rest)
     rows = []
     for method in methods:
         for kind in kinds:
@@ -86,6 +101,13 @@ def main(argv=None):
             avg = [(a + b) / 2 for a, b in zip(accs["left"], accs["right"])]
             rows.append((method, "F-MTL" if kind == "fmtl" else (kind or "-"), mean_std(100 * np.array(accs["left"])),
                          mean_std(100 * np.array(accs["right"])), mean_std(100 * np.array(avg)), mean_std(deltas)))
+            table = write_table(args, rest, baselines, runs, rows, command, total=len(methods) * len(kinds))
+    print(table)
+
+
+def write_table(args, rest, baselines, runs, rows, command: str, total: int) -> str:
+    """Writes ``args.out`` .md / .json with the rows so far (rewritten after every row, so an
+    interrupted sweep leaves its finished rows); returns the markdown."""
     budget = " ".join(rest) or "configs/multimnist.py defaults"
     lines = [f"### MultiMNIST, LeNet HPS: every method with and without F-MTL (seeds {args.seeds}, {budget})", "",
              CAPTION, "",
@@ -94,17 +116,13 @@ def main(argv=None):
              "| method | flat minima | left acc | right acc | average | Δm% (lower is better) |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    command = "python experiments/multimnist_methods.py " + " ".join(
-        [f"--methods={args.methods}", f"--seeds={args.seeds}", f"--sharpness={args.sharpness}", f"--rho={args.rho}"]
-        + rest)
-    lines += ["", f"Produced by: `{command}`"]
+    lines += ["", f"Produced by: `{command}`" + ("" if len(rows) == total else f" (partial: {len(rows)} of {total} rows)")]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(args.out + ".json", "w") as f:
         json.dump({"baselines": baselines, **runs}, f, indent=2)
-    print("\n".join(lines))
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
