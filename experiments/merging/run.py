@@ -446,14 +446,16 @@ def learned_module():
     return learned
 
 
-def learned_methods(config, ctx: Context, tasks, seed: int) -> dict:
+def learned_methods(config, ctx: Context, tasks, seed: int, ta_lambda: Callable[[], float]) -> dict:
     """AdaMerging (task-wise, layer-wise, layer-wise++; Yang et al. ICLR 2024) minimising the summed
     mean prediction entropy (their Eq. 4) on unlabelled test batches of ``batch_per_task`` images
     per task drawn from a pool of the first ``pool_per_task`` test images of every task (fewer if a
     task has fewer); aTLAS (Zhang et al. NeurIPS 2024)
     minimising the cross-entropy on the last ``atlas_examples_per_task`` labelled validation
     examples per task (disjoint from the first ``val_per_task`` used by ``validate``, which keeps
-    the best coefficients by mean normalised validation accuracy). Empty when
+    the best coefficients by mean normalised validation accuracy). The "init = TA lambda" row starts
+    layer-wise AdaMerging from ``ta_lambda()`` (task arithmetic's validated lambda) instead of the
+    paper's 0.3, which was TA's optimum for 8 CLIP tasks and is not here. Empty when
     ``mtl_jax.merging.learned`` is missing."""
     learned = learned_module()
     if learned is None:
@@ -490,14 +492,19 @@ def learned_methods(config, ctx: Context, tasks, seed: int) -> dict:
 
     ada = dict(init=c.init, lr=c.lr, steps=c.steps)
 
-    def adamerging(**kw):
-        return lambda: (kw, learned.adamerging(ctx.pretrained, ctx.finetuned, entropy_objective,
-                                               key=jax.random.key(seed), **ada, **kw).params)
+    def adamerging(init=None, **kw):
+        def merge():
+            start = ada["init"] if init is None else init()
+            hparams = kw if init is None else {**kw, "init": start}
+            return hparams, learned.adamerging(ctx.pretrained, ctx.finetuned, entropy_objective,
+                                               key=jax.random.key(seed), **{**ada, "init": start}, **kw).params
+        return merge
 
     return {
         "AdaMerging (task-wise)": adamerging(granularity="task"),
         "AdaMerging (layer-wise)": adamerging(granularity="layer"),
         "AdaMerging++ (layer-wise)": adamerging(granularity="layer", plus_plus=True, top_k=c.top_k),
+        "AdaMerging (layer-wise, init = TA lambda)": adamerging(init=ta_lambda, granularity="layer"),
         "aTLAS": lambda: ({}, learned.atlas(ctx.pretrained, ctx.finetuned, atlas_objective, lr=c.atlas_lr,
                                             weight_decay=c.atlas_weight_decay, steps=c.atlas_steps,
                                             validate=validate, eval_every=c.atlas_eval_every,
@@ -578,7 +585,12 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
         timings["statistics"] = time.time() - t0
         return out
 
-    methods = {**merge_methods(config, ctx, statistics, seed), **learned_methods(config, ctx, tasks, seed),
+    @functools.cache
+    def ta_lambda() -> float:  # task arithmetic's validated lambda (its row's, or selected afresh)
+        hparams = rows["Task arithmetic"][0] if "Task arithmetic" in rows else methods["Task arithmetic"]()[0]
+        return float(hparams["lam"])
+
+    methods = {**merge_methods(config, ctx, statistics, seed), **learned_methods(config, ctx, tasks, seed, ta_lambda),
                "TALL-mask retrieval": lambda: tall_mask_rows(config, ctx), "EMR": lambda: emr_rows(ctx)}
     wanted = set(config.methods) if config.methods else set(methods)
     unknown = wanted - set(methods)

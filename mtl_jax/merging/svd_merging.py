@@ -12,8 +12,9 @@ merged vector is then scaled by ``alpha`` and added to theta_0. SVDs run in floa
 
 Per-task SVDs of a (T, m, n) stack run as a loop of 2-D SVDs (:func:`task_svds`), not one batched
 LAPACK call: jaxlib's batched CPU SVD fans its batch out into the XLA:CPU intra-op pool it runs on
-and blocks until that work is done, so two batched SVDs scheduled at once on a 2-core machine wait
-on each other for ever (the 8-task 4-block ViT merge hung this way).
+and blocks until that work is done; with two such SVDs running at once on a 2-core machine both pool
+threads were seen blocked so, for ever (the 8-task 4-block ViT merge, 64x64 / 64x128 layers; smaller
+random cases did not hang, so the trigger depends on sizes and scheduling).
 """
 
 from __future__ import annotations
