@@ -65,6 +65,7 @@ def get_config(arg=None):
     c.learned = ConfigDict(dict(
         steps=100, lr=1e-3, init=0.3, batch_per_task=16, pool_per_task=512, top_k=0.2,  # AdaMerging
         atlas_steps=100, atlas_lr=1e-3, atlas_weight_decay=0.1, atlas_examples_per_task=32, atlas_eval_every=50,  # aTLAS
+        sp_steps=200, sp_lr=1e-2,  # Self Positioning (SGD over task-wise coefficients on aTLAS's labelled probe set)
     ))
     c.workdir = "runs/merging_vit"
     c.out = "experiments/results/merging_vit"
@@ -82,7 +83,7 @@ def get_config(arg=None):
         c.merge.update(dict(val_per_task=48, ta_lambdas=(0.3, 1.0), dare_lambdas=(0.3,), ties_lambdas=(1.0,), lines_betas=(0.5,),
                             svd_alphas=(1.0,), tall_lambdas=(0.3, 0.5), stats_examples=16))
         c.learned.update(dict(steps=5, batch_per_task=8, pool_per_task=32, atlas_steps=5, atlas_examples_per_task=8,
-                              atlas_eval_every=5))
+                              atlas_eval_every=5, sp_steps=5))
         c.workdir = "/tmp/mtl_jax_merging_smoke"
         c.out = "/tmp/mtl_jax_merging_smoke/merging_vit"
     return c

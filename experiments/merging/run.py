@@ -509,6 +509,9 @@ def learned_methods(config, ctx: Context, tasks, seed: int, ta_lambda: Callable[
                                             weight_decay=c.atlas_weight_decay, steps=c.atlas_steps,
                                             validate=validate, eval_every=c.atlas_eval_every,
                                             key=jax.random.key(seed)).params),
+        "Self Positioning": lambda: ({}, learned.self_positioning(ctx.pretrained, ctx.finetuned, atlas_objective,
+                                                                  lr=c.sp_lr, steps=c.sp_steps,
+                                                                  key=jax.random.key(seed)).params),
     }
 
 
