@@ -63,6 +63,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sharpness", default=",fmtl", help="comma list of sharpness kinds ('' = plain)")
     parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--fmtl-methods", default="", help="comma list: the only methods that get the non-plain "
+                        "sharpness rows ('' = every method)")
     parser.add_argument("--workdir", default="runs/multimnist_methods")
     parser.add_argument("--out", default=os.path.join(RESULTS, "multimnist_methods"))
     args, rest = parser.parse_known_args(argv)
@@ -84,24 +86,26 @@ def main(argv=None):
     specs = (T.classification("left", 10), T.classification("right", 10))
     command = "python experiments/multimnist_methods.py " + " ".join(
         [f"--methods={args.methods}", f"--seeds={args.seeds}", f"--sharpness={args.sharpness}", f"--rho={args.rho}"]
+        + ([f"--fmtl-methods={args.fmtl_methods}"] if args.fmtl_methods else [])
         + rest)
     rows = []
-    for method in methods:
-        for kind in kinds:
-            accs = {"left": [], "right": []}
-            deltas = []
-            for seed in seeds:
-                res = run(CONFIG, overrides + [f"seed={seed}", f"method.name='{method}'", f"sharpness.kind='{kind}'",
-                                               f"sharpness.rho={args.rho}"],
-                          os.path.join(args.workdir, f"{method}_{kind or 'plain'}_s{seed}"))
-                for t in accs:
-                    accs[t].append(res[t]["accuracy"])
-                deltas.append(delta_m(res, baselines, specs))
-                runs["mtl"].setdefault(f"{method}/{kind or 'plain'}", []).append(res)
-            avg = [(a + b) / 2 for a, b in zip(accs["left"], accs["right"])]
-            rows.append((method, "F-MTL" if kind == "fmtl" else (kind or "-"), mean_std(100 * np.array(accs["left"])),
-                         mean_std(100 * np.array(accs["right"])), mean_std(100 * np.array(avg)), mean_std(deltas)))
-            table = write_table(args, rest, baselines, runs, rows, command, total=len(methods) * len(kinds))
+    flat_for = set(args.fmtl_methods.split(",")) if args.fmtl_methods else set(methods)
+    plan = [(m, k) for m in methods for k in kinds if not k or m in flat_for]
+    for method, kind in plan:
+        accs = {"left": [], "right": []}
+        deltas = []
+        for seed in seeds:
+            res = run(CONFIG, overrides + [f"seed={seed}", f"method.name='{method}'", f"sharpness.kind='{kind}'",
+                                           f"sharpness.rho={args.rho}"],
+                      os.path.join(args.workdir, f"{method}_{kind or 'plain'}_s{seed}"))
+            for t in accs:
+                accs[t].append(res[t]["accuracy"])
+            deltas.append(delta_m(res, baselines, specs))
+            runs["mtl"].setdefault(f"{method}/{kind or 'plain'}", []).append(res)
+        avg = [(a + b) / 2 for a, b in zip(accs["left"], accs["right"])]
+        rows.append((method, "F-MTL" if kind == "fmtl" else (kind or "-"), mean_std(100 * np.array(accs["left"])),
+                     mean_std(100 * np.array(accs["right"])), mean_std(100 * np.array(avg)), mean_std(deltas)))
+        table = write_table(args, rest, baselines, runs, rows, command, total=len(plan))
     print(table)
 
 
