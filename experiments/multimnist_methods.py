@@ -89,7 +89,8 @@ def main(argv=None):
         [f"--methods={args.methods}", f"--seeds={args.seeds}", f"--sharpness={args.sharpness}", f"--rho={args.rho}"]
         + ([f"--fmtl-methods={args.fmtl_methods}"] if args.fmtl_methods else [])
         + rest)
-    rows = []
+    caption = CAPTION.format(**caption_fields(rest, args.rho))
+    rows, table = [], ""
     flat_for = set(args.fmtl_methods.split(",")) if args.fmtl_methods else set(methods)
     plan = [(m, k) for m in methods for k in kinds if not k or m in flat_for]
     for method, kind in plan:
@@ -106,7 +107,7 @@ def main(argv=None):
         avg = [(a + b) / 2 for a, b in zip(accs["left"], accs["right"])]
         rows.append((method, "F-MTL" if kind == "fmtl" else (kind or "-"), mean_std(100 * np.array(accs["left"])),
                      mean_std(100 * np.array(accs["right"])), mean_std(100 * np.array(avg)), mean_std(deltas)))
-        table = write_table(args, rest, baselines, runs, rows, command, total=len(plan))
+        table = write_table(args, rest, caption, baselines, runs, rows, command, total=len(plan))
     print(table)
 
 
@@ -117,12 +118,12 @@ def caption_fields(rest, rho: float) -> dict:
     return dict(train=config.data.num_train, test=config.data.num_test, steps=steps, batch=config.batch_size, rho=rho)
 
 
-def write_table(args, rest, baselines, runs, rows, command: str, total: int) -> str:
+def write_table(args, rest, caption: str, baselines, runs, rows, command: str, total: int) -> str:
     """Writes ``args.out`` .md / .json with the rows so far (rewritten after every row, so an
     interrupted sweep leaves its finished rows); returns the markdown."""
     budget = " ".join(rest) or "configs/multimnist.py defaults"
     lines = [f"### MultiMNIST, LeNet HPS: every method with and without F-MTL (seeds {args.seeds}, {budget})", "",
-             CAPTION.format(**caption_fields(rest, args.rho)), "",
+             caption, "",
              f"Single-task baselines (same budget): left {100 * baselines['left']['accuracy']:.2f}, "
              f"right {100 * baselines['right']['accuracy']:.2f}.", "",
              "| method | flat minima | left acc | right acc | average | Δm% (lower is better) |",
@@ -135,6 +136,7 @@ def write_table(args, rest, baselines, runs, rows, command: str, total: int) -> 
     with open(args.out + ".json", "w") as f:
         json.dump({"baselines": baselines, **runs}, f, indent=2)
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

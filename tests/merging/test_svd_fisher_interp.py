@@ -59,8 +59,8 @@ def test_tsv_merging_matrix_and_vector_leaves():
 
 
 def test_svd_merges_call_only_unbatched_lapack_svds():
-    """Batched CPU SVDs fan out into the intra-op pool they run on; two at once deadlock a 2-core
-    machine (the 8-task ViT TSV-M merge hung), so every SVD of a merge must be 2-D."""
+    """Batched CPU SVDs fan out into the intra-op pool they run on; two at once hung the 8-task ViT
+    TSV-M merge on a 2-core machine, so every SVD of a merge must be 2-D."""
     rng = np.random.default_rng(9)
     p0 = {f"w{i}": np.zeros((8, 6), np.float32) for i in range(4)}
     fts = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in p0.items()} for _ in range(3)]
