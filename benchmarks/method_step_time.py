@@ -13,7 +13,10 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
 * ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column by column
   as ``J (J^T e_l)`` (``config.jacobian.gramian_mode='vjp_jvp'``), then one weighted VJP;
 * ``floor``: one forward + K vmapped VJPs, ``jax.vmap(vjp_fn)(eye(K))`` over the same model, jitted
-  (what any per-task-gradient method must at least pay; no Gramian, no optimiser);
+  (the issue's floor for per-task-gradient methods; no Gramian, no optimiser); each cotangent e_k
+  goes back through all K heads, K^2 head backward passes;
+* ``floor_heads_once``: the same Jacobian the way our step gets it for trunk + heads models
+  (``step.representation_losses_and_vjp``: one backward through the heads, then K trunk VJPs);
 * TorchJD (``benchmarks/peers/torchjd_step.py``, run in ``.peers-venv`` with as many torch threads
   as JAX has CPU devices' cores here, 2): its aggregator or scalarizer for the method, the same
   model, ``torch.optim.Adam``; plus the plain summed-loss torch step, TorchJD's ``Mean`` through
@@ -65,7 +68,8 @@ from mtl_jax.tasks import classification  # noqa: E402
 from mtl_jax.train.losses import task_loss_fn  # noqa: E402
 from mtl_jax.train.methods import METHODS, Method, MethodInputs  # noqa: E402
 from mtl_jax.train.sharding import replicated  # noqa: E402
-from mtl_jax.train.step import gramian, make_train_step  # noqa: E402
+from mtl_jax.train.step import (gramian, make_representation_forward, make_train_step,  # noqa: E402
+                                 representation_losses_and_vjp)
 from mtl_jax.train.trainer import build_experiment  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -123,6 +127,21 @@ def make_floor(model, tasks, input_key: str):
         return losses, jac
 
     return jax.jit(floor), losses_fn
+
+
+def make_floor_heads_once(model, tasks, input_key: str):
+    """``params, batch -> (losses, J)`` as :func:`make_floor`, with the VJP the train step uses for
+    trunk + heads models (``step.representation_losses_and_vjp``: each head differentiated once,
+    then K trunk VJPs)."""
+    encode, decode = make_representation_forward(model, tasks, input_key)
+    names = [t.name for t in tasks]
+
+    def floor(params, batch):
+        losses, vjp_fn, _ = representation_losses_and_vjp(encode, decode, params, batch, jax.random.key(0), names)
+        (jac,) = jax.vmap(vjp_fn)(jnp.eye(len(names), dtype=losses.dtype))
+        return losses, jac
+
+    return jax.jit(floor)
 
 
 def trivial_method(needs: str) -> Method:
@@ -241,6 +260,9 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
     params = jax.tree.map(jnp.copy, jax_impls["ew"].carry.params)
     jax_impls["floor"] = JaxImpl(floor, params, jax_impls["ew"].batch, donates=False)
     jax_impls["floor"].run(1)
+    jax_impls["floor_heads_once"] = JaxImpl(make_floor_heads_once(ew_exp.model, dataset.tasks, dataset.input_key),
+                                            params, jax_impls["ew"].batch, donates=False)
+    jax_impls["floor_heads_once"].run(1)
     for needs in ("gramian", "jacobian"):  # the step's own cost of each path, solver excluded
         if any(experiments[m].method.needs == needs for m in methods):
             jax_impls[f"trivial_{needs}"] = JaxImpl(trivial_step(ew_exp, dataset, make_config("ew"), needs),
@@ -264,7 +286,8 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
         return peer.ask(cmd="time", impl=name, steps=n)["sec_per_step"]
 
     # Calibrate steps per round from one timed step of each implementation.
-    order = [("jax", "ew"), ("jax", "floor")] + [("torch", t) for t in TORCH_EXTRAS if t in torch_impls]
+    order = [("jax", "ew"), ("jax", "floor"), ("jax", "floor_heads_once")]
+    order += [("torch", t) for t in TORCH_EXTRAS if t in torch_impls]
     order += [("jax", n) for n in ("trivial_gramian", "trivial_jacobian") if n in jax_impls]
     for name in methods:
         if name != "ew":
@@ -275,7 +298,7 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
             order.append(("torch", "nash_mtl_cvxpy"))
     steps = {key: steps_for(run(*key, 1), args.target_ms, args.min_steps) for key in order}
     samples = {key: [] for key in order}
-    ends, core = order[:2], order[2:]
+    ends, core = order[:3], order[3:]
     for r in range(num_rounds):
         for key in ends + (core if r % 2 == 0 else core[::-1]) + ends:
             samples[key].append(run(*key, steps[key]))
@@ -309,7 +332,8 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
         if pieces.get(f"update_ms/{name}") is not None:
             row["update_alone_ms"] = pieces[f"update_ms/{name}"]
         rows.append(row)
-    return {"num_tasks": num_tasks, "rounds": num_rounds, "ew_ms": ew, "floor_ms": fl, "ms": ms, "rows": rows, "pieces": pieces,
+    return {"num_tasks": num_tasks, "rounds": num_rounds, "ew_ms": ew, "floor_ms": fl,
+            "floor_heads_once_ms": ms["jax:floor_heads_once"], "ms": ms, "rows": rows, "pieces": pieces,
             "torch_skipped": torch_info.get("skipped", {}), "torch_version": torch_info.get("torch"),
             "torch_threads": torch_info.get("threads"),
             "steps_per_round": {f"{k}:{n}": s for (k, n), s in steps.items()}}
@@ -323,6 +347,7 @@ def print_tables(results) -> None:
     for res in results:
         k, ms = res["num_tasks"], res["ms"]
         print(f"\n### K = {k} tasks (median ms per step; EW {res['ew_ms']:.2f} ms, floor {res['floor_ms']:.2f} ms"
+              f", floor with each head differentiated once {res['floor_heads_once_ms']:.2f} ms"
               f"; torch sum {fmt(ms.get('torch:torch_sum'))} ms, TorchJD Mean {fmt(ms.get('torch:jd_mean'))} ms)\n")
         for needs in ("gramian", "jacobian"):
             if f"jax:trivial_{needs}" in ms:

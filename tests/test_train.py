@@ -48,10 +48,11 @@ def test_real_data_loss_falls_and_beats_chance(tmp_path):
 
 def test_multimnist_learns_both_tasks(tmp_path, data_dir):
     config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "multimnist.py"))
-    apply_overrides(config, ["data.num_train=4096", "data.num_test=512", "num_steps=150", "batch_size=128",
+    apply_overrides(config, ["data.num_train=4096", "data.num_test=512", "num_steps=80", "batch_size=128",
                              "baselines=''", "checkpoint.enabled=False", "progress_bar=False"])
     res = train_and_evaluate(config, str(tmp_path))["results"]
-    assert res["left"]["accuracy"] > 0.45 and res["right"]["accuracy"] > 0.45, res  # chance: 0.10
+    # measured 64.6% / 54.9% after these 80 steps; chance: 10%
+    assert res["left"]["accuracy"] > 0.4 and res["right"]["accuracy"] > 0.4, res
 
 
 def _leaves_equal(a, b):

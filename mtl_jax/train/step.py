@@ -383,29 +383,70 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
     return {"shared": shared, "heads": head_grads["heads"]}, weights, method_state
 
 
+def has_representation(model) -> bool:
+    """Whether ``model`` has one shared representation (trunk + heads: ``HardParameterSharing``)."""
+    return hasattr(model, "trunk") and hasattr(model, "heads")
+
+
 def make_representation_forward(model, tasks: Sequence, input_key: str):
     """``(encode, decode)`` for representation-level gradients (LibMTL's ``rep_grad``, MGDA-UB).
 
     ``encode(shared_params, batch, key, train) -> z`` is the trunk; ``decode(head_params, z, batch,
-    key, train) -> (losses [K], predictions)`` the heads. Needs a hard-parameter-sharing model
-    (one shared representation) without mutable state.
+    key, train, per_task=False) -> (losses [K], predictions)`` the heads (``per_task``: z is
+    ``{task: z_t}``, head t reads its own copy). Both run the model's own ``stage``s, so with the
+    same key their dropout masks are those of the whole model's forward. Needs a
+    hard-parameter-sharing model (one shared representation) without mutable state.
     """
-    from mtl_jax.models.multitask import TaskHeads
-
-    if not (hasattr(model, "trunk") and hasattr(model, "heads")):
+    if not has_representation(model):
         raise ValueError(f"representation-level gradients need a model with one shared representation (trunk + "
                          f"heads, e.g. 'hps'); got {type(model).__name__}")
-    heads = TaskHeads(model.heads)
     task_losses = make_task_losses(tasks)
 
     def encode(shared_params, batch, key, train):
-        return model.trunk.apply({"params": shared_params}, batch[input_key], train, rngs={"dropout": key})
+        return model.apply({"params": {"shared": shared_params}}, batch[input_key], train, stage="trunk",
+                           rngs={"dropout": key})
 
-    def decode(head_params, z, batch, key, train):
-        preds = heads.apply({"params": head_params}, z, train, rngs={"dropout": key})
+    def decode(head_params, z, batch, key, train, per_task=False):
+        preds = model.apply({"params": {"heads": head_params}}, z, train, stage="heads", per_task=per_task,
+                            rngs={"dropout": key})
         return task_losses(preds, batch), preds
 
     return encode, decode
+
+
+def sows_aux_loss(model, params, batch, input_key: str) -> bool:
+    """Whether the model's training forward sows auxiliary losses (traced by ``jax.eval_shape``)."""
+    _, out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)},
+                                                     mutable=[AUX_LOSS]), params, batch[input_key])
+    return bool(jax.tree.leaves(out))
+
+
+def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str]):
+    """``(losses [K], vjp_fn, predictions)`` equal to ``jax.vjp`` of the whole training forward
+    w.r.t. ``params``, with the heads differentiated once instead of once per task.
+
+    A vmapped VJP of the whole forward sends each cotangent ``e_k`` back through all K heads (K^2
+    head backward passes for a Jacobian). Here head t reads its own copy z_t of the
+    representation, so one VJP with cotangent ones gives every head's own gradient ``d L_t /
+    d head_t`` and ``Z_t = d L_t / dz`` [K, B, ...]; then ``vjp_fn(c)`` is
+    ``{'shared': trunk VJP of sum_t c_t Z_t, 'heads': {t: c_t d L_t / d head_t}}`` (exact: L_t
+    depends on head t only), one trunk backward per cotangent. Memory: Z, K x the representation.
+    """
+    z, encode_vjp = jax.vjp(lambda p: encode(p, batch, key, True), params["shared"])
+    copies = {t: z for t in names}
+    losses, decode_vjp, preds = jax.vjp(lambda hp, zs: decode(hp, zs, batch, key, True, per_task=True),
+                                        params["heads"], copies, has_aux=True)
+    head_rows, z_rows = decode_vjp(jnp.ones_like(losses))
+    stacked_z = jax.tree.map(lambda *rows: jnp.stack(rows), *[z_rows[t] for t in names])
+
+    def vjp_fn(cotangent):
+        z_cotangent = jax.tree.map(lambda zs: jnp.tensordot(cotangent.astype(zs.dtype), zs, axes=1), stacked_z)
+        (shared,) = encode_vjp(z_cotangent)
+        heads = {t: jax.tree.map(lambda g, k=k: (cotangent[k] * g).astype(g.dtype), head_rows[t])
+                 for k, t in enumerate(names)}
+        return ({"shared": shared, "heads": heads},)
+
+    return losses, vjp_fn, preds
 
 
 def representation_task_gradients(method, encode, decode, params, batch, key, method_state, step, method_key,
@@ -540,12 +581,20 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     by_jvp = options.gramian_mode == "vjp_jvp" and method.needs == "gramian"
     double_sampling = "cross_gramian" in method.wants and kind == "" and not rep_level and not use_rep_mtl
 
-    def losses_and_vjp(fn, params, has_aux=False):
-        """``(losses, vjp_fn, jvp_fn or None[, aux])``: a JVP too when the Gramian is built by JVPs."""
+    split_forward = make_representation_forward(model, tasks, input_key) if has_representation(model) else None
+
+    def losses_and_vjp(params, model_state, batch, key):
+        """``(losses, vjp_fn, jvp_fn or None, (predictions, model_state))`` of the training forward: a
+        JVP too when the Gramian is built by JVPs; for a trunk + heads model without mutable state
+        or auxiliary losses, the VJP of ``representation_losses_and_vjp`` (heads differentiated once)."""
+        fn = lambda p: forward(p, model_state, batch, key, True)
         if by_jvp:
-            return linearize(fn, params, has_aux)
-        out = jax.vjp(fn, params, has_aux=has_aux)
-        return (out[0], out[1], None, *out[2:])
+            return linearize(fn, params, has_aux=True)
+        if split_forward is not None and not model_state and not sows_aux_loss(model, params, batch, input_key):
+            losses, vjp_fn, preds = representation_losses_and_vjp(*split_forward, params, batch, key, names)
+            return losses, vjp_fn, None, (preds, model_state)
+        losses, vjp_fn, aux = jax.vjp(fn, params, has_aux=True)
+        return losses, vjp_fn, None, aux
 
     def apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch, key):
         """Per-group optimiser updates, applied only when every loss and gradient is finite; then the
@@ -596,8 +645,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
                 chunk)
             return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch,
                                    dropout_key)
-        losses, vjp_fn, jvp_fn, (preds, model_state) = losses_and_vjp(
-            lambda p: forward(p, state.model_state, batch, dropout_key, True), state.params, has_aux=True)
+        losses, vjp_fn, jvp_fn, (preds, model_state) = losses_and_vjp(state.params, state.model_state, batch,
+                                                                      dropout_key)
         losses_fn = lambda p: forward(p, state.model_state, batch, dropout_key, True)[0]
         if kind in ("fmtl", "fmtl_a"):
             grads, weights, method_state = flat_task_gradients(method, sharpness, losses_fn, state.params, losses,
@@ -611,7 +660,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         if kind == "sam":  # the same method's gradient, taken at w + eps
             eps = flat_minima.perturbation(grads, state.params, sharpness.rho, sharpness.adaptive, sharpness.eta)
             perturbed_params = flat_minima.add(state.params, eps)
-            perturbed_losses, perturbed_vjp, perturbed_jvp = losses_and_vjp(losses_fn, perturbed_params)
+            perturbed_losses, perturbed_vjp, perturbed_jvp, _ = losses_and_vjp(perturbed_params, state.model_state,
+                                                                               batch, dropout_key)
             grads, weights, method_state = task_gradients(method, perturbed_losses, perturbed_vjp, state.method_state,
                                                           state.step, method_key, options, perturbed_jvp,
                                                           perturbed_params)
