@@ -21,7 +21,7 @@ run: install
 	$(PY) -m mtl_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: install
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -p no:cacheprovider
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 bench: install
 	$(PY) benchmarks/step_time.py

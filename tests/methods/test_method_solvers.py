@@ -109,3 +109,27 @@ def test_power_bargaining_matches_least_squares(num, dim, alpha):
         gtol=1e-15,
     ).x
     np.testing.assert_allclose(w, reference, rtol=2e-3)
+
+
+def test_vmapped_solves_stay_one_lapack_call_per_system():
+    """UPGrad vmaps its K dual-cone projections; their KKT solves must lower to unbatched LAPACK
+    calls (jaxlib's batched CPU kernels fan out into the intra-op pool they run on, the pattern that
+    deadlocked batched SVDs), and give the same values as batched ``jnp.linalg.solve``."""
+    import re
+
+    from mtl_jax.train.methods import MethodInputs, get_method
+
+    rng = np.random.default_rng(5)
+    jac = rng.normal(size=(5, 12)).astype(np.float32)
+    gram = jnp.asarray(jac @ jac.T)
+    upgrad = get_method("upgrad", num_tasks=5)
+    update = jax.jit(lambda g: upgrad.update(MethodInputs(losses=jnp.ones(5), step=0, gramian=g), None,
+                                             jax.random.key(0))[0])
+    calls = [line for line in update.lower(gram).as_text().splitlines() if re.search(r"custom_call @lapack_", line)]
+    assert calls and all('num_batch_dims = "0"' in line for line in calls), calls
+    systems = jnp.asarray(rng.normal(size=(3, 4, 4)) + 4 * np.eye(4), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    np.testing.assert_allclose(jax.jit(jax.vmap(solvers.unbatched_solve))(systems, rhs),
+                               jnp.linalg.solve(systems, rhs[..., None])[..., 0], rtol=1e-5, atol=1e-6)
+    shared = jax.vmap(solvers.unbatched_solve, in_axes=(None, 0))(systems[0], rhs)  # unbatched matrix
+    np.testing.assert_allclose(shared, jnp.linalg.solve(systems[0], rhs.T).T, rtol=1e-5, atol=1e-6)

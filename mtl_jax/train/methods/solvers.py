@@ -28,6 +28,22 @@ import numpy as np
 _STEP_GRID = np.float32(2.0) ** np.arange(4, -20, -1, dtype=np.float32)  # numpy: importing must not start a backend
 
 
+@jax.custom_batching.custom_vmap
+def unbatched_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.linalg.solve(a, b)`` for one [K, K] system that stays one LAPACK call per system under
+    ``vmap`` (the batch runs as a ``lax.map``). jaxlib's batched CPU LAPACK kernels fan their batch
+    out into the XLA:CPU intra-op pool they already run on; two such calls at once deadlocked a
+    batched SVD on a 2-core machine (see ``merging.svd_merging.task_svds``), and UPGrad vmaps its K
+    dual-cone solves. Not differentiable (the solvers' outputs are stop-gradient weights)."""
+    return jnp.linalg.solve(a, b)
+
+
+@unbatched_solve.def_vmap
+def _unbatched_solve_vmap(axis_size: int, in_batched, a, b):
+    a, b = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip((a, b), in_batched))
+    return jax.lax.map(lambda ab: unbatched_solve(*ab), (a, b)), True
+
+
 def project_to_simplex(v: jax.Array) -> jax.Array:
     """Euclidean projection of ``v`` [K] onto ``{w >= 0, sum w = 1}`` (Held et al. 1974; sort based).
 
@@ -121,7 +137,7 @@ def min_norm_on_simplex(gramian: jax.Array, num_iters: int = 100, active_tol: fl
     bottom = jnp.concatenate([jnp.ones((1, num), gramian.dtype), jnp.zeros((1, 1), gramian.dtype)], 1)
     system = jnp.concatenate([top, bottom], axis=0)
     rhs = jnp.concatenate([jnp.zeros((num,), gramian.dtype), jnp.ones((1,), gramian.dtype)])
-    solution = jnp.linalg.solve(system, rhs)
+    solution = unbatched_solve(system, rhs)
     w_kkt, nu = solution[:num], solution[num]
     w_kkt = jnp.where(support, w_kkt, 0.0)
     grad = gramian @ w_kkt
@@ -156,7 +172,7 @@ def project_to_dual_cone(gramian: jax.Array, u: jax.Array, num_iters: int = 100,
     eye = jnp.eye(num, dtype=gramian.dtype)
     system = jnp.where(free[:, None], gramian, eye)
     rhs = jnp.where(free, 0.0, u)
-    v_kkt = jnp.linalg.solve(system, rhs)
+    v_kkt = unbatched_solve(system, rhs)
     multipliers = gramian @ v_kkt
     scale = jnp.maximum(jnp.max(jnp.abs(multipliers)), 1e-12)
     feasible = jnp.all(v_kkt >= u - 1e-6 * jnp.maximum(jnp.abs(u), 1e-3)) & jnp.all(
@@ -209,7 +225,7 @@ def solve_power_bargaining(gramian: jax.Array, alpha: float = 1.0, num_iters: in
     def body(_, w):
         grad = gramian @ w - w ** (-inv_alpha)
         hessian = gramian + jnp.diag(inv_alpha * w ** (-inv_alpha - 1.0))
-        step = -jnp.linalg.solve(hessian, grad)
+        step = -unbatched_solve(hessian, grad)
         step = jnp.where(jnp.isfinite(step), step, 0.0)
         shrink = jnp.where(step < 0, -0.99 * w / jnp.where(step < 0, step, -1.0), jnp.inf)
         t_max = jnp.minimum(1.0, jnp.min(shrink))
