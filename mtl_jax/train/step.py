@@ -159,7 +159,9 @@ def gramian(jacobian_tree, other_tree=None) -> jax.Array:
     """G[k, l] = <a_k, b_l> summed over the leaves of trees whose leaves are stacked [K, ...]:
     the Gramian ``J J^T`` (``other_tree=None``) or the cross Gramian ``J_a J_b^T``."""
     other = jacobian_tree if other_tree is None else other_tree
-    return sum(jnp.einsum("k...,l...->kl", a, b, preferred_element_type=jnp.float32)
+    # One [K, n] x [n, K] matmul per leaf: XLA:CPU ran the same contraction as an einsum over the
+    # trailing leaf dims 2.3x slower (K = 10, a 784-512-512 MLP's leaves).
+    return sum(jnp.dot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).T, preferred_element_type=jnp.float32)
                for a, b in zip(jax.tree.leaves(jacobian_tree), jax.tree.leaves(other)))
 
 
