@@ -228,16 +228,26 @@ def half_batches(batch: dict) -> dict:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // 2, 2, *x.shape[1:]), batch)
 
 
-def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks: int, options: GradientOptions):
+def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks: int, options: GradientOptions,
+                            split=None, names: Sequence[str] = ()):
     """``J_a J_b^T`` [K, K]: per-task shared gradients on the even (a) and odd (b) halves of the
     batch (SDMGrad's / MoDo's double sampling), each half with its own dropout key.
 
     Both halves run in one vmapped forward (``losses [2, K]``); 'materialize' stacks the 2K
     half-batch gradients by one vmapped VJP, 'vjp_jvp' builds column l as ``J_a (J_b^T e_l)``.
-    Mutable model state (batch statistics) of these passes is discarded.
+    Mutable model state (batch statistics) of these passes is discarded. ``split``: ``(encode,
+    decode)`` of ``make_representation_forward`` (with the task ``names``) for 'materialize' on a
+    trunk + heads model: each half's rows by ``representation_losses_and_vjp`` (heads once).
     """
     halves = half_batches(batch)
     keys = jax.random.split(key, 2)
+    if split is not None and options.gramian_mode == "materialize":
+        rows = []
+        for b in range(2):
+            half = jax.tree.map(lambda x: x[:, b], halves)
+            _, vjp_fn, _ = representation_losses_and_vjp(*split, params, half, keys[b], names)
+            rows.append(per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), num_tasks, jnp.float32, options.chunk))
+        return gramian(*rows)
 
     def half_losses(shared):
         both = {"shared": shared, "heads": params["heads"]}
@@ -585,6 +595,13 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
 
     split_forward = make_representation_forward(model, tasks, input_key) if has_representation(model) else None
 
+    def representation_split(params, model_state, batch):
+        """``(encode, decode)`` when the heads-once VJP applies: a trunk + heads model without mutable
+        state or auxiliary losses; else None."""
+        if split_forward is None or model_state or sows_aux_loss(model, params, batch, input_key):
+            return None
+        return split_forward
+
     def losses_and_vjp(params, model_state, batch, key):
         """``(losses, vjp_fn, jvp_fn or None, (predictions, model_state))`` of the training forward: a
         JVP too when the Gramian is built by JVPs; for a trunk + heads model without mutable state
@@ -592,8 +609,9 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         fn = lambda p: forward(p, model_state, batch, key, True)
         if by_jvp:
             return linearize(fn, params, has_aux=True)
-        if split_forward is not None and not model_state and not sows_aux_loss(model, params, batch, input_key):
-            losses, vjp_fn, preds = representation_losses_and_vjp(*split_forward, params, batch, key, names)
+        split = representation_split(params, model_state, batch)
+        if split is not None:
+            losses, vjp_fn, preds = representation_losses_and_vjp(*split, params, batch, key, names)
             return losses, vjp_fn, None, (preds, model_state)
         losses, vjp_fn, aux = jax.vjp(fn, params, has_aux=True)
         return losses, vjp_fn, None, aux
@@ -655,8 +673,9 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
                                                                vjp_fn, state.method_state, state.step, method_key,
                                                                options.last_shared)
         else:
+            split = representation_split(state.params, state.model_state, batch)
             cross = (cross_gramian_of_halves(forward, state.params, state.model_state, batch, dropout_key,
-                                             losses.shape[0], options) if double_sampling else None)
+                                             losses.shape[0], options, split, names) if double_sampling else None)
             grads, weights, method_state = task_gradients(method, losses, vjp_fn, state.method_state, state.step,
                                                           method_key, options, jvp_fn, state.params, cross)
         if kind == "sam":  # the same method's gradient, taken at w + eps

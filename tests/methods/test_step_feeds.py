@@ -229,11 +229,13 @@ def test_cross_gramian_of_halves_matches_two_explicit_batches():
     odd = {k: v[1::2] for k, v in batch.items()}
     want = shared_jacobian(exp, params, even) @ shared_jacobian(exp, params, odd).T
     assert not np.allclose(want, want.T, atol=1e-4)  # a cross Gramian, not a Gramian
-    for mode, chunk in (("materialize", 0), ("vjp_jvp", 2)):
+    split = S.make_representation_forward(exp.model, DATASET.tasks, "x")
+    for mode, chunk, heads_once in (("materialize", 0, False), ("vjp_jvp", 2, False), ("materialize", 2, True)):
         options = S.GradientOptions(chunk=chunk, gramian_mode=mode)
-        got = jax.jit(lambda p, b: S.cross_gramian_of_halves(forward, p, {}, b, jax.random.key(0), 3, options))(
+        got = jax.jit(lambda p, b: S.cross_gramian_of_halves(forward, p, {}, b, jax.random.key(0), 3, options,
+                                                             split if heads_once else None, ["a", "b", "c"]))(
             params, jax.tree.map(jnp.asarray, batch))
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7, err_msg=mode)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7, err_msg=f"{mode} {heads_once}")
 
 
 def test_sdmgrad_step_uses_the_cross_gramian_and_one_full_batch_combination():
