@@ -602,14 +602,13 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             return None
         return split_forward
 
-    def losses_and_vjp(params, model_state, batch, key):
+    def losses_and_vjp(params, model_state, batch, key, split):
         """``(losses, vjp_fn, jvp_fn or None, (predictions, model_state))`` of the training forward: a
-        JVP too when the Gramian is built by JVPs; for a trunk + heads model without mutable state
-        or auxiliary losses, the VJP of ``representation_losses_and_vjp`` (heads differentiated once)."""
+        JVP too when the Gramian is built by JVPs; with ``split`` (``representation_split``), the
+        VJP of ``representation_losses_and_vjp`` (heads differentiated once)."""
         fn = lambda p: forward(p, model_state, batch, key, True)
         if by_jvp:
             return linearize(fn, params, has_aux=True)
-        split = representation_split(params, model_state, batch)
         if split is not None:
             losses, vjp_fn, preds = representation_losses_and_vjp(*split, params, batch, key, names)
             return losses, vjp_fn, None, (preds, model_state)
@@ -665,15 +664,15 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
                 chunk)
             return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch,
                                    dropout_key)
+        split = representation_split(state.params, state.model_state, batch)
         losses, vjp_fn, jvp_fn, (preds, model_state) = losses_and_vjp(state.params, state.model_state, batch,
-                                                                      dropout_key)
+                                                                      dropout_key, split)
         losses_fn = lambda p: forward(p, state.model_state, batch, dropout_key, True)[0]
         if kind in ("fmtl", "fmtl_a"):
             grads, weights, method_state = flat_task_gradients(method, sharpness, losses_fn, state.params, losses,
                                                                vjp_fn, state.method_state, state.step, method_key,
                                                                options.last_shared)
         else:
-            split = representation_split(state.params, state.model_state, batch)
             cross = (cross_gramian_of_halves(forward, state.params, state.model_state, batch, dropout_key,
                                              losses.shape[0], options, split, names) if double_sampling else None)
             grads, weights, method_state = task_gradients(method, losses, vjp_fn, state.method_state, state.step,
@@ -682,7 +681,7 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             eps = flat_minima.perturbation(grads, state.params, sharpness.rho, sharpness.adaptive, sharpness.eta)
             perturbed_params = flat_minima.add(state.params, eps)
             perturbed_losses, perturbed_vjp, perturbed_jvp, _ = losses_and_vjp(perturbed_params, state.model_state,
-                                                                               batch, dropout_key)
+                                                                               batch, dropout_key, split)
             grads, weights, method_state = task_gradients(method, perturbed_losses, perturbed_vjp, state.method_state,
                                                           state.step, method_key, options, perturbed_jvp,
                                                           perturbed_params)
