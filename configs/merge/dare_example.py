@@ -23,6 +23,7 @@ def get_config(arg=None):
     c.output = "merged/dare"  # no .safetensors extension: orbax checkpoint dir
     c.output_format = "orbax"
     c.progress = True
+    c.threads = 0  # worker threads of the streaming kernels; 0 = every available core
     c.smoke_pool = ""
     c.smoke_num_tasks = 3
     if arg.smoke:

@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.output = "merged/ties.safetensors"
     c.output_format = ""  # "" = from the extension; "safetensors" or "orbax"
     c.progress = True
+    c.threads = 0  # worker threads of the streaming kernels; 0 = every available core
     c.smoke_pool = ""
     c.smoke_num_tasks = 3
     if arg.smoke:

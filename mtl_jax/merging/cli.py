@@ -10,7 +10,8 @@ The config (``get_config(arg) -> ConfigDict``) names the inputs, the method and 
   (all models loaded, the method jitted). ``hparams``: the method's keyword arguments; DARE's
   ``key`` comes from ``hparams.seed``.
 * ``output`` and ``output_format`` ("" = from the extension: ``.safetensors`` else orbax),
-  ``memory_budget`` in bytes (0: one leaf at a time), ``progress`` (tqdm bar per pass).
+  ``memory_budget`` in bytes (0: one leaf at a time), ``progress`` (tqdm bar per pass),
+  ``threads`` (worker threads of the streaming numpy kernels; 0 = every core this process may use).
 * ``smoke_pool``: if set, a tiny random pool (``smoke_num_tasks`` models) is written there first,
   so a ``:smoke`` config runs end to end with no checkpoints at hand.
 
@@ -139,6 +140,7 @@ def run_merge(config: ConfigDict) -> dict[str, Any]:
         memory_budget=int(config.memory_budget) or None,
         output_format=config.output_format or None,
         progress=bool(config.progress),
+        threads=int(config.get("threads", 0)) or None,
         **hp,
     )
 

@@ -5,26 +5,33 @@ leaf, not T + 1 whole models. Two kinds of per-leaf code:
 
 * numpy kernels over chunks of ``CHUNK`` entries (weight averaging, task arithmetic, DARE with
   ``combine="ta"``, Consensus TA, global TIES): the inputs are zero-copy views of the mapped
-  safetensors files, every temporary lives in a reused (T, CHUNK) workspace, and each output
-  leaf is written with one write. They repeat the in-memory code's arithmetic operation for
-  operation (tests: streaming == in-memory);
+  safetensors files, every temporary lives in a reused (T, CHUNK) workspace per worker thread
+  (a leaf's chunks are split over ``threads`` workers; numpy releases the GIL in its loops), and
+  each output leaf is written with one write by a writer thread while the next leaf is
+  computed. They repeat the in-memory code's arithmetic operation for operation (tests:
+  streaming == in-memory, and the same bytes for any number of threads);
 * the in-memory jitted code of this package called on small ``{name: leaf}`` groups (per-tensor
   TIES, DARE-TIES, Consensus TIES, LiNeS).
 
 Per-leaf methods read every input once. Methods with model-wide statistics:
 
-  - global TIES (Yadav et al. 2023), two passes, exact: pass 1 histograms the float32 bit
-    pattern of every |tau_t| (``bits >> 14``, exact int64 counts; the bit pattern is monotone
-    for non-negative floats, as in :func:`mtl_jax.merging.threshold.kth_largest_abs`), which
-    puts each task's k-th largest |tau_t| in one bucket. Pass 2 writes the output: an entry
-    outside its bucket is kept or dropped as by the exact threshold, so only positions with a
-    bucket entry (or an exactly cancelling trimmed sum, where the model-wide majority sign
-    decides) are kept aside; the bucket entries then give the exact thresholds, those positions
-    complete the majority count and are patched into the output. Same value and tie rule (keep
-    ``|x| >= v_k``) as the in-memory code (:func:`stream_ties_global`);
-  - the TIES threshold alone for Consensus TIES / LiNeS: the histogram pass and a pass that
-    keeps the bucket entries (:func:`ties_thresholds`), and a majority-sign pass (also for
-    per-tensor TIES and DARE-TIES);
+  - global TIES (Yadav et al. 2023), exact, usually two passes: a sample pass reads every p-th
+    entry (p >= 64 prime; ~1M entries per task at 100M parameters) and brackets each task's k-th
+    largest |tau_t| by binomial order-statistic bounds (:func:`sampled_bracket`). The output pass
+    then writes every position where no task has an entry inside its bracket (an entry outside
+    is kept or dropped as by the exact threshold), keeps the others aside (or an exactly
+    cancelling trimmed sum, where the model-wide majority sign decides), and counts exactly the
+    entries above each bracket: if every threshold is inside its bracket, the bracket entries
+    give the exact thresholds and the kept-aside positions are patched in; if one is not (or the
+    model is too small for a useful sample), the output is rewritten from exact histogram
+    buckets (pass 1 histograms the float32 bit pattern of every |tau_t|, ``bits >> 14``, exact
+    int64 counts; monotone for non-negative floats, as in
+    :func:`mtl_jax.merging.threshold.kth_largest_abs`). Same value and tie rule (keep
+    ``|x| >= v_k``; NaN ranks above inf and is never kept) as the in-memory code
+    (:func:`stream_ties_global`);
+  - the TIES threshold alone for Consensus TIES / LiNeS: the sample pass and a pass that counts
+    above and keeps the bracket entries (histogram first when the bracket misses)
+    (:func:`ties_thresholds`), and a majority-sign pass (also for per-tensor TIES and DARE-TIES);
   - the LiNeS L1 norms ``||sum_t tau_t||_1`` and ``||tau_merged||_1`` (one pass).
 
 Leaves are visited in sorted-name order, the order ``jax.tree_util`` gives a flat ``{name:
@@ -47,6 +54,8 @@ need less); a leaf that alone does not fit raises ``ValueError`` naming it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -267,6 +276,11 @@ class SafetensorsWriter:
         leaf[flat_index] = np.asarray(values).astype(spec.dtype)
         del leaf  # the shared mapping's dirty pages go to the file through the page cache
 
+    def rewind(self) -> None:
+        """Start again from the first leaf (a second attempt overwrites the first in place)."""
+        self._file.seek(self._offsets[self._specs[0].name] if self._specs else 0)
+        self._next = 0
+
     def close(self) -> None:
         self._file.close()
         if self._next != len(self._specs):
@@ -377,6 +391,10 @@ class OrbaxWriter:
             node = node[k]
         node.reshape(-1)[flat_index] = np.asarray(values).astype(node.dtype)
 
+    def rewind(self) -> None:
+        """Start again from the first leaf."""
+        self._tree = {}
+
     def close(self) -> None:
         import orbax.checkpoint as ocp
 
@@ -482,6 +500,8 @@ class Stream:
     groups: list[list[str]]
     progress: bool = False
     passes: int = 0
+    threads: int = 1
+    memory_budget: Optional[int] = None
 
     @property
     def num_tasks(self) -> int:
@@ -644,15 +664,17 @@ def _write_pass(stream: Stream, writer: Any, core: str, dyn: dict, hp: tuple) ->
 CHUNK = 1 << 16  # entries per chunk: a (T, CHUNK) fp32 workspace is T/4 MiB (cache-sized)
 _HIST_SHIFT = 14  # the TIES histogram bins |tau| by its float32 bit pattern >> 14 (2**17 bins)
 _NUM_BINS = 1 << (31 - _HIST_SHIFT)
+SAMPLE_ENTRIES = 1 << 23  # |tau| entries (all tasks) in the TIES threshold sample: 32 MiB fp32
+SAMPLE_Z = 4.0  # the sample bracket's half-width in binomial standard deviations
+MAX_BAND_FRACTION = 0.02  # a wider bracket (kept aside per task) -> the histogram pass instead
 
 
 class Workspace:
     """Reusable chunk buffers of one pass: ``tau`` / ``work`` fp32 (T, CHUNK), ``mask`` /
     ``mask2`` bool (T, CHUNK), ``row`` / ``row2`` fp32 (CHUNK,), ``flags`` bool (3, CHUNK),
-    ``count`` (CHUNK,) uint8 (int32 for T >= 255), ``inputs`` fp32 (T + 1, CHUNK) for non-fp32 inputs, and the
-    output arena (one leaf)."""
+    ``count`` (CHUNK,) uint8 (int32 for T >= 255), ``inputs`` fp32 (T + 1, CHUNK) for non-fp32 inputs."""
 
-    def __init__(self, num_tasks: int, max_leaf_bytes: int):
+    def __init__(self, num_tasks: int):
         self.tau = np.empty((num_tasks, CHUNK), np.float32)
         self.work = np.empty((num_tasks, CHUNK), np.float32)
         self.mask = np.empty((num_tasks, CHUNK), np.bool_)
@@ -662,11 +684,6 @@ class Workspace:
         self.flags = np.empty((3, CHUNK), np.bool_)
         self.count = np.empty((CHUNK,), np.uint8 if num_tasks < 255 else np.int32)
         self.inputs = np.empty((num_tasks + 1, CHUNK), np.float32)
-        self._arena = np.empty(max(max_leaf_bytes, 1), np.uint8)
-
-    def output(self, spec: LeafSpec) -> np.ndarray:
-        """Flat output buffer for one leaf (valid until the next call)."""
-        return self._arena[: spec.nbytes].view(spec.dtype)
 
     def f32(self, x: np.ndarray, i: int, s: int, e: int) -> np.ndarray:
         """Chunk ``[s, e)`` of flat input ``x`` as fp32 (a view if it is fp32; else cast into row
@@ -729,15 +746,57 @@ def _max_leaf_bytes(stream: Stream) -> int:
     return max(stream.pretrained.specs[n].nbytes for n in stream.names)
 
 
-def _numpy_write_pass(stream: Stream, writer: Any, leaf_fn: Callable, desc: str = "merge") -> Workspace:
-    """Output pass: ``leaf_fn(ws, index, p0, fts, out)`` fills the flat output leaf ``out``."""
-    ws = Workspace(stream.num_tasks, _max_leaf_bytes(stream))
-    for index, name, p0, fts in leaf_pass(stream, desc):
-        spec = stream.pretrained.specs[name]
-        out = ws.output(spec)
-        leaf_fn(ws, index, p0, fts, out)
-        writer.write(name, out.reshape(spec.shape))
-    return ws
+def default_threads() -> int:
+    """Worker threads of the numpy kernels: the CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def chunk_pass(stream: Stream, desc: str, make_kernel: Callable[[], Callable], writer: Any = None) -> list:
+    """One pass of a numpy kernel over every ``CHUNK`` of every leaf.
+
+    ``make_kernel()`` is called once per worker thread; each kernel is called as
+    ``kernel(ws, index, p0, fts, out, s, e)`` for chunk ``[s, e)`` of leaf ``index`` (flat inputs,
+    ``ws`` that worker's own :class:`Workspace`) and fills ``out[s:e]`` of the flat output leaf
+    (``None`` without a ``writer``). A leaf's chunks are split into ``stream.threads`` contiguous
+    runs done in parallel (numpy releases the GIL in its loops); the leaf is written when all
+    are done, by a writer thread (in order) while the next leaf is computed into a second output
+    buffer. Returns the kernels, so that callers can combine what each one accumulated.
+    """
+    threads = max(1, stream.threads)
+    kernels = [make_kernel() for _ in range(threads)]
+    spaces = [Workspace(stream.num_tasks) for _ in range(threads)]
+    # two output arenas: leaf i + 1 is computed while leaf i is written by the writer thread
+    arenas = [np.empty(max(_max_leaf_bytes(stream), 1) if writer is not None else 0, np.uint8) for _ in range(2)]
+    pending: list[Optional[concurrent.futures.Future]] = [None, None]
+
+    def run(i, index, p0, fts, out, chunks):
+        for s, e in chunks:
+            kernels[i](spaces[i], index, p0, fts, out, s, e)
+
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(threads)) if threads > 1 else None
+        io = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)) if writer is not None else None
+        for index, name, p0, fts in leaf_pass(stream, desc):
+            spec = stream.pretrained.specs[name]
+            out = None
+            if writer is not None:
+                slot = index % 2
+                if pending[slot] is not None:
+                    pending[slot].result()
+                out = arenas[slot][: spec.nbytes].view(spec.dtype)
+            chunks = list(spans(p0.size))
+            runs = [chunks[i * len(chunks) // threads : (i + 1) * len(chunks) // threads] for i in range(threads)]
+            if pool is None or len(chunks) < 2:
+                run(0, index, p0, fts, out, chunks)
+            else:
+                for f in [pool.submit(run, i, index, p0, fts, out, c) for i, c in enumerate(runs) if c]:
+                    f.result()
+            if io is not None:
+                pending[slot] = io.submit(writer.write, name, out.reshape(spec.shape))
+        for f in pending:
+            if f is not None:
+                f.result()
+    return kernels
 
 
 def _masked(x: np.ndarray, mask: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -763,39 +822,37 @@ def _fp32_slot(ws: Workspace, out: np.ndarray, s: int, e: int) -> np.ndarray:
     return out[s:e] if out.dtype == np.float32 else ws.row2[: e - s]
 
 
-def task_arithmetic_leaf(lam: np.ndarray) -> Callable:
+def task_arithmetic_kernel(lam: np.ndarray) -> Callable:
     """``theta_0 + sum_t lam_t tau_t`` per chunk (:func:`mtl_jax.merging.arithmetic.task_arithmetic`);
     lam: fp32 (T,)."""
 
-    def leaf_fn(ws, index, p0, fts, out):
-        for s, e in spans(p0.size):
-            p, tau = ws.task_vectors(p0, fts, s, e)
-            acc = _fp32_slot(ws, out, s, e)
-            np.multiply(tau[0], lam[0], out=acc)
-            for t in range(1, len(fts)):
-                tau[t] *= lam[t]
-                acc += tau[t]
-            acc += p
-            _store(out, s, e, acc)
+    def kernel(ws, index, p0, fts, out, s, e):
+        p, tau = ws.task_vectors(p0, fts, s, e)
+        acc = _fp32_slot(ws, out, s, e)
+        np.multiply(tau[0], lam[0], out=acc)
+        for t in range(1, len(fts)):
+            tau[t] *= lam[t]
+            acc += tau[t]
+        acc += p
+        _store(out, s, e, acc)
 
-    return leaf_fn
+    return kernel
 
 
-def weight_average_leaf(w: np.ndarray) -> Callable:
+def weight_average_kernel(w: np.ndarray) -> Callable:
     """``sum_t w_t f32(theta_t)`` per chunk (:func:`mtl_jax.merging.arithmetic.weight_average`);
     w: normalised fp32 (T,)."""
 
-    def leaf_fn(ws, index, p0, fts, out):
-        for s, e in spans(p0.size):
-            acc = _fp32_slot(ws, out, s, e)
-            np.multiply(ws.f32(fts[0], 1, s, e), w[0], out=acc)
-            for t in range(1, len(fts)):
-                tmp = ws.tau[0, : e - s]
-                np.multiply(ws.f32(fts[t], t + 1, s, e), w[t], out=tmp)
-                acc += tmp
-            _store(out, s, e, acc)
+    def kernel(ws, index, p0, fts, out, s, e):
+        acc = _fp32_slot(ws, out, s, e)
+        np.multiply(ws.f32(fts[0], 1, s, e), w[0], out=acc)
+        for t in range(1, len(fts)):
+            tmp = ws.tau[0, : e - s]
+            np.multiply(ws.f32(fts[t], t + 1, s, e), w[t], out=tmp)
+            acc += tmp
+        _store(out, s, e, acc)
 
-    return leaf_fn
+    return kernel
 
 
 @functools.partial(jax.jit, static_argnames=("num_tasks", "p"))
@@ -804,50 +861,48 @@ def _dare_keep_chunk(key: jax.Array, index: jax.Array, start: jax.Array, num_tas
     return dare_keep(key, index, num_tasks, start + jnp.arange(CHUNK, dtype=jnp.uint32), p)
 
 
-def dare_ta_leaf(key: jax.Array, p: float, lam: np.ndarray) -> Callable:
+def dare_ta_kernel(key: jax.Array, p: float, lam: np.ndarray) -> Callable:
     """:func:`mtl_jax.merging.ties.dare_merging` with ``combine="ta"`` per chunk: the keep mask of
     each chunk is drawn by the same counter-based generator as the in-memory DARE (one fused
     jitted call for all T tasks), survivors scaled by ``1 / (1 - p)``, then task arithmetic."""
     scale = np.float32(1.0 - p)
 
-    def leaf_fn(ws, index, p0, fts, out):
-        for s, e in spans(p0.size):
-            keep = np.asarray(_dare_keep_chunk(key, np.uint32(index), np.uint32(s), len(fts), p))[:, : e - s]
-            p_, tau = ws.task_vectors(p0, fts, s, e)
-            np.divide(tau, scale, out=tau)
-            np.multiply(tau, lam[:, None], out=tau)
-            dropped = _masked(tau, keep, ws.work[:, : e - s])
-            acc = _fp32_slot(ws, out, s, e)
-            np.sum(dropped, axis=0, out=acc)
-            acc += p_
-            _store(out, s, e, acc)
+    def kernel(ws, index, p0, fts, out, s, e):
+        keep = np.asarray(_dare_keep_chunk(key, np.uint32(index), np.uint32(s), len(fts), p))[:, : e - s]
+        p_, tau = ws.task_vectors(p0, fts, s, e)
+        np.divide(tau, scale, out=tau)
+        np.multiply(tau, lam[:, None], out=tau)
+        dropped = _masked(tau, keep, ws.work[:, : e - s])
+        acc = _fp32_slot(ws, out, s, e)
+        np.sum(dropped, axis=0, out=acc)
+        acc += p_
+        _store(out, s, e, acc)
 
-    return leaf_fn
+    return kernel
 
 
-def consensus_ta_leaf(k: int, tall_lambda: np.ndarray, lam: float) -> Callable:
+def consensus_ta_kernel(k: int, tall_lambda: np.ndarray, lam: float) -> Callable:
     """Consensus TA per chunk (:func:`mtl_jax.merging.masks.consensus_merging`, base "ta"): TALL
     masks ``|tau_t| > lam_t |tau_MTL - tau_t|`` around ``tau_MTL = sum_t tau_t``, kept where at
     least ``k`` masks agree; tall_lambda: fp32 (T,)."""
 
-    def leaf_fn(ws, index, p0, fts, out):
-        for s, e in spans(p0.size):
-            n = e - s
-            p, tau = ws.task_vectors(p0, fts, s, e)
-            mtl, dist, agree, count = ws.row[:n], ws.work[:, :n], ws.mask[:, :n], ws.count[:n]
-            np.sum(tau, axis=0, out=mtl)
-            np.subtract(mtl[None], tau, out=dist)
-            np.abs(dist, out=dist)
-            dist *= tall_lambda[:, None]
-            np.abs(tau, out=tau)
-            np.greater(tau, dist, out=agree)
-            np.add.reduce(agree.view(np.uint8), axis=0, dtype=count.dtype, out=count)
-            merged = _masked(mtl, count >= k, _fp32_slot(ws, out, s, e))
-            merged *= np.float32(lam)
-            merged += p
-            _store(out, s, e, merged)
+    def kernel(ws, index, p0, fts, out, s, e):
+        n = e - s
+        p, tau = ws.task_vectors(p0, fts, s, e)
+        mtl, dist, agree, count = ws.row[:n], ws.work[:, :n], ws.mask[:, :n], ws.count[:n]
+        np.sum(tau, axis=0, out=mtl)
+        np.subtract(mtl[None], tau, out=dist)
+        np.abs(dist, out=dist)
+        dist *= tall_lambda[:, None]
+        np.abs(tau, out=tau)
+        np.greater(tau, dist, out=agree)
+        np.add.reduce(agree.view(np.uint8), axis=0, dtype=count.dtype, out=count)
+        merged = _masked(mtl, count >= k, _fp32_slot(ws, out, s, e))
+        merged *= np.float32(lam)
+        merged += p
+        _store(out, s, e, merged)
 
-    return leaf_fn
+    return kernel
 
 
 # ------------------------------------------------------------------ exact global TIES statistics
@@ -865,10 +920,10 @@ def _select_from_top(hist: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.nd
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdBuckets:
-    """Where each task's exact TIES threshold (the k-th largest |tau_t| over the model) lies after
-    the histogram pass: in ``[lo_t, hi_t)`` (fp32 (T,)) as the ``rank_t``-th largest entry there.
-    A task whose threshold is already exact has ``lo_t = hi_t = threshold`` (+inf for k = 0 or when
-    the k-th largest is inf/NaN: the in-memory search clips at inf)."""
+    """Where each task's exact TIES threshold (the k-th largest |tau_t| over the model) lies: in
+    ``[lo_t, hi_t)`` (fp32 (T,)) as the ``rank_t``-th largest entry there. A task whose threshold
+    is already exact has ``lo_t = hi_t = threshold`` (+inf for k = 0 or when the k-th largest is
+    inf/NaN: the in-memory search clips at inf)."""
 
     lo: np.ndarray
     hi: np.ndarray
@@ -884,17 +939,41 @@ class ThresholdBuckets:
         return thr
 
 
-def bucket_entries(magnitudes: np.ndarray, buckets: ThresholdBuckets) -> list[np.ndarray]:
+def bucket_entries(magnitudes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
     """Per task, the entries of ``magnitudes`` (T, n) inside that task's bucket ``[lo_t, hi_t)``."""
-    inside = (magnitudes >= buckets.lo[:, None]) & (magnitudes < buckets.hi[:, None])
+    inside = (magnitudes >= lo[:, None]) & (magnitudes < hi[:, None])
     return [m[i] for m, i in zip(magnitudes, inside)]
 
 
+def count_at_least(magnitudes: np.ndarray, hi: np.ndarray, kept: np.ndarray, counts: np.ndarray) -> None:
+    """Add to ``counts`` (int64 (T,)) the entries of ``magnitudes`` (T, n) that rank above
+    ``hi_t``: ``|tau| >= hi_t`` (the bool (T, n) ``kept``, already computed) plus NaNs (which the
+    in-memory bisection counts above +inf but never keeps)."""
+    for t in range(len(counts)):
+        counts[t] += np.count_nonzero(kept[t])
+    if not np.isfinite(magnitudes.sum()):  # NaN or inf somewhere in the chunk (or an overflow)
+        counts += np.count_nonzero(np.isnan(magnitudes), axis=1)
+
+
+def rank_in_bracket(lo: np.ndarray, hi: np.ndarray, k: int, above: np.ndarray,
+                    candidates: Sequence[Sequence[np.ndarray]]) -> Optional[ThresholdBuckets]:
+    """The buckets of a bracket ``[lo_t, hi_t)`` once a pass has counted ``above_t`` (entries
+    ranking above ``hi_t``, :func:`count_at_least`) and collected every bucket entry; ``None`` if
+    some task's k-th largest is not in its bracket (``above_t >= k`` or ``above_t + in_t < k``)."""
+    inside = np.asarray([sum(len(x) for x in c) for c in candidates], np.int64)
+    rank = k - above
+    open_ = lo < hi
+    if np.any(open_ & ((rank < 1) | (rank > inside))):
+        return None
+    return ThresholdBuckets(lo, hi, np.where(open_, rank, 0))
+
+
 def threshold_buckets(stream: Stream, top_k: float) -> ThresholdBuckets:
-    """Pass 1 of the exact global TIES threshold: per-task histograms of the float32 bit pattern
+    """Exact buckets by a histogram pass: per-task histograms of the float32 bit pattern
     of ``|tau_t|`` (monotone in the value; as :func:`mtl_jax.merging.threshold.kth_largest_abs`),
     ``bits >> 14``, exact int64 counts, then the bucket of the k-th largest,
-    ``k = num_kept(N, top_k)``."""
+    ``k = num_kept(N, top_k)``. About 2 ns per entry (``np.bincount``): the fallback of
+    :func:`sampled_bracket`."""
     total = sum(stream.pretrained.specs[n].size for n in stream.names)
     k = min(num_kept(total, top_k), total)
     num = stream.num_tasks
@@ -902,7 +981,7 @@ def threshold_buckets(stream: Stream, top_k: float) -> ThresholdBuckets:
     if k <= 0:
         return ThresholdBuckets(inf, inf, np.zeros((num,), np.int64))
     hist = np.zeros((num, _NUM_BINS), np.int64)
-    ws = Workspace(num, 0)
+    ws = Workspace(num)
     staged = np.empty((num, 4 * CHUNK), np.intp)  # bins of several chunks (and small leaves) per bincount
     fill = 0
 
@@ -930,26 +1009,127 @@ def threshold_buckets(stream: Stream, top_k: float) -> ThresholdBuckets:
     return ThresholdBuckets(lo.astype(np.float32), hi.astype(np.float32), rank)
 
 
+def _next_prime(n: int) -> int:
+    n = max(n, 2)
+    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
+
+
+def sample_allowance(stream: Stream) -> int:
+    """Bytes the TIES sample and the kept-aside positions may use: the memory budget, or the
+    working set of the largest leaf when leaves go one at a time."""
+    readers = [stream.pretrained] + list(stream.finetuned)
+    largest = max(leaf_working_set([r.specs[n] for r in readers], stream.pretrained.specs[n].dtype) for n in stream.names)
+    return max(stream.memory_budget or 0, largest)
+
+
+def _kept_aside_bytes(fraction: float, total: int, num_tasks: int) -> float:
+    """Memory of the TIES positions kept aside (index, theta_0, tau) for a fraction of positions."""
+    return min(1.0, fraction) * total * (8 + 4 * (num_tasks + 1))
+
+
+def sampled_bracket(stream: Stream, k: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """A cheap first pass for the exact global TIES threshold: a bracket ``[lo_t, hi_t)`` that holds
+    each task's k-th largest |tau_t| with high probability, from a systematic sample.
+
+    The sample is every p-th entry of the concatenated model, p the first prime >= 64 and >=
+    N T / ``SAMPLE_ENTRIES`` (a prime does not alias with power-of-two or 3 * 2^j widths); n per
+    task. With q = k / N a task's k-th largest ranks about r = q n in its sample, binomial standard
+    deviation sqrt(n q (1 - q)); the bracket runs from the sample's ceil(r + z sd)-th to its
+    floor(r - z sd)-th largest (``z = SAMPLE_Z``; hi just above it, so ties fall inside).
+    Nothing here is trusted: the pass that uses the bracket counts the entries above ``hi_t``
+    exactly and checks that the k-th largest lies inside (:func:`rank_in_bracket`); callers fall
+    back to :func:`threshold_buckets` when it does not.
+
+    Returns ``(lo, hi)`` fp32 (T,), or ``None`` (use the histogram pass) when the bracket would
+    hold more than ``MAX_BAND_FRACTION`` of a task's entries, reaches a non-finite value, or the
+    sample or the positions expected to be kept aside would exceed :func:`sample_allowance`
+    (checked from n before the sample is read, so small models go straight to the histogram).
+    """
+    total = sum(stream.pretrained.specs[n].size for n in stream.names)
+    num = stream.num_tasks
+    allowance = sample_allowance(stream)
+    stride = _next_prime(max(64, -(-total * num // SAMPLE_ENTRIES)))
+    n, q = -(-total // stride), k / total
+    expected_band = 2.0 * SAMPLE_Z * math.sqrt(q * (1.0 - q) / n)  # of each task's entries
+    if (8 * num * n > allowance  # the sample, twice (parts + concatenation)
+            or expected_band > MAX_BAND_FRACTION or _kept_aside_bytes(num * expected_band, total, num) > allowance):
+        return None  # decided before reading anything
+    parts, seen = [], 0
+    for _, _, p0, fts in leaf_pass(stream, "ties threshold sample"):
+        offset = -seen % stride
+        seen += p0.size
+        p = p0[offset::stride].astype(np.float32)
+        if p.size:
+            mag = np.stack([f[offset::stride].astype(np.float32) for f in fts]) - p
+            parts.append(np.abs(mag, out=mag))
+    sample = np.concatenate(parts, axis=1)
+    del parts
+    n = sample.shape[1]
+    r, sd = q * n, SAMPLE_Z * math.sqrt(n * q * (1.0 - q))
+    i_hi, i_lo = math.floor(r - sd), math.ceil(r + sd)  # ranks from the top, 1-indexed
+    if i_hi < 1 or i_lo > n:
+        return None
+    ranks = [n - i_lo, n - i_hi]
+    lo, hi = np.partition(sample, ranks, axis=1)[:, ranks].T
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        return None
+    hi = np.nextafter(hi, np.float32(np.inf))
+    band = np.mean((sample >= lo[:, None]) & (sample < hi[:, None]), axis=1)
+    if np.any(band > MAX_BAND_FRACTION) or _kept_aside_bytes(float(np.sum(band)), total, num) > allowance:
+        return None
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+class _BracketKernel:
+    """Counts one worker's entries above each ``hi_t`` and keeps those in ``[lo_t, hi_t)``."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray):
+        self.lo, self.hi = lo, hi
+        self.above = np.zeros(lo.shape, np.int64)
+        self.candidates: list[list[np.ndarray]] = [[] for _ in lo]
+
+    def __call__(self, ws, index, p0, fts, out, s, e):
+        _, tau = ws.task_vectors(p0, fts, s, e)
+        np.abs(tau, out=tau)
+        kept = np.greater_equal(tau, self.hi[:, None], out=ws.mask[:, : e - s])
+        count_at_least(tau, self.hi, kept, self.above)
+        for t, x in enumerate(bucket_entries(tau, self.lo, self.hi)):
+            self.candidates[t].append(x)
+
+
+def _bracket_thresholds(stream: Stream, lo: np.ndarray, hi: np.ndarray, k: int) -> Optional[np.ndarray]:
+    """Exact thresholds from one pass that counts the entries above each ``hi_t`` and collects
+    the bucket entries; ``None`` if a task's k-th largest is outside its bracket."""
+    kernels = chunk_pass(stream, "ties threshold candidates", lambda: _BracketKernel(lo, hi))
+    candidates = [[x for kern in kernels for x in kern.candidates[t]] for t in range(len(lo))]
+    buckets = rank_in_bracket(lo, hi, k, sum(kern.above for kern in kernels), candidates)
+    return None if buckets is None else buckets.threshold(candidates)
+
+
 def ties_thresholds(stream: Stream, top_k: float) -> np.ndarray:
     """Exact per-task TIES threshold over the whole model: the k-th largest |tau_t| with
     ``k = num_kept(N, top_k)`` (identical to ``kth_largest_abs(stacked_tau, k, batched=True)``).
 
-    Two passes: the histogram pass (:func:`threshold_buckets`), then one that keeps only the
-    entries inside each task's bucket (a 2**-10 relative band of magnitudes) and selects the
-    exact k-th among them. Returns float32 (T,); +inf where k = 0.
+    A sample pass (:func:`sampled_bracket`, ~1/100 of the entries at 100M parameters) and one
+    pass that counts the entries above the bracket and keeps those inside it, then selects the
+    exact k-th among them; if the bracket missed (or none was drawn), the histogram pass
+    (:func:`threshold_buckets`) and the same counting pass. Returns float32 (T,); +inf where k = 0.
     """
+    total = sum(stream.pretrained.specs[n].size for n in stream.names)
+    k = min(num_kept(total, top_k), total)
+    if k <= 0:
+        return np.full((stream.num_tasks,), np.inf, np.float32)
+    bracket = sampled_bracket(stream, k)
+    if bracket is not None:
+        thr = _bracket_thresholds(stream, *bracket, k)
+        if thr is not None:
+            return thr
     buckets = threshold_buckets(stream, top_k)
     if np.array_equal(buckets.lo, buckets.hi):
         return buckets.lo
-    ws = Workspace(stream.num_tasks, 0)
-    candidates: list[list[np.ndarray]] = [[] for _ in range(stream.num_tasks)]
-    for _, _, p0, fts in leaf_pass(stream, "ties threshold candidates"):
-        for s, e in spans(p0.size):
-            _, tau = ws.task_vectors(p0, fts, s, e)
-            np.abs(tau, out=tau)
-            for t, x in enumerate(bucket_entries(tau, buckets)):
-                candidates[t].append(x)
-    return buckets.threshold(candidates)
+    return _bracket_thresholds(stream, buckets.lo, buckets.hi, k)
 
 
 def majority_sign(stream: Stream, dyn: dict, hp: tuple) -> float:
@@ -1006,68 +1186,106 @@ class _Deferred:
 
 
 def stream_ties_global(stream: Stream, writer: Any, top_k: float, lam: float) -> None:
-    """Global TIES (:func:`mtl_jax.merging.ties.ties_merging`, Yadav et al. 2023, Sec. 3) in two
-    passes over the inputs, exact:
+    """Global TIES (:func:`mtl_jax.merging.ties.ties_merging`, Yadav et al. 2023, Sec. 3), exact,
+    in two passes over the inputs when the sample bracket holds (the usual case):
 
-    1. :func:`threshold_buckets`: each task's k-th largest |tau_t| lies in a known bucket.
-    2. the output pass: an entry outside its task's bucket is kept or dropped exactly as by the
-       exact threshold, so every position where no task has an entry in its bucket (all but a
-       small fraction) gets its elected sign, disjoint mean and output now, and adds its sign to
-       the model-wide majority count. Positions with a bucket entry, and those whose trimmed sum
-       is exactly 0 with non-zero entries (where the majority sign decides), are kept aside
-       (position, theta_0, tau). After the pass the bucket entries give the exact thresholds, the
-       kept-aside positions complete the majority count, and their outputs are patched into the
-       written leaves.
+    1. :func:`sampled_bracket` (reads ~1/100 of the entries at 100M parameters): each task's k-th
+       largest |tau_t| should lie in a bracket ``[lo_t, hi_t)``.
+    2. the output pass (:func:`_ties_output_pass`): entries outside the bracket are kept or dropped
+       as by the exact threshold; positions with a bracket entry are kept aside and patched once
+       the pass has counted the entries above each ``hi_t`` exactly.
+
+    If the counts show a bracket missed its threshold (or no bracket was drawn), the output is
+    rewound and written again from the exact histogram buckets (:func:`threshold_buckets`): one
+    or two more passes, the same result.
     """
+    total = sum(stream.pretrained.specs[n].size for n in stream.names)
+    k = min(num_kept(total, top_k), total)
+    if k > 0:
+        bracket = sampled_bracket(stream, k)
+        if bracket is not None and _ties_output_pass(stream, writer, *bracket, k, lam):
+            return
+        writer.rewind()
     buckets = threshold_buckets(stream, top_k)
-    deferred: list[_Deferred] = []
-    majority_count = 0
-    names = stream.names
+    if not _ties_output_pass(stream, writer, buckets.lo, buckets.hi, k, lam):
+        raise AssertionError("TIES histogram buckets missed the k-th largest |tau| (a bug)")
+
+
+class _TiesKernel:
+    """The TIES output kernel of one worker (:func:`_ties_output_pass`) and what it accumulates:
+    the majority count of the decided positions, the exact counts above ``hi_t`` and the
+    kept-aside positions."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, lam: np.float32, names: Sequence[str]):
+        self.lo, self.hi, self.lam, self.names = lo, hi, lam, names
+        self.deferred: list[_Deferred] = []
+        self.candidates: list[list[np.ndarray]] = [[] for _ in lo]
+        self.majority = 0
+        self.above = np.zeros(lo.shape, np.int64)
+
+    def __call__(self, ws, index, p0, fts, out, s, e):
+        n = e - s
+        p, tau = ws.task_vectors(p0, fts, s, e)
+        mag, kept, inside = ws.work[:, :n], ws.mask[:, :n], ws.mask2[:, :n]
+        sign, undecided = ws.row[:n], ws.flags[0, :n]
+        np.abs(tau, out=mag)
+        np.greater_equal(mag, self.hi[:, None], out=kept)
+        count_at_least(mag, self.hi, kept, self.above)
+        np.greater_equal(mag, self.lo[:, None], out=inside)
+        np.greater(inside, kept, out=inside)  # in the bracket: lo <= |tau| < hi
+        np.any(inside, axis=0, out=undecided)
+        trimmed = _masked(tau, kept, mag)
+        np.sum(trimmed, axis=0, out=sign)
+        _sign(sign, sign, ws.flags[1:, :n])
+        # an exactly cancelling sum of kept (so non-zero) entries: the majority sign decides
+        cancels = np.any(kept, axis=0, out=ws.flags[1, :n])
+        cancels &= sign == 0
+        undecided |= cancels
+        pos = np.flatnonzero(undecided)
+        self.majority += int(np.sum(sign)) - int(np.sum(sign[pos]))
+        if len(pos):
+            aside = _Deferred(self.names[index], pos + s, p[pos], tau[:, pos])
+            self.deferred.append(aside)
+            for t, x in enumerate(bucket_entries(np.abs(aside.tau), self.lo, self.hi)):
+                self.candidates[t].append(x)
+        merged = _disjoint_mean_np(trimmed, sign, tau, kept, _fp32_slot(ws, out, s, e), ws.count[:n])
+        merged *= self.lam
+        merged += p
+        _store(out, s, e, merged)
+
+
+def _ties_output_pass(stream: Stream, writer: Any, lo: np.ndarray, hi: np.ndarray, k: int, lam: float) -> bool:
+    """The TIES output pass given a bracket ``[lo_t, hi_t)`` of each task's threshold (``lo = hi``:
+    the exact threshold). Every position where no task has an entry in its bracket gets its
+    elected sign, disjoint mean and output now, and adds its sign to the model-wide majority
+    count. Positions with a bracket entry, and those whose trimmed sum is exactly 0 with non-zero
+    entries (where the majority sign decides), are kept aside (position, theta_0, tau). After the
+    pass the exact counts above ``hi_t`` and the bracket entries give the exact thresholds, the
+    kept-aside positions complete the majority count, and their outputs are patched into the
+    written leaves. Returns False (nothing patched) if some threshold is outside its bracket.
+    """
     lam32 = np.float32(lam)
-
-    def leaf_fn(ws, index, p0, fts, out):
-        nonlocal majority_count
-        for s, e in spans(p0.size):
-            n = e - s
-            p, tau = ws.task_vectors(p0, fts, s, e)
-            mag, kept, inside = ws.work[:, :n], ws.mask[:, :n], ws.mask2[:, :n]
-            sign, undecided = ws.row[:n], ws.flags[0, :n]
-            np.abs(tau, out=mag)
-            np.greater_equal(mag, buckets.hi[:, None], out=kept)
-            np.greater_equal(mag, buckets.lo[:, None], out=inside)
-            np.greater(inside, kept, out=inside)  # in the bucket: lo <= |tau| < hi
-            np.any(inside, axis=0, out=undecided)
-            trimmed = _masked(tau, kept, mag)
-            np.sum(trimmed, axis=0, out=sign)
-            _sign(sign, sign, ws.flags[1:, :n])
-            # an exactly cancelling sum of kept (so non-zero) entries: the majority sign decides
-            cancels = np.any(kept, axis=0, out=ws.flags[1, :n])
-            cancels &= sign == 0
-            undecided |= cancels
-            pos = np.flatnonzero(undecided)
-            majority_count += int(np.sum(sign)) - int(np.sum(sign[pos]))
-            if len(pos):
-                deferred.append(_Deferred(names[index], pos + s, p[pos].copy(), tau[:, pos].copy()))
-            merged = _disjoint_mean_np(trimmed, sign, tau, kept, _fp32_slot(ws, out, s, e), ws.count[:n])
-            merged *= lam32
-            merged += p
-            _store(out, s, e, merged)
-
-    _numpy_write_pass(stream, writer, leaf_fn)
-    entries = [bucket_entries(np.abs(d.tau), buckets) for d in deferred]
-    thr = buckets.threshold([[x[t] for x in entries] for t in range(stream.num_tasks)])
-    signs = []
-    for d in deferred:
-        trimmed = np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0))
-        signs.append(np.sign(np.sum(trimmed, axis=0)))
-        majority_count += int(np.sum(signs[-1]))
-    majority = np.float32(np.sign(majority_count))
-    for d, sign in zip(deferred, signs):
-        trimmed = np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0))
+    kernels = chunk_pass(stream, "merge", lambda: _TiesKernel(lo, hi, lam32, stream.names), writer)
+    deferred = [d for kern in kernels for d in kern.deferred]
+    majority_count = sum(kern.majority for kern in kernels)
+    above = sum(kern.above for kern in kernels)
+    candidates = [[x for kern in kernels for x in kern.candidates[t]] for t in range(len(lo))]
+    buckets = rank_in_bracket(lo, hi, k, above, candidates)
+    if buckets is None:
+        return False
+    thr = buckets.threshold(candidates)
+    trimmed = [np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0)) for d in deferred]
+    signs = [np.sign(np.sum(x, axis=0)) for x in trimmed]
+    majority = np.float32(np.sign(majority_count + sum(int(np.sum(x)) for x in signs)))
+    patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for d, x, sign in zip(deferred, trimmed, signs):
         n = len(d.index)
-        merged = _disjoint_mean_np(trimmed, np.where(sign == 0, majority, sign), np.empty_like(trimmed),
-                                   np.empty(trimmed.shape, np.bool_), np.empty((n,), np.float32), np.empty((n,), np.int32))
-        writer.patch(d.name, d.index, lam32 * merged + d.p0)
+        merged = _disjoint_mean_np(x, np.where(sign == 0, majority, sign), np.empty_like(x),
+                                   np.empty(x.shape, np.bool_), np.empty((n,), np.float32), np.empty((n,), np.int32))
+        patches.setdefault(d.name, []).append((d.index, lam32 * merged + d.p0))
+    for name, pieces in patches.items():  # one patch per leaf
+        writer.patch(name, np.concatenate([i for i, _ in pieces]), np.concatenate([v for _, v in pieces]))
+    return True
 
 
 # ------------------------------------------------------------------------- streaming methods
@@ -1076,13 +1294,15 @@ def stream_ties_global(stream: Stream, writer: Any, top_k: float, lam: float) ->
 def stream_weight_average(stream: Stream, writer: Any, weights: Optional[Sequence[float]] = None) -> None:
     """:func:`mtl_jax.merging.arithmetic.weight_average`, one pass (numpy kernel)."""
     w = per_task_weights(weights, stream.num_tasks)
-    _numpy_write_pass(stream, writer, weight_average_leaf(np.asarray(w / jnp.sum(w))))
+    kernel = weight_average_kernel(np.asarray(w / jnp.sum(w)))
+    chunk_pass(stream, "merge", lambda: kernel, writer)
 
 
 def stream_task_arithmetic(stream: Stream, writer: Any, lam: float | Sequence[float] = 0.3) -> None:
     """:func:`mtl_jax.merging.arithmetic.task_arithmetic` (Ilharco et al. 2023), one pass (numpy
     kernel); ``lam`` a scalar or per task."""
-    _numpy_write_pass(stream, writer, task_arithmetic_leaf(np.asarray(per_task_weights(lam, stream.num_tasks))))
+    kernel = task_arithmetic_kernel(np.asarray(per_task_weights(lam, stream.num_tasks)))
+    chunk_pass(stream, "merge", lambda: kernel, writer)
 
 
 def stream_ties(stream: Stream, writer: Any, top_k: float = 0.2, lam: float = 1.0, per_tensor: bool = False) -> None:
@@ -1113,7 +1333,8 @@ def stream_dare(
         raise ValueError(f"DARE drop rate must be in [0, 1), got {p}")
     if combine == "ta":
         lam_t = np.asarray(per_task_weights(0.3 if lam is None else lam, stream.num_tasks))
-        _numpy_write_pass(stream, writer, dare_ta_leaf(key, p, lam_t))
+        kernel = dare_ta_kernel(key, p, lam_t)
+        chunk_pass(stream, "merge", lambda: kernel, writer)
         return
     dyn = ties_statistics(stream, "dare", key=key, p=p)
     _write_pass(stream, writer, "ties", dyn, hparams_key(trim="dare", p=p, lam=1.0 if lam is None else lam))
@@ -1133,7 +1354,8 @@ def stream_consensus(
     threshold and majority passes first."""
     if base == "ta":
         tall = np.asarray(per_task_weights(tall_lambda, stream.num_tasks))
-        _numpy_write_pass(stream, writer, consensus_ta_leaf(k, tall, 0.3 if lam is None else lam))
+        kernel = consensus_ta_kernel(k, tall, 0.3 if lam is None else lam)
+        chunk_pass(stream, "merge", lambda: kernel, writer)
         return
     if base != "ties":
         raise ValueError(f"unknown consensus base {base!r}; valid: 'ta', 'ties'")
@@ -1206,6 +1428,7 @@ def stream_merge(
     progress: bool = False,
     mmap: bool = False,
     metadata: Optional[dict[str, str]] = None,
+    threads: Optional[int] = None,
     **hparams: Any,
 ) -> dict[str, Any]:
     """Merge checkpoints on disk into ``output`` leaf by leaf.
@@ -1218,6 +1441,8 @@ def stream_merge(
         (e.g. ``top_k``, ``lam``; DARE needs ``key``).
       memory_budget: bytes for one group of leaves (None: one leaf at a time).
       progress: tqdm bar over leaves for every pass. mmap: zero-copy safetensors reads.
+      threads: worker threads of the numpy kernels (default: the cores this process may use;
+        1 = none). The result does not depend on it.
 
     Returns stats: ``{"method", "num_leaves", "num_groups", "passes", "seconds"}``.
     Output dtypes are the pretrained dtypes (bf16 stays bf16).
@@ -1232,7 +1457,8 @@ def stream_merge(
         names = check_specs(readers, labels)
         specs = [readers[0].specs[n] for n in names]
         working = [leaf_working_set([r.specs[n] for r in readers], readers[0].specs[n].dtype) for n in names]
-        stream = Stream(readers[0], readers[1:], names, plan_groups(names, working, memory_budget), progress)
+        stream = Stream(readers[0], readers[1:], names, plan_groups(names, working, memory_budget), progress,
+                        threads=threads or default_threads(), memory_budget=memory_budget)
         fmt = output_format_of(output, output_format)
         writer = SafetensorsWriter(output, specs, metadata) if fmt == "safetensors" else OrbaxWriter(output, specs)
         try:

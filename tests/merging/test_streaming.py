@@ -239,3 +239,63 @@ def test_global_ties_extreme_top_k(tmp_path, flat_models, top_k):
     expected = jit_merge(ties_merging, top_k=top_k)(p0, fts)
     for k in p0:
         np.testing.assert_allclose(merged[k], np.asarray(expected[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+@pytest.fixture
+def wide_models(rng):
+    """Leaves of several CHUNKs (so the numpy kernels split them over threads), T = 3 heavy-tailed
+    task vectors; ~300k entries per model."""
+    p0 = {f"layers.{i}.w": rng.normal(size=(384, 256)).astype(np.float32) for i in range(3)}
+    p0["layers.0.b"] = rng.normal(size=(384,)).astype(np.float32)
+    fts = [{k: v + 0.01 * rng.standard_t(3, size=v.shape).astype(np.float32) for k, v in p0.items()} for _ in range(3)]
+    return p0, fts
+
+
+def _assert_merged_equals(out, expected):
+    merged = S.load_safetensors(out)
+    for k in expected:
+        np.testing.assert_allclose(merged[k], np.asarray(expected[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("z,passes", [(4.0, 2), (0.0, 4)], ids=["bracket-holds", "bracket-misses"])
+def test_global_ties_sampled_bracket_is_exact(tmp_path, monkeypatch, wide_models, z, passes):
+    """The sample bracket path (sample pass + output pass) and, when the bracket misses its
+    threshold (z = 0: a zero-width bracket), the rewind to the exact histogram path (4 passes)
+    both equal the in-memory TIES; so does a task vector with NaN / inf entries (NaN ranks above
+    inf but is never kept)."""
+    monkeypatch.setattr(S, "MAX_BAND_FRACTION", 0.5)  # allow the wide band of a 4.5k-entry sample
+    monkeypatch.setattr(S, "SAMPLE_Z", z)
+    p0, fts = wide_models
+    fts[1]["layers.2.w"][3, :7] = np.nan
+    fts[2]["layers.1.w"][5, 2] = np.inf
+    src, paths = _save_models(tmp_path, p0, fts)
+    out = str(tmp_path / "out.safetensors")
+    stats = S.stream_merge(src, paths, out, "ties", top_k=0.2, lam=0.9, threads=2)
+    assert stats["passes"] == passes
+    _assert_merged_equals(out, jit_merge(ties_merging, top_k=0.2, lam=0.9)(p0, fts))
+
+
+def test_ties_threshold_from_sample_bracket(tmp_path, monkeypatch, wide_models):
+    """Consensus TIES (its TIES thresholds: sample pass + counting pass) equals the in-memory merge."""
+    monkeypatch.setattr(S, "MAX_BAND_FRACTION", 0.5)
+    p0, fts = wide_models
+    src, paths = _save_models(tmp_path, p0, fts)
+    out = str(tmp_path / "out.safetensors")
+    S.stream_merge(src, paths, out, "consensus", k=2, base="ties", memory_budget=1 << 30)
+    _assert_merged_equals(out, jit_merge(consensus_merging, k=2, base="ties")(p0, fts))
+
+
+@pytest.mark.parametrize("name,hparams", [("task_arithmetic", {}), ("ties", {}), ("dare", dict(p=0.5)),
+                                          ("consensus", dict(k=2))])
+def test_threads_do_not_change_the_result(tmp_path, wide_models, name, hparams):
+    """1 or 3 worker threads (a leaf's chunks split into contiguous runs) write the same bytes."""
+    p0, fts = wide_models
+    if name == "dare":
+        hparams = dict(hparams, key=jax.random.key(3))
+    src, paths = _save_models(tmp_path, p0, fts)
+    outs = []
+    for threads in (1, 3):
+        outs.append(str(tmp_path / f"out{threads}.safetensors"))
+        S.stream_merge(src, paths, outs[-1], name, threads=threads, **hparams)
+    with open(outs[0], "rb") as a, open(outs[1], "rb") as b:
+        assert a.read() == b.read()
