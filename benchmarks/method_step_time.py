@@ -137,7 +137,7 @@ def make_floor_heads_once(model, tasks, input_key: str):
     names = [t.name for t in tasks]
 
     def floor(params, batch):
-        losses, vjp_fn, _ = representation_losses_and_vjp(encode, decode, params, batch, jax.random.key(0), names)
+        losses, vjp_fn, _, _ = representation_losses_and_vjp(encode, decode, params, batch, jax.random.key(0), names)
         (jac,) = jax.vmap(vjp_fn)(jnp.eye(len(names), dtype=losses.dtype))
         return losses, jac
 

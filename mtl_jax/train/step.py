@@ -236,17 +236,22 @@ def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks:
     Both halves run in one vmapped forward (``losses [2, K]``); 'materialize' stacks the 2K
     half-batch gradients by one vmapped VJP, 'vjp_jvp' builds column l as ``J_a (J_b^T e_l)``.
     Mutable model state (batch statistics) of these passes is discarded. ``split``: ``(encode,
-    decode)`` of ``make_representation_forward`` (with the task ``names``) for 'materialize' on a
-    trunk + heads model: each half's rows by ``representation_losses_and_vjp`` (heads once).
+    decode)`` of ``make_representation_forward`` (with the task ``names``) on a trunk + heads
+    model: each half by ``representation_losses_and_vjp`` (heads differentiated once; 'vjp_jvp'
+    columns are a trunk VJP + a trunk JVP).
     """
     halves = half_batches(batch)
     keys = jax.random.split(key, 2)
-    if split is not None and options.gramian_mode == "materialize":
-        rows = []
-        for b in range(2):
-            half = jax.tree.map(lambda x: x[:, b], halves)
-            _, vjp_fn, _ = representation_losses_and_vjp(*split, params, half, keys[b], names)
-            rows.append(per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), num_tasks, jnp.float32, options.chunk))
+    if split is not None:
+        by_jvp = options.gramian_mode == "vjp_jvp"
+        fns = [representation_losses_and_vjp(*split, params, jax.tree.map(lambda x: x[:, b], halves), keys[b], names,
+                                             with_jvp=by_jvp) for b in range(2)]
+        if by_jvp:  # row l: J_a (J_b^T e_l), one trunk VJP (half b) + one trunk JVP (half a)
+            zero_heads = jax.tree.map(jnp.zeros_like, params["heads"])
+            to_tangent = lambda c: {"shared": fns[1][1](c)[0]["shared"], "heads": zero_heads}
+            return gramian_by_jvp(to_tangent, fns[0][3], jnp.eye(num_tasks, dtype=jnp.float32), options.chunk).T
+        rows = [per_task_jacobian(lambda c, f=f: (f[1](c)[0]["shared"],), num_tasks, jnp.float32, options.chunk)
+                for f in fns]
         return gramian(*rows)
 
     def half_losses(shared):
@@ -433,9 +438,10 @@ def sows_aux_loss(model, params, batch, input_key: str) -> bool:
     return bool(jax.tree.leaves(out))
 
 
-def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str]):
-    """``(losses [K], vjp_fn, predictions)`` equal to ``jax.vjp`` of the whole training forward
-    w.r.t. ``params``, with the heads differentiated once instead of once per task.
+def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str], with_jvp: bool = False):
+    """``(losses [K], vjp_fn, predictions, jvp_fn)`` equal to ``jax.vjp`` (and ``jax.jvp``) of the
+    whole training forward w.r.t. ``params``, with the heads differentiated once instead of once
+    per task.
 
     A vmapped VJP of the whole forward sends each cotangent ``e_k`` back through all K heads (K^2
     head backward passes for a Jacobian). Here head t reads its own copy z_t of the
@@ -443,8 +449,17 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
     d head_t`` and ``Z_t = d L_t / dz`` [K, B, ...]; then ``vjp_fn(c)`` is
     ``{'shared': trunk VJP of sum_t c_t Z_t, 'heads': {t: c_t d L_t / d head_t}}`` (exact: L_t
     depends on head t only), one trunk backward per cotangent. Memory: Z, K x the representation.
+
+    ``with_jvp``: the trunk is linearised instead (one forward for both directions) and
+    ``jvp_fn(tangent) [K] = <Z_t, J_z tangent['shared']> + <d L_t / d head_t, tangent['heads'][t]>``,
+    one trunk JVP per tangent, no head pass: a Gramian column ``J (J^T e_l)``
+    (``gramian_mode='vjp_jvp'``) is then one trunk VJP + one trunk JVP. Else ``jvp_fn`` is None.
     """
-    z, encode_vjp = jax.vjp(lambda p: encode(p, batch, key, True), params["shared"])
+    trunk = lambda p: encode(p, batch, key, True)
+    if with_jvp:
+        z, encode_vjp, encode_jvp = linearize(trunk, params["shared"])
+    else:
+        z, encode_vjp = jax.vjp(trunk, params["shared"])
     copies = {t: z for t in names}
     losses, decode_vjp, preds = jax.vjp(lambda hp, zs: decode(hp, zs, batch, key, True, per_task=True),
                                         params["heads"], copies, has_aux=True)
@@ -458,7 +473,16 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
                  for k, t in enumerate(names)}
         return ({"shared": shared, "heads": heads},)
 
-    return losses, vjp_fn, preds
+    def jvp_fn(tangent):
+        dz = encode_jvp(tangent["shared"])
+        through_trunk = sum(jnp.tensordot(zs, d, axes=d.ndim).astype(losses.dtype)
+                            for zs, d in zip(jax.tree.leaves(stacked_z), jax.tree.leaves(dz)))
+        through_heads = jnp.stack([sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(head_rows[t]),
+                                                                       jax.tree.leaves(tangent["heads"][t])))
+                                   for t in names]).astype(losses.dtype)
+        return through_trunk + through_heads
+
+    return losses, vjp_fn, preds, (jvp_fn if with_jvp else None)
 
 
 def representation_task_gradients(method, encode, decode, params, batch, key, method_state, step, method_key,
@@ -604,14 +628,14 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
 
     def losses_and_vjp(params, model_state, batch, key, split):
         """``(losses, vjp_fn, jvp_fn or None, (predictions, model_state))`` of the training forward: a
-        JVP too when the Gramian is built by JVPs; with ``split`` (``representation_split``), the
-        VJP of ``representation_losses_and_vjp`` (heads differentiated once)."""
+        JVP too when the Gramian is built by JVPs; with ``split`` (``representation_split``), those of
+        ``representation_losses_and_vjp`` (heads differentiated once)."""
         fn = lambda p: forward(p, model_state, batch, key, True)
+        if split is not None:
+            losses, vjp_fn, preds, jvp_fn = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp)
+            return losses, vjp_fn, jvp_fn, (preds, model_state)
         if by_jvp:
             return linearize(fn, params, has_aux=True)
-        if split is not None:
-            losses, vjp_fn, preds = representation_losses_and_vjp(*split, params, batch, key, names)
-            return losses, vjp_fn, None, (preds, model_state)
         losses, vjp_fn, aux = jax.vjp(fn, params, has_aux=True)
         return losses, vjp_fn, None, aux
 
