@@ -617,7 +617,12 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     by_jvp = options.gramian_mode == "vjp_jvp" and method.needs == "gramian"
     double_sampling = "cross_gramian" in method.wants and kind == "" and not rep_level and not use_rep_mtl
 
-    split_forward = make_representation_forward(model, tasks, input_key) if has_representation(model) else None
+    # The heads-once VJP pays off when per-task rows are formed (gradient methods, GradNorm's
+    # last-layer rows, F-MTL's J); a loss-weighting step needs one weighted VJP, which the whole
+    # forward's VJP gives without the [K, B, ...] stack of representation gradients.
+    wants_rows = method.needs != "losses" or "last_shared_gramian" in method.wants or kind in ("fmtl", "fmtl_a")
+    split_forward = (make_representation_forward(model, tasks, input_key)
+                     if has_representation(model) and wants_rows else None)
 
     def representation_split(params, model_state, batch):
         """``(encode, decode)`` when the heads-once VJP applies: a trunk + heads model without mutable
