@@ -192,3 +192,35 @@ def test_ltb_branching_schedule_and_probabilities():
     # The straight-through estimator passes gradients to the logits.
     grad = jax.grad(lambda z: (ltb_branching(z, 5, 100, jax.random.key(0)) * jnp.arange(3.0)).sum())(logits)
     assert jnp.any(grad != 0)
+
+
+@pytest.mark.parametrize("num", [1, 3])
+def test_stacked_copies_are_independent_modules(num):
+    """``blocks.stacked``: leaf shapes get a leading axis of ``num``, copies are initialised
+    independently, copy e's output is the module applied with slice e of the parameters, and
+    dropout masks differ per copy (the same input to every copy)."""
+    import flax.linen as nn
+
+    from mtl_jax.models.blocks import stacked
+    from mtl_jax.models.trunks import LeNet
+
+    class Copies(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return stacked(LeNet(dropout=0.5), num, "experts")(x, train)
+
+    x = jnp.asarray(np.random.default_rng(0).random((4, 28, 28, 1)), jnp.float32)
+    params = Copies().init(jax.random.key(0), x)["params"]
+    single = LeNet(dropout=0.5).init(jax.random.key(1), x)["params"]
+    assert jax.tree.map(lambda a: a.shape, params["experts"]) == jax.tree.map(lambda a: (num,) + a.shape, single)
+    out = Copies().apply({"params": params}, x)
+    assert out.shape == (num, 4, 50)
+    for e in range(num):
+        copy = jax.tree.map(lambda a: a[e], params["experts"])
+        np.testing.assert_allclose(out[e], LeNet(dropout=0.5).apply({"params": copy}, x), rtol=1e-5, atol=1e-6)
+    if num > 1:
+        kernels = params["experts"]["conv_0"]["kernel"]
+        assert not np.allclose(kernels[0], kernels[1])
+        same = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], a.shape), params["experts"])
+        dropped = Copies().apply({"params": {"experts": same}}, x, True, rngs={"dropout": jax.random.key(2)})
+        assert not np.allclose(dropped[0], dropped[1])

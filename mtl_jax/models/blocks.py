@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import flax.linen as nn
@@ -19,14 +20,41 @@ def flat_input(x):
     return as_float(x).reshape(x.shape[0], -1)
 
 
-def stacked(module: nn.Module, num: int, name: str) -> nn.Module:
-    """``num`` independently initialised copies of ``module`` as one vmapped module (call it inside a
-    compact method): ``copies(x [B, ...], train) -> [num, B, ...]``, every parameter leaf gets a
-    leading axis of size ``num``; dropout masks differ per copy."""
+@functools.lru_cache(maxsize=None)
+def _scan_copy(base: type) -> type:
+    """``base`` with the call ``(carry, _) -> (carry, base(carry, train))`` that ``nn.scan`` wants
+    (``train`` a field); submodules stay where ``base`` puts them, so parameter paths are unchanged."""
+
+    class ScanCopy(base):
+        scan_train: bool = False
+
+        def __call__(self, carry, _):
+            return carry, base.__call__(self, carry, self.scan_train)
+
+    ScanCopy.__name__ = ScanCopy.__qualname__ = base.__name__
+    return ScanCopy
+
+
+def stacked(module: nn.Module, num: int, name: str):
+    """``num`` independently initialised copies of ``module`` (call it inside a compact method):
+    ``copies(x [B, ...], train) -> [num, B, ...]``, every parameter leaf gets a leading axis of
+    size ``num``; dropout masks differ per copy.
+
+    The copies run as an unrolled ``nn.scan`` over the stacked parameters, i.e. ``num`` ordinary
+    layers: vmapping them over the weights instead turns conv experts into one grouped
+    convolution, 4.4x slower forward + backward on XLA:CPU (4 LeNet experts, batch 256).
+    """
     fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
-    cls = nn.vmap(type(module), in_axes=None, out_axes=0, axis_size=num, variable_axes={"params": 0},
-                  split_rngs={"params": True, "dropout": True})
-    return cls(**fields, name=name)
+    if num == 1:  # a vmap of size 1 is the module itself; a length-1 scan ran 3.6x slower (LeNet, XLA:CPU)
+        return nn.vmap(type(module), in_axes=None, out_axes=0, axis_size=1, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True})(**fields, name=name)
+    cls = nn.scan(_scan_copy(type(module)), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                  length=num, unroll=True)
+
+    def copies(x, train: bool = False):
+        return cls(**fields, scan_train=train, name=name)(x, None)[1]
+
+    return copies
 
 
 def mix(reps, weights):
