@@ -974,8 +974,7 @@ def threshold_buckets(stream: Stream, top_k: float) -> ThresholdBuckets:
     ``bits >> 14``, exact int64 counts, then the bucket of the k-th largest,
     ``k = num_kept(N, top_k)``. About 2 ns per entry (``np.bincount``): the fallback of
     :func:`sampled_bracket`."""
-    total = sum(stream.pretrained.specs[n].size for n in stream.names)
-    k = min(num_kept(total, top_k), total)
+    k = kept_count(stream, top_k)
     num = stream.num_tasks
     inf = np.full((num,), np.inf, np.float32)
     if k <= 0:
@@ -1007,6 +1006,17 @@ def threshold_buckets(stream: Stream, top_k: float) -> ThresholdBuckets:
     hi_bits = np.minimum(lo_bits + (1 << _HIST_SHIFT), _INF_BITS).astype(np.int32)
     hi = np.where(exact, np.inf, hi_bits.view(np.float32))
     return ThresholdBuckets(lo.astype(np.float32), hi.astype(np.float32), rank)
+
+
+def model_size(stream: Stream) -> int:
+    """Entries per model (every leaf)."""
+    return sum(stream.pretrained.specs[n].size for n in stream.names)
+
+
+def kept_count(stream: Stream, top_k: float) -> int:
+    """TIES' k for the whole model: ``num_kept(N, top_k)``, at most N."""
+    total = model_size(stream)
+    return min(num_kept(total, top_k), total)
 
 
 def _next_prime(n: int) -> int:
@@ -1047,7 +1057,7 @@ def sampled_bracket(stream: Stream, k: int) -> Optional[tuple[np.ndarray, np.nda
     sample or the positions expected to be kept aside would exceed :func:`sample_allowance`
     (checked from n before the sample is read, so small models go straight to the histogram).
     """
-    total = sum(stream.pretrained.specs[n].size for n in stream.names)
+    total = model_size(stream)
     num = stream.num_tasks
     allowance = sample_allowance(stream)
     stride = _next_prime(max(64, -(-total * num // SAMPLE_ENTRIES)))
@@ -1102,7 +1112,13 @@ class _BracketKernel:
 def _bracket_thresholds(stream: Stream, lo: np.ndarray, hi: np.ndarray, k: int) -> Optional[np.ndarray]:
     """Exact thresholds from one pass that counts the entries above each ``hi_t`` and collects
     the bucket entries; ``None`` if a task's k-th largest is outside its bracket."""
-    kernels = chunk_pass(stream, "ties threshold candidates", lambda: _BracketKernel(lo, hi))
+    return thresholds_from_workers(chunk_pass(stream, "ties threshold candidates", lambda: _BracketKernel(lo, hi)),
+                                   lo, hi, k)
+
+
+def thresholds_from_workers(kernels: Sequence[Any], lo: np.ndarray, hi: np.ndarray, k: int) -> Optional[np.ndarray]:
+    """Exact thresholds from the workers' counts above ``hi_t`` (``kern.above``) and bracket entries
+    (``kern.candidates``); ``None`` if a task's k-th largest is outside its bracket."""
     candidates = [[x for kern in kernels for x in kern.candidates[t]] for t in range(len(lo))]
     buckets = rank_in_bracket(lo, hi, k, sum(kern.above for kern in kernels), candidates)
     return None if buckets is None else buckets.threshold(candidates)
@@ -1117,8 +1133,7 @@ def ties_thresholds(stream: Stream, top_k: float) -> np.ndarray:
     exact k-th among them; if the bracket missed (or none was drawn), the histogram pass
     (:func:`threshold_buckets`) and the same counting pass. Returns float32 (T,); +inf where k = 0.
     """
-    total = sum(stream.pretrained.specs[n].size for n in stream.names)
-    k = min(num_kept(total, top_k), total)
+    k = kept_count(stream, top_k)
     if k <= 0:
         return np.full((stream.num_tasks,), np.inf, np.float32)
     bracket = sampled_bracket(stream, k)
@@ -1199,8 +1214,7 @@ def stream_ties_global(stream: Stream, writer: Any, top_k: float, lam: float) ->
     rewound and written again from the exact histogram buckets (:func:`threshold_buckets`): one
     or two more passes, the same result.
     """
-    total = sum(stream.pretrained.specs[n].size for n in stream.names)
-    k = min(num_kept(total, top_k), total)
+    k = kept_count(stream, top_k)
     if k > 0:
         bracket = sampled_bracket(stream, k)
         if bracket is not None and _ties_output_pass(stream, writer, *bracket, k, lam):
@@ -1268,12 +1282,9 @@ def _ties_output_pass(stream: Stream, writer: Any, lo: np.ndarray, hi: np.ndarra
     kernels = chunk_pass(stream, "merge", lambda: _TiesKernel(lo, hi, lam32, stream.names), writer)
     deferred = [d for kern in kernels for d in kern.deferred]
     majority_count = sum(kern.majority for kern in kernels)
-    above = sum(kern.above for kern in kernels)
-    candidates = [[x for kern in kernels for x in kern.candidates[t]] for t in range(len(lo))]
-    buckets = rank_in_bracket(lo, hi, k, above, candidates)
-    if buckets is None:
+    thr = thresholds_from_workers(kernels, lo, hi, k)
+    if thr is None:
         return False
-    thr = buckets.threshold(candidates)
     trimmed = [np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0)) for d in deferred]
     signs = [np.sign(np.sum(x, axis=0)) for x in trimmed]
     majority = np.float32(np.sign(majority_count + sum(int(np.sum(x)) for x in signs)))
