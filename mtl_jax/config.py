@@ -50,10 +50,12 @@ def default_config() -> ConfigDict:
     c.sharpness = ConfigDict(dict(kind="", rho=0.05, adaptive=False, eta=0.01))
     # Per-task gradients for Gramian/Jacobian methods: w.r.t. the shared 'params' or the shared
     # 'representation' (MGDA-UB / LibMTL's rep_grad); chunk = tasks per vmapped VJP (0 = all at once);
-    # gramian_mode 'materialize' (J by a vmapped VJP, then J J^T) or 'vjp_jvp' (G's columns J (J^T e_l)
-    # by a VJP + a JVP, chunk columns at a time: J never held); last_shared = regex over 'shared/...'
+    # gramian_mode, for the methods that need only G: 'layerwise' (G summed per Dense layer from its
+    # inputs and per-task output cotangents, <D_k, X X^T D_l>, explicit rows for the other leaves:
+    # train/layerwise.py), 'materialize' (J by a vmapped VJP, then J J^T) or 'vjp_jvp' (G's columns
+    # J (J^T e_l) by a VJP + a JVP, chunk columns at a time: J never held); last_shared = regex over 'shared/...'
     # paths of the layer GradNorm reads its gradient norms at ('' = the last layer of the trunk).
-    c.jacobian = ConfigDict(dict(level="params", chunk=0, gramian_mode="materialize", last_shared=""))
+    c.jacobian = ConfigDict(dict(level="params", chunk=0, gramian_mode="layerwise", last_shared=""))
     # Rep-MTL saliency regularisers (mtl_jax.train.rep_mtl); off while both weights are 0.
     c.rep_mtl = ConfigDict(dict(tsr_weight=0.0, csa_weight=0.0, temperature=0.5))
     c.optim = ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, nesterov=False,

@@ -23,6 +23,7 @@ import numpy as np
 
 from mtl_jax.models.moe_layers import AUX_LOSS
 from mtl_jax.train import flat_minima, rep_mtl
+from mtl_jax.train import layerwise as layerwise_gramian
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
 from mtl_jax.train.methods import MethodInputs, returns_direction
 from mtl_jax.train.optim import map_groups
@@ -133,7 +134,7 @@ def metric_sums(tasks: Sequence, preds, batch, mask) -> tuple[dict, dict]:
     return sums, counts
 
 
-GRAMIAN_MODES = ("materialize", "vjp_jvp")
+GRAMIAN_MODES = ("materialize", "vjp_jvp", "layerwise")
 
 
 class GradientOptions(NamedTuple):
@@ -145,13 +146,17 @@ class GradientOptions(NamedTuple):
         vmapped VJP, then ``G = J J^T`` and ``J^T w``. ``'vjp_jvp'``: for methods that need only
         the Gramian, column l of G is ``J (J^T e_l)``, one VJP + one JVP (``gramian_by_jvp``),
         ``chunk`` columns at a time, so no more than chunk x P gradient entries are held; the
-        shared update is then one VJP with ``w`` as cotangent.
+        shared update is then one VJP with ``w`` as cotangent. ``'layerwise'`` (default): for the
+        same methods, ``G`` summed layer by layer from each shared Dense layer's inputs and
+        per-task output cotangents (``layerwise.py``, ``<D_k, X X^T D_l>``; explicit rows only for
+        the leaves no Dense call covers); the covered leaves' ``J^T w`` from the same pieces, the
+        others by one weighted VJP. Methods that need ``J`` materialise it in every mode.
       last_shared: ``select(shared_tree) -> [leaves]`` of the last shared layer, for methods that
         want ``last_shared_gramian`` (GradNorm); None when no method needs it.
     """
 
     chunk: int = 0
-    gramian_mode: str = "materialize"
+    gramian_mode: str = "layerwise"
     last_shared: Callable | None = None
 
 
@@ -234,7 +239,9 @@ def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks:
     batch (SDMGrad's / MoDo's double sampling), each half with its own dropout key.
 
     Both halves run in one vmapped forward (``losses [2, K]``); 'materialize' stacks the 2K
-    half-batch gradients by one vmapped VJP, 'vjp_jvp' builds column l as ``J_a (J_b^T e_l)``.
+    half-batch gradients by one vmapped VJP, 'vjp_jvp' builds column l as ``J_a (J_b^T e_l)``,
+    'layerwise' (trunk + heads models; others materialise) sums ``<D_a,k, X_a X_b^T D_b,l>`` per
+    Dense layer.
     Mutable model state (batch statistics) of these passes is discarded. ``split``: ``(encode,
     decode)`` of ``make_representation_forward`` (with the task ``names``) on a trunk + heads
     model: each half by ``representation_losses_and_vjp`` (heads differentiated once; 'vjp_jvp'
@@ -243,9 +250,12 @@ def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks:
     halves = half_batches(batch)
     keys = jax.random.split(key, 2)
     if split is not None:
-        by_jvp = options.gramian_mode == "vjp_jvp"
+        by_jvp, by_layer = options.gramian_mode == "vjp_jvp", options.gramian_mode == "layerwise"
         fns = [representation_losses_and_vjp(*split, params, jax.tree.map(lambda x: x[:, b], halves), keys[b], names,
-                                             with_jvp=by_jvp) for b in range(2)]
+                                             with_jvp=by_jvp, layerwise=by_layer, chunk=options.chunk)
+               for b in range(2)]
+        if by_layer:  # <X_a^T D_a,k, X_b^T D_b,l> layer by layer
+            return layerwise_gramian.layerwise_gramian(fns[0][3], fns[1][3])
         if by_jvp:  # row l: J_a (J_b^T e_l), one trunk VJP (half b) + one trunk JVP (half a)
             zero_heads = jax.tree.map(jnp.zeros_like, params["heads"])
             to_tangent = lambda c: {"shared": fns[1][1](c)[0]["shared"], "heads": zero_heads}
@@ -362,14 +372,16 @@ def weighted_vjp_gradients(method, weights, vjp_fn):
 
 
 def task_gradients(method, losses, vjp_fn, method_state, step, key, options: GradientOptions = GradientOptions(),
-                   jvp_fn=None, params=None, cross_gramian=None):
+                   jvp_fn=None, params=None, cross_gramian=None, layer_rows=None):
     """Gradients of every parameter group under the method's weighting.
 
     Methods that return weights from K x K information finish with ``weighted_vjp_gradients``:
     loss-based ones (plus, when wanted, the last shared layer's Gramian from a vmapped VJP of
     which XLA keeps only that layer's rows), those fed a precomputed ``cross_gramian``, and, with
     ``gramian_mode='vjp_jvp'`` (``jvp_fn`` and ``params`` given), Gramian methods whose ``G`` comes
-    from ``params_gramian_by_jvp``. The others get the per-task gradients of the shared parameters
+    from ``params_gramian_by_jvp`` and, with ``gramian_mode='layerwise'``, those given the
+    ``layer_rows`` (``layerwise.LayerRows``; their covered leaves' combination is then read from
+    the rows, ``layerwise.combine_rows``). The others get the per-task gradients of the shared parameters
     from one vmapped VJP (``J``: leaves [K, ...]), its Gramian and (``needs='jacobian'``) its
     flattened rows; the shared gradient is ``sum_k w_k J_k`` (or the method's own direction); head
     k gets its own gradient, scaled by ``w_k`` for loss-weighting methods.
@@ -380,16 +392,22 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
     num_tasks, dtype = losses.shape[0], losses.dtype
     fields = {} if cross_gramian is None else {"cross_gramian": cross_gramian}
     by_jvp = method.needs == "gramian" and options.gramian_mode == "vjp_jvp" and jvp_fn is not None
-    if method.needs == "losses" or (method.needs == "gramian" and (by_jvp or cross_gramian is not None)):
+    if method.needs == "gramian" and layer_rows is not None and cross_gramian is None:
+        fields["gramian"] = layerwise_gramian.layerwise_gramian(layer_rows)
+    if method.needs == "losses" or (method.needs == "gramian" and (by_jvp or "gramian" in fields
+                                                                    or cross_gramian is not None)):
         if "last_shared_gramian" in method.wants and options.last_shared is not None:
             rows = per_task_jacobian(lambda c: (options.last_shared(vjp_fn(c)[0]["shared"]),), num_tasks, dtype,
                                      options.chunk)
             fields["last_shared_gramian"] = gramian(rows)
-        if method.needs == "gramian" and cross_gramian is None:
+        if by_jvp and cross_gramian is None:
             fields["gramian"] = params_gramian_by_jvp(vjp_fn, jvp_fn, params, num_tasks, dtype, options.chunk)
         weights, method_state = method.update(MethodInputs(losses=losses, step=step, **fields), method_state, key)
         weights = jax.lax.stop_gradient(weights).astype(dtype)
-        return weighted_vjp_gradients(method, weights, vjp_fn), weights, method_state
+        grads = weighted_vjp_gradients(method, weights, vjp_fn)
+        if layer_rows is not None:  # covered Dense leaves from their rows: no second backward through them
+            grads = {**grads, "shared": layerwise_gramian.combine_rows(layer_rows, weights, grads["shared"])}
+        return grads, weights, method_state
     # Per-task rows of the shared part only (XLA drops the unused per-task head cotangents); the
     # heads then need one more VJP, whose trunk half is dead code too.
     jac_shared = per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), num_tasks, dtype, options.chunk)
@@ -438,7 +456,8 @@ def sows_aux_loss(model, params, batch, input_key: str) -> bool:
     return bool(jax.tree.leaves(out))
 
 
-def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str], with_jvp: bool = False):
+def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str], with_jvp: bool = False,
+                                  layerwise: bool = False, chunk: int = 0):
     """``(losses [K], vjp_fn, predictions, jvp_fn)`` equal to ``jax.vjp`` (and ``jax.jvp``) of the
     whole training forward w.r.t. ``params``, with the heads differentiated once instead of once
     per task.
@@ -453,10 +472,15 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
     ``with_jvp``: the trunk is linearised instead (one forward for both directions) and
     ``jvp_fn(tangent) [K] = <Z_t, J_z tangent['shared']> + <d L_t / d head_t, tangent['heads'][t]>``,
     one trunk JVP per tangent, no head pass: a Gramian column ``J (J^T e_l)``
-    (``gramian_mode='vjp_jvp'``) is then one trunk VJP + one trunk JVP. Else ``jvp_fn`` is None.
+    (``gramian_mode='vjp_jvp'``) is then one trunk VJP + one trunk JVP. ``layerwise``: the fourth
+    value is instead the ``layerwise.LayerRows`` of the shared rows (the trunk's Dense inputs and
+    the per-task cotangents ``Z_t`` sent back through the trunk, ``chunk`` tasks at a time), whose
+    ``layerwise_gramian`` is G. Else the fourth value is None.
     """
     trunk = lambda p: encode(p, batch, key, True)
-    if with_jvp:
+    if layerwise:
+        z, encode_vjp, trunk_rows = layerwise_gramian.vjp_and_layerwise_gramian(trunk, params["shared"])
+    elif with_jvp:
         z, encode_vjp, encode_jvp = linearize(trunk, params["shared"])
     else:
         z, encode_vjp = jax.vjp(trunk, params["shared"])
@@ -482,6 +506,8 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
                                    for t in names]).astype(losses.dtype)
         return through_trunk + through_heads
 
+    if layerwise:
+        return losses, vjp_fn, preds, trunk_rows(stacked_z, chunk)
     return losses, vjp_fn, preds, (jvp_fn if with_jvp else None)
 
 
@@ -553,7 +579,7 @@ def gradient_options(jacobian, method, model=None, sample_input=None) -> Gradien
     ``last_shared_gramian``, from ``jacobian.last_shared`` (a regex over ``shared/...`` paths) or, when
     that is '', ``last_shared_layer(model, sample_input)``."""
     get = (lambda name, default: jacobian.get(name, default)) if jacobian is not None else (lambda _, d: d)
-    mode = get("gramian_mode", "materialize")
+    mode = get("gramian_mode", "layerwise")
     if mode not in GRAMIAN_MODES:
         raise ValueError(f"unknown jacobian.gramian_mode '{mode}'; valid: {list(GRAMIAN_MODES)}")
     last_shared = None
@@ -588,7 +614,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     plain parameter-level step (not with sharpness steps, whose methods see the single-batch
     Gramian); ``wants=('last_shared_gramian',)`` (GradNorm) gets it on every parameter-level path.
     ``gramian_mode='vjp_jvp'`` applies to the plain and SAM steps (F-MTL and representation-level
-    gradients hold per-task gradients by construction; methods that need J materialise it).
+    gradients hold per-task gradients by construction; methods that need J materialise it);
+    ``'layerwise'`` (the default) serves the Gramian methods of those steps, the others ignore it.
     """
     level = jacobian.level if jacobian is not None else "params"
     options = gradient_options(jacobian, method, model, sample_input)
@@ -611,10 +638,12 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     kind = sharpness.kind if sharpness is not None else ""
     if kind not in flat_minima.KINDS:
         raise ValueError(f"unknown sharpness kind '{kind}'; valid: {list(flat_minima.KINDS)}")
-    if options.gramian_mode == "vjp_jvp" and (rep_level or kind in ("fmtl", "fmtl_a")):
+    holds_rows = rep_level or kind in ("fmtl", "fmtl_a")  # per-task gradients by construction
+    if options.gramian_mode == "vjp_jvp" and holds_rows:
         raise ValueError("jacobian.gramian_mode='vjp_jvp' applies to the parameter-level plain and SAM steps; F-MTL "
                          "and jacobian.level='representation' hold the per-task gradients by construction")
     by_jvp = options.gramian_mode == "vjp_jvp" and method.needs == "gramian"
+    by_layer = options.gramian_mode == "layerwise" and method.needs == "gramian" and not holds_rows
     double_sampling = "cross_gramian" in method.wants and kind == "" and not rep_level and not use_rep_mtl
 
     # The heads-once VJP pays off when per-task rows are formed (gradient methods, GradNorm's
@@ -632,17 +661,24 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         return split_forward
 
     def losses_and_vjp(params, model_state, batch, key, split):
-        """``(losses, vjp_fn, jvp_fn or None, (predictions, model_state))`` of the training forward: a
-        JVP too when the Gramian is built by JVPs; with ``split`` (``representation_split``), those of
+        """``(losses, vjp_fn, jvp_fn or None, LayerRows or None, (predictions, model_state))`` of the
+        training forward: a JVP too when the Gramian is built by JVPs, the layer-wise rows when it
+        is built layer by layer; with ``split`` (``representation_split``), those of
         ``representation_losses_and_vjp`` (heads differentiated once)."""
         fn = lambda p: forward(p, model_state, batch, key, True)
         if split is not None:
-            losses, vjp_fn, preds, jvp_fn = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp)
-            return losses, vjp_fn, jvp_fn, (preds, model_state)
+            losses, vjp_fn, preds, extra = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp,
+                                                                         by_layer, chunk)
+            return losses, vjp_fn, extra if by_jvp else None, extra if by_layer else None, (preds, model_state)
         if by_jvp:
-            return linearize(fn, params, has_aux=True)
+            losses, vjp_fn, jvp_fn, aux = linearize(fn, params, has_aux=True)
+            return losses, vjp_fn, jvp_fn, None, aux
+        if by_layer:
+            losses, vjp_fn, rows_fn, aux = layerwise_gramian.vjp_and_layerwise_gramian(
+                fn, params, lambda p: p["shared"], has_aux=True)
+            return losses, vjp_fn, None, rows_fn(jnp.eye(losses.shape[0], dtype=losses.dtype), chunk), aux
         losses, vjp_fn, aux = jax.vjp(fn, params, has_aux=True)
-        return losses, vjp_fn, None, aux
+        return losses, vjp_fn, None, None, aux
 
     def apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch, key):
         """Per-group optimiser updates, applied only when every loss and gradient is finite; then the
@@ -694,8 +730,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch,
                                    dropout_key)
         split = representation_split(state.params, state.model_state, batch)
-        losses, vjp_fn, jvp_fn, (preds, model_state) = losses_and_vjp(state.params, state.model_state, batch,
-                                                                      dropout_key, split)
+        losses, vjp_fn, jvp_fn, layer_rows, (preds, model_state) = losses_and_vjp(state.params, state.model_state,
+                                                                                  batch, dropout_key, split)
         losses_fn = lambda p: forward(p, state.model_state, batch, dropout_key, True)[0]
         if kind in ("fmtl", "fmtl_a"):
             grads, weights, method_state = flat_task_gradients(method, sharpness, losses_fn, state.params, losses,
@@ -705,15 +741,15 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             cross = (cross_gramian_of_halves(forward, state.params, state.model_state, batch, dropout_key,
                                              losses.shape[0], options, split, names) if double_sampling else None)
             grads, weights, method_state = task_gradients(method, losses, vjp_fn, state.method_state, state.step,
-                                                          method_key, options, jvp_fn, state.params, cross)
+                                                          method_key, options, jvp_fn, state.params, cross, layer_rows)
         if kind == "sam":  # the same method's gradient, taken at w + eps
             eps = flat_minima.perturbation(grads, state.params, sharpness.rho, sharpness.adaptive, sharpness.eta)
             perturbed_params = flat_minima.add(state.params, eps)
-            perturbed_losses, perturbed_vjp, perturbed_jvp, _ = losses_and_vjp(perturbed_params, state.model_state,
-                                                                               batch, dropout_key, split)
+            perturbed_losses, perturbed_vjp, perturbed_jvp, perturbed_rows, _ = losses_and_vjp(
+                perturbed_params, state.model_state, batch, dropout_key, split)
             grads, weights, method_state = task_gradients(method, perturbed_losses, perturbed_vjp, state.method_state,
                                                           state.step, method_key, options, perturbed_jvp,
-                                                          perturbed_params)
+                                                          perturbed_params, layer_rows=perturbed_rows)
         return apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch, dropout_key)
 
     return train_step

@@ -231,7 +231,7 @@ def test_cross_gramian_of_halves_matches_two_explicit_batches():
     assert not np.allclose(want, want.T, atol=1e-4)  # a cross Gramian, not a Gramian
     split = S.make_representation_forward(exp.model, DATASET.tasks, "x")
     for mode, chunk, heads_once in (("materialize", 0, False), ("vjp_jvp", 2, False), ("materialize", 2, True),
-                                    ("vjp_jvp", 0, True)):
+                                    ("vjp_jvp", 0, True), ("layerwise", 2, True), ("layerwise", 0, False)):
         options = S.GradientOptions(chunk=chunk, gramian_mode=mode)
         got = jax.jit(lambda p, b: S.cross_gramian_of_halves(forward, p, {}, b, jax.random.key(0), 3, options,
                                                              split if heads_once else None, ["a", "b", "c"]))(
