@@ -10,8 +10,11 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
 * ``ew``: the same step with equal weighting (the baseline of the loss-weighting methods); FAMO
   includes its extra no-grad forward at the updated parameters, GradNorm its K VJPs restricted to
   the last shared layer, SDMGrad / MoDo the cross Gramian of two half-batches (their defaults);
-* ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column by column
-  as ``J (J^T e_l)`` (``config.jacobian.gramian_mode='vjp_jvp'``), then one weighted VJP;
+* Gramian methods run the default ``config.jacobian.gramian_mode='layerwise'`` (G summed per Dense
+  layer from its inputs and per-task output cotangents, ``train/layerwise.py``);
+  ``<method>@materialize`` (``--materialize``, default upgrad and mgda): J by one vmapped VJP, then
+  ``J J^T``; ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column
+  by column as ``J (J^T e_l)``, then one weighted VJP;
 * ``floor``: one forward + K vmapped VJPs, ``jax.vmap(vjp_fn)(eye(K))`` over the same model, jitted
   (the issue's floor for per-task-gradient methods; no Gramian, no optimiser); each cotangent e_k
   goes back through all K heads, K^2 head backward passes;
@@ -388,9 +391,12 @@ def main():
     parser.add_argument("--json-out", default="", help="also write the JSON here")
     parser.add_argument("--vjp-jvp", default="upgrad,mgda",
                         help=f"Gramian methods also timed with jacobian.gramian_mode='vjp_jvp' (as '<name>{VARIANT}')")
+    parser.add_argument("--materialize", default="upgrad,mgda",
+                        help="Gramian methods also timed with jacobian.gramian_mode='materialize' (as '<name>@materialize')")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     methods += [m + VARIANT for m in args.vjp_jvp.split(",") if m]
+    methods += [m + "@materialize" for m in args.materialize.split(",") if m]
     unknown = [m for m in methods if m.partition("@")[0] not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
