@@ -69,11 +69,14 @@ def _tapped(fn, shared_of, taps, params):
 
 class LayerRows(NamedTuple):
     """What a layer-wise Gramian reads, for K cotangents: ``rest``, explicit rows [K, ...] of the
-    shared leaves no Dense call covers; ``dense``, per covered kernel ``(X [R, i], D [K, R, o],
-    kernel leaf index, bias leaf index or None)``."""
+    shared leaves no Dense call covers (leaf indices ``rest_leaves``); ``dense``, per covered kernel
+    ``(X [R, i], D [K, R, o], kernel leaf index or None, bias leaf index or None)`` (None: that
+    leaf's term left out, see ``restrict``); ``structure``: the shared tree's treedef."""
 
     rest: list
     dense: list
+    rest_leaves: list
+    structure: object
 
 
 def dense_gramian(inputs, cotangents, other_inputs=None, other_cotangents=None) -> jax.Array:
@@ -103,8 +106,9 @@ def layerwise_gramian(rows: LayerRows, other: LayerRows | None = None) -> jax.Ar
     for a, b in zip(rows.rest, other.rest):
         total = total + (a.reshape(a.shape[0], -1).astype(jnp.float32)
                          @ b.reshape(b.shape[0], -1).astype(jnp.float32).T)
-    for (x, d, _, bias), (y, e, _, _) in zip(rows.dense, other.dense):
-        total = total + dense_gramian(x, d, y, e)
+    for (x, d, kernel, bias), (y, e, _, _) in zip(rows.dense, other.dense):
+        if kernel is not None:
+            total = total + dense_gramian(x, d, y, e)
         if bias is not None:
             total = total + d.sum(axis=1).astype(jnp.float32) @ e.sum(axis=1).astype(jnp.float32).T
     return total
@@ -147,6 +151,8 @@ def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda
     aux, inputs = extra if has_aux else (None, extra)
     covered = {c.kernel for c in calls} | {c.bias for c in calls if c.bias is not None}
     kernels = sorted({c.kernel for c in calls})
+    treedef = jax.tree.structure(shared_of(params))
+    uncovered = [i for i in range(treedef.num_leaves) if i not in covered]
 
     def vjp_fn(cotangent):
         return (vjp(cotangent)[0],)
@@ -165,7 +171,7 @@ def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda
             d = jnp.concatenate([tap_rows[c.key].reshape(num, -1, tap_rows[c.key].shape[-1]) for c, _ in group],
                                 axis=1)
             dense.append((x, d, kernel, group[0][0].bias))
-        return LayerRows(rest, dense)
+        return LayerRows(rest, dense, uncovered, treedef)
 
     return (out, vjp_fn, rows_fn, aux) if has_aux else (out, vjp_fn, rows_fn)
 
@@ -178,7 +184,19 @@ def combine_rows(rows: LayerRows, weights: jax.Array, shared_gradient):
     leaves = list(leaves)
     for x, d, kernel, bias in rows.dense:
         weighted = jnp.tensordot(weights.astype(jnp.float32), d.astype(jnp.float32), axes=1)  # [R, o]
-        leaves[kernel] = (x.astype(jnp.float32).T @ weighted).reshape(leaves[kernel].shape).astype(leaves[kernel].dtype)
+        if kernel is not None:
+            grad = x.astype(jnp.float32).T @ weighted
+            leaves[kernel] = grad.reshape(leaves[kernel].shape).astype(leaves[kernel].dtype)
         if bias is not None:
             leaves[bias] = weighted.sum(axis=0).reshape(leaves[bias].shape).astype(leaves[bias].dtype)
     return jax.tree.unflatten(treedef, leaves)
+
+
+def restrict(rows: LayerRows, select: Callable) -> LayerRows:
+    """The ``LayerRows`` of the leaves ``select(shared_tree) -> [leaves]`` picks (e.g. GradNorm's last
+    shared layer): ``layerwise_gramian`` of the result is the Gramian of those leaves' rows only."""
+    chosen = set(select(jax.tree.unflatten(rows.structure, list(range(rows.structure.num_leaves)))))
+    rest = [(g, i) for g, i in zip(rows.rest, rows.rest_leaves) if i in chosen]
+    dense = [(x, d, kernel if kernel in chosen else None, bias if bias in chosen else None)
+             for x, d, kernel, bias in rows.dense if kernel in chosen or bias in chosen]
+    return LayerRows([g for g, _ in rest], dense, [i for _, i in rest], rows.structure)

@@ -396,7 +396,10 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
         fields["gramian"] = layerwise_gramian.layerwise_gramian(layer_rows)
     if method.needs == "losses" or (method.needs == "gramian" and (by_jvp or "gramian" in fields
                                                                     or cross_gramian is not None)):
-        if "last_shared_gramian" in method.wants and options.last_shared is not None:
+        if "last_shared_gramian" in method.wants and options.last_shared is not None and layer_rows is not None:
+            fields["last_shared_gramian"] = layerwise_gramian.layerwise_gramian(
+                layerwise_gramian.restrict(layer_rows, options.last_shared))
+        elif "last_shared_gramian" in method.wants and options.last_shared is not None:
             rows = per_task_jacobian(lambda c: (options.last_shared(vjp_fn(c)[0]["shared"]),), num_tasks, dtype,
                                      options.chunk)
             fields["last_shared_gramian"] = gramian(rows)
@@ -405,7 +408,7 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
         weights, method_state = method.update(MethodInputs(losses=losses, step=step, **fields), method_state, key)
         weights = jax.lax.stop_gradient(weights).astype(dtype)
         grads = weighted_vjp_gradients(method, weights, vjp_fn)
-        if layer_rows is not None:  # covered Dense leaves from their rows: no second backward through them
+        if layer_rows is not None and method.needs == "gramian":  # covered leaves from the rows G was made of
             grads = {**grads, "shared": layerwise_gramian.combine_rows(layer_rows, weights, grads["shared"])}
         return grads, weights, method_state
     # Per-task rows of the shared part only (XLA drops the unused per-task head cotangents); the
@@ -643,7 +646,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         raise ValueError("jacobian.gramian_mode='vjp_jvp' applies to the parameter-level plain and SAM steps; F-MTL "
                          "and jacobian.level='representation' hold the per-task gradients by construction")
     by_jvp = options.gramian_mode == "vjp_jvp" and method.needs == "gramian"
-    by_layer = options.gramian_mode == "layerwise" and method.needs == "gramian" and not holds_rows
+    by_layer = (options.gramian_mode == "layerwise" and not holds_rows
+                and (method.needs == "gramian" or "last_shared_gramian" in method.wants))
     double_sampling = "cross_gramian" in method.wants and kind == "" and not rep_level and not use_rep_mtl
 
     # The heads-once VJP pays off when per-task rows are formed (gradient methods, GradNorm's

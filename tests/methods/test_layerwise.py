@@ -144,10 +144,11 @@ def _experiment(*overrides):
 
 
 @pytest.mark.parametrize("method,extra", [("upgrad", ()), ("sdmgrad", ()), ("mgda", ("sharpness.kind='sam'",)),
-                                          ("nash_mtl", ("jacobian.chunk=2",))])
+                                          ("nash_mtl", ("jacobian.chunk=2",)), ("gradnorm", ("method.lr=1.0",))])
 def test_layerwise_step_equals_the_materialised_step(method, extra):
     """Two steps: same weights and parameters as 'materialize' (UPGrad; SDMGrad's cross Gramian of
-    the half batches; MGDA under SAM; Nash-MTL with two tasks per vmapped VJP)."""
+    the half batches; MGDA under SAM; Nash-MTL with two tasks per vmapped VJP; GradNorm, whose
+    last-shared-layer Gramian comes from the restricted layer rows)."""
     results = []
     for mode in ("materialize", "layerwise"):
         exp = _experiment(f"method.name='{method}'", f"jacobian.gramian_mode='{mode}'", *extra)
@@ -160,3 +161,26 @@ def test_layerwise_step_equals_the_materialised_step(method, extra):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+
+
+def test_restricted_layer_rows_give_the_last_shared_layers_gramian():
+    """GradNorm's input on the layer-wise path: ``restrict`` to the last shared layer, then its
+    Gramian, equals ``J_last J_last^T`` of the materialised Jacobian (kernel and bias of dense_1)."""
+    from test_step_feeds import exp_config_jacobian, init_params, losses_fn, plain_experiment, recording, shared_jacobian
+
+    exp = plain_experiment()
+    params, batch = init_params(exp), batch_of(0)
+    method = recording(wants=("last_shared_gramian",))
+    options = S.gradient_options(exp_config_jacobian(), method, exp.model, jnp.zeros((1, 8)))
+
+    def fed(p):
+        losses, vjp_fn, rows_fn = L.vjp_and_layerwise_gramian(lambda q: losses_fn(exp)(q, batch), p,
+                                                                lambda q: q["shared"])
+        rows = rows_fn(jnp.eye(3))
+        _, _, state = S.task_gradients(method, losses, vjp_fn, method.init(3), jnp.int32(0), jax.random.key(0),
+                                       options, layer_rows=rows)
+        return state["last_shared_gramian"]
+
+    full = shared_jacobian(exp, params, batch)
+    last = full[:, sum(x.size for x in jax.tree.leaves(params["shared"]["dense_0"])):]
+    np.testing.assert_allclose(np.asarray(jax.jit(fed)(params)), last @ last.T, rtol=1e-4, atol=1e-7)
