@@ -11,8 +11,9 @@ autogram engine: the Gramian accumulated layer by layer). One pass collects, for
 ``flax.linen.Dense`` call whose kernel is a shared parameter, its input ``X`` and the cotangent of
 its output for each task (the output gets an additive zero "tap" whose VJP is ``D_k``). Per layer
 the cheaper of (1) and the explicit rows ``X^T D_k`` is taken (by FLOP count). Parameters no Dense
-call covers (convolutions, norms, embeddings, kernels used inside lifted transforms) keep explicit
-rows from the same vmapped VJP, of which XLA computes only those leaves.
+call covers (convolutions, norms, embeddings, and every Dense called inside a lifted transform such as
+``nn.vmap`` / ``nn.scan`` / ``nn.remat``, detected by the current JAX trace) keep explicit rows from
+the same vmapped VJP, of which XLA computes only those leaves.
 
 Exact when every covered kernel (and bias) enters the forward only through ``nn.Dense`` calls; a
 kernel used by several calls has their rows concatenated, ``sum_c X_c^T D_c = X^T D``.
@@ -25,6 +26,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src import core as jax_core  # the current trace: no public accessor in jax 0.10
 
 
 class DenseCall(NamedTuple):
@@ -39,10 +41,13 @@ def _dense_interceptor(shared_leaves, taps, calls: list, inputs: list):
     """A ``nn.intercept_methods`` interceptor adding ``taps[key]`` to each shared Dense output and
     recording the call (``calls``) and its input (``inputs``)."""
     index = {id(leaf): i for i, leaf in enumerate(shared_leaves)}
+    outer_trace = jax_core.trace_ctx.trace
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if type(module) is not nn.Dense or context.method_name != "__call__" or len(args) != 1 or kwargs:
+            return next_fun(*args, **kwargs)
+        if jax_core.trace_ctx.trace is not outer_trace:  # inside a lifted transform (nn.vmap, nn.remat, ...)
             return next_fun(*args, **kwargs)
         params = module.variables.get("params", {})
         kernel, bias = params.get("kernel"), params.get("bias")

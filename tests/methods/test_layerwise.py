@@ -184,3 +184,24 @@ def test_restricted_layer_rows_give_the_last_shared_layers_gramian():
     full = shared_jacobian(exp, params, batch)
     last = full[:, sum(x.size for x in jax.tree.leaves(params["shared"]["dense_0"])):]
     np.testing.assert_allclose(np.asarray(jax.jit(fed)(params)), last @ last.T, rtol=1e-4, atol=1e-7)
+
+
+class LiftedDense(nn.Module):
+    """Dense layers inside lifted transforms whose parameters reach the inner call unchanged
+    (``nn.vmap`` broadcasting them, ``nn.remat``): their inputs live in the inner trace, so they
+    must be left to explicit rows, not tapped."""
+
+    @nn.compact
+    def __call__(self, x):
+        per_slot = nn.vmap(nn.Dense, variable_axes={"params": None}, split_rngs={"params": False}, in_axes=1,
+                           out_axes=1)(6)
+        h = jnp.tanh(nn.remat(nn.Dense)(6)(jnp.tanh(per_slot(x))))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+def test_dense_layers_inside_lifted_transforms_fall_back_to_explicit_rows():
+    model = LiftedDense()
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(5, 4, 7)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    forward = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2, axis=0)
+    _check_against_materialised(forward, params, lambda p: p, 3)
