@@ -84,6 +84,16 @@ class LayerRows(NamedTuple):
     structure: object
 
 
+def gramian(jacobian_tree, other_tree=None) -> jax.Array:
+    """G[k, l] = <a_k, b_l> summed over the leaves of trees whose leaves are stacked [K, ...]:
+    the Gramian ``J J^T`` (``other_tree=None``) or the cross Gramian ``J_a J_b^T``."""
+    other = jacobian_tree if other_tree is None else other_tree
+    # One [K, n] x [n, K] matmul per leaf: XLA:CPU ran the same contraction as an einsum over the
+    # trailing leaf dims 2.3x slower (K = 10, a 784-512-512 MLP's leaves).
+    return sum(jnp.dot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).T, preferred_element_type=jnp.float32)
+               for a, b in zip(jax.tree.leaves(jacobian_tree), jax.tree.leaves(other)))
+
+
 def dense_gramian(inputs, cotangents, other_inputs=None, other_cotangents=None) -> jax.Array:
     """[K, K'] matrix of ``<X^T D_k, Y^T E_l>`` (eq. 1; ``Y = X``, ``E = D`` by default) for
     ``X`` [R, i], ``D`` [K, R, o], ``Y`` [R', i], ``E`` [K', R', o], in fp32: through ``X Y^T`` when
@@ -107,10 +117,7 @@ def layerwise_gramian(rows: LayerRows, other: LayerRows | None = None) -> jax.Ar
     """``G[k, l] = <g_k, h_l>`` summed over the shared leaves, from ``LayerRows`` of the g's and
     (cross Gramian) of the h's; ``other=None``: the symmetric Gramian of the g's."""
     other = rows if other is None else other
-    total = 0.0
-    for a, b in zip(rows.rest, other.rest):
-        total = total + (a.reshape(a.shape[0], -1).astype(jnp.float32)
-                         @ b.reshape(b.shape[0], -1).astype(jnp.float32).T)
+    total = gramian(rows.rest, other.rest)
     for (x, d, kernel, bias), (y, e, _, _) in zip(rows.dense, other.dense):
         if kernel is not None:
             total = total + dense_gramian(x, d, y, e)

@@ -1,8 +1,6 @@
 """The layer-wise Gramian (train/layerwise.py) against ``J J^T`` of the materialised shared Jacobian,
 on models where Dense layers cover all, part or none of the shared parameters, and in the step."""
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,15 +9,12 @@ import pytest
 from ml_collections import ConfigDict
 
 from mtl_jax import tasks as T
-from mtl_jax.config import apply_overrides, load_config
 from mtl_jax.models import build_model
 from mtl_jax.train import layerwise as L
 from mtl_jax.train import step as S
-from mtl_jax.train.trainer import build_experiment
 
-from test_step_feeds import DATASET, batch_of, to_global
-
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+from test_step_feeds import (assert_mode_steps_like_materialize, batch_of, exp_config_jacobian, init_params,
+                             losses_fn, plain_experiment, recording, shared_jacobian)
 
 
 @pytest.mark.parametrize("rows,in_dim,out_dim,num", [(6, 40, 30, 3), (64, 4, 5, 4)])
@@ -135,30 +130,13 @@ def test_layerwise_gramian_holds_no_jacobian_rows_for_a_covered_wide_layer():
     assert "f32[5,64,48]" not in hlo(layerwise)
 
 
-def _experiment(*overrides):
-    config = load_config(os.path.join(ROOT, "configs", "digits_mlp.py"))
-    config = apply_overrides(config, ["model.trunk_kwargs.features=(16, 8)", "optim.name='sgd'", "optim.lr=0.1",
-                                      "mesh.data=1", "mesh.model=1", "batch_size=16", "progress_bar=False"]
-                             + list(overrides))
-    return build_experiment(config, DATASET)
-
-
 @pytest.mark.parametrize("method,extra", [("upgrad", ()), ("sdmgrad", ()), ("mgda", ("sharpness.kind='sam'",)),
                                           ("nash_mtl", ("jacobian.chunk=2",)), ("gradnorm", ("method.lr=1.0",))])
 def test_layerwise_step_equals_the_materialised_step(method, extra):
     """Two steps: same weights and parameters as 'materialize' (UPGrad; SDMGrad's cross Gramian of
     the half batches; MGDA under SAM; Nash-MTL with two tasks per vmapped VJP; GradNorm, whose
     last-shared-layer Gramian comes from the restricted layer rows)."""
-    results = []
-    for mode in ("materialize", "layerwise"):
-        exp = _experiment(f"method.name='{method}'", f"jacobian.gramian_mode='{mode}'", *extra)
-        state = exp.init()
-        for i in range(2):
-            state, out = exp.train_step(state, to_global(batch_of(16 * i), exp.data_sharding))
-        results.append((jax.device_get(state.params), np.asarray(out["weights"])))
-    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert_mode_steps_like_materialize("layerwise", f"method.name='{method}'", *extra)
 
 
 
@@ -166,8 +144,6 @@ def test_layerwise_step_equals_the_materialised_step(method, extra):
 def test_restricted_layer_rows_give_the_last_shared_layers_gramian():
     """GradNorm's input on the layer-wise path: ``restrict`` to the last shared layer, then its
     Gramian, equals ``J_last J_last^T`` of the materialised Jacobian (kernel and bias of dense_1)."""
-    from test_step_feeds import exp_config_jacobian, init_params, losses_fn, plain_experiment, recording, shared_jacobian
-
     exp = plain_experiment()
     params, batch = init_params(exp), batch_of(0)
     method = recording(wants=("last_shared_gramian",))
