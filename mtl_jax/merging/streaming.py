@@ -239,19 +239,139 @@ def _safetensors_header_bytes(specs: Sequence[LeafSpec], metadata: Optional[dict
     return struct.pack("<Q", len(raw)) + raw
 
 
+class DirectAppender:
+    """Sequential file writes with ``O_DIRECT`` (no page cache for the output) through an aligned
+    staging buffer: ``append`` copies bytes in and writes every full ``STAGE`` at once; the partial
+    tail block is written padded (``sync``) and trimmed by ``finish``. Writing the output through
+    the page cache allocates one fresh page per 4 KiB written; on a VM whose free memory is handed
+    back to the host that made the 400 MB output of the 100M x 8 benchmark cost 1-1.4 s against 0.3 s
+    direct, and for merges larger than memory it evicts the inputs from the cache.
+    ``open_direct`` returns None where the file system refuses ``O_DIRECT`` (tmpfs)."""
+
+    BLOCK = 4096
+    STAGE = 8 << 20
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+        raw = np.empty(self.STAGE + self.BLOCK, np.uint8)
+        start = -raw.ctypes.data % self.BLOCK
+        self._raw, self.stage = raw, raw[start : start + self.STAGE]  # block-aligned address
+        self.pos = 0  # file offset of stage[0] (a multiple of BLOCK)
+        self.fill = 0
+        self._scratch: Optional[np.ndarray] = None
+
+    @classmethod
+    def open_direct(cls, path: str) -> Optional["DirectAppender"]:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+        except OSError:
+            return None
+        appender = cls(fd, path)
+        try:  # some file systems accept the flag at open and refuse the first write
+            appender._write_blocks(1)
+        except OSError:
+            os.close(fd)
+            return None
+        return appender
+
+    def _aligned(self, num_bytes: int) -> int:
+        return -(-num_bytes // self.BLOCK) * self.BLOCK
+
+    def _pwrite(self, buf: np.ndarray, offset: int) -> None:
+        view, done = memoryview(buf), 0
+        while done < buf.size:
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def _write_blocks(self, num_bytes: int) -> None:
+        """Write ``stage[:num_bytes]`` rounded up to whole blocks (zero padding) at ``pos``."""
+        size = self._aligned(num_bytes)
+        self.stage[num_bytes:size] = 0
+        self._pwrite(self.stage[:size], self.pos)
+
+    def append(self, data: np.ndarray) -> None:
+        data = data.reshape(-1).view(np.uint8)
+        i = 0
+        while i < data.size:
+            k = min(data.size - i, self.STAGE - self.fill)
+            self.stage[self.fill : self.fill + k] = data[i : i + k]
+            self.fill, i = self.fill + k, i + k
+            if self.fill == self.STAGE:
+                self._write_blocks(self.STAGE)
+                self.pos, self.fill = self.pos + self.STAGE, 0
+
+    def sync(self) -> None:
+        """Put the staged tail on disk too (padded; it is rewritten when more is appended)."""
+        if self.fill:
+            self._write_blocks(self.fill)
+
+    def _read_into(self, buf: np.ndarray, offset: int) -> None:
+        view, done = memoryview(buf), 0
+        while done < buf.size:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if not got:
+                break
+            done += got
+
+    def patch(self, offset: int, dtype: np.dtype, flat_index: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite entries ``flat_index`` of the ``dtype`` array written at byte ``offset``: a
+        read-modify-write of the blocks holding them, ``STAGE`` bytes at a time (the written
+        blocks are not in the page cache, so a mapping would read them one page at a time)."""
+        dtype = np.dtype(dtype)
+        order = np.argsort(flat_index, kind="stable")
+        where = offset + np.asarray(flat_index, np.int64)[order] * dtype.itemsize
+        data = np.ascontiguousarray(np.asarray(values)[order].astype(dtype)).view(np.uint8).reshape(-1, dtype.itemsize)
+        self.sync()
+        end = self._aligned(self.pos + self.fill)
+        if self._scratch is None:  # one window: entries starting in STAGE bytes, + a block for the last one's end
+            raw = np.empty(self.STAGE + 2 * self.BLOCK, np.uint8)
+            self._scratch = raw[-raw.ctypes.data % self.BLOCK :][: self.STAGE + self.BLOCK]
+        lanes, i = np.arange(dtype.itemsize), 0
+        while i < len(where):
+            start = int(where[i]) // self.BLOCK * self.BLOCK
+            j = int(np.searchsorted(where, start + self.STAGE))
+            buf = self._scratch[: min(start + self.STAGE + self.BLOCK, end) - start]
+            self._read_into(buf, start)
+            buf[(where[i:j] - start)[:, None] + lanes] = data[i:j]
+            self._pwrite(buf, start)
+            i = j
+        if self.fill:  # the staged tail may hold patched entries
+            self._read_into(self.stage[: self._aligned(self.fill)], self.pos)
+
+    def seek(self, offset: int, prefix: bytes) -> None:
+        """Continue writing at ``offset``; ``prefix`` is the file's first ``offset`` bytes."""
+        self.pos, self.fill = 0, 0
+        self.append(np.frombuffer(prefix[:offset], np.uint8))
+
+    def finish(self) -> None:
+        self.sync()
+        os.ftruncate(self.fd, self.pos + self.fill)
+        os.close(self.fd)
+
+
 class SafetensorsWriter:
     """Incremental safetensors writer: the header (all offsets) is written first, then each leaf in
-    ``specs`` order as soon as it is merged. Writes ``path + '.partial'`` and renames on close."""
+    ``specs`` order as soon as it is merged. Writes ``path + '.partial'`` and renames on close.
+    ``direct`` (default): ``O_DIRECT`` writes (:class:`DirectAppender`) where the file system takes
+    them, else buffered ones."""
 
-    def __init__(self, path: str, specs: Sequence[LeafSpec], metadata: Optional[dict[str, str]] = None):
+    def __init__(self, path: str, specs: Sequence[LeafSpec], metadata: Optional[dict[str, str]] = None,
+                 direct: bool = True):
         self.path = str(path)
         self._specs = list(specs)
         self._next = 0
         self._tmp = self.path + ".partial"
-        self._file = open(self._tmp, "wb")
-        header = _safetensors_header_bytes(self._specs, metadata)
-        self._file.write(header)
-        self._offsets, offset = {}, len(header)
+        self._header = _safetensors_header_bytes(self._specs, metadata)
+        self._direct = DirectAppender.open_direct(self._tmp) if direct else None
+        self._file = None
+        if self._direct is None:
+            self._file = open(self._tmp, "wb")
+            self._file.write(self._header)
+        else:
+            self._direct.append(np.frombuffer(self._header, np.uint8))
+        self._offsets, offset = {}, len(self._header)
         for spec in self._specs:
             self._offsets[spec.name] = offset
             offset += spec.nbytes
@@ -263,7 +383,10 @@ class SafetensorsWriter:
         arr = np.ascontiguousarray(np.asarray(array).astype(spec.dtype, copy=False))
         if arr.shape != spec.shape:
             raise ValueError(f"leaf '{name}': writing shape {arr.shape}, header says {spec.shape}")
-        self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        if self._direct is not None:
+            self._direct.append(arr.reshape(-1).view(np.uint8))
+        else:
+            self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self._next += 1
 
     def patch(self, name: str, flat_index: np.ndarray, values: np.ndarray) -> None:
@@ -271,6 +394,9 @@ class SafetensorsWriter:
         if not len(flat_index):
             return
         spec = next(s for s in self._specs if s.name == name)
+        if self._direct is not None:
+            self._direct.patch(self._offsets[name], spec.dtype, flat_index, values)
+            return
         self._file.flush()
         leaf = np.memmap(self._tmp, spec.dtype, "r+", self._offsets[name], (spec.size,))
         leaf[flat_index] = np.asarray(values).astype(spec.dtype)
@@ -278,18 +404,30 @@ class SafetensorsWriter:
 
     def rewind(self) -> None:
         """Start again from the first leaf (a second attempt overwrites the first in place)."""
-        self._file.seek(self._offsets[self._specs[0].name] if self._specs else 0)
+        first = self._offsets[self._specs[0].name] if self._specs else len(self._header)
+        if self._direct is not None:
+            self._direct.seek(first, self._header)
+        else:
+            self._file.seek(first)
         self._next = 0
 
+    def _close_file(self) -> None:
+        if self._direct is not None:
+            self._direct.finish()
+            self._direct = None
+        elif self._file is not None:
+            self._file.close()
+        self._file = None
+
     def close(self) -> None:
-        self._file.close()
+        self._close_file()
         if self._next != len(self._specs):
             os.remove(self._tmp)
             raise ValueError(f"{self.path}: only {self._next} of {len(self._specs)} leaves written")
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
+        self._close_file()
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
 
@@ -1403,6 +1541,11 @@ def stream_lines(
         _write_group(writer, _host(apply_task_vector(p0, lines_scale(merged, alpha, beta, num_blocks, layer_index_fn))))
 
 
+# Methods whose output pass patches positions it kept aside (SafetensorsWriter.patch): they write
+# through the page cache (buffered), where a patch touches cached pages; the others write O_DIRECT.
+# TIES at 100M x 8: buffered 4.7 s, direct 5.8 s (its read-modify-write patch ~1.8 s).
+PATCHED_OUTPUT = frozenset({"ties"})
+
 STREAMING_METHODS: dict[str, Callable] = {
     "weight_average": stream_weight_average,
     "task_arithmetic": stream_task_arithmetic,
@@ -1471,7 +1614,10 @@ def stream_merge(
         stream = Stream(readers[0], readers[1:], names, plan_groups(names, working, memory_budget), progress,
                         threads=threads or default_threads(), memory_budget=memory_budget)
         fmt = output_format_of(output, output_format)
-        writer = SafetensorsWriter(output, specs, metadata) if fmt == "safetensors" else OrbaxWriter(output, specs)
+        # global TIES patches its output after the pass: cheaper while the written pages are cached
+        direct = method not in PATCHED_OUTPUT
+        writer = (SafetensorsWriter(output, specs, metadata, direct=direct) if fmt == "safetensors"
+                  else OrbaxWriter(output, specs))
         try:
             fn(stream, writer, **hparams)
         except BaseException:
