@@ -150,14 +150,16 @@ def make_floor_heads_once(model, tasks, input_key: str):
 def trivial_method(needs: str) -> Method:
     """A method whose solver costs nothing: weights 1 from the Gramian ('gramian'), or the row sum of
     the flattened Jacobian as the direction ('jacobian'). Timing the train step with it isolates the
-    step's own cost of that path (vmapped VJP, Gramian / flattening, combination, optimisers)."""
+    step's own cost of that path (vmapped VJP, Gramian / flattening, combination, optimisers); the
+    weights read G, else XLA would drop its computation."""
 
     def update(inputs, state, key):
         del key
         if needs == "jacobian":
             # a matvec, not ``sum(axis=0)``: XLA:CPU reduces [K, P] over K ~70x slower than ``ones @ J``
             return jnp.ones((inputs.jacobian.shape[0],), inputs.jacobian.dtype) @ inputs.jacobian, state
-        return jnp.ones_like(inputs.losses), state
+        # weights that read G (0 * trace: XLA keeps it, float x * 0 is not folded), so its computation stays
+        return jnp.ones_like(inputs.losses) + 0 * jnp.trace(inputs.gramian).astype(inputs.losses.dtype), state
 
     return Method(f"trivial_{needs}", lambda num_tasks: {}, update, needs, False)
 
