@@ -44,7 +44,8 @@ pages from the process after use, ``read`` gives a fresh buffer filled by ``read
 ``np.memmap`` view with ``mmap=True``; bf16/fp8 via ml_dtypes) and orbax PyTree checkpoints
 (metadata for shapes, then a partial restore of just the leaves of a group). Output:
 safetensors written incrementally (header first, then each leaf as it is merged; renamed into
-place on success), or orbax (the output tree is collected and saved at the end, so that format
+place on success; with ``O_DIRECT`` through an aligned staging buffer, :class:`DirectAppender`,
+except for global TIES, whose patches are cheaper on cached pages), or orbax (the output tree is collected and saved at the end, so that format
 holds one output model in memory).
 
 ``memory_budget`` (bytes) groups consecutive leaves whose estimated working set
