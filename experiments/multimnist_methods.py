@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -38,15 +39,25 @@ CAPTION = (
 
 def run(config_arg: str, overrides: list[str], workdir: str) -> dict:
     """Test results of one training run, read back from ``workdir/results.json`` when a previous
-    invocation finished it with the same config and overrides (so a long sweep can be resumed)."""
+    invocation finished it with the same config and overrides (so a long sweep can be resumed); an
+    interrupted run of the same config resumes from its checkpoint. A workdir that holds another
+    config's run (``run_config.json`` differs or is missing) is emptied first: its checkpoint must
+    not be resumed as this run (it was: an ASAM sweep "trained" by re-evaluating the plain-SAM model)."""
     config = load_config(config_arg, overrides + ["progress_bar=False", "baselines=''"])
-    path = os.path.join(workdir, "results.json")
     key = config.to_json(sort_keys=True)
+    path, started = os.path.join(workdir, "results.json"), os.path.join(workdir, "run_config.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         if saved.get("config") == key:
             return saved["results"]
+    if os.path.exists(workdir):
+        previous = open(started).read() if os.path.exists(started) else None
+        if previous != key:
+            shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(started, "w") as f:
+        f.write(key)
     results = train_and_evaluate(config, workdir)["results"]
     with open(path, "w") as f:
         json.dump({"config": key, "results": results}, f)

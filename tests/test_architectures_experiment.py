@@ -127,3 +127,18 @@ def test_flops_of_a_dense_layer_and_cost_analysis_forms():
     assert cost_flops({"flops": 3.0}) == 3.0 and cost_flops([{"flops": 1.0}, {"flops": 2.0}]) == 3.0
     with pytest.raises(ValueError, match="no 'flops'"):
         cost_flops([{}])
+
+
+def test_a_workdir_of_another_config_is_not_resumed(configs_dir, tmp_path):
+    """multimnist_methods.run: the same workdir with other overrides trains afresh (equal to a run in
+    a new workdir), not resumed from the other config's final checkpoint; the same overrides again
+    read the saved results."""
+    from multimnist_methods import run
+
+    spec = os.path.join(configs_dir, "multimnist.py")
+    shared = str(tmp_path / "shared")
+    first = run(spec, ["optim.lr=0.001"], shared)
+    second = run(spec, ["optim.lr=0.05"], shared)
+    fresh = run(spec, ["optim.lr=0.05"], str(tmp_path / "fresh"))
+    assert second == fresh and second != first
+    assert run(spec, ["optim.lr=0.05"], shared) == second
