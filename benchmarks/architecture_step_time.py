@@ -7,9 +7,9 @@ Each architecture is built as ``experiments/architectures.py`` trains it (its co
 overrides: MultiMNIST 10k pairs at batch 64, other families their own data), on one device; its jitted
 ``train_step`` runs ``--steps`` steps on one fixed batch per round, the rounds interleaved over the
 architectures so that a change of machine load hits them alike. Prints JSON and a table of the median
-ms / step and steps/s, with the ratio to HPS-LeNet (``hps``) for the MultiMNIST architectures when it is timed. The steps/s column of
-``experiments/results/architectures.md`` comes from training logs taken at different times (loaded or
-idle machine); this gives comparable numbers.
+ms / step and steps/s, with the ratio to HPS-LeNet (``hps``) for the MultiMNIST architectures when
+it is timed. The steps/s column of ``experiments/results/architectures.md`` comes from training logs
+taken at different times (loaded or idle machine); this gives comparable numbers.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from architectures import discover_entries, family_budget, select, warmup_cap  # noqa: E402
-from step_time import time_steps  # noqa: E402
+from step_time import first_batch, time_steps  # noqa: E402
 
 from mtl_jax.config import load_config  # noqa: E402
-from mtl_jax.data.pipeline import to_global  # noqa: E402
 from mtl_jax.train.trainer import build_experiment  # noqa: E402
 
 
@@ -43,10 +41,7 @@ def build(entry, extra: list) -> tuple:
     overrides += warmup_cap(entry.config, overrides) + ["mesh.data=1", "mesh.model=1", "progress_bar=False"]
     config = load_config(entry.config, overrides)
     exp = build_experiment(config)
-    ds = exp.dataset
-    keys = sorted({ds.input_key, *(t.label_key for t in ds.tasks)} & set(ds.splits["train"][0]))
-    batch = {k: np.stack([ds.splits["train"][i][k] for i in range(config.batch_size)]) for k in keys}
-    return exp.train_step, exp.init(), to_global(batch, exp.data_sharding), config.batch_size
+    return exp.train_step, exp.init(), first_batch(exp, config.batch_size), config.batch_size
 
 
 def main(argv=None) -> None:
@@ -72,8 +67,9 @@ def main(argv=None) -> None:
     rows = []
     for entry in entries:
         ms = 1e3 * statistics.median(times[entry.name])
+        x_hps = ms / hps_ms if hps_ms and entry.family == "multimnist" else None
         rows.append({"arch": entry.name, "family": entry.family, "batch_size": built[entry.name][3],
-                     "ms_per_step": ms, "steps_per_sec": 1e3 / ms, "x_hps": ms / hps_ms if hps_ms and entry.family == "multimnist" else None,
+                     "ms_per_step": ms, "steps_per_sec": 1e3 / ms, "x_hps": x_hps,
                      "rounds_ms": [round(1e3 * t, 2) for t in times[entry.name]]})
     result = {"device": jax.devices()[0].platform, "cpus": os.cpu_count(), "steps": args.steps,
               "rounds": args.rounds, "loadavg_end": os.getloadavg(), "rows": rows}

@@ -68,14 +68,21 @@ def time_steps(step, carry, batch, n):
     return carry, (time.perf_counter() - start) / n
 
 
+def first_batch(exp, batch_size: int) -> dict:
+    """The first ``batch_size`` training examples of ``exp``'s dataset (input + every label key),
+    placed on its data sharding."""
+    ds = exp.dataset
+    keys = list(dict.fromkeys([ds.input_key] + [t.label_key for t in ds.tasks]))
+    batch = {k: np.stack([ds.splits["train"][i][k] for i in range(batch_size)]) for k in keys}
+    return to_global(batch, exp.data_sharding)
+
+
 def bench_case(name, config_file, overrides, steps, rounds):
     config = load_config(os.path.join(HERE, "..", "configs", config_file))
     apply_overrides(config, overrides + ["mesh.data=1", "mesh.model=1", "progress_bar=False"])
     exp = build_experiment(config)
     ds = exp.dataset
-    keys = [ds.input_key] + [t.label_key for t in ds.tasks]
-    batch = {k: np.stack([ds.splits["train"][i][k] for i in range(config.batch_size)]) for k in keys}
-    batch = to_global(batch, exp.data_sharding)
+    batch = first_batch(exp, config.batch_size)
     state = exp.init()
     ref_init, ref_step = reference_step(exp.model, ds.tasks, ds.input_key, config.optim.lr)
     ref_carry = ref_init(jax.tree.map(jnp.copy, state.params))

@@ -51,10 +51,8 @@ def run(config_arg: str, overrides: list[str], workdir: str) -> dict:
             saved = json.load(f)
         if saved.get("config") == key:
             return saved["results"]
-    if os.path.exists(workdir):
-        previous = open(started).read() if os.path.exists(started) else None
-        if previous != key:
-            shutil.rmtree(workdir)
+    if os.path.exists(workdir) and not (os.path.exists(started) and open(started).read() == key):
+        shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
     with open(started, "w") as f:
         f.write(key)

@@ -352,11 +352,36 @@ class DirectAppender:
         os.close(self.fd)
 
 
+class BufferedAppender:
+    """:class:`DirectAppender`'s interface over a plain buffered file (the page cache): where
+    ``O_DIRECT`` is refused, and for outputs patched after the pass (:data:`PATCHED_OUTPUT`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "wb")
+
+    def append(self, data: np.ndarray) -> None:
+        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+
+    def patch(self, offset: int, dtype: np.dtype, flat_index: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite entries ``flat_index`` of the ``dtype`` array written at byte ``offset``."""
+        self._file.flush()
+        leaf = np.memmap(self.path, dtype, "r+", offset, (int(np.max(flat_index)) + 1,))
+        leaf[flat_index] = np.asarray(values).astype(dtype)
+        del leaf  # the shared mapping's dirty pages go to the file through the page cache
+
+    def seek(self, offset: int, prefix: bytes) -> None:
+        self._file.seek(offset)
+
+    def finish(self) -> None:
+        self._file.close()
+
+
 class SafetensorsWriter:
     """Incremental safetensors writer: the header (all offsets) is written first, then each leaf in
     ``specs`` order as soon as it is merged. Writes ``path + '.partial'`` and renames on close.
     ``direct`` (default): ``O_DIRECT`` writes (:class:`DirectAppender`) where the file system takes
-    them, else buffered ones."""
+    them, else buffered ones (:class:`BufferedAppender`)."""
 
     def __init__(self, path: str, specs: Sequence[LeafSpec], metadata: Optional[dict[str, str]] = None,
                  direct: bool = True):
@@ -365,13 +390,8 @@ class SafetensorsWriter:
         self._next = 0
         self._tmp = self.path + ".partial"
         self._header = _safetensors_header_bytes(self._specs, metadata)
-        self._direct = DirectAppender.open_direct(self._tmp) if direct else None
-        self._file = None
-        if self._direct is None:
-            self._file = open(self._tmp, "wb")
-            self._file.write(self._header)
-        else:
-            self._direct.append(np.frombuffer(self._header, np.uint8))
+        self._out = (DirectAppender.open_direct(self._tmp) if direct else None) or BufferedAppender(self._tmp)
+        self._out.append(np.frombuffer(self._header, np.uint8))
         self._offsets, offset = {}, len(self._header)
         for spec in self._specs:
             self._offsets[spec.name] = offset
@@ -384,51 +404,34 @@ class SafetensorsWriter:
         arr = np.ascontiguousarray(np.asarray(array).astype(spec.dtype, copy=False))
         if arr.shape != spec.shape:
             raise ValueError(f"leaf '{name}': writing shape {arr.shape}, header says {spec.shape}")
-        if self._direct is not None:
-            self._direct.append(arr.reshape(-1).view(np.uint8))
-        else:
-            self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self._out.append(arr)
         self._next += 1
 
     def patch(self, name: str, flat_index: np.ndarray, values: np.ndarray) -> None:
         """Overwrite entries ``flat_index`` (C order) of an already written leaf with ``values``."""
-        if not len(flat_index):
-            return
-        spec = next(s for s in self._specs if s.name == name)
-        if self._direct is not None:
-            self._direct.patch(self._offsets[name], spec.dtype, flat_index, values)
-            return
-        self._file.flush()
-        leaf = np.memmap(self._tmp, spec.dtype, "r+", self._offsets[name], (spec.size,))
-        leaf[flat_index] = np.asarray(values).astype(spec.dtype)
-        del leaf  # the shared mapping's dirty pages go to the file through the page cache
+        if len(flat_index):
+            spec = next(s for s in self._specs if s.name == name)
+            self._out.patch(self._offsets[name], spec.dtype, flat_index, values)
 
     def rewind(self) -> None:
         """Start again from the first leaf (a second attempt overwrites the first in place)."""
-        first = self._offsets[self._specs[0].name] if self._specs else len(self._header)
-        if self._direct is not None:
-            self._direct.seek(first, self._header)
-        else:
-            self._file.seek(first)
+        self._out.seek(self._offsets[self._specs[0].name] if self._specs else len(self._header), self._header)
         self._next = 0
 
-    def _close_file(self) -> None:
-        if self._direct is not None:
-            self._direct.finish()
-            self._direct = None
-        elif self._file is not None:
-            self._file.close()
-        self._file = None
+    def _finish(self) -> None:
+        if self._out is not None:
+            self._out.finish()
+            self._out = None
 
     def close(self) -> None:
-        self._close_file()
+        self._finish()
         if self._next != len(self._specs):
             os.remove(self._tmp)
             raise ValueError(f"{self.path}: only {self._next} of {len(self._specs)} leaves written")
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._close_file()
+        self._finish()
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
 

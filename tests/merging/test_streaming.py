@@ -322,7 +322,7 @@ def test_direct_writer_writes_the_buffered_bytes(tmp_path, monkeypatch, stage):
     for direct in (True, False):
         path = str(tmp_path / f"out_{direct}.safetensors")
         writer = S.SafetensorsWriter(path, specs, {"k": "v"}, direct=direct)
-        assert (writer._direct is not None) == direct
+        assert isinstance(writer._out, S.DirectAppender) == direct
         for n in ("a", "b"):
             writer.write(n, arrays[n] * 0)  # a first attempt, rewound
         writer.rewind()
