@@ -163,9 +163,16 @@ def baseline_means(single: dict) -> dict:
     return out
 
 
+def resolved_config(spec: str, overrides: list) -> str:
+    """The config a run of ``spec`` with ``overrides`` trains (sorted JSON): what --reuse compares, so an
+    edited config file retrains its architecture."""
+    return load_config(spec, overrides).to_json_best_effort(sort_keys=True)
+
+
 def run_entry(entry: Entry, overrides: list, seeds: list, baselines: dict, workdir: str) -> dict:
     """Cost and one run per seed of an architecture, with Δm% per seed vs ``baselines``."""
-    record = {"config": entry.config, **architecture_cost(entry.config, overrides), "runs": []}
+    record = {"config": entry.config, "resolved": resolved_config(entry.config, overrides),
+              **architecture_cost(entry.config, overrides), "runs": []}
     for seed in seeds:
         out = train_once(entry.config, overrides + [f"seed={seed}"], os.path.join(workdir, f"{entry.name}_s{seed}"))
         out["delta_m"] = delta_m(out["results"], baselines, record["tasks"])
@@ -273,9 +280,11 @@ def load_previous(out: str) -> dict:
 
 
 def reusable(family: dict, overrides: list, seeds: list, baseline_spec: str) -> dict | None:
-    """An earlier run's family record when it used the same overrides, seeds and baseline config."""
+    """An earlier run's family record when it used the same overrides, seeds and baseline config
+    (file and contents)."""
     same = (family.get("overrides") == overrides and family.get("seeds") == seeds
-            and family.get("baseline_config") == baseline_spec and "single_task" in family)
+            and family.get("baseline_config") == baseline_spec and "single_task" in family
+            and family.get("baseline_resolved") == resolved_config(baseline_spec, overrides))
     return family if same else None
 
 
@@ -285,7 +294,8 @@ def start_family(entry: Entry, arg: str, overrides: list, seeds: list, previous:
     used the same overrides, seeds and baseline config, with its architecture runs under 'earlier'),
     or ``{'error': ...}`` when the baselines fail (or are not in ``previous`` and ``train`` is False)."""
     baseline_spec = with_arg(entry.baseline, arg)
-    record = {"overrides": overrides, "seeds": seeds, "baseline_config": baseline_spec}
+    record = {"overrides": overrides, "seeds": seeds, "baseline_config": baseline_spec,
+              "baseline_resolved": resolved_config(baseline_spec, overrides)}
     old = reusable(previous, overrides, seeds, baseline_spec)
     if not (old or train):
         return {**record, "error": NOT_RUN}
@@ -362,7 +372,7 @@ def main(argv=None):
         if "error" not in family:
             spec = with_arg(entry.config, arg)
             earlier = family.get("earlier", {}).get(entry.name, {})
-            if earlier.get("config") == spec:
+            if earlier.get("config") == spec and earlier.get("resolved") == resolved_config(spec, family["overrides"]):
                 family["architectures"][entry.name] = earlier
             else:
                 family["architectures"][entry.name] = {"error": NOT_RUN} if args.report_only else run_or_error(

@@ -116,6 +116,7 @@ def main(argv=None):
     parser.add_argument("--thresholds", default="0.0,0.02")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eval_examples", type=int, default=500)
+    parser.add_argument("--tag", default="", help="suffix of the result files (a sweep keeps one table per run)")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, [o.removeprefix("--config.") for o in overrides])
     config.progress_bar = False
@@ -137,15 +138,16 @@ def main(argv=None):
     a = config.model.arch_kwargs
     setting = (f"{config.data.name}, {out['steps']} steps of batch {config.batch_size}; ViT patch {a.patch_size}, dim "
                f"{a.dim}, depth {a.depth}, {a.num_experts} experts top-{a.top_k} per MoE block, moe_every "
-               f"{a.moe_every}, {len(dataset.tasks)} tasks")
-    name = config.model.name
+               f"{a.moe_every}, {len(dataset.tasks)} tasks, load balancing {a.get('load_balance_weight', 0)}, "
+               f"task-expert MI loss {a.get('mi_weight', 0)}")
+    name = config.model.name + (f"_{args.tag}" if args.tag else "")
     os.makedirs(RESULTS, exist_ok=True)
     record = {"config": args.config, "overrides": overrides, "setting": setting, "test": out["results"], **results}
     with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.json"), "w") as f:
         json.dump(record, f, indent=2)
     command = "python experiments/moe_inference_flops.py " + " ".join(
         [f"--config={args.config}", f"--thresholds={args.thresholds}", f"--repeats={args.repeats}",
-         f"--eval_examples={args.eval_examples}"] + overrides)
+         f"--eval_examples={args.eval_examples}"] + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
     table = markdown(name, setting, results, out["results"]) + f"\nProduced by: `{command}`\n"
     with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
         f.write(table)

@@ -97,6 +97,12 @@ def test_script_writes_table_reports_failures_and_reuses_runs(configs_dir, data_
     assert report["multimnist"]["architectures"]["mmoe"]["runs"] == again["architectures"]["mmoe"]["runs"]
     assert report["multimnist"]["architectures"]["hps"] == {"error": A.NOT_RUN}  # never trained: marked, not run
     assert f"| hps | {A.NOT_RUN} |" in open(out + ".md").read()
+    edited = configs / "multimnist_mmoe.py"  # an edited config file is retrained; the baselines are kept
+    edited.write_text(edited.read_text() + "\n\n_unedited = get_config\n\n\ndef get_config(arg=None):\n"
+                      "    config = _unedited(arg)\n    config.optim.lr = config.optim.lr / 2\n    return config\n")
+    retrained = A.main(args + ["--reuse"])["multimnist"]
+    assert retrained["single_task"] == dump["multimnist"]["single_task"]
+    assert retrained["architectures"]["mmoe"]["runs"] != again["architectures"]["mmoe"]["runs"]
 
 
 def test_baselines_are_seed_means_and_cells_show_mean_and_std():
