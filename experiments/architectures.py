@@ -279,12 +279,10 @@ def load_previous(out: str) -> dict:
         return json.load(f)
 
 
-def reusable(family: dict, overrides: list, seeds: list, baseline_spec: str) -> dict | None:
-    """An earlier run's family record when it used the same overrides, seeds and baseline config
-    (file and contents)."""
-    same = (family.get("overrides") == overrides and family.get("seeds") == seeds
-            and family.get("baseline_config") == baseline_spec and "single_task" in family
-            and family.get("baseline_resolved") == resolved_config(baseline_spec, overrides))
+def reusable(family: dict, settings: dict) -> dict | None:
+    """An earlier run's family record when it used the same ``settings`` (overrides, seeds, baseline
+    config file and its resolved contents)."""
+    same = "single_task" in family and all(family.get(k) == v for k, v in settings.items())
     return family if same else None
 
 
@@ -296,7 +294,7 @@ def start_family(entry: Entry, arg: str, overrides: list, seeds: list, previous:
     baseline_spec = with_arg(entry.baseline, arg)
     record = {"overrides": overrides, "seeds": seeds, "baseline_config": baseline_spec,
               "baseline_resolved": resolved_config(baseline_spec, overrides)}
-    old = reusable(previous, overrides, seeds, baseline_spec)
+    old = reusable(previous, record)
     if not (old or train):
         return {**record, "error": NOT_RUN}
     try:
