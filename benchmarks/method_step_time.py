@@ -14,7 +14,8 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
   layer from its inputs and per-task output cotangents, ``train/layerwise.py``);
   ``<method>@materialize`` (``--materialize``, default upgrad and mgda): J by one vmapped VJP, then
   ``J J^T``; ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column
-  by column as ``J (J^T e_l)``, then one weighted VJP;
+  by column as ``J (J^T e_l)``, then one weighted VJP; ``<method>@<key>=<value>`` (``--variants``,
+  e.g. ``famo@extra_forward=False``): the method with ``config.method.<key>=<value>``;
 * ``floor``: one forward + K vmapped VJPs, ``jax.vmap(vjp_fn)(eye(K))`` over the same model, jitted
   (the issue's floor for per-task-gradient methods; no Gramian, no optimiser); each cotangent e_k
   goes back through all K heads, K^2 head backward passes;
@@ -102,8 +103,9 @@ VARIANT = "@vjp_jvp"  # '<method>@vjp_jvp': the method with config.jacobian.gram
 
 
 def make_config(method: str):
+    """'<name>', '<name>@<gramian_mode>' or '<name>@<method key>=<value>' -> the benchmark's config."""
     name, _, variant = method.partition("@")
-    extra = [f"jacobian.gramian_mode={variant}"] if variant else []
+    extra = [] if not variant else [f"method.{variant}" if "=" in variant else f"jacobian.gramian_mode={variant}"]
     return load_config(os.path.join(ROOT, "configs", "digits_mlp.py"), [
         "model.trunk_kwargs.features=(512, 512)", "model.head=linear", f"batch_size={BATCH_SIZE}",
         "mesh.data=1", "mesh.model=1", "optim.name=adam", "progress_bar=False", "num_steps=1000000",
@@ -395,8 +397,11 @@ def main():
                         help=f"Gramian methods also timed with jacobian.gramian_mode='vjp_jvp' (as '<name>{VARIANT}')")
     parser.add_argument("--materialize", default="upgrad,mgda",
                         help="Gramian methods also timed with jacobian.gramian_mode='materialize' (as '<name>@materialize')")
+    parser.add_argument("--variants", default="famo@extra_forward=False",
+                        help="extra rows '<method>@<key>=<value>': the method with config.method.<key>=<value>")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    methods += [m for m in args.variants.split(",") if m]
     methods += [m + VARIANT for m in args.vjp_jvp.split(",") if m]
     methods += [m + "@materialize" for m in args.materialize.split(",") if m]
     unknown = [m for m in methods if m.partition("@")[0] not in METHODS]
