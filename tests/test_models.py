@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import pytest
 
@@ -47,3 +48,32 @@ def test_build_errors_name_the_problem():
         build_model(ml_collections.ConfigDict({**base, "trunk_kwargs": {"depth": 3}}), TASKS)
     with pytest.raises(ValueError, match="unknown kind 'dense'"):
         T.TaskSpec("seg", "dense", 3)
+
+
+@pytest.mark.parametrize("head,head_kwargs", [("linear", {}), ("mlp", {"hidden": (8, 6)})])
+def test_copies_of_one_head_run_as_one_vmapped_head_with_unchanged_params_outputs_and_gradients(
+        head, head_kwargs, monkeypatch):
+    from mtl_jax.models import multitask
+
+    cfg = ml_collections.ConfigDict(dict(name="hps", trunk="mlp", trunk_kwargs={"features": (16,)}, head=head,
+                                         head_kwargs=head_kwargs))
+    model = build_model(cfg, tuple(T.classification(n, 5) for n in "abc"))
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    params = model.init(jax.random.key(0), x)["params"]
+    h = model.apply({"params": params}, x, stage="trunk")
+    copies = {t: h * (k + 1) for k, t in enumerate("abc")}
+
+    def outputs(p):
+        return (model.apply({"params": p}, x), model.apply({"params": p}, copies, stage="heads", per_task=True),
+                jax.grad(lambda p: sum(jnp.sum(v ** 2) for v in model.apply({"params": p}, x).values()))(p))
+
+    stacked = outputs(params)
+    layers = 1 + len(head_kwargs.get("hidden", ()))
+    dots = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params)).count("dot_general")
+    assert dots == 1 + layers  # trunk + one matmul per head layer for all three heads
+    # Heads of different sizes are not stacked.
+    assert not multitask.stackable(build_model(cfg, (T.classification("a", 5), T.classification("b", 3))).heads)
+    monkeypatch.setattr(multitask, "stackable", lambda heads: False)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), model.init(jax.random.key(0), x)["params"],
+                                     params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stacked, outputs(params))

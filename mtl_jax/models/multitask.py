@@ -18,16 +18,45 @@ from __future__ import annotations
 from typing import Mapping
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.models.heads import LinearHead, MLPHead
+
+
+STACKABLE_HEADS = (LinearHead, MLPHead)  # stateless, no rng: one vmapped apply computes them all
+
+
+def stackable(heads: Mapping[str, nn.Module]) -> bool:
+    """Whether ``heads`` are two or more copies of one ``STACKABLE_HEADS`` configuration."""
+    configs = [head.clone(parent=None, name=None) for head in heads.values()]  # fields without the path
+    return len(configs) > 1 and type(configs[0]) in STACKABLE_HEADS and all(c == configs[0] for c in configs)
 
 
 class TaskHeads(nn.Module):
-    """Applies ``heads[t]`` to the shared representation for every task t; params under ``heads/<t>``."""
+    """Applies ``heads[t]`` to the shared representation for every task t; params under ``heads/<t>``.
+
+    When the heads are copies of one stateless head (``stackable``), apply (not init) stacks their
+    params on a leading task axis and runs one ``jax.vmap`` of that head: per head layer one
+    matmul for all K tasks ([B, D] x [D, K C] on the shared input, batched over tasks after it)
+    instead of K small ones, and the same in the backward pass, on the same per-task parameter tree. Init creates each head on its own path, so parameters are those of the unstacked
+    heads.
+    """
 
     heads: Mapping[str, nn.Module]
 
     @nn.compact
     def __call__(self, h, train: bool = False, per_task: bool = False):
         """``per_task``: ``h`` is ``{task: h_t}`` and head t reads ``h_t``."""
+        names = list(self.heads)
+        params = {} if self.is_initializing() else self.variables.get("params", {})
+        if stackable(self.heads) and all(t in params for t in names):
+            head = self.heads[names[0]].clone(parent=None, name=None)
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[t] for t in names])
+            inputs = jax.tree.map(lambda *xs: jnp.stack(xs), *[h[t] for t in names]) if per_task else h
+            apply = lambda p, x: head.apply({"params": p}, x, train)
+            out = jax.vmap(apply, in_axes=(0, 0 if per_task else None))(stacked, inputs)
+            return {t: out[k] for k, t in enumerate(names)}
         return {task: head.clone(parent=self, name=task)(h[task] if per_task else h, train)
                 for task, head in self.heads.items()}
 
