@@ -71,8 +71,10 @@ def test_copies_of_one_head_run_as_one_vmapped_head_with_unchanged_params_output
     layers = 1 + len(head_kwargs.get("hidden", ()))
     dots = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params)).count("dot_general")
     assert dots == 1 + layers  # trunk + one matmul per head layer for all three heads
-    # Heads of different sizes are not stacked.
-    assert not multitask.stackable(build_model(cfg, (T.classification("a", 5), T.classification("b", 3))).heads)
+    # Heads of different sizes are not stacked, nor are two heads (MIN_STACKED_HEADS).
+    assert not multitask.stackable(build_model(cfg, (T.classification("a", 5), T.classification("b", 3),
+                                                     T.classification("c", 5))).heads)
+    assert not multitask.stackable(build_model(cfg, (T.classification("a", 5), T.classification("b", 5))).heads)
     monkeypatch.setattr(multitask, "stackable", lambda heads: False)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), model.init(jax.random.key(0), x)["params"],
                                      params))
