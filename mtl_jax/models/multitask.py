@@ -25,8 +25,8 @@ from mtl_jax.models.heads import LinearHead, MLPHead
 
 
 STACKABLE_HEADS = (LinearHead, MLPHead)  # stateless, no rng: one vmapped apply computes them all
-# Two heads are left unstacked: no faster stacked (benchmarks/method_step_time.py sizes), and
-# two-task runs stay bit-identical to those recorded before stacking existed.
+# Two heads are left unstacked: stacking them was no faster at benchmarks/method_step_time.py's
+# sizes (a one-off profile), and two-task runs stay bit-identical to those recorded before.
 MIN_STACKED_HEADS = 3
 
 
@@ -43,8 +43,8 @@ class TaskHeads(nn.Module):
     When the heads are copies of one stateless head (``stackable``), apply (not init) stacks their
     params on a leading task axis and runs one ``jax.vmap`` of that head: per head layer one
     matmul for all K tasks ([B, D] x [D, K C] on the shared input, batched over tasks after it)
-    instead of K small ones, and the same in the backward pass, on the same per-task parameter tree. Init creates each head on its own path, so parameters are those of the unstacked
-    heads.
+    instead of K small ones, and the same in the backward pass, on the same per-task parameter tree.
+    Init creates each head on its own path, so parameters are those of the unstacked heads.
     """
 
     heads: Mapping[str, nn.Module]
