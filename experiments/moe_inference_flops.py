@@ -49,6 +49,24 @@ def flops_and_seconds(fn, params, x, repeats: int) -> tuple[float, float]:
     return flops, float(np.median(times))
 
 
+def architecture_flops(model, input_shape, batch: int) -> dict:
+    """XLA's FLOPs per example of the all-task and of each single-task forward, from the lowered
+    computation on abstract params and inputs (nothing is trained, compiled or allocated: FLOPs of the
+    dense-einsum MoE do not depend on the weights or the routing)."""
+    x = jax.ShapeDtypeStruct((batch,) + tuple(input_shape), jax.numpy.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+    def flops(fn):
+        cost = jax.jit(fn).lower(params, x).cost_analysis()
+        return float((cost if isinstance(cost, dict) else cost[0])["flops"]) / batch
+
+    out = {"all_tasks": flops(lambda p, v: model.apply({"params": p}, v)),
+           "params": int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))}
+    out["single_task"] = {t: flops(lambda p, v, t=t: model.apply({"params": p}, v, tasks=(t,))[t])
+                          for t in model.heads}
+    return out
+
+
 def param_count(tree) -> int:
     return int(sum(leaf.size for leaf in jax.tree.leaves(tree)))
 
@@ -117,8 +135,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eval_examples", type=int, default=500)
     parser.add_argument("--tag", default="", help="suffix of the result files (a sweep keeps one table per run)")
+    parser.add_argument("--flops_only", default="", metavar="H,W,C",
+                        help="skip training: count the FLOPs of the config's architecture on inputs of this shape "
+                             "with --num_tasks classification tasks (abstract params, nothing allocated)")
+    parser.add_argument("--num_tasks", type=int, default=5, help="tasks of the --flops_only count")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, [o.removeprefix("--config.") for o in overrides])
+    if args.flops_only:
+        return flops_only(config, args, overrides)
     config.progress_bar = False
     config.checkpoint.enabled = False
     config.baselines = ""
@@ -152,6 +176,42 @@ def main(argv=None):
     with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
         f.write(table)
     print(table)
+
+
+def flops_only(config, args, overrides) -> dict:
+    """``--flops_only``: the single-task / all-task FLOPs ratio of the configured architecture at any
+    scale (e.g. M3ViT's own: ViT-S/16 on 512x512 images, 5 tasks), written to
+    ``moe_inference_flops_<model>_<tag>.{json,md}``."""
+    from mtl_jax import tasks as T
+    from mtl_jax.models import build_model
+
+    shape = tuple(int(v) for v in args.flops_only.split(","))
+    tasks = [T.classification(f"task_{k}", 10) for k in range(args.num_tasks)]
+    model = build_model(config.model, tasks)
+    counts = architecture_flops(model, shape, batch=2)
+    a = config.model.arch_kwargs
+    name = config.model.name + "_flops" + (f"_{args.tag}" if args.tag else "")
+    command = "python experiments/moe_inference_flops.py " + " ".join(
+        [f"--config={args.config}", f"--flops_only={args.flops_only}", f"--num_tasks={args.num_tasks}"]
+        + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
+    lines = [f"### {config.model.name}: single-task vs all-task inference FLOPs, architecture only", "",
+             f"Inputs {'x'.join(map(str, shape))}, {args.num_tasks} tasks (linear 10-way heads); ViT patch "
+             f"{a.patch_size}, dim {a.dim}, depth {a.depth}, {a.num_heads} heads, MLP / expert width {a.mlp_dim}, "
+             f"{a.num_experts} experts top-{a.top_k} (capacity factor {a.capacity_factor}) per MoE block, moe_every "
+             f"{a.moe_every}; {counts['params']:,} parameters. FLOPs per example: XLA's cost analysis of the lowered "
+             "forward on abstract params (no training; the dense-einsum MoE's FLOPs do not depend on the weights).", "",
+             "| forward | GFLOPs / example | vs all-task |", "|---|---|---|",
+             f"| all {args.num_tasks} tasks | {counts['all_tasks'] / 1e9:.3f} | 100% |"]
+    for task, f in counts["single_task"].items():
+        lines.append(f"| single task ({task}) | {f / 1e9:.3f} | {100 * f / counts['all_tasks']:.1f}% |")
+    table = "\n".join(lines) + f"\n\nProduced by: `{command}`\n"
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.json"), "w") as f:
+        json.dump({"config": args.config, "overrides": overrides, "input_shape": shape, **counts}, f, indent=2)
+    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return counts
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ DATA_OPTIONS = {
     # Mod-Squad-style heterogeneous data: the probability of each task's label per training pair
     # (() = equal).
     "multimnist_one_task": dict(task_ratios=()),
+    # MultiMNIST with labels derived from the two digits (mtl_jax.data.datasets.MULTIMNIST_DERIVED_LABELS).
+    "multimnist_derived": dict(derived_tasks=("left", "right", "sum", "difference", "max")),
 }
 
 

@@ -61,6 +61,32 @@ def test_multimnist_tfds_builder_roundtrip(data_dir):
     assert all(img.tobytes() in stored for img in direct["train"]["image"][:20])
 
 
+def test_multimnist_derived_labels_follow_the_two_digits(data_dir):
+    cfg = default_config().data
+    cfg.name, cfg.num_train, cfg.num_test = "multimnist_derived", 256, 64
+    cfg.derived_tasks = ("left", "sum", "difference", "max", "product_last_digit")
+    ds = get_dataset(cfg)
+    assert ds.task_names == cfg.derived_tasks
+    assert [t.num_outputs for t in ds.tasks] == [10, 19, 10, 10, 10]
+    plain = default_config().data
+    plain.num_train, plain.num_test = 256, 64
+    base_source = get_dataset(plain).splits["test"]
+    base = {k: np.stack([base_source[i][k] for i in range(64)]) for k in ("image", "left", "right")}
+    derived = {k: np.stack([ds.splits["test"][i][k] for i in range(64)]) for k in ("image",) + ds.task_names}
+    # The test pairs are the MultiMNIST pairs, in order, with labels computed from (left, right).
+    np.testing.assert_array_equal(derived["image"], base["image"])
+    left, right = base["left"].astype(int), base["right"].astype(int)
+    np.testing.assert_array_equal(derived["left"], left)
+    np.testing.assert_array_equal(derived["sum"], left + right)
+    np.testing.assert_array_equal(derived["difference"], np.abs(left - right))
+    np.testing.assert_array_equal(derived["max"], np.maximum(left, right))
+    np.testing.assert_array_equal(derived["product_last_digit"], (left * right) % 10)
+    assert derived["sum"].max() > 9  # really a 19-way task
+    cfg.derived_tasks = ("left", "colour")
+    with pytest.raises(ValueError, match=r"derived_tasks.*unknown: \['colour'\].*difference"):
+        get_dataset(cfg)
+
+
 def test_unknown_dataset_and_task_errors(data_dir):
     cfg = default_config().data
     cfg.name = "imagenet"

@@ -21,7 +21,7 @@ from mtl_jax.models import build_model
 from mtl_jax.models.heads import LinearHead
 from mtl_jax.models.moe_layers import (SparseMoE, capacity, load_balancing_loss, task_expert_entropy,
                                        top_k_routing)
-from mtl_jax.models.moe_vit import ModSquad, expert_usage, extract_task_model, kept_experts
+from mtl_jax.models.moe_vit import M3ViT, ModSquad, expert_usage, extract_task_model, kept_experts
 from mtl_jax.train.step import batch_metrics, make_forward, make_task_losses, metric_sums
 from mtl_jax.train.trainer import build_experiment, evaluate
 
@@ -75,6 +75,24 @@ def test_top_k_routing_and_moe_layer_match_loop_references():
         if slot[g, t, j] >= 0:
             want[g, t] += gates[g, t, j] * expert(order[g, t, j], np.asarray(x[g, t]))
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+
+
+def test_group_size_routes_runs_of_tokens_as_their_own_groups():
+    """group_size=g on [B, T, D] == one group per g consecutive tokens ([B * T / g, g, D], group_size 0)."""
+    x = jax.random.normal(jax.random.key(1), (2, 12, 6))
+    logits = jax.random.normal(jax.random.key(0), (2, 12, 5))
+    grouped = SparseMoE(num_experts=5, hidden_dim=7, top_k=2, capacity_factor=0.75, group_size=4)
+    whole = SparseMoE(num_experts=5, hidden_dim=7, top_k=2, capacity_factor=0.75)
+    params = jax.jit(grouped.init)(jax.random.key(2), x, logits)
+    y, routing = jax.jit(grouped.apply)(params, x, logits)
+    want, want_routing = jax.jit(whole.apply)(params, x.reshape(6, 4, 6), logits.reshape(6, 4, 5))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want).reshape(2, 12, 6))
+    assert routing.dispatch.shape == (2, 12, 5, capacity(4, 5, 2, 0.75))
+    np.testing.assert_array_equal(np.asarray(routing.kept), np.asarray(want_routing.kept).reshape(2, 12, 2))
+    # Whole-sequence routing differs (one capacity over 12 tokens).
+    assert not np.array_equal(np.asarray(jax.jit(whole.apply)(params, x, logits)[0]), np.asarray(y))
+    with pytest.raises(ValueError, match="group_size=5 must divide the 12 tokens"):
+        SparseMoE(num_experts=5, hidden_dim=7, group_size=5).init(jax.random.key(2), x, logits)
 
 
 def test_aux_losses_closed_forms():
@@ -284,3 +302,16 @@ def test_mod_squad_learns_from_one_task_per_example():
     assert exp.train_step._cache_size() == 1
     res = evaluate(exp.eval_step, state, dataset, "test", 360, exp.data_sharding)
     assert res["digit"]["accuracy"] > 0.5 and res["parity"]["accuracy"] > 0.7, res  # chance: 0.10 / 0.50
+
+
+def test_expert_width_is_separate_from_the_dense_mlp_width():
+    """M3ViT's moe_mlp_ratio: ``expert_mlp_dim`` sets the experts' hidden width, the dense blocks keep mlp_dim."""
+    x = jnp.zeros((2, 8, 8, 1))
+    for expert_mlp_dim, width in ((0, 20), (24, 24)):
+        model = tiny_model(M3ViT, depth=2, mlp_dim=20, expert_mlp_dim=expert_mlp_dim)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]["shared"]
+        dense = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params["block_0"])
+                 if leaf.ndim == 2 and "mlp" in jax.tree_util.keystr(path).lower()]
+        assert dense and all(20 in shape for shape in dense)
+        moe = params["block_1"]["moe"]["experts"]
+        assert moe["w_in"].shape == (8, TINY["dim"], width) and moe["w_out"].shape == (8, width, TINY["dim"])

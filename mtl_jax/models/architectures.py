@@ -20,8 +20,9 @@ model name        trunk registry                arch_kwargs (defaults)
                                                 padding='VALID', widths=(0.25, 0.5, 0.75, 1.0)
 ``m3vit``         (its own MoE ViT)             patch_size=4, dim=64, depth=4, num_heads=4, mlp_dim=128,
                                                 num_experts=8, top_k=2, capacity_factor=1.25, moe_every=2,
-                                                load_balance_weight=0.01, mi_weight=0.0
-``mod_squad``     (its own MoE ViT)             as m3vit, with moe_every=1, mi_weight=0.01
+                                                load_balance_weight=0.01, mi_weight=0.0, expert_mlp_dim=0
+                                                (0: mlp_dim), group_size=0 (0: an example's tokens)
+``mod_squad``     (its own MoE ViT)             as m3vit, with moe_every=1, mi_weight=1.0
 ================  ============================  ==========================================
 """
 

@@ -9,9 +9,12 @@ tensors [G, T, (k,) E, C] applied with einsums (no gathers), so the computation 
 the stacked expert weights (leaves [E, ...]) shard over a mesh axis ``expert``: GSPMD turns the
 dispatch / combine einsums into the all-to-all of expert parallelism.
 
-A group is one example's tokens (per example and per task in the task-routed ViTs): the output
-for an example never depends on the other examples of the batch, so padded evaluation batches,
-single-task forwards and extracted sub-models give the same per-example predictions.
+A group is one example's tokens (per example and per task in the task-routed ViTs), or a run of
+``group_size`` consecutive tokens of it: the output for an example never depends on the other
+examples of the batch, so padded evaluation batches, single-task forwards and extracted sub-models
+give the same per-example predictions. The one-hot dispatch and combine cost O(T * E * C * D) =
+O(capacity_factor * k * T^2 * D) per group of T tokens, quadratic in the group: long token
+sequences (a 512x512 image in 16x16 patches has 1024) take smaller groups.
 
 Auxiliary losses: ``load_balancing_loss`` (Switch Eq. 4-6) and ``task_expert_entropy`` (Mod-Squad's
 mutual-information loss, Chen et al. 2023). ``sow_aux_loss`` records them in the ``aux_loss``
@@ -157,7 +160,9 @@ class SparseMoE(nn.Module):
     ViTs). ``capacity_experts`` is the expert count the capacity is computed for (0: this layer's
     ``num_experts``); a sub-model holding some of a model's experts keeps the model's count, so that
     tokens are dropped exactly as in the full model. Experts live under ``experts`` (the path the
-    ``expert`` mesh axis shards, ``mtl_jax.train.sharding.EXPERT_PATTERN``).
+    ``expert`` mesh axis shards, ``mtl_jax.train.sharding.EXPERT_PATTERN``). ``group_size`` > 0
+    splits the T tokens into groups of that many consecutive tokens (it must divide T), each routed
+    with its own capacity (GShard's groups); 0 routes all T tokens as one group.
     """
 
     num_experts: int
@@ -165,16 +170,21 @@ class SparseMoE(nn.Module):
     top_k: int = 2
     capacity_factor: float = 1.25
     capacity_experts: int = 0
+    group_size: int = 0
 
     @nn.compact
     def __call__(self, x, logits):
         lead, (tokens, dim) = x.shape[:-2], x.shape[-2:]
         if logits.shape[-1] != self.num_experts:
             raise ValueError(f"router logits have {logits.shape[-1]} experts; the layer has {self.num_experts}")
-        slots = capacity(tokens, self.capacity_experts or self.num_experts, self.top_k, self.capacity_factor)
-        routing = top_k_routing(logits.reshape(-1, tokens, self.num_experts), self.top_k, slots)
-        xg = x.reshape(-1, tokens, dim)
+        group = self.group_size or tokens
+        if group < 1 or tokens % group:
+            raise ValueError(f"group_size={self.group_size} must divide the {tokens} tokens of a group (or be 0)")
+        slots = capacity(group, self.capacity_experts or self.num_experts, self.top_k, self.capacity_factor)
+        routing = top_k_routing(logits.reshape(-1, group, self.num_experts), self.top_k, slots)
+        xg = x.reshape(-1, group, dim)
         expert_in = jnp.einsum("gtd,gtec->egcd", xg, routing.dispatch.astype(x.dtype))
         expert_out = StackedExperts(self.num_experts, self.hidden_dim, name="experts")(expert_in)
         y = combine(expert_out, routing)
-        return y.reshape(*lead, tokens, dim), jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), routing)
+        ungroup = lambda a: a.reshape(*lead, tokens, *a.shape[2:])
+        return y.reshape(*lead, tokens, dim), jax.tree.map(ungroup, routing)

@@ -82,6 +82,8 @@ class MoEEncoderBlock(nn.Module):
     load_balance_weight: float
     mi_weight: float
     dropout: float = 0.0
+    expert_mlp_dim: int = 0  # every expert's hidden width; 0 = mlp_dim
+    group_size: int = 0  # tokens per routing group; 0 = an example's tokens
 
     @nn.compact
     def __call__(self, x, routers, task_weights, train: bool = False):
@@ -90,8 +92,9 @@ class MoEEncoderBlock(nn.Module):
         x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
         y = nn.LayerNorm(name="ln_1")(x)
         logits = jnp.einsum("kbnd,kde->kbne", y, routers.astype(y.dtype))
-        y, routing = SparseMoE(self.num_experts, self.mlp_dim, self.top_k, self.capacity_factor,
-                               self.capacity_experts, name="moe")(y, logits)
+        moe = SparseMoE(self.num_experts, self.expert_mlp_dim or self.mlp_dim, self.top_k, self.capacity_factor,
+                        self.capacity_experts, self.group_size, name="moe")
+        y, routing = moe(y, logits)
         sow_unless_init(self, "expert_counts", routing.choices.sum(axis=(1, 2)))
         if self.load_balance_weight:
             sow_aux_loss(self, "load_balance", self.load_balance_weight * load_balancing_loss(
@@ -118,6 +121,8 @@ class TaskRoutedViTTrunk(nn.Module):
     load_balance_weight: float
     mi_weight: float
     dropout: float
+    expert_mlp_dim: int = 0
+    group_size: int = 0
 
     @nn.compact
     def __call__(self, x, routers, task_weights, train: bool = False):
@@ -131,9 +136,10 @@ class TaskRoutedViTTrunk(nn.Module):
                 continue
             if x.ndim == 3:  # the first MoE block: from here on every task has its own stream
                 x = jnp.broadcast_to(x[None], (num_tasks,) + x.shape)
-            x = MoEEncoderBlock(c.num_heads, c.mlp_dim, experts[i], c.top_k, c.capacity_factor,
-                                c.capacity_experts, c.load_balance_weight, c.mi_weight,
-                                c.dropout, name=f"block_{i}")(x, routers[f"block_{i}"], task_weights, train)
+            block = MoEEncoderBlock(c.num_heads, c.mlp_dim, experts[i], c.top_k, c.capacity_factor,
+                                    c.capacity_experts, c.load_balance_weight, c.mi_weight, c.dropout,
+                                    c.expert_mlp_dim, c.group_size, name=f"block_{i}")
+            x = block(x, routers[f"block_{i}"], task_weights, train)
         if x.ndim == 3:
             x = jnp.broadcast_to(x[None], (num_tasks,) + x.shape)
         return nn.LayerNorm(name="ln_final")(x).mean(axis=2)
@@ -142,8 +148,10 @@ class TaskRoutedViTTrunk(nn.Module):
 class TaskMoEViT(nn.Module):
     """ViT with task-routed sparse MoE MLPs (the common part of M3ViT and Mod-Squad).
 
-    Options: ViT ``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_dim`` (every expert's
-    hidden width, as the dense MLP it replaces); ``num_experts`` per MoE block, ``top_k`` experts per
+    Options: ViT ``patch_size``, ``dim``, ``depth``, ``num_heads``, ``mlp_dim`` (the dense MLPs'
+    hidden width, and every expert's unless ``expert_mlp_dim`` > 0: M3ViT's ``moe_mlp_ratio``);
+    ``group_size``: tokens per routing group (0: each example's tokens; see ``moe_layers``);
+    ``num_experts`` per MoE block, ``top_k`` experts per
     token, ``capacity_factor``; ``moe_every``: blocks i with i % moe_every == moe_every - 1 are MoE
     blocks (2: every other block, starting at block 1; 1: every block); ``load_balance_weight``,
     ``mi_weight``: weights of the auxiliary losses. ``experts_kept`` and ``capacity_experts`` describe
@@ -170,6 +178,8 @@ class TaskMoEViT(nn.Module):
     dropout: float = 0.0
     experts_kept: Sequence[int] = ()
     capacity_experts: int = 0
+    expert_mlp_dim: int = 0
+    group_size: int = 0
 
     def __post_init__(self):
         moe_blocks = self.moe_block_indices()
@@ -209,7 +219,8 @@ class TaskMoEViT(nn.Module):
             weights = jnp.asarray(task_mask, jnp.float32).T[jnp.array([names.index(t) for t in tasks])]
         trunk = TaskRoutedViTTrunk(self.patch_size, self.dim, self.depth, self.num_heads, self.mlp_dim, experts,
                                    self.top_k, self.capacity_factor, self.capacity_experts or self.num_experts,
-                                   self.load_balance_weight, self.mi_weight, self.dropout, name="shared")
+                                   self.load_balance_weight, self.mi_weight, self.dropout, self.expert_mlp_dim,
+                                   self.group_size, name="shared")
         reps = trunk(x, stacked, weights, train)
         return parts({t: ("head", reps[k], train) for k, t in enumerate(tasks)})
 
