@@ -196,9 +196,11 @@ def flops_only(config, args, overrides) -> dict:
         + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
     lines = [f"### {config.model.name}: single-task vs all-task inference FLOPs, architecture only", "",
              f"Inputs {'x'.join(map(str, shape))}, {args.num_tasks} tasks (linear 10-way heads); ViT patch "
-             f"{a.patch_size}, dim {a.dim}, depth {a.depth}, {a.num_heads} heads, MLP / expert width {a.mlp_dim}, "
-             f"{a.num_experts} experts top-{a.top_k} (capacity factor {a.capacity_factor}) per MoE block, moe_every "
-             f"{a.moe_every}; {counts['params']:,} parameters. FLOPs per example: XLA's cost analysis of the lowered "
+             f"{a.patch_size}, dim {a.dim}, depth {a.depth}, {a.num_heads} heads, dense MLP width {a.mlp_dim}, expert "
+             f"width {a.get('expert_mlp_dim', 0) or a.mlp_dim}, {a.num_experts} experts top-{a.top_k} (capacity factor "
+             f"{a.capacity_factor}) per MoE block, moe_every {a.moe_every}, "
+             + (f"routing groups of {a.group_size} tokens" if a.get("group_size", 0) else "one routing group per example")
+             + f"; {counts['params']:,} parameters. FLOPs per example: XLA's cost analysis of the lowered "
              "forward on abstract params (no training; the dense-einsum MoE's FLOPs do not depend on the weights).", "",
              "| forward | GFLOPs / example | vs all-task |", "|---|---|---|",
              f"| all {args.num_tasks} tasks | {counts['all_tasks'] / 1e9:.3f} | 100% |"]
