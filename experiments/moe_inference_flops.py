@@ -139,6 +139,9 @@ def main(argv=None):
                         help="skip training: count the FLOPs of the config's architecture on inputs of this shape "
                              "with --num_tasks classification tasks (abstract params, nothing allocated)")
     parser.add_argument("--num_tasks", type=int, default=5, help="tasks of the --flops_only count")
+    parser.add_argument("--time_batch", type=int, default=0,
+                        help="--flops_only: also time the forwards on a batch of this many random inputs "
+                             "(random weights; median of --repeats)")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, [o.removeprefix("--config.") for o in overrides])
     if args.flops_only:
@@ -189,11 +192,22 @@ def flops_only(config, args, overrides) -> dict:
     tasks = [T.classification(f"task_{k}", 10) for k in range(args.num_tasks)]
     model = build_model(config.model, tasks)
     counts = architecture_flops(model, shape, batch=2)
+    if args.time_batch:
+        x = jax.random.uniform(jax.random.key(1), (args.time_batch,) + shape)
+        params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+        counts["seconds"] = {"all_tasks": flops_and_seconds(
+            lambda p, v: model.apply({"params": p}, v), params, x, args.repeats)[1]}
+        task = next(iter(model.heads))
+        counts["seconds"][task] = flops_and_seconds(
+            lambda p, v: model.apply({"params": p}, v, tasks=(task,))[task], params, x, args.repeats)[1]
     a = config.model.arch_kwargs
     name = config.model.name + "_flops" + (f"_{args.tag}" if args.tag else "")
     command = "python experiments/moe_inference_flops.py " + " ".join(
         [f"--config={args.config}", f"--flops_only={args.flops_only}", f"--num_tasks={args.num_tasks}"]
+        + ([f"--time_batch={args.time_batch}", f"--repeats={args.repeats}"] if args.time_batch else [])
         + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
+    seconds = counts.get("seconds", {})
+    ms = lambda key: f"{1e3 * seconds[key]:.1f}" if key in seconds else ""
     lines = [f"### {config.model.name}: single-task vs all-task inference FLOPs, architecture only", "",
              f"Inputs {'x'.join(map(str, shape))}, {args.num_tasks} tasks (linear 10-way heads); ViT patch "
              f"{a.patch_size}, dim {a.dim}, depth {a.depth}, {a.num_heads} heads, dense MLP width {a.mlp_dim}, expert "
@@ -202,10 +216,13 @@ def flops_only(config, args, overrides) -> dict:
              + (f"routing groups of {a.group_size} tokens" if a.get("group_size", 0) else "one routing group per example")
              + f"; {counts['params']:,} parameters. FLOPs per example: XLA's cost analysis of the lowered "
              "forward on abstract params (no training; the dense-einsum MoE's FLOPs do not depend on the weights).", "",
-             "| forward | GFLOPs / example | vs all-task |", "|---|---|---|",
-             f"| all {args.num_tasks} tasks | {counts['all_tasks'] / 1e9:.3f} | 100% |"]
+             "| forward | GFLOPs / example | vs all-task | ms / batch |", "|---|---|---|---|",
+             f"| all {args.num_tasks} tasks | {counts['all_tasks'] / 1e9:.3f} | 100% | {ms('all_tasks')} |"]
     for task, f in counts["single_task"].items():
-        lines.append(f"| single task ({task}) | {f / 1e9:.3f} | {100 * f / counts['all_tasks']:.1f}% |")
+        lines.append(f"| single task ({task}) | {f / 1e9:.3f} | {100 * f / counts['all_tasks']:.1f}% | {ms(task)} |")
+    if args.time_batch:
+        lines += ["", f"ms / batch: median wall time of {args.repeats} calls on a batch of {args.time_batch} random "
+                      "inputs (random weights), this shared 2-core CPU."]
     table = "\n".join(lines) + f"\n\nProduced by: `{command}`\n"
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.json"), "w") as f:
