@@ -29,6 +29,7 @@ import numpy as np
 
 from mtl_jax.config import load_config
 from mtl_jax.data.sources import read_all
+from mtl_jax.models.flops import abstract_variables, cost_flops, inference_flops, param_count
 from mtl_jax.models.moe_vit import expert_usage, extract_task_model, kept_experts
 from mtl_jax.train.trainer import train_and_evaluate
 
@@ -38,8 +39,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def flops_and_seconds(fn, params, x, repeats: int) -> tuple[float, float]:
     """(XLA FLOPs of one call, median wall seconds over ``repeats`` calls after a warm-up)."""
     jitted = jax.jit(fn)
-    cost = jitted.lower(params, x).compile().cost_analysis()
-    flops = float((cost if isinstance(cost, dict) else cost[0])["flops"])
+    flops = cost_flops(jitted.lower(params, x).compile().cost_analysis())
     jax.block_until_ready(jitted(params, x))
     times = []
     for _ in range(repeats):
@@ -50,25 +50,14 @@ def flops_and_seconds(fn, params, x, repeats: int) -> tuple[float, float]:
 
 
 def architecture_flops(model, input_shape, batch: int) -> dict:
-    """XLA's FLOPs per example of the all-task and of each single-task forward, from the lowered
-    computation on abstract params and inputs (nothing is trained, compiled or allocated: FLOPs of the
-    dense-einsum MoE do not depend on the weights or the routing)."""
-    x = jax.ShapeDtypeStruct((batch,) + tuple(input_shape), jax.numpy.float32)
-    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-
-    def flops(fn):
-        cost = jax.jit(fn).lower(params, x).cost_analysis()
-        return float((cost if isinstance(cost, dict) else cost[0])["flops"]) / batch
-
-    out = {"all_tasks": flops(lambda p, v: model.apply({"params": p}, v)),
-           "params": int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))}
-    out["single_task"] = {t: flops(lambda p, v, t=t: model.apply({"params": p}, v, tasks=(t,))[t])
-                          for t in model.heads}
-    return out
-
-
-def param_count(tree) -> int:
-    return int(sum(leaf.size for leaf in jax.tree.leaves(tree)))
+    """XLA's FLOPs per example of the all-task and of each single-task forward, on abstract params
+    and inputs (nothing is trained or allocated: the dense-einsum MoE's FLOPs do not depend on the
+    weights or the routing)."""
+    example = jax.ShapeDtypeStruct(tuple(input_shape), jax.numpy.float32)
+    variables = abstract_variables(model, jax.ShapeDtypeStruct((1,) + example.shape, example.dtype))
+    return {"all_tasks": inference_flops(model, variables, example, batch),
+            "params": param_count(variables),
+            "single_task": {t: inference_flops(model, variables, example, batch, tasks=(t,)) for t in model.heads}}
 
 
 def measure(model, params, images, labels: dict, thresholds, repeats: int) -> dict:
@@ -78,7 +67,7 @@ def measure(model, params, images, labels: dict, thresholds, repeats: int) -> di
     all_flops, all_time = flops_and_seconds(all_tasks, params, x, repeats)
     all_preds = jax.jit(all_tasks)(params, x)
     out = {"batch": int(images.shape[0]), "all_tasks": {
-        "flops": all_flops, "seconds": all_time, "params": param_count(params),
+        "flops": all_flops, "seconds": all_time, "params": param_count({"params": params}),
         "accuracy": {t: float((np.asarray(all_preds[t]).argmax(-1) == labels[t]).mean()) for t in model.heads}},
         "tasks": {}}
     for task in model.heads:
@@ -96,7 +85,7 @@ def measure(model, params, images, labels: dict, thresholds, repeats: int) -> di
             sub_flops, sub_seconds = flops_and_seconds(sub, sub_params, x, repeats)
             pred = np.asarray(jax.jit(sub)(sub_params, x))
             row["extracted"][str(threshold)] = {
-                "flops": sub_flops, "seconds": sub_seconds, "params": param_count(sub_params),
+                "flops": sub_flops, "seconds": sub_seconds, "params": param_count({"params": sub_params}),
                 "experts_kept": {b: len(v) for b, v in kept.items()},
                 "equal_to_single_task": bool(np.array_equal(pred, reference)),
                 "accuracy": float((pred.argmax(-1) == labels[task]).mean())}

@@ -315,3 +315,16 @@ def test_expert_width_is_separate_from_the_dense_mlp_width():
         assert dense and all(20 in shape for shape in dense)
         moe = params["block_1"]["moe"]["experts"]
         assert moe["w_in"].shape == (8, TINY["dim"], width) and moe["w_out"].shape == (8, width, TINY["dim"])
+
+
+def test_single_task_forward_flops_grow_by_one_pathway_per_task():
+    """XLA's FLOPs (``inference_flops`` with ``tasks=``) of the task-routed forward are a shared prefix plus
+    one equal pathway per task: F(a, b) - F(a) == F(a, b, c) - F(a, b)."""
+    from mtl_jax.models.flops import abstract_variables, inference_flops
+
+    model = M3ViT(heads={t: LinearHead(4) for t in "abc"}, **{**TINY, "depth": 3, "num_experts": 4})
+    example = jax.ShapeDtypeStruct((8, 8, 1), jnp.float32)
+    variables = abstract_variables(model, jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32))
+    flops = [inference_flops(model, variables, example, 4, tasks=tuple("abc"[:k])) for k in (1, 2, 3)]
+    assert flops[1] - flops[0] == pytest.approx(flops[2] - flops[1], rel=0.03)  # XLA fuses K = 2, 3 apart
+    assert flops[0] < flops[1] < flops[2] and flops[2] == pytest.approx(inference_flops(model, variables, example, 4))

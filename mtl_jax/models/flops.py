@@ -32,11 +32,13 @@ def cost_flops(cost) -> float:
     return float(sum(flops))
 
 
-def inference_flops(model, variables, example, batch_size: int = 8) -> float:
-    """XLA FLOPs of ``model.apply(variables, x, train=False)`` per example, x = ``batch_size`` copies
-    of ``example``'s shape and dtype (one example, no batch axis)."""
+def inference_flops(model, variables, example, batch_size: int = 8, **apply_kwargs) -> float:
+    """XLA FLOPs of ``model.apply(variables, x, train=False, **apply_kwargs)`` per example, x =
+    ``batch_size`` copies of ``example``'s shape and dtype (one example, no batch axis);
+    ``apply_kwargs`` e.g. ``tasks=('left',)`` for a task-routed model's single-task forward."""
     x = jax.ShapeDtypeStruct((batch_size,) + tuple(example.shape), example.dtype)
-    forward = jax.jit(lambda v, inputs: model.apply(v, inputs, train=False, rngs={"dropout": jax.random.key(0)}))
+    forward = jax.jit(lambda v, inputs: model.apply(v, inputs, train=False, rngs={"dropout": jax.random.key(0)},
+                                                    **apply_kwargs))
     return cost_flops(forward.lower(variables, x).compile().cost_analysis()) / batch_size
 
 
