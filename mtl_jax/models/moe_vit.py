@@ -232,8 +232,8 @@ class M3ViT(TaskMoEViT):
     experts per token; single-task inference activates that task's pathway only.
 
     Deviations: no noisy gating; gates are the softmax over the top-k logits; a group (capacity) is
-    one example's tokens by default (``group_size`` splits it); no per-layer expert-count search or hardware
-    co-design.
+    one example's tokens by default (``group_size`` splits it); no per-layer expert-count search or
+    hardware co-design.
     """
 
 
