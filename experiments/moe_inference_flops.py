@@ -203,7 +203,7 @@ def flops_only(config, args, overrides) -> dict:
              f"width {a.get('expert_mlp_dim', 0) or a.mlp_dim}, {a.num_experts} experts top-{a.top_k} (capacity factor "
              f"{a.capacity_factor}) per MoE block, moe_every {a.moe_every}, "
              + (f"routing groups of {a.group_size} tokens" if a.get("group_size", 0) else "one routing group per example")
-             + f"; {counts['params']:,} parameters. FLOPs per example: XLA's cost analysis of the lowered "
+             + f"; {counts['params']:,} parameters. FLOPs per example: XLA's cost analysis of the compiled "
              "forward on abstract params (no training; the dense-einsum MoE's FLOPs do not depend on the weights).", "",
              "| forward | GFLOPs / example | vs all-task | ms / batch |", "|---|---|---|---|",
              f"| all {args.num_tasks} tasks | {counts['all_tasks'] / 1e9:.3f} | 100% | {ms('all_tasks')} |"]

@@ -126,8 +126,9 @@ def load_multimnist_derived(cfg) -> Dataset:
     return from_arrays("multimnist_derived", splits, tasks, input_key="image")
 
 
-DATASETS = {"multimnist": load_multimnist, "multimnist_derived": load_multimnist_derived, "digits": load_digits, "multimnist_one_task": load_multimnist_one_task,
-            "multitab_bench": load_multitab_bench, "pde_fisher": load_fisher, "pde_darcy": load_darcy}
+DATASETS = {"multimnist": load_multimnist, "multimnist_derived": load_multimnist_derived, "digits": load_digits,
+            "multimnist_one_task": load_multimnist_one_task, "multitab_bench": load_multitab_bench,
+            "pde_fisher": load_fisher, "pde_darcy": load_darcy}
 
 
 def get_dataset(cfg) -> Dataset:
