@@ -13,7 +13,7 @@ from experiments.merging import run as bench  # noqa: E402
 from experiments.merging import tasks as task_lib  # noqa: E402
 from mtl_jax.config import config_from_file  # noqa: E402
 
-METHODS = ("Task arithmetic", "TIES", "TALL-mask retrieval", "EMR")
+METHODS = ("Greedy soup", "Task arithmetic", "TIES", "TALL-mask retrieval", "EMR")
 BASELINES = ("Pretrained (linear probe)", "Individual (fine-tuned)", "Multi-task trained")
 
 
@@ -72,6 +72,8 @@ def test_smoke_benchmark_writes_table_and_finetuning_beats_probe(tmp_path):
     individual = np.array(rows["Individual (fine-tuned)"]["acc"])
     assert np.all(individual > probe), (individual, probe)
     np.testing.assert_allclose(rows["Individual (fine-tuned)"]["normalised"], 1.0)
+    soup = rows["Greedy soup"]["hparams"]["ingredients"]
+    assert soup and set(soup) <= set(names) and len(set(soup)) == len(soup), soup
     with open(config.out + ".md") as f:
         table = f.read()
     for row in BASELINES + ("Task arithmetic", "TIES", "TALL-mask retrieval (per-task models)"):

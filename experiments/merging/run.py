@@ -387,8 +387,13 @@ def merge_methods(config, ctx: Context, stats: Callable[[], dict], seed: int) ->
     def fixed(fn, hparams=None, **kwargs):
         return lambda: (hparams or {}, jax.jit(lambda a, b: fn(a, b, **kwargs))(p0, fts))
 
+    def greedy_soup():  # Model soups' Algorithm 1 with the grids' validation score
+        res = M.greedy_soup(p0, fts, lambda tree: val_score(ctx, merged_accuracies(ctx, tree, "val")))
+        return {"ingredients": [config.tasks[i] for i in res.ingredients]}, res.params
+
     return {
         "Weight averaging": fixed(M.weight_average),
+        "Greedy soup": greedy_soup,
         "Task arithmetic": grid(M.task_arithmetic, "lam", c.ta_lambdas),
         "TIES": grid(M.ties_merging, "lam", c.ties_lambdas, top_k=c.ties_top_k),
         "DARE (TA)": grid(M.dare_merging, "lam", c.dare_lambdas, key=dare_key, p=c.dare_p, combine="ta"),

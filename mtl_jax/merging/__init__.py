@@ -9,7 +9,8 @@ work on sharded leaves (NamedSharding) under jit.
 
 Per-task reconstructions (TALL masks, EMR) return compressed state plus a ``retrieve`` function
 and are not in :data:`MERGE_METHODS`; nor are the learned-coefficient methods (AdaMerging,
-aTLAS, Self Positioning: they take an objective) and BOOM (it takes a training function).
+aTLAS, Self Positioning: they take an objective), the greedy soup and grid search (they take a
+validation function) and BOOM (it takes a training function).
 Leaf selection: :func:`merge_subset` / :func:`merge_subset_per_task`.
 """
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 from typing import Callable
 
 from mtl_jax.merging.arithmetic import (
+    GreedySoupResult,
     GridSearchResult,
+    greedy_soup,
     grid_search,
     task_arithmetic,
     task_arithmetic_vector,

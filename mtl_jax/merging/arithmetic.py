@@ -1,4 +1,5 @@
-"""Weight averaging and task arithmetic, plus a validation grid search for their coefficient."""
+"""Weight averaging (uniform and greedy soups) and task arithmetic, plus a validation grid search
+for their coefficient."""
 
 from __future__ import annotations
 
@@ -123,3 +124,40 @@ def grid_search(
         if best is None or score > best[1]:
             best = (v, score, params)
     return GridSearchResult(best_value=best[0], best_params=best[2], scores=scores)
+
+
+class GreedySoupResult(NamedTuple):
+    params: Params
+    ingredients: list[int]  # indices into ``finetuned`` of the models in the soup, in the order added
+    individual_scores: list[float]  # validation score of every finetuned model, in input order
+    soup_score: float  # validation score of the returned soup
+
+
+def greedy_soup(
+    pretrained: Params, finetuned: Sequence[Params], validation_fn: Callable[[Params], float]
+) -> GreedySoupResult:
+    """Greedy model soup: add models in order of validation score, keep each only if it helps.
+
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves
+    accuracy without increasing inference time", ICML 2022, Algorithm 1 (GreedySoup): sort the
+    ingredients by held-out score, start from the best one, and add ``theta_i`` to the soup when
+    ``ValAcc(average(soup + {theta_i})) >= ValAcc(average(soup))``. The soup is the uniform
+    :func:`weight_average` of the kept models; by construction it scores no worse on validation
+    than the best single model. Ties in the individual scores keep the input order.
+
+    Costs ``2T - 1`` validation calls (T individual, T - 1 candidate soups), run eagerly.
+    ``validation_fn``: ``params -> score``, higher is better.
+    """
+    if len(finetuned) == 0:
+        raise ValueError("greedy_soup needs at least one finetuned model")
+    check_compatible(pretrained, finetuned)
+    individual = [float(validation_fn(f)) for f in finetuned]
+    order = sorted(range(len(finetuned)), key=lambda i: -individual[i])
+    chosen, best_params, best_score = [order[0]], finetuned[order[0]], individual[order[0]]
+    for i in order[1:]:
+        candidate = weight_average(pretrained, [finetuned[j] for j in chosen + [i]])
+        score = float(validation_fn(candidate))
+        if score >= best_score:
+            chosen, best_params, best_score = chosen + [i], candidate, score
+    return GreedySoupResult(params=best_params, ingredients=chosen, individual_scores=individual,
+                            soup_score=best_score)

@@ -1,8 +1,8 @@
 """Pytree plumbing for model merging: paths, compatibility checks, leaf selection, layer index.
 
 Every merging method in this package works on an arbitrary pytree of arrays (nested dicts of
-linen params, a flat ``{name: array}`` dict loaded from safetensors, lists, ...). Leaves are named
-by their '/'-joined key path, e.g. ``shared/Dense_0/kernel`` for
+linen params, a ``flax.nnx.State``, a flat ``{name: array}`` dict loaded from safetensors, lists,
+...). Leaves are named by their '/'-joined key path, e.g. ``shared/Dense_0/kernel`` for
 ``{"shared": {"Dense_0": {"kernel": ...}}}`` and ``layers.3.mlp.weight`` for a flat dict key.
 
 Task-stacked trees: several functions take a *stacked* tree, the same structure with every leaf
@@ -31,8 +31,16 @@ DEFAULT_LAYER_PATTERN = re.compile(
 
 
 def path_to_str(keypath: Sequence[Any]) -> str:
-    """'/'-joined name of a jax key path: ``(DictKey('a'), SequenceKey(0))`` -> ``'a/0'``."""
-    return jax.tree_util.keystr(tuple(keypath), simple=True, separator="/")
+    """'/'-joined name of a jax key path: ``(DictKey('a'), SequenceKey(0))`` -> ``'a/0'``.
+
+    A final ``.value`` attribute (how a ``flax.nnx`` Variable flattens: ``nnx.State`` leaves sit
+    at ``(..., DictKey('kernel'), GetAttrKey('value'))``) is dropped, so an ``nnx.State`` leaf has
+    the same name as the linen leaf it corresponds to (``l1/kernel``).
+    """
+    keypath = tuple(keypath)
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
 
 
 def flatten_with_paths(tree: Params) -> list[tuple[str, Any]]:

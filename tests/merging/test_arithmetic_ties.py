@@ -1,4 +1,4 @@
-"""Averaging, task arithmetic, grid search, TIES (by hand and against a flattened reference), DARE."""
+"""Averaging, greedy soup, task arithmetic, grid search, TIES (by hand and against a flattened reference), DARE."""
 
 import functools
 
@@ -12,6 +12,7 @@ from mtl_jax.merging import (
     dare_merging,
     disjoint_mean,
     elect_sign,
+    greedy_soup,
     grid_search,
     stack_trees,
     task_arithmetic,
@@ -48,6 +49,37 @@ def test_grid_search_picks_the_best_lambda(models):
     assert res.best_value == pytest.approx(0.3)
     assert len(res.scores) == 10
     np.testing.assert_allclose(flat(res.best_params), flat(target), rtol=1e-6)
+
+
+def test_greedy_soup_by_hand():
+    """Model soups Algorithm 1 on scalars, score -(theta - 0)^2. Individual scores order the
+    ingredients -0.9, 1.0, -1.2, 3.0; {-0.9, 1.0} averages to 0.05 (kept, -0.0025 >= -0.81);
+    adding -1.2 gives -0.367 and adding 3.0 gives 1.033: both rejected."""
+    values = [1.0, -1.2, 3.0, -0.9]
+    fts = [{"w": np.float32(v)} for v in values]
+    calls = []
+
+    def score(params):
+        calls.append(float(params["w"]))
+        return -float(params["w"]) ** 2
+
+    res = greedy_soup({"w": np.float32(0.0)}, fts, score)
+    assert res.ingredients == [3, 0]
+    assert float(res.params["w"]) == pytest.approx(0.05, abs=1e-6)
+    assert res.soup_score == pytest.approx(-0.0025, abs=1e-6)
+    np.testing.assert_allclose(res.individual_scores, [-1.0, -1.44, -9.0, -0.81], rtol=1e-6)
+    assert len(calls) == 2 * len(values) - 1
+    assert res.soup_score >= max(res.individual_scores)  # never worse than the best single model
+
+
+def test_greedy_soup_keeps_all_when_averaging_helps(models):
+    p0, fts = models
+    target = weight_average(p0, fts)  # the uniform soup is the optimum of this score
+    res = greedy_soup(p0, fts, lambda params: -float(np.sum((flat(params) - flat(target)) ** 2)))
+    assert sorted(res.ingredients) == list(range(len(fts)))
+    np.testing.assert_allclose(flat(res.params), flat(target), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        greedy_soup(p0, [], lambda params: 0.0)
 
 
 # ------------------------------------------------------------------------------------------ TIES

@@ -115,3 +115,34 @@ def test_flat_safetensors_style_dict():
     fts = [{k: v + 1.0 for k, v in p0.items()}, {k: v - 3.0 for k, v in p0.items()}]
     out = task_arithmetic(p0, fts, lam=0.5)
     np.testing.assert_allclose(out["model.layers.0.w"], p0["model.layers.0.w"] - 1.0, rtol=1e-6)
+
+
+def test_nnx_state_merges_like_linen_params():
+    """An ``nnx.State`` is a pytree: methods return a State, leaves are named like linen's (the
+    Variable's ``.value`` is dropped), errors name the path, and ``nnx.update`` takes the result."""
+    from flax import nnx
+
+    from mtl_jax.merging import get_merge_method
+
+    def model(seed):
+        return nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(seed)), nnx.Linear(6, 3, rngs=nnx.Rngs(seed + 10)))
+
+    states = [nnx.state(model(s), nnx.Param) for s in range(4)]
+    p0, fts = states[0], states[1:]
+    assert leaf_paths(p0) == ["layers/0/bias", "layers/0/kernel", "layers/1/bias", "layers/1/kernel"]
+    assert [default_layer_index(p) for p in leaf_paths(p0)] == [0, 0, 1, 1]
+    as_dict = lambda s: jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(s))  # noqa: E731
+    for name in ("task_arithmetic", "ties", "tsv", "lines"):
+        merged = get_merge_method(name)(p0, fts)
+        assert isinstance(merged, nnx.State), name
+        expected = get_merge_method(name)(as_dict(p0), [as_dict(f) for f in fts])
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                               as_dict(merged), expected)
+    target = model(0)
+    nnx.update(target, task_arithmetic(p0, fts, lam=0.5))
+    kernels = [as_dict(s)["layers"][1]["kernel"] for s in states]
+    np.testing.assert_allclose(target.layers[1].kernel[...], kernels[0] + 0.5 * sum(k - kernels[0] for k in kernels[1:]),
+                               rtol=1e-5, atol=1e-6)
+    bad = nnx.state(nnx.Sequential(nnx.Linear(4, 7, rngs=nnx.Rngs(0)), nnx.Linear(7, 3, rngs=nnx.Rngs(1))), nnx.Param)
+    with pytest.raises(ValueError, match=r"layers/0/bias.*\(6,\).*\(7,\)"):
+        task_arithmetic(p0, [bad])
