@@ -87,3 +87,21 @@ def test_smoke_benchmark_writes_table_and_finetuning_beats_probe(tmp_path):
     for row in BASELINES:
         assert again[row]["acc"] == rows[row]["acc"]
     assert again["_timings"]["finetune"] < rows["_timings"]["finetune"]
+
+
+def test_frozen_heads_train_only_the_backbone():
+    """``freeze_heads``: the optimiser moves ``shared`` and leaves every head exactly at its probe."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params = {"shared": {"w": jnp.ones((3, 2))}, "heads": {"a": {"kernel": jnp.ones((2, 4))}, "b": {"kernel": jnp.ones((2,))}}}
+    loss = lambda p: jnp.sum((p["shared"]["w"] @ p["heads"]["a"]["kernel"]) ** 2) + jnp.sum(p["heads"]["b"]["kernel"] ** 2)  # noqa: E731
+    tx = bench.frozen_heads(optax.adamw(0.1, weight_decay=0.5))
+    state = tx.init(params)
+    new = params
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(loss)(new), state, new)
+        new = optax.apply_updates(new, updates)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), new["heads"], params["heads"]))
+    assert float(jnp.max(jnp.abs(new["shared"]["w"] - params["shared"]["w"]))) > 0.1

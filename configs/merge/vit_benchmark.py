@@ -44,6 +44,9 @@ def get_config(arg=None):
     c.multitask = ConfigDict(dict(steps=150, batch_size=32,
                                   optim=ConfigDict(dict(name="adamw", lr=5e-4, schedule="cosine", warmup_steps=20,
                                                         weight_decay=0.0, grad_clip_norm=1.0))))
+    # True: fine-tuning and multi-task training leave every head at its linear probe (the papers fine-tune
+    # CLIP's image encoder under its fixed zero-shot text heads); the task vectors then carry all the adaptation.
+    c.freeze_heads = False
     c.methods = ()  # rows to run after the baselines (names as in the table); () = every method
     # Grids reach well below the papers' optima (TA 0.3 for 8 CLIP tasks): here, 8 fine-tuned digit trunks interfere
     # so much that the best TA lambda is ~0.1 (a grid starting at 0.1 picked its lowest value on every seed).

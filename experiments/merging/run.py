@@ -156,14 +156,23 @@ def probe_loss(head, batch):
     return jnp.mean(cross_entropy(head_logits(head, h), y))
 
 
+def frozen_heads(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` on ``params["shared"]``, zero updates on ``params["heads"]`` (the heads stay at their
+    linear probes, as the papers keep CLIP's zero-shot text heads fixed while fine-tuning)."""
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: {"shared": "train", "heads": "frozen"})
+
+
 def build_trainers(config, trunk) -> Trainers:
-    def pair(loss, optim, steps):
+    def pair(loss, optim, steps, freeze=False):
         tx = make_optimizer(optim, steps)
+        tx = frozen_heads(tx) if freeze else tx
         return make_step(loss, tx), tx
 
     return Trainers(
-        single=pair(single_task_loss(trunk), config.finetune.optim, config.finetune.steps),
-        multitask=pair(multitask_loss(trunk, config.tasks), config.multitask.optim, config.multitask.steps),
+        single=pair(single_task_loss(trunk), config.finetune.optim, config.finetune.steps, config.freeze_heads),
+        multitask=pair(multitask_loss(trunk, config.tasks), config.multitask.optim, config.multitask.steps,
+                       config.freeze_heads),
         probe=pair(probe_loss, config.probe.optim, config.probe.steps),
     )
 
@@ -528,7 +537,7 @@ def run_seed(config, trainers, trunk, pretrained_shared, tasks, seed: int, cache
     """Every row of the table for one seed: ``{row: {"acc": [T] test accuracies, "hparams", "seconds"}}``,
     cached as JSON next to the seed's checkpoints (keyed by the merging settings)."""
     key = settings_hash(config.probe.to_dict(), config.finetune.to_dict(), seed)
-    folder = os.path.join(cache_dir, f"seed{seed}-{key}")
+    folder = os.path.join(cache_dir, f"seed{seed}-{key}" + ("-frozen-heads" if config.freeze_heads else ""))
     results_path = os.path.join(folder, "results-" + settings_hash(
         config.multitask.to_dict(), config.merge.to_dict(), config.learned.to_dict(), list(config.methods),
         config.eval_batch,
@@ -645,17 +654,21 @@ def caption(config, tasks, pretrain_log: dict, wall: float) -> str:
     sizes = ", ".join(f"{t.name} {len(t.splits['train'][1])}/{len(t.splits['val'][1])}/{len(t.splits['test'][1])}"
                       for t in tasks)
     m = config.model
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        jax.eval_shape(ViT(**m).init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))))
+    tuned = "backbone (head frozen at the probe)" if config.freeze_heads else "backbone + head"
     return (
-        f"ViT (patch {m.patch_size}, dim {m.dim}, {m.depth} blocks, {m.num_heads} heads, MLP {m.mlp_dim}; "
+        f"ViT ({num_params / 1e6:.2f}M parameters; patch {m.patch_size}, dim {m.dim}, {m.depth} blocks, "
+        f"{m.num_heads} heads, MLP {m.mlp_dim}; "
         f"28x28 inputs, {(28 // m.patch_size) ** 2} tokens) pretrained by rotation prediction on "
         f"{pretrain_log['pretext_images']} unlabelled train images x 4 rotations ({config.pretrain.steps} steps, batch "
         f"{config.pretrain.batch_size}; pretext loss {pretrain_log['loss_first']:.2f} -> {pretrain_log['loss_last']:.2f}). "
         f"Tasks (train/val/test): {sizes}. Pretrained = linear probe on the frozen trunk ({config.probe.steps} "
-        f"full-batch Adam steps), standing in for CLIP's zero-shot head; individual = backbone + head fine-tuned "
+        f"full-batch Adam steps), standing in for CLIP's zero-shot head; individual = {tuned} fine-tuned "
         f"from the probe ({config.finetune.steps} steps, batch {config.finetune.batch_size}, AdamW "
-        f"{config.finetune.optim.lr} cosine); multi-task = the same steps with a batch of "
-        f"{config.multitask.batch_size} from every task (sum of losses). Merging acts on the backbone; every task "
-        f"keeps its fine-tuned head. Hyperparameters (lambda, alpha, beta) chosen per seed by mean normalised "
+        f"{config.finetune.optim.lr} cosine); multi-task = {tuned}, {config.multitask.steps} steps with a batch "
+        f"of {config.multitask.batch_size} from every task (sum of losses). Merging acts on the backbone; every task "
+        f"keeps its {'probe' if config.freeze_heads else 'fine-tuned'} head. Hyperparameters (lambda, alpha, beta) chosen per seed by mean normalised "
         f"accuracy on {config.merge.val_per_task} validation images per task; TALL masks pick lambda_t per task "
         f"on its own validation images; Fisher / RegMean use {config.merge.stats_examples} train images per task; "
         f"AdaMerging: {config.learned.steps} Adam steps (paper: 500) on batches of {config.learned.batch_per_task} "
@@ -664,10 +677,10 @@ def caption(config, tasks, pretrain_log: dict, wall: float) -> str:
         f"per task; Self Positioning: {config.learned.sp_steps} SGD steps (lr {config.learned.sp_lr}) on the same "
         f"labelled images, task-wise coefficients from the plain average. Seeds {tuple(config.seeds)} vary probes, "
         f"fine-tuning, multi-task training and DARE (one pretrained trunk, as the papers use one CLIP). Differences "
-        f"from the papers' ViT-B/32 setup: a ~0.14M-parameter ViT instead of 88M, self-supervised pretraining on "
+        f"from the papers' ViT-B/32 setup: a {num_params / 1e6:.2f}M-parameter ViT instead of 88M, self-supervised pretraining on "
         f"~5k digit images instead of CLIP on 400M image-text pairs, "
-        f"digit-derived tasks instead of SUN397/Cars/..., linear-probe instead of zero-shot heads, heads fine-tuned "
-        f"(the papers freeze the text head), attention q/k/v/out viewed as 2-D matrices for TSV-M / Iso / RegMean. "
+        f"digit-derived tasks instead of SUN397/Cars/..., linear-probe instead of zero-shot heads"
+        f"{'' if config.freeze_heads else ', heads fine-tuned (the papers freeze the text head)'}, attention q/k/v/out viewed as 2-D matrices for TSV-M / Iso / RegMean. "
         f"SLERP is pairwise and not run. This invocation: {wall / 60:.1f} min wall, {cpu_seconds() / 60:.1f} CPU-min "
         f"(2-core machine shared with other jobs; stages loaded from the cache cost neither)."
     )
