@@ -81,12 +81,17 @@ def test_smoke_benchmark_writes_table_and_finetuning_beats_probe(tmp_path):
     assert "| method | " + " | ".join(names) + " | avg |" in table
     with open(config.out + ".json") as f:
         assert json.load(f)["results"]["0"]["TIES"]["acc"] == rows["TIES"]["acc"]
-    # A second run loads the cached checkpoints: same baselines, nothing retrained.
-    config.methods = ("EMR",)
+    # A second run loads the cached checkpoints and rows: same baselines, nothing retrained, only the
+    # row the cache lacks is computed.
+    config.methods = ("EMR", "Weight averaging")
     again = bench.run_benchmark(config)["results"][0]
-    for row in BASELINES:
+    for row in BASELINES + ("EMR",):
         assert again[row]["acc"] == rows[row]["acc"]
     assert again["_timings"]["finetune"] < rows["_timings"]["finetune"]
+    assert "Weight averaging" in again["_timings"] and "EMR" not in again["_timings"]
+    assert "TIES" not in again  # cached, but not asked for
+    with open(config.out + ".md") as f:
+        assert "| Weight averaging |" in f.read()
 
 
 def test_frozen_heads_train_only_the_backbone():

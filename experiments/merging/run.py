@@ -534,25 +534,27 @@ def log(message: str) -> None:
 
 
 def run_seed(config, trainers, trunk, pretrained_shared, tasks, seed: int, cache_dir: str) -> dict:
-    """Every row of the table for one seed: ``{row: {"acc": [T] test accuracies, "hparams", "seconds"}}``,
-    cached as JSON next to the seed's checkpoints (keyed by the merging settings)."""
+    """Every row of the table for one seed: ``{row: {"acc": [T] test accuracies, "hparams", "seconds"}}``.
+    Rows are cached as JSON next to the seed's checkpoints (keyed by the merging settings) and the file
+    accumulates: a later run computes only the wanted rows it lacks (a new method, a ``methods`` subset)."""
     key = settings_hash(config.probe.to_dict(), config.finetune.to_dict(), seed)
     folder = os.path.join(cache_dir, f"seed{seed}-{key}" + ("-frozen-heads" if config.freeze_heads else ""))
     results_path = os.path.join(folder, "results-" + settings_hash(
-        config.multitask.to_dict(), config.merge.to_dict(), config.learned.to_dict(), list(config.methods),
-        config.eval_batch,
+        config.multitask.to_dict(), config.merge.to_dict(), config.learned.to_dict(), config.eval_batch,
         learned_module() is not None) + ".json")
+    done = {}
     if os.path.exists(results_path):
         with open(results_path) as f:
-            return json.load(f)
-    results = seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed, folder)
+            done = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    results = seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed, folder, done)
     with open(results_path, "w") as f:
-        json.dump(results, f, default=float)
+        json.dump({**done, **results}, f, default=float)
     return results
 
 
-def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, folder: str) -> dict:
-    """The rows of :func:`run_seed`, computed (checkpoints cached under ``folder``)."""
+def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, folder: str, done: dict) -> dict:
+    """The rows of :func:`run_seed` (checkpoints cached under ``folder``); method rows already in
+    ``done`` (the JSON form) are reused, the baselines are always re-evaluated."""
     names = [t.name for t in tasks]
     rows, timings = {}, {}
     val = [eval_set(t.splits["val"][0][: config.merge.val_per_task], t.splits["val"][1][: config.merge.val_per_task],
@@ -604,7 +606,12 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
 
     @functools.cache
     def ta_lambda() -> float:  # task arithmetic's validated lambda (its row's, or selected afresh)
-        hparams = rows["Task arithmetic"][0] if "Task arithmetic" in rows else methods["Task arithmetic"]()[0]
+        if "Task arithmetic" in rows:
+            hparams = rows["Task arithmetic"][0]
+        elif "Task arithmetic" in done:
+            hparams = done["Task arithmetic"]["hparams"]
+        else:
+            hparams = methods["Task arithmetic"]()[0]
         return float(hparams["lam"])
 
     methods = {**merge_methods(config, ctx, statistics, seed), **learned_methods(config, ctx, tasks, seed, ta_lambda),
@@ -614,16 +621,18 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
     if unknown:
         raise ValueError(f"unknown method rows {sorted(unknown)}; valid: {list(methods)}")
     for name, merge in methods.items():
-        if name not in wanted:
+        if name not in wanted or name in done:
             continue
         t0 = time.time()
         hparams, out = merge()
         rows[name] = (hparams, out if name in PER_TASK_ROWS else merged_accuracies(ctx, out, "test"))
         timings[name] = time.time() - t0
         log(f"seed {seed} {name}: mean test accuracy {rows[name][1].mean():.4f} ({timings[name]:.1f} s)")
-    return {name: {"acc": acc.tolist(), "normalised": (acc / np.array(rows["Individual (fine-tuned)"][1])).tolist(),
-                   "hparams": hp, "seconds": round(timings.get(name, 0.0), 2)}
-            for name, (hp, acc) in rows.items()} | {"_timings": {k: round(v, 2) for k, v in timings.items()}}
+    computed = {name: {"acc": acc.tolist(), "normalised": (acc / np.array(rows["Individual (fine-tuned)"][1])).tolist(),
+                       "hparams": hp, "seconds": round(timings.get(name, 0.0), 2)}
+                for name, (hp, acc) in rows.items()}
+    reused = {name: done[name] for name in methods if name in wanted and name in done}
+    return computed | reused | {"_timings": {k: round(v, 2) for k, v in timings.items()}}
 
 
 # ---------------------------------------------------------------------------------------- report
