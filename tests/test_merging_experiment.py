@@ -72,6 +72,10 @@ def test_smoke_benchmark_writes_table_and_finetuning_beats_probe(tmp_path):
     individual = np.array(rows["Individual (fine-tuned)"]["acc"])
     assert np.all(individual > probe), (individual, probe)
     np.testing.assert_allclose(rows["Individual (fine-tuned)"]["normalised"], 1.0)
+    cos = np.array(rows["_task_vectors"]["cosine"])
+    assert cos.shape == (len(names), len(names))
+    np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-3)
+    np.testing.assert_allclose(cos, cos.T, atol=1e-4)
     soup = rows["Greedy soup"]["hparams"]["ingredients"]
     assert soup and set(soup) <= set(names) and len(set(soup)) == len(soup), soup
     with open(config.out + ".md") as f:

@@ -632,7 +632,18 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
                        "hparams": hp, "seconds": round(timings.get(name, 0.0), 2)}
                 for name, (hp, acc) in rows.items()}
     reused = {name: done[name] for name in methods if name in wanted and name in done}
-    return computed | reused | {"_timings": {k: round(v, 2) for k, v in timings.items()}}
+    return computed | reused | {"_timings": {k: round(v, 2) for k, v in timings.items()},
+                                "_task_vectors": task_vector_geometry(ctx)}
+
+
+def task_vector_geometry(ctx: Context) -> dict:
+    """Pairwise cosines of the backbone task vectors [T, T] and each one's norm relative to the
+    pretrained backbone's (the interference diagnostic of Ilharco et al. 2023)."""
+    stacked = M.stacked_task_vectors(ctx.finetuned, ctx.pretrained)
+    gram = np.asarray(M.task_vector_gram(stacked))
+    base = float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree_util.tree_leaves(ctx.pretrained))))
+    return {"cosine": np.round(np.asarray(M.task_vector_cosines(stacked)), 4).tolist(),
+            "relative_norm": np.round(np.sqrt(np.diag(gram)) / base, 4).tolist()}
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -701,6 +712,26 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def task_vector_report(results: dict, names: Sequence[str]) -> str:
+    """Mean / max off-diagonal cosine and mean relative norm per seed, then seed 0's cosine matrix."""
+    seeds = [s for s in results if "_task_vectors" in results[s]]
+    if not seeds:
+        return "(not recorded)"
+    lines = []
+    for s in seeds:
+        cos = np.array(results[s]["_task_vectors"]["cosine"])
+        off = cos[~np.eye(len(cos), dtype=bool)]
+        i, j = np.unravel_index(np.argmax(np.where(np.eye(len(cos), dtype=bool), -np.inf, cos)), cos.shape)
+        lines.append(f"- seed {s}: off-diagonal cosine mean {off.mean():.3f} (min {off.min():.3f}, max {off.max():.3f}: "
+                     f"{names[i]} / {names[j]}); ||tau_t|| / ||theta_0|| mean "
+                     f"{np.mean(results[s]['_task_vectors']['relative_norm']):.3f}")
+    cos = np.array(results[seeds[0]]["_task_vectors"]["cosine"])
+    lines += ["", f"Cosine matrix, seed {seeds[0]}:", "", "| | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for n, row in zip(names, cos)]
+    return "\n".join(lines)
+
+
 def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float) -> str:
     names = [t.name for t in tasks]
     text = "\n\n".join([
@@ -710,6 +741,8 @@ def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float) 
         markdown_table(results, names, "acc"),
         "## Normalised accuracy (% of the individual fine-tuned model on each task)",
         markdown_table(results, names, "normalised"),
+        "## Task vectors (backbone)",
+        task_vector_report(results, names),
         "## Selected hyperparameters per seed",
         "\n".join(f"- {row}: " + "; ".join(f"seed {s}: {json.dumps(results[s][row]['hparams'])}" for s in results)
                   for row in results[next(iter(results))] if not row.startswith("_") and results[next(iter(results))][row]["hparams"]),

@@ -70,6 +70,8 @@ from mtl_jax.merging.task_vectors import (
     apply_task_vector,
     stacked_task_vectors,
     task_vector,
+    task_vector_cosines,
+    task_vector_gram,
     tree_l1_norm,
 )
 from mtl_jax.merging.threshold import kth_largest_abs, topk_mask, topk_trim

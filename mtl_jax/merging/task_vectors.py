@@ -87,3 +87,24 @@ def tree_l1_norm(tree: Params) -> jax.Array:
 def tree_size(tree: Params) -> int:
     """Total number of entries (static)."""
     return sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def task_vector_gram(stacked: Params) -> jax.Array:
+    """``G[s, t] = <tau_s, tau_t>`` over the whole model, float32 [T, T]: per-leaf products of the
+    (T, n_leaf) rows, added over leaves (never one T x N matrix)."""
+    def leaf_gram(x):
+        rows = _f32(x).reshape(x.shape[0], -1)
+        return rows @ rows.T
+
+    return sum(leaf_gram(x) for x in jax.tree_util.tree_leaves(stacked))
+
+
+def task_vector_cosines(stacked: Params, eps: float = 1e-12) -> jax.Array:
+    """Pairwise cosine similarity of the task vectors, [T, T] (1 on the diagonal).
+
+    The diagnostic Ilharco et al. 2023 use to show that task vectors of different tasks are close
+    to orthogonal (which is why adding them interferes little); high cosines mean shared directions.
+    """
+    gram = task_vector_gram(stacked)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), eps))
+    return gram / (norms[:, None] * norms[None, :])

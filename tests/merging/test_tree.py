@@ -14,10 +14,11 @@ from mtl_jax.merging import (
     select_mask,
     task_arithmetic,
     task_vector,
+    task_vector_cosines,
 )
 from mtl_jax.merging.tree import select_flat
 
-from .helpers import random_tree
+from .helpers import flat, random_tree
 
 
 def test_leaf_paths_are_slash_joined():
@@ -146,3 +147,18 @@ def test_nnx_state_merges_like_linen_params():
     bad = nnx.state(nnx.Sequential(nnx.Linear(4, 7, rngs=nnx.Rngs(0)), nnx.Linear(7, 3, rngs=nnx.Rngs(1))), nnx.Param)
     with pytest.raises(ValueError, match=r"layers/0/bias.*\(6,\).*\(7,\)"):
         task_arithmetic(p0, [bad])
+
+
+def test_task_vector_cosines_match_flattened_reference():
+    rng = np.random.default_rng(5)
+    base = random_tree(rng)
+    # task 2 is task 0 scaled (cosine 1), task 3 its negative (cosine -1)
+    taus = [base, random_tree(rng), jax.tree_util.tree_map(lambda x: 2.5 * x, base),
+            jax.tree_util.tree_map(lambda x: -x, base)]
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *taus)
+    rows = np.stack([flat(t) for t in taus])
+    norms = np.linalg.norm(rows, axis=1)
+    expected = rows @ rows.T / np.outer(norms, norms)
+    cos = np.asarray(task_vector_cosines(stacked))
+    np.testing.assert_allclose(cos, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([cos[0, 2], cos[0, 3]], [1.0, -1.0], rtol=1e-5)
