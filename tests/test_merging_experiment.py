@@ -114,3 +114,25 @@ def test_frozen_heads_train_only_the_backbone():
         new = optax.apply_updates(new, updates)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), new["heads"], params["heads"]))
     assert float(jnp.max(jnp.abs(new["shared"]["w"] - params["shared"]["w"]))) > 0.1
+
+
+def test_compare_runs_side_by_side(tmp_path):
+    from experiments.merging import compare
+
+    cos = [[1.0, 0.2], [0.2, 1.0]]
+    a = {"results": {"0": {"TA": {"acc": [0.5, 0.7]}, "_task_vectors": {"cosine": cos}},
+                     "1": {"TA": {"acc": [0.7, 0.9]}, "_task_vectors": {"cosine": cos}}}}
+    b = {"results": {"0": {"TA": {"acc": [0.6, 0.6]}, "TIES": {"acc": [1.0, 0.5]}}}}
+    paths = []
+    for name, run in (("a", a), ("b", b)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(run, f)
+    out = str(tmp_path / "t.md")
+    compare.main(["--runs", f"A={paths[0]},B={paths[1]}", "--out", out])
+    with open(out) as f:
+        text = f.read()
+    assert "| method | A (2 seeds) | B (1 seed) |" in text
+    assert "| TA | 70.0 ± 10.0 | 60.0 |" in text  # seed means 60 and 80
+    assert "| TIES |  | 75.0 |" in text
+    assert "| task-vector cosine (mean off-diagonal) | 0.200 |  |" in text
