@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
 import numpy as np
 
@@ -64,7 +66,8 @@ def main(argv=None):
     if bad:
         parser.error(f"--runs entries must be LABEL=path.json; got {bad}")
     labels, runs = [p[0] for p in pairs], [load_run(p[1]) for p in pairs]
-    text = f"# {args.title}\n\n" + comparison_table(labels, runs) + "\n"
+    command = shlex.join(["python", "experiments/merging/compare.py"] + list(sys.argv[1:] if argv is None else argv))
+    text = f"# {args.title}\n\nCommand: `{command}`\n\n" + comparison_table(labels, runs) + "\n"
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
