@@ -76,6 +76,12 @@ def test_smoke_benchmark_writes_table_and_finetuning_beats_probe(tmp_path):
     assert cos.shape == (len(names), len(names))
     np.testing.assert_allclose(np.diag(cos), 1.0, atol=1e-3)
     np.testing.assert_allclose(cos, cos.T, atol=1e-4)
+    tv = rows["_task_vectors"]
+    assert tv["ta_lambda"] == rows["Task arithmetic"]["hparams"]["lam"]
+    np.testing.assert_allclose(tv["ta_acc"], rows["Task arithmetic"]["acc"], atol=0.011)  # the same merge, re-made
+    assert all(0.0 <= d <= 1.0 for d in tv["disagreement"])
+    # disagreement bounds the accuracy gap between the task's own edit and the merge
+    assert all(abs(a - b) <= d + 1e-9 for a, b, d in zip(tv["own_edit_acc"], tv["ta_acc"], tv["disagreement"]))
     soup = rows["Greedy soup"]["hparams"]["ingredients"]
     assert soup and set(soup) <= set(names) and len(set(soup)) == len(soup), soup
     with open(config.out + ".md") as f:

@@ -85,9 +85,13 @@ def eval_set(x: np.ndarray, y: np.ndarray, batch: int) -> EvalSet:
     return EvalSet(jnp.asarray(xp.reshape((-1, batch) + x.shape[1:])), y)
 
 
+def predict_all(trunk, shared, head, data: EvalSet) -> np.ndarray:
+    """Predicted class of every (unpadded) example of ``data`` -> [N]."""
+    return np.concatenate([np.asarray(predictions(trunk, shared, head, xb)) for xb in data.x])[: len(data.y)]
+
+
 def accuracy(trunk, shared, head, data: EvalSet) -> float:
-    pred = np.concatenate([np.asarray(predictions(trunk, shared, head, xb)) for xb in data.x])[: len(data.y)]
-    return float(np.mean(pred == data.y))
+    return float(np.mean(predict_all(trunk, shared, head, data) == data.y))
 
 
 # ------------------------------------------------------------------------------------- training
@@ -633,7 +637,24 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
                 for name, (hp, acc) in rows.items()}
     reused = {name: done[name] for name in methods if name in wanted and name in done}
     return computed | reused | {"_timings": {k: round(v, 2) for k, v in timings.items()},
-                                "_task_vectors": task_vector_geometry(ctx)}
+                                "_task_vectors": task_vector_geometry(ctx) | function_interference(ctx, ta_lambda())}
+
+
+def function_interference(ctx: Context, lam: float) -> dict:
+    """Interference in function space at task arithmetic's validated ``lam``, per task t on its test split:
+    accuracy of the task's own edit ``theta_0 + lam tau_t`` and of the TA merge, and the fraction of test
+    examples whose predicted class differs between the two (the weight-disentanglement error of
+    Ortiz-Jimenez et al., NeurIPS 2023, with the 0-1 distance between predictions)."""
+    stacked = M.stacked_task_vectors(ctx.finetuned, ctx.pretrained)
+    merged = from_merge_space(M.task_arithmetic(ctx.pretrained, ctx.finetuned, lam), ctx.template)
+    own_acc, merged_acc, disagree = [], [], []
+    for t, (head, data) in enumerate(zip(ctx.heads, ctx.test)):
+        own = from_merge_space(M.apply_task_vector(ctx.pretrained, M.task_slice(stacked, t), lam), ctx.template)
+        pred_own, pred_merged = (predict_all(ctx.trunk, tree, head, data) for tree in (own, merged))
+        own_acc.append(float(np.mean(pred_own == data.y)))
+        merged_acc.append(float(np.mean(pred_merged == data.y)))
+        disagree.append(float(np.mean(pred_own != pred_merged)))
+    return {"ta_lambda": lam, "own_edit_acc": own_acc, "ta_acc": merged_acc, "disagreement": disagree}
 
 
 def task_vector_geometry(ctx: Context) -> dict:
@@ -722,9 +743,12 @@ def task_vector_report(results: dict, names: Sequence[str]) -> str:
         cos = np.array(results[s]["_task_vectors"]["cosine"])
         off = cos[~np.eye(len(cos), dtype=bool)]
         i, j = np.unravel_index(np.argmax(np.where(np.eye(len(cos), dtype=bool), -np.inf, cos)), cos.shape)
+        tv = results[s]["_task_vectors"]
         lines.append(f"- seed {s}: off-diagonal cosine mean {off.mean():.3f} (min {off.min():.3f}, max {off.max():.3f}: "
-                     f"{names[i]} / {names[j]}); ||tau_t|| / ||theta_0|| mean "
-                     f"{np.mean(results[s]['_task_vectors']['relative_norm']):.3f}")
+                     f"{names[i]} / {names[j]}); ||tau_t|| / ||theta_0|| mean {np.mean(tv['relative_norm']):.3f}"
+                     + (f"; at TA's lambda {tv['ta_lambda']}: own edit theta_0 + lambda tau_t "
+                        f"{100 * np.mean(tv['own_edit_acc']):.1f}%, TA merge {100 * np.mean(tv['ta_acc']):.1f}%, "
+                        f"predictions that differ {100 * np.mean(tv['disagreement']):.1f}%" if "disagreement" in tv else ""))
     cos = np.array(results[seeds[0]]["_task_vectors"]["cosine"])
     lines += ["", f"Cosine matrix, seed {seeds[0]}:", "", "| | " + " | ".join(names) + " |",
               "|---" * (len(names) + 1) + "|"]
