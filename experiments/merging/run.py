@@ -637,16 +637,22 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
                 for name, (hp, acc) in rows.items()}
     reused = {name: done[name] for name in methods if name in wanted and name in done}
     return computed | reused | {"_timings": {k: round(v, 2) for k, v in timings.items()},
-                                "_task_vectors": task_vector_geometry(ctx) | function_interference(ctx, ta_lambda())}
+                                "_task_vectors": task_vector_diagnostics(ctx, ta_lambda())}
 
 
-def function_interference(ctx: Context, lam: float) -> dict:
+def task_vector_diagnostics(ctx: Context, lam: float) -> dict:
+    """:func:`task_vector_geometry` and :func:`function_interference` from one stacked task-vector tree."""
+    stacked = M.stacked_task_vectors(ctx.finetuned, ctx.pretrained)
+    return task_vector_geometry(ctx, stacked) | function_interference(ctx, stacked, lam)
+
+
+def function_interference(ctx: Context, stacked, lam: float) -> dict:
     """Interference in function space at task arithmetic's validated ``lam``, per task t on its test split:
     accuracy of the task's own edit ``theta_0 + lam tau_t`` and of the TA merge, and the fraction of test
     examples whose predicted class differs between the two (the weight-disentanglement error of
-    Ortiz-Jimenez et al., NeurIPS 2023, with the 0-1 distance between predictions)."""
-    stacked = M.stacked_task_vectors(ctx.finetuned, ctx.pretrained)
-    merged = from_merge_space(M.task_arithmetic(ctx.pretrained, ctx.finetuned, lam), ctx.template)
+    Ortiz-Jimenez et al., NeurIPS 2023, with the 0-1 distance between predictions). ``stacked``: the
+    (T, ...) backbone task vectors."""
+    merged = from_merge_space(M.apply_task_vector(ctx.pretrained, M.task_arithmetic_vector(stacked, lam)), ctx.template)
     own_acc, merged_acc, disagree = [], [], []
     for t, (head, data) in enumerate(zip(ctx.heads, ctx.test)):
         own = from_merge_space(M.apply_task_vector(ctx.pretrained, M.task_slice(stacked, t), lam), ctx.template)
@@ -657,14 +663,13 @@ def function_interference(ctx: Context, lam: float) -> dict:
     return {"ta_lambda": lam, "own_edit_acc": own_acc, "ta_acc": merged_acc, "disagreement": disagree}
 
 
-def task_vector_geometry(ctx: Context) -> dict:
-    """Pairwise cosines of the backbone task vectors [T, T] and each one's norm relative to the
-    pretrained backbone's (the interference diagnostic of Ilharco et al. 2023)."""
-    stacked = M.stacked_task_vectors(ctx.finetuned, ctx.pretrained)
-    gram = np.asarray(M.task_vector_gram(stacked))
+def task_vector_geometry(ctx: Context, stacked) -> dict:
+    """Pairwise cosines of the backbone task vectors ``stacked`` (T, ...) [T, T] and each one's norm
+    relative to the pretrained backbone's (the interference diagnostic of Ilharco et al. 2023)."""
+    gram = M.task_vector_gram(stacked)
     base = float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree_util.tree_leaves(ctx.pretrained))))
-    return {"cosine": np.round(np.asarray(M.task_vector_cosines(stacked)), 4).tolist(),
-            "relative_norm": np.round(np.sqrt(np.diag(gram)) / base, 4).tolist()}
+    return {"cosine": np.round(np.asarray(M.gram_cosines(gram)), 4).tolist(),
+            "relative_norm": np.round(np.sqrt(np.diag(np.asarray(gram))) / base, 4).tolist()}
 
 
 # ---------------------------------------------------------------------------------------- report

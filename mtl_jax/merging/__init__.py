@@ -68,6 +68,7 @@ from mtl_jax.merging.svd_merging import (
 )
 from mtl_jax.merging.task_vectors import (
     apply_task_vector,
+    gram_cosines,
     stacked_task_vectors,
     task_vector,
     task_vector_cosines,

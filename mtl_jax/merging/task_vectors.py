@@ -99,12 +99,16 @@ def task_vector_gram(stacked: Params) -> jax.Array:
     return sum(leaf_gram(x) for x in jax.tree_util.tree_leaves(stacked))
 
 
+def gram_cosines(gram: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Cosines ``G[s, t] / (||tau_s|| ||tau_t||)`` from a [T, T] Gram matrix."""
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), eps))
+    return gram / (norms[:, None] * norms[None, :])
+
+
 def task_vector_cosines(stacked: Params, eps: float = 1e-12) -> jax.Array:
     """Pairwise cosine similarity of the task vectors, [T, T] (1 on the diagonal).
 
     The diagnostic Ilharco et al. 2023 use to show that task vectors of different tasks are close
     to orthogonal (which is why adding them interferes little); high cosines mean shared directions.
     """
-    gram = task_vector_gram(stacked)
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), eps))
-    return gram / (norms[:, None] * norms[None, :])
+    return gram_cosines(task_vector_gram(stacked), eps)
