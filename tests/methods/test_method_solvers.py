@@ -133,3 +133,63 @@ def test_vmapped_solves_stay_one_lapack_call_per_system():
                                jnp.linalg.solve(systems, rhs[..., None])[..., 0], rtol=1e-5, atol=1e-6)
     shared = jax.vmap(solvers.unbatched_solve, in_axes=(None, 0))(systems[0], rhs)  # unbatched matrix
     np.testing.assert_allclose(shared, jnp.linalg.solve(systems[0], rhs.T).T, rtol=1e-5, atol=1e-6)
+
+
+def _degenerate_gramians(num):
+    """Identical task gradients, and one task with a zero gradient (normalised, ridged)."""
+    rng = np.random.default_rng(num)
+    g = rng.normal(size=(1, 6))
+    jac_zero = rng.normal(size=(num, 6))
+    jac_zero[-1] = 0.0
+    return [normalized_gramian(jnp.asarray(j @ j.T, jnp.float32))[0] for j in (np.repeat(g, num, 0), jac_zero)]
+
+
+@pytest.mark.parametrize("num,dim", [(2, 5), (3, 2), (4, 3), (4, 9)])
+def test_small_k_exact_solves_match_the_iterative_solvers(num, dim, monkeypatch):
+    """For K <= EXACT_MAX_TASKS the min-norm and dual-cone problems enumerate every active set; the
+    result is feasible, finite and no worse than the projected-gradient path (forced by setting
+    EXACT_MAX_TASKS = 0), also on identical and zero task gradients."""
+    assert num <= solvers.EXACT_MAX_TASKS
+    gramians = [random_gramian(num, dim, seed=11 * num + dim)[0], *_degenerate_gramians(num)]
+    targets = jnp.asarray(np.concatenate([np.eye(num) / num, np.full((1, num), 1.0 / num)]), jnp.float32)
+
+    def solve_both():  # fresh lambdas: jit traces again after the monkeypatch
+        return (jax.jit(lambda g: solvers.min_norm_on_simplex(g))(gramian),
+                jax.jit(lambda g, u: solvers.project_to_dual_cone(g, u))(gramian, targets))
+
+    for gramian in gramians:
+        w_exact, v_exact = solve_both()
+        with monkeypatch.context() as patch:
+            patch.setattr(solvers, "EXACT_MAX_TASKS", 0)
+            w_iter, v_iter = solve_both()
+        # the exact path, not its fallback, gave w_exact / v_exact: some active set is feasible
+        _, feasible = jax.vmap(lambda s: solvers._min_norm_kkt(gramian, s))(solvers._subsets(num, nonempty=True))
+        assert bool(feasible.any())
+        for u in targets:
+            _, feasible = jax.vmap(lambda f: solvers._dual_cone_kkt(gramian, u, f))(solvers._subsets(num, nonempty=False))
+            assert bool(feasible.any())
+        g64 = np.asarray(gramian, np.float64)
+        w_exact, w_iter = np.asarray(w_exact, np.float64), np.asarray(w_iter, np.float64)
+        assert np.all(np.isfinite(w_exact)) and w_exact.min() >= 0 and abs(w_exact.sum() - 1) < 1e-5
+        assert w_exact @ g64 @ w_exact <= w_iter @ g64 @ w_iter + 1e-6
+        for u, ve, vi in zip(np.asarray(targets, np.float64), np.asarray(v_exact, np.float64),
+                             np.asarray(v_iter, np.float64)):
+            assert np.all(np.isfinite(ve)) and np.all(ve >= u - 1e-6)
+            assert ve @ g64 @ ve <= vi @ g64 @ vi * (1 + 1e-5) + 1e-9
+
+
+
+def test_small_solve_matches_lapack_and_flags_singular_systems():
+    """The unrolled pivoting elimination of the small-K paths against float64 LAPACK, on random
+    systems (including ones whose first pivot is zero) and vmapped; a singular system is non-finite."""
+    rng = np.random.default_rng(2)
+    for num in (1, 2, 3, 5):
+        a = rng.normal(size=(16, num, num)).astype(np.float32)
+        if num > 1:
+            a[:8, 0, 0] = 0.0  # row exchanges needed
+        b = rng.normal(size=(16, num)).astype(np.float32)
+        x = np.asarray(jax.jit(jax.vmap(solvers.small_solve))(jnp.asarray(a), jnp.asarray(b)))
+        reference = np.linalg.solve(a.astype(np.float64), b.astype(np.float64)[..., None])[..., 0]
+        residual = np.abs(np.einsum("bij,bj->bi", a.astype(np.float64), x) - b).max(axis=1)
+        assert np.all(residual <= 1e-4 * (1 + np.abs(a).max(axis=(1, 2)) * np.abs(reference).max(axis=1))), num
+    assert not np.all(np.isfinite(np.asarray(solvers.small_solve(jnp.ones((3, 3)), jnp.ones(3)))))

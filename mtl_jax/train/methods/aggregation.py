@@ -334,7 +334,7 @@ def make_upgrad(
     Projects each ``g_i / K`` onto the dual cone ``{x: J x >= 0}`` and sums:
     ``w = sum_i v_i`` with ``v_i = argmin_{v >= e_i / K} v^T G v`` (Prop. 1), G trace-normalised and
     ridged by ``reg_eps`` (TorchJD defaults). The result has a non-negative inner product with every
-    task gradient. Solver: ``solvers.project_to_dual_cone``, vmapped over i.
+    task gradient. Solver: ``solvers.project_to_dual_cone`` on the K targets at once.
     """
 
     def update(inputs: MethodInputs, state, key):
@@ -343,7 +343,7 @@ def make_upgrad(
         num = gramian.shape[0]
         gramian_jd = _jd_gramian(gramian, norm_eps, reg_eps)
         targets = jnp.eye(num, dtype=gramian.dtype) / num
-        v = jax.vmap(lambda u: solvers.project_to_dual_cone(gramian_jd, u, num_iters))(targets)
+        v = solvers.project_to_dual_cone(gramian_jd, targets, num_iters)
         return v.sum(axis=0), state
 
     return _gramian_method("upgrad", num_tasks, update)

@@ -1,16 +1,18 @@
 """Small K x K sub-problems of the gradient methods, solved on device with jnp / lax only.
 
-Every solver is jittable and vmappable, runs a fixed number of iterations (no host round trip,
-no data-dependent trip count), and is meant for Gramians already scaled to unit mean diagonal
+Every solver is jittable and vmappable, does a fixed amount of work (no host round trip, no
+data-dependent trip count: a ``lax.cond`` at most picks between an exact small-K solve and its
+iterative fallback), and is meant for Gramians already scaled to unit mean diagonal
 (``base.normalized_gramian``), so step sizes and tolerances are scale free.
 
 * ``project_to_simplex``: Euclidean projection onto the probability simplex (sort based).
 * ``minimize_on_simplex``: projected gradient with a best-of-grid step for any smooth convex
   objective on the simplex (CAGrad's dual, Eq. 5 of Liu et al. 2021).
 * ``min_norm_on_simplex``: ``min_{w in simplex} w^T G w`` (MGDA, Sener & Koltun 2018, Eq. 3),
-  projected gradient then an exact active-set KKT solve.
+  exact over every active set for K <= ``EXACT_MAX_TASKS``; else projected gradient then an exact
+  active-set KKT solve.
 * ``project_to_dual_cone``: ``min_v v^T G v s.t. v >= u`` (UPGrad / DualProj, Quinton & Rey 2024,
-  Prop. 1), projected gradient then an exact active-set KKT solve.
+  Prop. 1), the same two algorithms.
 * ``solve_power_bargaining``: ``G w = w^(-1/alpha), w > 0`` (Nash-MTL, Navon et al. 2022, Eq. 3 for
   alpha=1; FairGrad, Ban & Ji 2024, Eq. 7), damped Newton on a strictly convex potential.
 """
@@ -42,6 +44,23 @@ def unbatched_solve(a: jax.Array, b: jax.Array) -> jax.Array:
 def _unbatched_solve_vmap(axis_size: int, in_batched, a, b):
     a, b = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip((a, b), in_batched))
     return jax.lax.map(lambda ab: unbatched_solve(*ab), (a, b)), True
+
+
+def small_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``x`` with ``a x = b`` for one small [n, n] system (n <= ``EXACT_MAX_TASKS`` + 1 here):
+    Gauss-Jordan elimination with partial pivoting, unrolled over n, in plain jnp ops, so a vmap
+    over many systems stays one fused batch (no per-system LAPACK call). A singular system gives
+    non-finite entries, which the callers' feasibility checks reject."""
+    num = a.shape[-1]
+    rows = jnp.arange(num)
+    m = jnp.concatenate([a, b[:, None]], axis=1)
+    for k in range(num):
+        pivot_row = jnp.argmax(jnp.where(rows >= k, jnp.abs(m[:, k]), -1.0))
+        row_k, row_p = m[k], jnp.take(m, pivot_row, axis=0)
+        m = jnp.where((rows == k)[:, None], row_p[None], jnp.where((rows == pivot_row)[:, None], row_k[None], m))
+        m = m.at[k].set(m[k] / m[k, k])
+        m = m - jnp.where(rows == k, 0.0, m[:, k])[:, None] * m[k][None, :]
+    return m[:, num]
 
 
 def project_to_simplex(v: jax.Array) -> jax.Array:
@@ -110,13 +129,56 @@ def _polish(candidate: jax.Array, fallback: jax.Array, objective: Callable, feas
     return jnp.where(ok, safe, fallback)
 
 
+# Up to this many tasks the quadratic sub-problems enumerate every active set (2^K - 1 exact KKT
+# solves, one batch) instead of iterating: at K = 2 one projected-gradient solve (100 iterations of a
+# 24-step grid) took ~0.5 ms of a ~9 ms MGDA step on a 2-core CPU.
+EXACT_MAX_TASKS = 4
+
+
+def _subsets(num: int, nonempty: bool) -> jax.Array:
+    """[2^K (- 1), K] bool: every subset of K indices (the empty one too unless ``nonempty``)."""
+    codes = np.arange(1 if nonempty else 0, 2**num)
+    return jnp.asarray((codes[:, None] >> np.arange(num)) & 1, bool)
+
+
+def _best_feasible(candidates: jax.Array, feasible: jax.Array, objective: Callable) -> tuple[jax.Array, jax.Array]:
+    """The feasible candidate [..., C, K] with the lowest objective and whether there is one (per batch)."""
+    values = jax.vmap(objective)(candidates.reshape(-1, candidates.shape[-1])).reshape(feasible.shape)
+    values = jnp.where(feasible & jnp.all(jnp.isfinite(candidates), axis=-1) & jnp.isfinite(values), values, jnp.inf)
+    best = jnp.argmin(values, axis=-1)
+    pick = jnp.take_along_axis(candidates, best[..., None, None], axis=-2)[..., 0, :]
+    return pick, jnp.isfinite(jnp.take_along_axis(values, best[..., None], axis=-1)[..., 0])
+
+
+def _min_norm_kkt(gramian: jax.Array, support: jax.Array, solve: Callable = unbatched_solve) -> tuple[jax.Array, jax.Array]:
+    """The KKT point of ``min_{w in simplex} w^T G w`` on ``support`` [K] bool and its feasibility:
+    ``(G w)_i = nu`` on the support, ``w_i = 0`` off it, ``sum w = 1``; feasible when ``w >= -1e-7``
+    and ``(G w)_i >= nu - 1e-6`` off the support."""
+    num = gramian.shape[0]
+    eye = jnp.eye(num, dtype=gramian.dtype)
+    top = jnp.where(support[:, None], gramian, eye)
+    top = jnp.concatenate([top, jnp.where(support, -1.0, 0.0)[:, None]], axis=1)
+    bottom = jnp.concatenate([jnp.ones((1, num), gramian.dtype), jnp.zeros((1, 1), gramian.dtype)], 1)
+    system = jnp.concatenate([top, bottom], axis=0)
+    rhs = jnp.concatenate([jnp.zeros((num,), gramian.dtype), jnp.ones((1,), gramian.dtype)])
+    solution = solve(system, rhs)
+    w_kkt, nu = solution[:num], solution[num]
+    w_kkt = jnp.where(support, w_kkt, 0.0)
+    grad = gramian @ w_kkt
+    feasible = jnp.all(w_kkt >= -1e-7) & jnp.all(jnp.where(support, True, grad >= nu - 1e-6))
+    w_kkt = jnp.maximum(w_kkt, 0.0)
+    return w_kkt / jnp.maximum(w_kkt.sum(), 1e-12), feasible
+
+
 def min_norm_on_simplex(gramian: jax.Array, num_iters: int = 100, active_tol: float = 1e-6) -> jax.Array:
     """Min-norm point of the convex hull of the task gradients: ``argmin_{w in simplex} w^T G w``.
 
-    Algorithm: ``num_iters`` projected-gradient iterations (best-of-grid step), then one exact
-    solve of the KKT system on the guessed support ``{i: w_i > active_tol}``:
-    ``(G w)_i = nu`` on the support, ``w_i = 0`` off it, ``sum w = 1``. The exact point is kept when
-    it is feasible (``w >= -1e-7``, ``(G w)_i >= nu - 1e-6`` off the support) and no worse.
+    Algorithm: for K <= ``EXACT_MAX_TASKS``, the KKT system on every support (``(G w)_i = nu`` on
+    it, ``w_i = 0`` off it, ``sum w = 1``), keeping the feasible point (``w >= -1e-7``,
+    ``(G w)_i >= nu - 1e-6`` off the support) of lowest objective: exact, the convex problem's KKT
+    points are its minima. Otherwise (or if no support is feasible in float32) ``num_iters``
+    projected-gradient iterations (best-of-grid step), then the KKT solve on the guessed support
+    ``{i: w_i > active_tol}``, kept when it is feasible and no worse.
 
     Args:
       gramian: [K, K] symmetric positive (semi)definite, ideally unit mean diagonal and ridged.
@@ -128,23 +190,32 @@ def min_norm_on_simplex(gramian: jax.Array, num_iters: int = 100, active_tol: fl
     """
     num = gramian.shape[0]
     objective = lambda w: w @ gramian @ w
-    w_pg = minimize_on_simplex(objective, num, num_iters)
-    support = w_pg > active_tol
-    # Unknowns (w, nu): rows i in support: G_i w - nu = 0; rows off support: w_i = 0; sum w = 1.
-    eye = jnp.eye(num, dtype=gramian.dtype)
-    top = jnp.where(support[:, None], gramian, eye)
-    top = jnp.concatenate([top, jnp.where(support, -1.0, 0.0)[:, None]], axis=1)
-    bottom = jnp.concatenate([jnp.ones((1, num), gramian.dtype), jnp.zeros((1, 1), gramian.dtype)], 1)
-    system = jnp.concatenate([top, bottom], axis=0)
-    rhs = jnp.concatenate([jnp.zeros((num,), gramian.dtype), jnp.ones((1,), gramian.dtype)])
-    solution = unbatched_solve(system, rhs)
-    w_kkt, nu = solution[:num], solution[num]
-    w_kkt = jnp.where(support, w_kkt, 0.0)
-    grad = gramian @ w_kkt
-    feasible = jnp.all(w_kkt >= -1e-7) & jnp.all(jnp.where(support, True, grad >= nu - 1e-6))
-    w_kkt = jnp.maximum(w_kkt, 0.0)
-    w_kkt = w_kkt / jnp.maximum(w_kkt.sum(), 1e-12)
-    return _polish(w_kkt, w_pg, objective, feasible)
+
+    def iterative():
+        w_pg = minimize_on_simplex(objective, num, num_iters)
+        w_kkt, feasible = _min_norm_kkt(gramian, w_pg > active_tol)
+        return _polish(w_kkt, w_pg, objective, feasible)
+
+    if num > EXACT_MAX_TASKS:
+        return iterative()
+    candidates, feasible = jax.vmap(lambda s: _min_norm_kkt(gramian, s, small_solve))(_subsets(num, nonempty=True))
+    exact, found = _best_feasible(candidates, feasible, objective)
+    return jax.lax.cond(found, lambda: exact, iterative)
+
+
+def _dual_cone_kkt(gramian: jax.Array, u: jax.Array, free: jax.Array,
+                   solve: Callable = unbatched_solve) -> tuple[jax.Array, jax.Array]:
+    """The KKT point of ``min_{v >= u} v^T G v`` with ``free`` [K] bool the inactive bounds and its
+    feasibility: ``(G v)_i = 0`` on the free set, ``v_i = u_i`` elsewhere; feasible when ``v >= u``
+    and the multipliers ``(G v)_i >= 0`` on the active set (relative tolerance 1e-6)."""
+    eye = jnp.eye(gramian.shape[0], dtype=gramian.dtype)
+    v_kkt = solve(jnp.where(free[:, None], gramian, eye), jnp.where(free, 0.0, u))
+    multipliers = gramian @ v_kkt
+    scale = jnp.maximum(jnp.max(jnp.abs(multipliers)), 1e-12)
+    feasible = jnp.all(v_kkt >= u - 1e-6 * jnp.maximum(jnp.abs(u), 1e-3)) & jnp.all(
+        jnp.where(free, True, multipliers >= -1e-6 * scale)
+    )
+    return jnp.maximum(v_kkt, u), feasible
 
 
 def project_to_dual_cone(gramian: jax.Array, u: jax.Array, num_iters: int = 100, active_tol: float = 1e-7) -> jax.Array:
@@ -152,34 +223,37 @@ def project_to_dual_cone(gramian: jax.Array, u: jax.Array, num_iters: int = 100,
 
     By Prop. 1 of Quinton & Rey (2024, "Jacobian Descent for Multi-Objective Optimization") the
     projection is ``J^T v`` with ``v = argmin_{v >= u} v^T G v`` (a box-constrained QP, the dual of
-    GEM's Eq. 11). Algorithm: ``num_iters`` projected-gradient iterations from ``v = u``
-    (projection ``max(v, u)``, best-of-grid step), then one exact solve of the KKT system on the
-    guessed free set ``{i: v_i > u_i + active_tol}``: ``(G v)_i = 0`` there, ``v_i = u_i`` elsewhere.
-    The exact point is kept when ``v >= u`` and the multipliers ``(G v)_i >= 0`` on the active set
-    (tolerance 1e-6) and it is no worse.
+    GEM's Eq. 11). Algorithm: for K <= ``EXACT_MAX_TASKS``, the KKT system on every free set
+    (``(G v)_i = 0`` there, ``v_i = u_i`` elsewhere), keeping the feasible point (``v >= u``,
+    multipliers ``(G v)_i >= 0`` on the active set, tolerance 1e-6) of lowest objective. Otherwise
+    (or if no free set is feasible in float32) ``num_iters`` projected-gradient iterations from
+    ``v = u`` (projection ``max(v, u)``, best-of-grid step), then the KKT solve on the guessed free
+    set ``{i: v_i > u_i + active_tol}``, kept when feasible and no worse.
 
     Args:
       gramian: [K, K] symmetric positive definite (ridged), ideally trace-normalised.
-      u: [K] weights of the vector to project.
+      u: [K] weights of the vector to project, or [M, K] for M projections (UPGrad's K), solved
+        together (one fallback decision for the batch).
 
     Returns:
-      v: [K] with ``v >= u``; the projection is ``J^T v``.
+      v: like ``u``, with ``v >= u``; the projection is ``J^T v``.
     """
     num = gramian.shape[0]
     objective = lambda v: v @ gramian @ v
-    v_pg = _projected_gradient(objective, lambda v: jnp.maximum(v, u), u, num_iters)
-    free = v_pg > u + active_tol
-    eye = jnp.eye(num, dtype=gramian.dtype)
-    system = jnp.where(free[:, None], gramian, eye)
-    rhs = jnp.where(free, 0.0, u)
-    v_kkt = unbatched_solve(system, rhs)
-    multipliers = gramian @ v_kkt
-    scale = jnp.maximum(jnp.max(jnp.abs(multipliers)), 1e-12)
-    feasible = jnp.all(v_kkt >= u - 1e-6 * jnp.maximum(jnp.abs(u), 1e-3)) & jnp.all(
-        jnp.where(free, True, multipliers >= -1e-6 * scale)
-    )
-    v_kkt = jnp.maximum(v_kkt, u)
-    return _polish(v_kkt, v_pg, objective, feasible)
+
+    def iterative_one(target):
+        v_pg = _projected_gradient(objective, lambda v: jnp.maximum(v, target), target, num_iters)
+        v_kkt, feasible = _dual_cone_kkt(gramian, target, v_pg > target + active_tol)
+        return _polish(v_kkt, v_pg, objective, feasible)
+
+    iterative = lambda: iterative_one(u) if u.ndim == 1 else jax.vmap(iterative_one)(u)
+    if num > EXACT_MAX_TASKS:
+        return iterative()
+    free_sets = _subsets(num, nonempty=False)
+    kkt = jax.vmap(lambda target: jax.vmap(lambda f: _dual_cone_kkt(gramian, target, f, small_solve))(free_sets))
+    candidates, feasible = kkt(u.reshape(-1, num))
+    exact, found = _best_feasible(candidates, feasible, objective)
+    return jax.lax.cond(jnp.all(found), lambda: exact.reshape(u.shape), iterative)
 
 
 def solve_power_bargaining(gramian: jax.Array, alpha: float = 1.0, num_iters: int = 30) -> jax.Array:
@@ -209,6 +283,7 @@ def solve_power_bargaining(gramian: jax.Array, alpha: float = 1.0, num_iters: in
     """
     num = gramian.shape[0]
     inv_alpha = 1.0 / alpha
+    solve = small_solve if num <= EXACT_MAX_TASKS else unbatched_solve  # no LAPACK call per iteration
 
     if alpha == 1.0:
         barrier = lambda w: -jnp.sum(jnp.log(w))
@@ -225,7 +300,7 @@ def solve_power_bargaining(gramian: jax.Array, alpha: float = 1.0, num_iters: in
     def body(_, w):
         grad = gramian @ w - w ** (-inv_alpha)
         hessian = gramian + jnp.diag(inv_alpha * w ** (-inv_alpha - 1.0))
-        step = -unbatched_solve(hessian, grad)
+        step = -solve(hessian, grad)
         step = jnp.where(jnp.isfinite(step), step, 0.0)
         shrink = jnp.where(step < 0, -0.99 * w / jnp.where(step < 0, step, -1.0), jnp.inf)
         t_max = jnp.minimum(1.0, jnp.min(shrink))
