@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.counter_random import GOLDEN32, key_seed, mix32
 from mtl_jax.merging.arithmetic import task_arithmetic_vector
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
 from mtl_jax.merging.threshold import topk_trim
@@ -75,28 +76,13 @@ def ties_merging(
 # ------------------------------------------------------------------------------------------ DARE
 
 
-_GOLDEN32 = 0x9E3779B9  # 2**32 / golden ratio, odd: the Weyl increment of SplitMix-style streams
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser ``fmix32`` (a bijection of uint32 with full avalanche)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
 def dare_streams(key: jax.Array, index: int | jax.Array, num_tasks: int) -> tuple[jax.Array, jax.Array]:
     """Per-task stream constants of leaf ``index`` for :func:`dare_keep`: (offset, odd increment),
     each uint32 (T,), hashed from the key's words, the leaf index and the task."""
-    words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-    seed = jnp.uint32(0)
-    for i in range(words.shape[0]):
-        seed = _mix32(seed ^ words[i])
-    leaf = _mix32(seed + (jnp.asarray(index).astype(jnp.uint32) + jnp.uint32(1)) * jnp.uint32(_GOLDEN32))
-    offset = _mix32(leaf ^ _mix32(jnp.arange(num_tasks, dtype=jnp.uint32) + jnp.uint32(_GOLDEN32)))
-    return offset, _mix32(offset ^ jnp.uint32(0x5BD1E995)) | jnp.uint32(1)
+    seed = key_seed(key)
+    leaf = mix32(seed + (jnp.asarray(index).astype(jnp.uint32) + jnp.uint32(1)) * jnp.uint32(GOLDEN32))
+    offset = mix32(leaf ^ mix32(jnp.arange(num_tasks, dtype=jnp.uint32) + jnp.uint32(GOLDEN32)))
+    return offset, mix32(offset ^ jnp.uint32(0x5BD1E995)) | jnp.uint32(1)
 
 
 def drop_threshold(p: float) -> int:
@@ -119,7 +105,7 @@ def dare_keep(key: jax.Array, index: int | jax.Array, num_tasks: int, counters: 
     leaf must have < 2**32 entries.
     """
     offset, inc = dare_streams(key, index, num_tasks)
-    u = _mix32(counters[None, :] * inc[:, None] + offset[:, None])
+    u = mix32(counters[None, :] * inc[:, None] + offset[:, None])
     return u >= jnp.uint32(drop_threshold(p))
 
 

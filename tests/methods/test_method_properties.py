@@ -327,6 +327,16 @@ def test_graddrop_keeps_agreeing_signs_and_drops_one_side():
     assert d[2] in (3.0, -3.0)  # pure conflict: one sign survives
 
 
+def test_graddrop_keeps_the_positive_side_with_probability_of_its_sign_purity():
+    """Eqs. 1-3 of Chen et al. 2020: with g = (1, -1/3) at a coordinate, P = (1 + (2/3) / (4/3)) / 2
+    = 3/4, so the positive gradient survives (d = 1) with probability 3/4 and the negative one
+    (d = -1/3) otherwise, independently per coordinate."""
+    jac = np.tile(np.array([[1.0], [-1.0 / 3.0]]), (1, 20000))
+    d = np.asarray(call(build("graddrop"), jac=jac)[0])
+    assert np.all(np.isclose(d, 1.0) | np.isclose(d, -1.0 / 3.0))
+    assert abs(np.mean(np.isclose(d, 1.0)) - 0.75) < 0.015  # 5 standard errors
+
+
 def test_moco_tracks_normalised_gradients():
     jac = np.array([[3.0, 0.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0, 0.0]])
     method = build("moco")

@@ -10,9 +10,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.counter_random import counter_uniform
 from mtl_jax.train.methods.base import Method, MethodInputs, check_num_tasks, require
 
 _EPS = 1e-8
+
+
+def _task_sum(rows: jax.Array) -> jax.Array:
+    """``rows [K, P]`` summed over K as K - 1 adds, which XLA fuses into one pass. On XLA:CPU (2
+    cores, P = 670k) ``rows.sum(0)`` took ~50x as long and ``ones @ rows`` ~3x (K = 2, 10)."""
+    total = rows[0]
+    for row in range(1, rows.shape[0]):
+        total = total + rows[row]
+    return total
 
 
 def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
@@ -20,7 +30,8 @@ def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
 
     Per coordinate p: positive-sign purity ``P = (1 + sum_k g_kp / sum_k |g_kp|) / 2``, ``U ~ U(0, 1)``;
     task k keeps ``g_kp`` if ``(P > U and g_kp > 0)`` or ``(P < U and g_kp < 0)``, else it is scaled
-    by ``leak``; ``d = sum_k g_k * (leak + (1 - leak) mask_k)``. The paper applies it to gradients
+    by ``leak``; ``d = sum_k g_k * (leak + (1 - leak) mask_k)``. ``U`` comes from
+    ``counter_random.counter_uniform`` (a hash of the step key and the coordinate). The paper applies it to gradients
     at a shared activation (sign-corrected by the input, summed over the batch); here it applies to
     whatever rows the trainer passes as ``jacobian`` (shared-parameter gradients by default).
     """
@@ -32,13 +43,11 @@ def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
 
     def update(inputs: MethodInputs, state, key):
         jacobian = require(inputs, "jacobian", "graddrop")
-        # Sums over tasks as ones @ x: XLA's CPU reduction over a short leading axis is ~70x slower.
-        ones = jnp.ones((jacobian.shape[0],), jacobian.dtype)
-        purity = 0.5 * (1.0 + (ones @ jacobian) / (ones @ jnp.abs(jacobian) + 1e-7))
-        uniform = jax.random.uniform(key, purity.shape, purity.dtype)
+        purity = 0.5 * (1.0 + _task_sum(jacobian) / (_task_sum(jnp.abs(jacobian)) + 1e-7))
+        uniform = counter_uniform(key, purity.shape, purity.dtype)  # threefry cost more than the step's VJPs
         keep = ((purity > uniform)[None] & (jacobian > 0)) | ((purity < uniform)[None] & (jacobian < 0))
         mask = leak + (1.0 - leak) * keep.astype(jacobian.dtype)
-        return ones @ (jacobian * mask), state
+        return _task_sum(jacobian * mask), state
 
     return Method("graddrop", init, update, "jacobian", False)
 
