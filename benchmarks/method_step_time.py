@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -352,6 +353,37 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
             "steps_per_round": {f"{k}:{n}": s for (k, n), s in steps.items()}}
 
 
+def free_executables() -> None:
+    """Drop compiled executables: each holds code mappings (~2.5k for one K = 40 step here), and one
+    process compiling every method at K = 2, 10 and 40 crossed the kernel's 65530-mapping limit
+    (LLVM "Cannot allocate memory" during K = 40's compiles)."""
+    jax.clear_caches()
+    gc.collect()
+
+
+def bench_k_in_groups(num_tasks, num_rounds, methods, args, peer):
+    """``bench_k`` on at most ``args.group_size`` methods at a time (each group with its own EW,
+    floor and peers, timed interleaved, then freed), merged into one result; rows keep their own
+    group's ratios. ``group_size <= 0``: one group."""
+    others = [m for m in methods if m != "ew"]
+    size = args.group_size if args.group_size > 0 else len(others)
+    if len(others) <= size:
+        return bench_k(num_tasks, num_rounds, methods, args, peer)
+    merged = None
+    for start in range(0, len(others), size):
+        part = bench_k(num_tasks, num_rounds, ["ew"] + others[start:start + size], args, peer)
+        free_executables()
+        group = {"methods": others[start:start + size], "ew_ms": part["ew_ms"], "floor_ms": part["floor_ms"]}
+        if merged is None:
+            merged = {**part, "groups": [group]}
+            continue
+        merged["rows"] += [r for r in part["rows"] if r["method"] != "ew"]
+        merged["pieces"] = {**merged["pieces"], **part["pieces"]}
+        merged["ms"] = {**part["ms"], **merged["ms"]}
+        merged["groups"].append(group)
+    return merged
+
+
 def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
@@ -362,6 +394,10 @@ def print_tables(results) -> None:
         print(f"\n### K = {k} tasks (median ms per step; EW {res['ew_ms']:.2f} ms, floor {res['floor_ms']:.2f} ms"
               f", floor with each head differentiated once {res['floor_heads_once_ms']:.2f} ms"
               f"; torch sum {fmt(ms.get('torch:torch_sum'))} ms, TorchJD Mean {fmt(ms.get('torch:jd_mean'))} ms)\n")
+        if res.get("groups"):
+            print(f"Timed in {len(res['groups'])} groups, each row against its own group's EW / floor: EW "
+                  + ", ".join(f"{g['ew_ms']:.2f}" for g in res["groups"]) + " ms; floor "
+                  + ", ".join(f"{g['floor_ms']:.2f}" for g in res["groups"]) + " ms.\n")
         for needs in ("gramian", "jacobian"):
             if f"jax:trivial_{needs}" in ms:
                 t = ms[f"jax:trivial_{needs}"]
@@ -398,6 +434,9 @@ def main():
     parser.add_argument("--no-pieces", dest="pieces", action="store_false", help="skip the update-alone timings")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads (match JAX's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="time at most this many methods per group, each group against its own EW and floor "
+                             "(0: all at once; K = 40 with every method needs ~10 to stay under 65530 mappings)")
     parser.add_argument("--json-out", default="", help="also write the JSON here")
     parser.add_argument("--vjp-jvp", default="upgrad,mgda",
                         help=f"Gramian methods also timed with jacobian.gramian_mode='vjp_jvp' (as '<name>{VARIANT}')")
@@ -428,9 +467,10 @@ def main():
     try:
         results = []
         for k, r in zip(tasks, rounds):  # each K's table goes to stderr as soon as it is done
-            results.append(bench_k(k, r, methods, args, peer))
+            results.append(bench_k_in_groups(k, r, methods, args, peer))
             with contextlib.redirect_stdout(sys.stderr):
                 print_tables(results[-1:])
+            free_executables()
     finally:
         if peer is not None:
             peer.close()

@@ -109,10 +109,9 @@ def minimize_on_simplex(
 ) -> jax.Array:
     """``argmin_{w in simplex} objective(w)`` for a convex, differentiable ``objective``.
 
-    Algorithm: two tasks, a nested grid search over the segment (``_minimize_on_segment``; ``w0``
-    unused); more,
-    projected gradient descent from the uniform point (or ``w0``), ``num_iters``
-    iterations, best-of-grid step over 24 step sizes per iteration (monotone). No tolerance: the
+    Algorithm: for two tasks, a nested grid search over the segment (``_minimize_on_segment``;
+    ``w0`` unused); for more, projected gradient descent from the uniform point (or ``w0``),
+    ``num_iters`` iterations, best-of-grid step over 24 step sizes per iteration (monotone). No tolerance: the
     iteration count is fixed; on CAGrad's dual with K <= 40 and a unit-diagonal Gramian, 200
     iterations match SLSQP to ~1e-5 in objective (tests/methods/test_method_solvers.py).
     """
@@ -125,8 +124,9 @@ def minimize_on_simplex(
 def _minimize_on_segment(objective: Callable[[jax.Array], jax.Array], points: int = 65, levels: int = 4) -> jax.Array:
     """``argmin`` of a convex ``objective`` over the two-task simplex ``w = (t, 1 - t)``, t in [0, 1]:
     a grid of ``points`` values of t, then ``levels - 1`` finer grids over the bracket around the
-    best one (convexity keeps the minimiser inside it); t to within ``(2 / (points - 1))^levels / 2``
-    (2.4e-7 by default), four vmapped batches instead of an iteration loop."""
+    best one (convexity keeps the minimiser inside it); t to within half the last grid step,
+    ``(2 / (points - 1))^(levels - 1) / (2 (points - 1))`` (2.4e-7 by default), in four vmapped
+    batches instead of an iteration loop."""
     fraction = jnp.linspace(0.0, 1.0, points, dtype=jnp.float32)
     low, high = jnp.float32(0.0), jnp.float32(1.0)
     best = jnp.float32(0.5)
