@@ -369,19 +369,18 @@ def bench_k_in_groups(num_tasks, num_rounds, methods, args, peer):
     size = args.group_size if args.group_size > 0 else len(others)
     if len(others) <= size:
         return bench_k(num_tasks, num_rounds, methods, args, peer)
-    merged = None
-    for start in range(0, len(others), size):
-        part = bench_k(num_tasks, num_rounds, ["ew"] + others[start:start + size], args, peer)
+    chunks = [others[start:start + size] for start in range(0, len(others), size)]
+    parts = []
+    for chunk in chunks:
+        parts.append(bench_k(num_tasks, num_rounds, ["ew"] + chunk, args, peer))
         free_executables()
-        group = {"methods": others[start:start + size], "ew_ms": part["ew_ms"], "floor_ms": part["floor_ms"]}
-        if merged is None:
-            merged = {**part, "groups": [group]}
-            continue
-        merged["rows"] += [r for r in part["rows"] if r["method"] != "ew"]
-        merged["pieces"] = {**merged["pieces"], **part["pieces"]}
-        merged["ms"] = {**part["ms"], **merged["ms"]}
-        merged["groups"].append(group)
-    return merged
+    first = parts[0]
+    return {**first,
+            "rows": first["rows"] + [r for part in parts[1:] for r in part["rows"] if r["method"] != "ew"],
+            "pieces": {k: v for part in parts for k, v in part["pieces"].items()},
+            "ms": {k: v for part in reversed(parts) for k, v in part["ms"].items()},  # the first group's EW / peers
+            "groups": [{"methods": chunk, "ew_ms": part["ew_ms"], "floor_ms": part["floor_ms"]}
+                       for chunk, part in zip(chunks, parts)]}
 
 
 def fmt(v, spec=".2f"):

@@ -9,6 +9,8 @@ guarantee.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -33,14 +35,19 @@ def key_seed(key: jax.Array) -> jax.Array:
     return seed
 
 
+def stream_increment(offset: jax.Array) -> jax.Array:
+    """The odd uint32 increment of the stream that starts at ``offset`` (hashed from it)."""
+    return mix32(offset ^ jnp.uint32(0x5BD1E995)) | jnp.uint32(1)
+
+
+def counter_words(counters: jax.Array, offset: jax.Array, increment: jax.Array) -> jax.Array:
+    """Uniform uint32 words ``fmix32(counter * increment + offset)`` (broadcasting)."""
+    return mix32(counters * increment + offset)
+
+
 def counter_uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """``U[0, 1)`` of ``shape`` (< 2**32 entries), 24 random bits each: entry i is
-    ``fmix32(i * g + o) >> 8`` scaled by 2**-24, with an offset o and odd increment g hashed from ``key``."""
-    seed = key_seed(key)
-    offset = mix32(seed ^ jnp.uint32(GOLDEN32))
-    increment = mix32(offset ^ jnp.uint32(0x5BD1E995)) | jnp.uint32(1)
-    size = 1
-    for n in shape:
-        size *= n
-    words = mix32(jnp.arange(size, dtype=jnp.uint32) * increment + offset)
+    ``counter_words(i) >> 8`` scaled by 2**-24, the stream's offset hashed from ``key``."""
+    offset = mix32(key_seed(key) ^ jnp.uint32(GOLDEN32))
+    words = counter_words(jnp.arange(math.prod(shape), dtype=jnp.uint32), offset, stream_increment(offset))
     return ((words >> 8).astype(jnp.float32) * (1.0 / (1 << 24))).astype(dtype).reshape(shape)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.counter_random import GOLDEN32, key_seed, mix32
+from mtl_jax.counter_random import GOLDEN32, counter_words, key_seed, mix32, stream_increment
 from mtl_jax.merging.arithmetic import task_arithmetic_vector
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
 from mtl_jax.merging.threshold import topk_trim
@@ -82,7 +82,7 @@ def dare_streams(key: jax.Array, index: int | jax.Array, num_tasks: int) -> tupl
     seed = key_seed(key)
     leaf = mix32(seed + (jnp.asarray(index).astype(jnp.uint32) + jnp.uint32(1)) * jnp.uint32(GOLDEN32))
     offset = mix32(leaf ^ mix32(jnp.arange(num_tasks, dtype=jnp.uint32) + jnp.uint32(GOLDEN32)))
-    return offset, mix32(offset ^ jnp.uint32(0x5BD1E995)) | jnp.uint32(1)
+    return offset, stream_increment(offset)
 
 
 def drop_threshold(p: float) -> int:
@@ -105,7 +105,7 @@ def dare_keep(key: jax.Array, index: int | jax.Array, num_tasks: int, counters: 
     leaf must have < 2**32 entries.
     """
     offset, inc = dare_streams(key, index, num_tasks)
-    u = mix32(counters[None, :] * inc[:, None] + offset[:, None])
+    u = counter_words(counters[None, :], offset[:, None], inc[:, None])
     return u >= jnp.uint32(drop_threshold(p))
 
 
