@@ -15,7 +15,9 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
   ``<method>@materialize`` (``--materialize``, default upgrad and mgda): J by one vmapped VJP, then
   ``J J^T``; ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column
   by column as ``J (J^T e_l)``, then one weighted VJP; ``<method>@<key>=<value>`` (``--variants``,
-  e.g. ``famo@extra_forward=False``): the method with ``config.method.<key>=<value>``;
+  e.g. ``famo@extra_forward=False``): the method with ``config.method.<key>=<value>``, or with
+  ``config.<key>=<value>`` when the key is dotted (``gradnorm@jacobian.level=representation``:
+  GradNorm's norms of ``dL_k/dz``, LibMTL's ``rep_grad``);
 * ``floor``: one forward + K vmapped VJPs, ``jax.vmap(vjp_fn)(eye(K))`` over the same model, jitted
   (the issue's floor for per-task-gradient methods; no Gramian, no optimiser); each cotangent e_k
   goes back through all K heads, K^2 head backward passes;
@@ -104,9 +106,15 @@ VARIANT = "@vjp_jvp"  # '<method>@vjp_jvp': the method with config.jacobian.gram
 
 
 def make_config(method: str):
-    """'<name>', '<name>@<gramian_mode>' or '<name>@<method key>=<value>' -> the benchmark's config."""
+    """'<name>', '<name>@<gramian_mode>', '<name>@<method key>=<value>' or '<name>@<config.key>=<value>'
+    -> the benchmark's config."""
     name, _, variant = method.partition("@")
-    extra = [] if not variant else [f"method.{variant}" if "=" in variant else f"jacobian.gramian_mode={variant}"]
+    if not variant:
+        extra = []
+    elif "=" not in variant:
+        extra = [f"jacobian.gramian_mode={variant}"]
+    else:
+        extra = [variant if "." in variant.partition("=")[0] else f"method.{variant}"]
     return load_config(os.path.join(ROOT, "configs", "digits_mlp.py"), [
         "model.trunk_kwargs.features=(512, 512)", "model.head=linear", f"batch_size={BATCH_SIZE}",
         "mesh.data=1", "mesh.model=1", "optim.name=adam", "progress_bar=False", "num_steps=1000000",
@@ -441,8 +449,9 @@ def main():
                         help=f"Gramian methods also timed with jacobian.gramian_mode='vjp_jvp' (as '<name>{VARIANT}')")
     parser.add_argument("--materialize", default="upgrad,mgda",
                         help="Gramian methods also timed with jacobian.gramian_mode='materialize' (as '<name>@materialize')")
-    parser.add_argument("--variants", default="famo@extra_forward=False",
-                        help="extra rows '<method>@<key>=<value>': the method with config.method.<key>=<value>")
+    parser.add_argument("--variants", default="famo@extra_forward=False,gradnorm@jacobian.level=representation",
+                        help="extra rows '<method>@<key>=<value>': the method with config.method.<key>=<value> "
+                             "(config.<key>=<value> for a dotted key)")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     methods += [m for m in args.variants.split(",") if m]

@@ -51,7 +51,8 @@ def default_config() -> ConfigDict:
     # 'fmtl_a' (A(g~)); rho; adaptive = ASAM's T = |w| + eta.
     c.sharpness = ConfigDict(dict(kind="", rho=0.05, adaptive=False, eta=0.01))
     # Per-task gradients for Gramian/Jacobian methods: w.r.t. the shared 'params' or the shared
-    # 'representation' (MGDA-UB / LibMTL's rep_grad); chunk = tasks per vmapped VJP (0 = all at once);
+    # 'representation' (MGDA-UB / LibMTL's rep_grad; GradNorm then reads ||dL_k/dz||); chunk = tasks per
+    # vmapped VJP at the parameter level (0 = all at once);
     # gramian_mode, for the methods that need only G: 'layerwise' (G summed per Dense layer from its
     # inputs and per-task output cotangents, <D_k, X X^T D_l>, explicit rows for the other leaves:
     # train/layerwise.py), 'materialize' (J by a vmapped VJP, then J J^T) or 'vjp_jvp' (G's columns

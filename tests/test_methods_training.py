@@ -91,20 +91,58 @@ def test_representation_level_mgda_matches_a_reference(multimnist):
                                                                "jacobian.level='representation'")
     jbatch = jax.tree.map(jnp.asarray, batch)
     key = jax.random.key(0)  # the MLP has no dropout: keys do not matter
-    z = encode(params["shared"], jbatch, key, True)
-    losses = decode(params["heads"], z, jbatch, key, True)[0]
-    rows = [jax.grad(lambda zz, k=k: decode(params["heads"], zz, jbatch, key, True)[0][k])(z) for k in range(2)]
-    flat = jnp.stack([r.ravel() for r in rows])
-    w, _ = get_method("mgda", num_tasks=2).update(
-        MethodInputs(losses=losses, step=jnp.int32(0), gramian=flat @ flat.T), {}, None)
-    cotangent = w[0] * rows[0] + w[1] * rows[1]
-    _, enc_vjp = jax.vjp(lambda p: encode(p, jbatch, key, True), params["shared"])
-    shared = enc_vjp(cotangent)[0]
-    heads = jax.grad(lambda hp: decode(hp, z, jbatch, key, True)[0].sum())(params["heads"])
-    want = jax.tree.map(lambda p, g: p - 0.1 * g, params, {"shared": shared, "heads": heads})
+
+    @jax.jit  # the reference, jitted: eager autodiff dispatches op by op
+    def reference_step(params):
+        z = encode(params["shared"], jbatch, key, True)
+        losses = decode(params["heads"], z, jbatch, key, True)[0]
+        rows = [jax.grad(lambda zz, k=k: decode(params["heads"], zz, jbatch, key, True)[0][k])(z) for k in range(2)]
+        flat = jnp.stack([r.ravel() for r in rows])
+        w, _ = get_method("mgda", num_tasks=2).update(
+            MethodInputs(losses=losses, step=jnp.int32(0), gramian=flat @ flat.T), {}, None)
+        cotangent = w[0] * rows[0] + w[1] * rows[1]
+        _, enc_vjp = jax.vjp(lambda p: encode(p, jbatch, key, True), params["shared"])
+        shared = enc_vjp(cotangent)[0]
+        heads = jax.grad(lambda hp: decode(hp, z, jbatch, key, True)[0].sum())(params["heads"])
+        return w, jax.tree.map(lambda p, g: p - 0.1 * g, params, {"shared": shared, "heads": heads})
+
+    w, want = reference_step(params)
     state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
     np.testing.assert_allclose(np.asarray(out["weights"]), np.asarray(w), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_representation_level_gradnorm_reads_the_norms_of_the_representation_gradients(multimnist):
+    """LibMTL's GradNorm with ``rep_grad=True``: ``G_k = w_k ||dL_k/dz||``. Three SGD steps against a
+    loop that feeds GradNorm the Gramian of hand-computed ``dL_k/dz`` (its third weights depend on
+    the norms' magnitudes through Adam's second step, not only on their order)."""
+    exp, batch, state, params, encode, decode = sgd_step_setup(multimnist, "method.name='gradnorm'",
+                                                               "jacobian.level='representation'")
+    jbatch, global_batch = jax.tree.map(jnp.asarray, batch), to_global(batch, exp.data_sharding)
+    key = jax.random.key(0)  # the MLP has no dropout: keys do not matter
+    gradnorm = get_method("gradnorm", num_tasks=2)
+    ref_state = gradnorm.init(2)
+    losses_at = lambda p: decode(p["heads"], encode(p["shared"], jbatch, key, True), jbatch, key, True)[0]
+
+    @jax.jit
+    def representation_gramian(p):
+        z = encode(p["shared"], jbatch, key, True)
+        rows = jnp.stack([jax.grad(lambda zz, k=k: decode(p["heads"], zz, jbatch, key, True)[0][k])(z).ravel()
+                          for k in range(2)])
+        return rows @ rows.T
+
+    sgd = jax.jit(lambda p, w: jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(lambda q: w @ losses_at(q))(p)))
+    for step in range(3):
+        w, ref_state = gradnorm.update(MethodInputs(losses=jax.jit(losses_at)(params), step=jnp.int32(step),
+                                                    last_shared_gramian=representation_gramian(params)),
+                                       ref_state, None)
+        params = sgd(params, w)
+        state, out = exp.train_step(state, global_batch)
+        np.testing.assert_allclose(np.asarray(out["weights"]), np.asarray(w), rtol=1e-5)
+    assert float(jnp.abs(w[0] - w[1])) > 1e-3  # the weights have moved
+    np.testing.assert_allclose(np.asarray(state.method_state["logits"]), np.asarray(ref_state["logits"]), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
@@ -144,7 +182,7 @@ def test_rep_mtl_step_matches_the_gradient_of_the_regularised_objective(multimni
                                         tsr_weight=0.5, csa_weight=0.5, temperature=0.5)
         return aux["losses"].sum() + reg
 
-    grads = jax.grad(total)(params)
+    grads = jax.jit(jax.grad(total))(params)  # jitted: eager double backprop dispatches op by op
     want = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
     assert bool(out["applied"])

@@ -315,7 +315,8 @@ def last_shared_layer(model, sample_input) -> str:
 def method_inputs(method, losses, step, stacked_shared=None, last_shared=None, **fields) -> MethodInputs:
     """``MethodInputs`` for ``method``: the losses, ``fields`` (precomputed K x K inputs), and from
     ``stacked_shared`` (per-task shared gradients, leaves [K, ...]) the Gramian / flattened
-    Jacobian its ``needs`` ask for and, when wanted, the last shared layer's Gramian."""
+    Jacobian its ``needs`` ask for and, when wanted, the last shared layer's Gramian (the leaves
+    ``last_shared`` selects; all of ``stacked_shared`` when it is None, e.g. representation rows)."""
     inputs = MethodInputs(losses=losses, step=step, **fields)
     if stacked_shared is None:
         return inputs
@@ -325,8 +326,9 @@ def method_inputs(method, losses, step, stacked_shared=None, last_shared=None, *
         num_tasks = losses.shape[0]
         inputs = inputs.replace(jacobian=jnp.concatenate(
             [j.reshape(num_tasks, -1) for j in jax.tree.leaves(stacked_shared)], axis=1))
-    if "last_shared_gramian" in method.wants and last_shared is not None and inputs.last_shared_gramian is None:
-        inputs = inputs.replace(last_shared_gramian=gramian(last_shared(stacked_shared)))
+    if "last_shared_gramian" in method.wants and inputs.last_shared_gramian is None:
+        rows = stacked_shared if last_shared is None else last_shared(stacked_shared)
+        inputs = inputs.replace(last_shared_gramian=gramian(rows))
     return inputs
 
 
@@ -451,6 +453,28 @@ def sows_aux_loss(model, params, batch, input_key: str) -> bool:
     return bool(jax.tree.leaves(out))
 
 
+def heads_once(decode, head_params, z, batch, key, names: Sequence[str]):
+    """``(losses [K], predictions, head_rows, Z)`` with every head differentiated once.
+
+    Head t reads its own copy z_t of the representation ``z``, so one VJP with cotangent ones
+    gives ``head_rows = {t: d L_t / d head_t}`` and ``Z_t = d L_t / dz`` stacked as ``Z``
+    (leaves [K, ...z]); exact, since L_t depends on head t only. A vmapped VJP with one-hot
+    cotangents would send each ``e_k`` back through all K heads (K^2 head backward passes).
+    """
+    copies = {t: z for t in names}
+    losses, decode_vjp, preds = jax.vjp(lambda hp, zs: decode(hp, zs, batch, key, True, per_task=True),
+                                        head_params, copies, has_aux=True)
+    head_rows, z_rows = decode_vjp(jnp.ones_like(losses))
+    stacked_z = jax.tree.map(lambda *rows: jnp.stack(rows), *[z_rows[t] for t in names])
+    return losses, preds, head_rows, stacked_z
+
+
+def scale_head_rows(head_rows, weights, names: Sequence[str]):
+    """``{t: w_t d L_t / d head_t}``: the heads' part of ``J^T w`` from ``heads_once``'s rows."""
+    return {t: jax.tree.map(lambda g, k=k: (weights[k] * g).astype(g.dtype), head_rows[t])
+            for k, t in enumerate(names)}
+
+
 def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str], with_jvp: bool = False,
                                   layerwise: bool = False, chunk: int = 0):
     """``(losses [K], vjp_fn, predictions, jvp_fn)`` equal to ``jax.vjp`` (and ``jax.jvp``) of the
@@ -458,9 +482,8 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
     per task.
 
     A vmapped VJP of the whole forward sends each cotangent ``e_k`` back through all K heads (K^2
-    head backward passes for a Jacobian). Here head t reads its own copy z_t of the
-    representation, so one VJP with cotangent ones gives every head's own gradient ``d L_t /
-    d head_t`` and ``Z_t = d L_t / dz`` [K, B, ...]; then ``vjp_fn(c)`` is
+    head backward passes for a Jacobian). Here ``heads_once`` gives every head's own gradient
+    ``d L_t / d head_t`` and ``Z_t = d L_t / dz`` [K, B, ...] from one VJP; then ``vjp_fn(c)`` is
     ``{'shared': trunk VJP of sum_t c_t Z_t, 'heads': {t: c_t d L_t / d head_t}}`` (exact: L_t
     depends on head t only), one trunk backward per cotangent. Memory: Z, K x the representation.
 
@@ -479,18 +502,12 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
         z, encode_vjp, encode_jvp = linearize(trunk, params["shared"])
     else:
         z, encode_vjp = jax.vjp(trunk, params["shared"])
-    copies = {t: z for t in names}
-    losses, decode_vjp, preds = jax.vjp(lambda hp, zs: decode(hp, zs, batch, key, True, per_task=True),
-                                        params["heads"], copies, has_aux=True)
-    head_rows, z_rows = decode_vjp(jnp.ones_like(losses))
-    stacked_z = jax.tree.map(lambda *rows: jnp.stack(rows), *[z_rows[t] for t in names])
+    losses, preds, head_rows, stacked_z = heads_once(decode, params["heads"], z, batch, key, names)
 
     def vjp_fn(cotangent):
         z_cotangent = jax.tree.map(lambda zs: jnp.tensordot(cotangent.astype(zs.dtype), zs, axes=1), stacked_z)
         (shared,) = encode_vjp(z_cotangent)
-        heads = {t: jax.tree.map(lambda g, k=k: (cotangent[k] * g).astype(g.dtype), head_rows[t])
-                 for k, t in enumerate(names)}
-        return ({"shared": shared, "heads": heads},)
+        return ({"shared": shared, "heads": scale_head_rows(head_rows, cotangent, names)},)
 
     def jvp_fn(tangent):
         dz = encode_jvp(tangent["shared"])
@@ -507,22 +524,24 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
 
 
 def representation_task_gradients(method, encode, decode, params, batch, key, method_state, step, method_key,
-                                  chunk: int = 0):
-    """Gradients with the method applied to ``Z_k = dL_k/dz`` (MGDA-UB, Sener & Koltun 2018, Thm. 1).
+                                  names: Sequence[str]):
+    """Gradients with the method applied to ``Z_k = dL_k/dz`` (MGDA-UB, Sener & Koltun 2018, Thm. 1;
+    LibMTL's ``rep_grad``).
 
-    K cheap backward passes through the heads give ``Z`` [K, B, ...]; the method's weights (or
-    direction) form one cotangent for z, and one backward pass through the trunk gives the shared
-    gradient. Returns (grads, weights, method_state, losses, predictions).
+    One backward pass through the heads, each differentiated once (``heads_once``), gives ``Z``
+    [K, B, ...]; the method's weights (or direction) form one cotangent for z, and one backward
+    pass through the trunk gives the shared gradient. GradNorm (``wants`` the last shared layer's
+    Gramian) gets ``Z Z^T``: its norms are those of the representation gradients, as in LibMTL
+    with ``rep_grad=True``. Returns (grads, weights, method_state, losses, predictions).
     """
     enc_key, dec_key = jax.random.split(key)
     z, encode_vjp = jax.vjp(lambda p: encode(p, batch, enc_key, True), params["shared"])
-    losses, decode_vjp, preds = jax.vjp(lambda hp, zz: decode(hp, zz, batch, dec_key, True), params["heads"], z,
-                                        has_aux=True)
-    jac_heads, jac_z = per_task_jacobian(decode_vjp, losses.shape[0], losses.dtype, chunk)
-    z_cotangent, weights, method_state = aggregate(method, losses, jac_z, method_state, step, method_key)
+    losses, preds, head_rows, stacked_z = heads_once(decode, params["heads"], z, batch, dec_key, names)
+    z_cotangent, weights, method_state = aggregate(method, losses, stacked_z, method_state, step, method_key)
     (shared,) = encode_vjp(z_cotangent)
-    grads = {"shared": shared, "heads": head_gradients(method, weights, jac_heads)}
-    return grads, weights, method_state, losses, preds
+    head_weights = weights if method.weights_heads else jnp.ones_like(losses)
+    return ({"shared": shared, "heads": scale_head_rows(head_rows, head_weights, names)}, weights, method_state,
+            losses, preds)
 
 
 def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, method_state, step, key,
@@ -617,7 +636,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     chunk = options.chunk
     if level not in ("params", "representation"):
         raise ValueError(f"unknown jacobian level '{level}'; valid: ['params', 'representation']")
-    rep_level = level == "representation" and method.needs != "losses"
+    # Loss weights that read no gradient are the same at either level; GradNorm reads norms.
+    rep_level = level == "representation" and (method.needs != "losses" or "last_shared_gramian" in method.wants)
     use_rep_mtl = rep_mtl_cfg is not None and (rep_mtl_cfg.tsr_weight > 0 or rep_mtl_cfg.csa_weight > 0)
     if use_rep_mtl:
         if method.needs != "losses" or (sharpness is not None and sharpness.kind):
@@ -722,7 +742,7 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         if rep_level:
             grads, weights, method_state, losses, preds = representation_task_gradients(
                 method, encode, decode, state.params, batch, dropout_key, state.method_state, state.step, method_key,
-                chunk)
+                names)
             return apply_gradients(state, grads, weights, method_state, state.model_state, losses, preds, batch,
                                    dropout_key)
         split = representation_split(state.params, state.model_state, batch)
