@@ -87,10 +87,10 @@ def test_sam_step_matches_hand_computed_sam():
     state = exp.init()
     params = jax.device_get(state.params)
     losses_fn = losses_fn_of(exp, state, jax.tree.map(jnp.asarray, batch))
-    total = lambda p: losses_fn(p).sum()
-    g = jax.grad(total)(params)
+    grad_total = jax.jit(jax.grad(lambda p: losses_fn(p).sum()))
+    g = grad_total(params)
     eps = jax.tree.map(lambda x: 0.1 * x / np.sqrt(sum(float(jnp.vdot(y, y)) for y in jax.tree.leaves(g))), g)
-    want = sgd_step(params, jax.grad(total)(flat_minima.add(params, eps)))
+    want = sgd_step(params, grad_total(flat_minima.add(params, eps)))
     state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
     assert bool(out["applied"])
     tree_allclose(state.params, want, rtol=1e-4, atol=1e-6)
@@ -116,13 +116,17 @@ def test_fmtl_with_mgda_matches_a_loop_reference():
     names = exp.dataset.task_names
     mgda = get_method("mgda", num_tasks=len(names))
     losses = losses_fn(params)
-    grads = [jax.grad(lambda p, k=k: losses_fn(p)[k])(params) for k in range(len(names))]
+    # jitted once, called per task (eager autodiff would dispatch op by op)
+    task_grad = jax.jit(lambda p, onehot: jax.grad(lambda q: onehot @ losses_fn(q))(p))
+    onehots = list(jnp.eye(len(names)))
+    grads = [task_grad(params, e) for e in onehots]
     perturbed = []
-    for k, g in enumerate(grads):
+    for e, g in zip(onehots, grads):
         norm = np.sqrt(sum(float(jnp.vdot(x, x)) for x in jax.tree.leaves(g)))
         eps = jax.tree.map(lambda x: 0.05 * x / norm, g)
-        perturbed.append(jax.grad(lambda p, k=k: losses_fn(p)[k])(flat_minima.add(params, eps)))
+        perturbed.append(task_grad(flat_minima.add(params, eps), e))
 
+    @jax.jit
     def mgda_combine(rows):
         flat = jnp.stack([jnp.concatenate([x.ravel() for x in jax.tree.leaves(r["shared"])]) for r in rows])
         w, _ = mgda.update(MethodInputs(losses=losses, step=jnp.int32(0), gramian=flat @ flat.T), {}, None)

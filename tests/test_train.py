@@ -191,7 +191,7 @@ def test_cli_trains_and_rejects_unknown_keys(tmp_path):
 SLOW_CONFIGS = {"multimnist_m3vit.py", "multimnist_mod_squad.py", "multimnist_taskexpert.py",
                 "multimnist_unifork.py", "multimnist_mmoe.py", "multimnist_dselect_k.py", "multimnist_mtan.py",
                 "multimnist_cgc.py", "multimnist_ple.py", "multimnist_cross_stitch.py", "multimnist_vit.py",
-                "multitab_bench.py", "pde_darcy.py",
+                "multitab_bench.py", "pde_darcy.py", "multimnist_ltb.py",
                 "multimnist.py"}  # trained for 80 steps by test_multimnist_learns_both_tasks; :smoke parsing by test_every_config_loads
 
 
@@ -229,6 +229,7 @@ FAST_ARCHITECTURES = {
     "ple": ("model.trunk_kwargs.features=(32,16)",),
     "mtan": ("model.trunk_kwargs.features=(32,16)",),
     "cross_stitch": ("model.trunk_kwargs.features=(32,16)",),
+    "ltb": ("model.trunk_kwargs.features=(32,16)", "model.arch_kwargs.epochs=1", "model.arch_kwargs.steps_per_epoch=30"),
     "m3vit": ("model.trunk_kwargs={}", "model.arch_kwargs.patch_size=4", "model.arch_kwargs.dim=16",
               "model.arch_kwargs.depth=2", "model.arch_kwargs.num_heads=2", "model.arch_kwargs.mlp_dim=16",
               "model.arch_kwargs.num_experts=4"),

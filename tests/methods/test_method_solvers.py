@@ -153,21 +153,26 @@ def test_small_k_exact_solves_match_the_iterative_solvers(num, dim, monkeypatch)
     gramians = [random_gramian(num, dim, seed=11 * num + dim)[0], *_degenerate_gramians(num)]
     targets = jnp.asarray(np.concatenate([np.eye(num) / num, np.full((1, num), 1.0 / num)]), jnp.float32)
 
-    def solve_both():  # fresh lambdas: jit traces again after the monkeypatch
-        return (jax.jit(lambda g: solvers.min_norm_on_simplex(g))(gramian),
-                jax.jit(lambda g, u: solvers.project_to_dual_cone(g, u))(gramian, targets))
+    def solvers_jitted():  # fresh lambdas: jit traces again after the monkeypatch; one compile per path
+        return (jax.jit(lambda g: solvers.min_norm_on_simplex(g)),
+                jax.jit(lambda g, u: solvers.project_to_dual_cone(g, u)))
 
-    for gramian in gramians:
-        w_exact, v_exact = solve_both()
-        with monkeypatch.context() as patch:
-            patch.setattr(solvers, "EXACT_MAX_TASKS", 0)
-            w_iter, v_iter = solve_both()
-        # the exact path, not its fallback, gave w_exact / v_exact: some active set is feasible
-        _, feasible = jax.vmap(lambda s: solvers._min_norm_kkt(gramian, s))(solvers._subsets(num, nonempty=True))
-        assert bool(feasible.any())
-        for u in targets:
-            _, feasible = jax.vmap(lambda f: solvers._dual_cone_kkt(gramian, u, f))(solvers._subsets(num, nonempty=False))
-            assert bool(feasible.any())
+    @jax.jit
+    def some_active_set_feasible(g):  # then the exact path, not its fallback, gave the exact results
+        min_norm = jax.vmap(lambda s: solvers._min_norm_kkt(g, s)[1])(solvers._subsets(num, nonempty=True))
+        dual_cone = jax.vmap(lambda u: jax.vmap(lambda f: solvers._dual_cone_kkt(g, u, f)[1])(
+            solvers._subsets(num, nonempty=False)))(targets)
+        return min_norm.any(), dual_cone.any(axis=1)
+
+    min_norm, dual_cone = solvers_jitted()
+    exact = [(min_norm(g), dual_cone(g, targets)) for g in gramians]
+    with monkeypatch.context() as patch:  # traced (on first call) with the exact path switched off
+        patch.setattr(solvers, "EXACT_MAX_TASKS", 0)
+        min_norm, dual_cone = solvers_jitted()
+        iterative = [(min_norm(g), dual_cone(g, targets)) for g in gramians]
+    for gramian, (w_exact, v_exact), (w_iter, v_iter) in zip(gramians, exact, iterative):
+        min_norm_feasible, dual_cone_feasible = some_active_set_feasible(gramian)
+        assert bool(min_norm_feasible) and bool(dual_cone_feasible.all())
         g64 = np.asarray(gramian, np.float64)
         w_exact, w_iter = np.asarray(w_exact, np.float64), np.asarray(w_iter, np.float64)
         assert np.all(np.isfinite(w_exact)) and w_exact.min() >= 0 and abs(w_exact.sum() - 1) < 1e-5
