@@ -8,9 +8,12 @@ task preferences (Aich et al., ICCV 2023; ``mtl_jax.models.slimmable``, ``mtl_ja
 2. Counts every width configuration's inference FLOPs with XLA's cost analysis and scores every
    configuration on a validation split held out of the training pairs.
 3. For each budget (a fraction of the full model's FLOPs) and preference vector, the search picks a
-   configuration (within the budget, decoder widths in preference order, best preference-weighted
-   validation accuracy); reports its FLOPs and test accuracy. Also the uniform widths (encoder =
-   decoders = w) as the accuracy-vs-FLOPs reference.
+   configuration (within the budget, the more preferred decoder strictly wider when that fits, best
+   preference-weighted validation accuracy); reports its FLOPs and test accuracy. Also the uniform
+   widths (encoder = decoders = w) as the accuracy-vs-FLOPs reference.
+4. Preference control: per budget, each task's test accuracy when it is preferred (0.8) minus when
+   it is not (0.2), for the strict order and for the weak one (equal widths allowed), both searched
+   on the same trained network.
 
 Writes experiments/results/controllable_mtl.md and .json. Run it under ``nice -n 10``::
 
@@ -101,15 +104,19 @@ def run(args) -> dict:
                 test_cache[c] = evaluate(params, dataset, "test", c)
             return test_cache[c]
 
-        rows = []
-        for frac in BUDGETS:
-            for prefs in PREFERENCES:
-                c = search_widths(frac * full_flops, prefs, flops, val)
-                res = test(c)
-                rows.append({"budget": frac, "prefs": prefs, "config": str(c), "encoder": c.encoder,
-                             "decoders": dict(c.decoders), "flops": flops[c], "flops_frac": flops[c] / full_flops,
-                             "test": {t: res[t]["accuracy"] for t in names},
-                             "test_pref_weighted": mean_accuracy(res, dataset.tasks, prefs)})
+        def searched(strict: bool) -> list[dict]:
+            rows = []
+            for frac in BUDGETS:
+                for prefs in PREFERENCES:
+                    c = search_widths(frac * full_flops, prefs, flops, val, strict=strict)
+                    res = test(c)
+                    rows.append({"budget": frac, "prefs": prefs, "config": str(c), "encoder": c.encoder,
+                                 "decoders": dict(c.decoders), "flops": flops[c],
+                                 "flops_frac": flops[c] / full_flops, "test": {t: res[t]["accuracy"] for t in names},
+                                 "test_pref_weighted": mean_accuracy(res, dataset.tasks, prefs)})
+            return rows
+
+        rows, rows_weak = searched(strict=True), searched(strict=False)
         uniform = []
         for w in sorted(model.widths):
             c = width_config(w, w, names)
@@ -119,10 +126,22 @@ def run(args) -> dict:
         out["runs"][str(kd_weight)] = {
             "kd_weight": kd_weight, "train_cpu_s": train_cpu, "full_flops": full_flops,
             "min_flops": min(flops.values()), "traced_configs": len(trainer.trace_counts),
-            "max_traces_per_config": max(trainer.trace_counts.values()), "search": rows, "uniform": uniform}
+            "max_traces_per_config": max(trainer.trace_counts.values()), "search": rows, "search_weak": rows_weak,
+            "control": preference_control(rows, names), "control_weak": preference_control(rows_weak, names),
+            "uniform": uniform}
         print(f"  done: {train_cpu:.0f} s CPU training; {len(trainer.trace_counts)} configurations traced, "
               f"at most {max(trainer.trace_counts.values())} time(s) each", flush=True)
     return out
+
+
+def preference_control(rows: list[dict], names) -> dict:
+    """{budget: {task: test accuracy when the task is preferred (0.8) minus when it is not (0.2)}}."""
+    control = {}
+    for frac in BUDGETS:
+        acc = {(r["prefs"][names[0]], t): r["test"][t] for r in rows if r["budget"] == frac for t in names}
+        control[str(frac)] = {t: acc[(0.8 if t == names[0] else 0.2, t)] - acc[(0.2 if t == names[0] else 0.8, t)]
+                              for t in names}
+    return control
 
 
 def markdown(out) -> str:
@@ -136,7 +155,8 @@ def markdown(out) -> str:
              f"{a['num_train'] - a['num_val']} MultiMNIST pairs for {a['steps']} steps of batch {a['batch_size']} "
              f"(Adam {a['lr']}, cosine). FLOPs: XLA cost analysis of the inference forward, per example. "
              f"Search: budget = fraction of the full width's FLOPs; among configurations within it whose decoder "
-             f"widths follow the preference order, the best preference-weighted accuracy on {a['num_val']} "
+             f"widths follow the preference order (the more preferred decoder strictly wider when such a "
+             f"configuration fits: the paper's rule), the best preference-weighted accuracy on {a['num_val']} "
              f"held-out training pairs. Accuracies: test split ({a['num_test']} pairs), one seed.", ""]
     for key, run_ in out["runs"].items():
         lines += [f"## kd_weight = {run_['kd_weight']} ({'CIKD' if run_['kd_weight'] else 'no CIKD'})", "",
@@ -150,6 +170,14 @@ def markdown(out) -> str:
             lines.append(f"| {r['budget']:.2f} | {r['prefs']['left']:.1f}, {r['prefs']['right']:.1f} | {r['config']} | "
                          f"{r['flops'] / 1e6:.3f} ({100 * r['flops_frac']:.0f}%) | {100 * r['test']['left']:.2f} | "
                          f"{100 * r['test']['right']:.2f} | {100 * r['test_pref_weighted']:.2f} |")
+        if "control" in run_:
+            lines += ["", "Preference control: a task's test accuracy (points) when preferred (0.8) minus when not "
+                      "(0.2); strict order (above) vs weak order (equal widths allowed, same network):", "",
+                      "| budget | left, strict | right, strict | left, weak | right, weak |", "|---|---|---|---|---|"]
+            for frac in BUDGETS:
+                strict, weak = run_["control"][str(frac)], run_["control_weak"][str(frac)]
+                lines.append(f"| {frac:.2f} | {100 * strict['left']:+.2f} | {100 * strict['right']:+.2f} | "
+                             f"{100 * weak['left']:+.2f} | {100 * weak['right']:+.2f} |")
         lines += ["", "Uniform widths (encoder = decoders = w):", "", "| w | MFLOPs (% of full) | left acc | right acc |",
                   "|---|---|---|---|"]
         for r in run_["uniform"]:

@@ -120,22 +120,29 @@ def test_search_follows_budget_and_preferences():
         search_widths(2.0, {"seg": 1, "depth": 1}, costs)
     with pytest.raises(ValueError, match="preferences name tasks"):
         search_widths(10.0, {"seg": 1}, costs)
-    picked = {}
+    picked, weak = {}, {}
     for budget in (2.5, 4.0, 6.0, 9.0, 10.0):
         for prefs in ({"seg": 0.8, "depth": 0.2}, {"seg": 0.2, "depth": 0.8}):
             c = search_widths(budget, prefs, costs)
             assert costs[c] <= budget and respects_preferences(c, prefs)
+            assert respects_preferences(c, prefs, strict=True) or budget == 2.5  # 2.5: no strict order fits
             picked[budget, prefs["seg"]] = c
+            weak[budget, prefs["seg"]] = search_widths(budget, prefs, costs, strict=False)
     # Without scores: the widest encoder that fits, then the budget left goes to the decoders,
-    # the more preferred one wider (9 = 8 + 0.75 + 0.25).
+    # the more preferred one strictly wider (9 = 8 + 0.75 + 0.25; 10 = 8 + 1 + 0.75 leaves 0.25 unused).
     assert picked[9.0, 0.8] == width_config(1.0, {"seg": 0.75, "depth": 0.25}, tasks)
     assert picked[9.0, 0.2] == width_config(1.0, {"seg": 0.25, "depth": 0.75}, tasks)
-    assert picked[6.0, 0.8] == width_config(0.5, {"seg": 1.0, "depth": 1.0}, tasks)
-    assert picked[10.0, 0.8] == width_config(1.0, 1.0, tasks)
+    assert picked[6.0, 0.8] == width_config(0.5, {"seg": 1.0, "depth": 0.75}, tasks)
+    assert picked[10.0, 0.8] == width_config(1.0, {"seg": 1.0, "depth": 0.75}, tasks)
+    assert picked[2.5, 0.8] == width_config(0.25, 0.25, tasks)  # the cheapest; equal widths as the fallback
+    # strict=False allows equal widths: the whole budget then goes to both decoders.
+    assert weak[6.0, 0.8] == width_config(0.5, {"seg": 1.0, "depth": 1.0}, tasks)
+    assert weak[10.0, 0.8] == width_config(1.0, 1.0, tasks)
     # With validation scores the search maximises the preference-weighted score within the budget.
     scores = {c: {"seg": c.decoder("seg"), "depth": c.encoder} for c in costs}
     best = search_widths(6.0, {"seg": 0.9, "depth": 0.1}, costs, scores)
-    feasible = [c for c in costs if costs[c] <= 6.0 and respects_preferences(c, {"seg": 0.9, "depth": 0.1})]
+    feasible = [c for c in costs
+                if costs[c] <= 6.0 and respects_preferences(c, {"seg": 0.9, "depth": 0.1}, strict=True)]
     assert 0.9 * best.decoder("seg") + 0.1 * best.encoder == max(
         0.9 * c.decoder("seg") + 0.1 * c.encoder for c in feasible)
 

@@ -24,9 +24,10 @@ available here; what it states is followed, the rest is written out below):
 Deviations, the paper's equations not being available here: the CIKD distance is the mean squared
 error on the encoder output (the paper may use other layers or distances); the search enumerates
 every configuration (|W|^(1+K) of them; fine for few tasks) and picks, among those within the
-budget whose decoder widths follow the preference order, the best preference-weighted validation
-score when scores are given, else the widest encoder and then the widest preference-weighted
-decoders.
+budget whose decoder widths follow the preference order (a more preferred task's decoder strictly
+wider, as the abstract's "larger computational budget" says), the best preference-weighted
+validation score when scores are given, else the widest encoder and then the widest
+preference-weighted decoders.
 """
 
 from __future__ import annotations
@@ -125,21 +126,26 @@ def width_config_flops(model: SlimmableMTL, params, example, widths: WidthConfig
     return float(cost["flops"]) / batch_size
 
 
-def respects_preferences(widths: WidthConfig, preferences: Mapping[str, float]) -> bool:
-    """The paper's rule: a more preferred task's decoder is at least as wide (p_i > p_j => w_i >= w_j)."""
+def respects_preferences(widths: WidthConfig, preferences: Mapping[str, float], strict: bool = False) -> bool:
+    """Whether a more preferred task's decoder is wider (``strict``: p_i > p_j => w_i > w_j, the paper's
+    "larger computational budget to the higher preferred task decoder") or at least as wide (w_i >= w_j)."""
     pairs = [(preferences[t], w) for t, w in widths.decoders]
-    return all(wi >= wj for pi, wi in pairs for pj, wj in pairs if pi > pj)
+    wider = (lambda a, b: a > b) if strict else (lambda a, b: a >= b)
+    return all(wider(wi, wj) for pi, wi in pairs for pj, wj in pairs if pi > pj)
 
 
 def search_widths(budget: float, preferences: Mapping[str, float], costs: Mapping[WidthConfig, float],
-                  scores: Mapping[WidthConfig, Mapping[str, float]] | None = None) -> WidthConfig:
+                  scores: Mapping[WidthConfig, Mapping[str, float]] | None = None, strict: bool = True) -> WidthConfig:
     """Width configuration for a compute ``budget`` (same unit as ``costs``) and task ``preferences``
     ({task: weight >= 0}, normalised here) among ``costs``' configurations.
 
-    Keeps the configurations within the budget whose decoder widths follow the preference order;
-    picks the best preference-weighted score sum_k p_k scores[c][k] when ``scores`` (validation
-    metrics, higher is better) are given, else the widest encoder, then the largest
-    preference-weighted decoder width sum_k p_k w_k, then the lowest cost.
+    Keeps the configurations within the budget whose decoder widths follow the preference order
+    (``strict``, the default: a more preferred task's decoder is strictly wider, the paper's rule;
+    if no such configuration fits, or with ``strict=False``, at least as wide; if none fits either,
+    every configuration within the budget); picks the best preference-weighted score
+    sum_k p_k scores[c][k] when ``scores`` (validation metrics, higher is better) are given, else
+    the widest encoder, then the largest preference-weighted decoder width sum_k p_k w_k, then the
+    lowest cost.
     """
     configs = list(costs)
     tasks = [t for t, _ in configs[0].decoders]
@@ -154,7 +160,8 @@ def search_widths(budget: float, preferences: Mapping[str, float], costs: Mappin
         raise ValueError(f"budget {budget:.6g} is below the smallest configuration's cost {costs[cheapest]:.6g} "
                          f"({cheapest})")
     feasible = [c for c in configs if costs[c] <= budget]
-    ordered = [c for c in feasible if respects_preferences(c, p)] or feasible
+    ordered = (strict and [c for c in feasible if respects_preferences(c, p, strict=True)]
+               or [c for c in feasible if respects_preferences(c, p)] or feasible)
     decoder_width = lambda c: sum(p[t] * w for t, w in c.decoders)
     if scores is not None:
         return max(ordered, key=lambda c: (sum(p[t] * scores[c][t] for t in tasks), -costs[c]))
