@@ -29,14 +29,3 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
     os.environ["MTL_JAX_DATA_DIR"] = str(path)
     return str(path)
-
-
-# Files holding the suite's longest single tests (~25-45 s each on 2 cores), run first: xdist's
-# worksteal then balances the short tests behind them, instead of one worker finishing a long test
-# alone at the end.
-LONGEST_FIRST = ("test_notebook.py", "test_multihost.py", "test_merging_experiment.py", "test_train.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = lambda item: next((i for i, name in enumerate(LONGEST_FIRST) if item.path.name == name), len(LONGEST_FIRST))
-    items.sort(key=rank)  # stable: the order within each rank is pytest's
