@@ -8,8 +8,8 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
 * ours: ``build_experiment(config, dataset).train_step`` per method (mesh 1x1, Adam, one optimiser
   per head, NaN guard, running metrics; the whole step, optimiser update included);
 * ``ew``: the same step with equal weighting (the baseline of the loss-weighting methods); FAMO
-  includes its extra no-grad forward at the updated parameters, GradNorm its K VJPs restricted to
-  the last shared layer, SDMGrad / MoDo the cross Gramian of two half-batches (their defaults);
+  includes its extra no-grad forward at the updated parameters, GradNorm its last shared layer's
+  Gramian from the layer-wise rows, SDMGrad / MoDo the cross Gramian of two half-batches (their defaults);
 * Gramian methods run the default ``config.jacobian.gramian_mode='layerwise'`` (G summed per Dense
   layer from its inputs and per-task output cotangents, ``train/layerwise.py``);
   ``<method>@materialize`` (``--materialize``, default upgrad and mgda): J by one vmapped VJP, then
