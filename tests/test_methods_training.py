@@ -123,7 +123,7 @@ def test_representation_level_gradnorm_reads_the_norms_of_the_representation_gra
     key = jax.random.key(0)  # the MLP has no dropout: keys do not matter
     gradnorm = get_method("gradnorm", num_tasks=2)
     ref_state = gradnorm.init(2)
-    losses_at = lambda p: decode(p["heads"], encode(p["shared"], jbatch, key, True), jbatch, key, True)[0]
+    losses_at = jax.jit(lambda p: decode(p["heads"], encode(p["shared"], jbatch, key, True), jbatch, key, True)[0])
 
     @jax.jit
     def representation_gramian(p):
@@ -134,7 +134,7 @@ def test_representation_level_gradnorm_reads_the_norms_of_the_representation_gra
 
     sgd = jax.jit(lambda p, w: jax.tree.map(lambda a, g: a - 0.1 * g, p, jax.grad(lambda q: w @ losses_at(q))(p)))
     for step in range(3):
-        w, ref_state = gradnorm.update(MethodInputs(losses=jax.jit(losses_at)(params), step=jnp.int32(step),
+        w, ref_state = gradnorm.update(MethodInputs(losses=losses_at(params), step=jnp.int32(step),
                                                     last_shared_gramian=representation_gramian(params)),
                                        ref_state, None)
         params = sgd(params, w)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 import types
 from typing import Callable, Mapping, Sequence
 
@@ -130,7 +131,7 @@ def respects_preferences(widths: WidthConfig, preferences: Mapping[str, float], 
     """Whether a more preferred task's decoder is wider (``strict``: p_i > p_j => w_i > w_j, the paper's
     "larger computational budget to the higher preferred task decoder") or at least as wide (w_i >= w_j)."""
     pairs = [(preferences[t], w) for t, w in widths.decoders]
-    wider = (lambda a, b: a > b) if strict else (lambda a, b: a >= b)
+    wider = operator.gt if strict else operator.ge
     return all(wider(wi, wj) for pi, wi in pairs for pj, wj in pairs if pi > pj)
 
 

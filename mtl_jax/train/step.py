@@ -347,10 +347,15 @@ def aggregate(method, losses, stacked_shared, method_state, step, key, last_shar
     return _combine(out, stacked_shared), out, method_state
 
 
+def head_weights(method, weights):
+    """[K] scales of the heads' own gradients: ``w`` for loss-weighting methods, else ones (a method's
+    direction or NaN weights touch only the shared part)."""
+    return weights if method.weights_heads else jnp.ones_like(weights)
+
+
 def head_gradients(method, weights, stacked_heads):
     """Head k gets its own row, scaled by ``w_k`` for loss-weighting methods."""
-    num_tasks = weights.shape[0]
-    return _combine(weights if method.weights_heads else jnp.ones((num_tasks,)), stacked_heads)
+    return _combine(head_weights(method, weights), stacked_heads)
 
 
 def weighted_vjp_gradients(method, weights, vjp_fn):
@@ -410,8 +415,7 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
     jac_shared = per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), num_tasks, dtype, options.chunk)
     shared, weights, method_state = aggregate(method, losses, jac_shared, method_state, step, key,
                                               options.last_shared, **fields)
-    head_weights = weights if method.weights_heads else jnp.ones_like(losses)
-    (head_grads,) = vjp_fn(head_weights.astype(dtype))
+    (head_grads,) = vjp_fn(head_weights(method, weights).astype(dtype))
     return {"shared": shared, "heads": head_grads["heads"]}, weights, method_state
 
 
@@ -539,9 +543,8 @@ def representation_task_gradients(method, encode, decode, params, batch, key, me
     losses, preds, head_rows, stacked_z = heads_once(decode, params["heads"], z, batch, dec_key, names)
     z_cotangent, weights, method_state = aggregate(method, losses, stacked_z, method_state, step, method_key)
     (shared,) = encode_vjp(z_cotangent)
-    head_weights = weights if method.weights_heads else jnp.ones_like(losses)
-    return ({"shared": shared, "heads": scale_head_rows(head_rows, head_weights, names)}, weights, method_state,
-            losses, preds)
+    return ({"shared": shared, "heads": scale_head_rows(head_rows, head_weights(method, weights), names)}, weights,
+            method_state, losses, preds)
 
 
 def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, method_state, step, key,
