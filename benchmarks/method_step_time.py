@@ -71,6 +71,7 @@ import numpy as np  # noqa: E402
 from mtl_jax.config import load_config  # noqa: E402
 from mtl_jax.data import from_arrays  # noqa: E402
 from mtl_jax.data.pipeline import to_global  # noqa: E402
+from mtl_jax.host_memory import ENV_VAR, glibc_tunables, reuse_freed_memory  # noqa: E402
 from mtl_jax.tasks import classification  # noqa: E402
 from mtl_jax.train.losses import task_loss_fn  # noqa: E402
 from mtl_jax.train.methods import METHODS, Method, MethodInputs  # noqa: E402
@@ -206,10 +207,10 @@ class JaxImpl:
 class TorchPeer:
     """The long-lived torch subprocess (``benchmarks/peers/torchjd_step.py --serve``)."""
 
-    def __init__(self, python: str, threads: int):
+    def __init__(self, python: str, threads: int, env: dict | None = None):
         self.proc = subprocess.Popen(
             [python, os.path.join(HERE, "peers", "torchjd_step.py"), "--serve", "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
 
     def ask(self, **cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -452,7 +453,13 @@ def main():
     parser.add_argument("--variants", default="famo@extra_forward=False,gradnorm@jacobian.level=representation",
                         help="extra rows '<method>@<key>=<value>': the method with config.method.<key>=<value> "
                              "(config.<key>=<value> for a dotted key)")
+    parser.add_argument("--host-malloc", choices=("reuse", "system"), default="reuse",
+                        help="'reuse': mtl_jax.host_memory.reuse_freed_memory() here and the same glibc settings "
+                             "(GLIBC_TUNABLES) in the torch peer; 'system': the C library's defaults on both sides")
     args = parser.parse_args()
+    os.environ[ENV_VAR] = args.host_malloc
+    host_malloc_applied = reuse_freed_memory()  # before the first computation starts JAX's CPU client
+    peer_env = {**os.environ, "GLIBC_TUNABLES": glibc_tunables()} if host_malloc_applied else None
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     methods += [m for m in args.variants.split(",") if m]
     methods += [m + VARIANT for m in args.vjp_jvp.split(",") if m]
@@ -470,7 +477,7 @@ def main():
     if not args.no_torch and not use_torch:
         print(f"no peers venv at {args.torch_python}: TorchJD not timed (see the docstring to create it)",
               file=sys.stderr)
-    peer = TorchPeer(args.torch_python, args.threads) if use_torch else None
+    peer = TorchPeer(args.torch_python, args.threads, peer_env) if use_torch else None
     start = time.perf_counter()
     try:
         results = []
@@ -484,6 +491,7 @@ def main():
             peer.close()
     out = {"device": jax.devices()[0].platform, "cpu_count": os.cpu_count(), "jax": jax.__version__,
            "python": platform.python_version(), "batch_size": BATCH_SIZE, "model": "hps mlp 784-512-512 + linear heads",
+           "host_malloc": args.host_malloc if host_malloc_applied or args.host_malloc == "system" else "system (not glibc)",
            "load_average": os.getloadavg(), "wall_s": time.perf_counter() - start,
            "results": results}
     text = json.dumps(out, indent=2)

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         return merge_main(argv[1:])
     args, overrides = parse(argv)
+    from mtl_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX's CPU client starts its threads
     from absl import logging
 
     from mtl_jax.config import load_config
