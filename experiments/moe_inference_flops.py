@@ -223,4 +223,7 @@ def flops_only(config, args, overrides) -> dict:
 
 
 if __name__ == "__main__":
+    from mtl_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
     main()

@@ -148,4 +148,7 @@ def write_table(args, rest, caption: str, baselines, runs, rows, command: str, t
 
 
 if __name__ == "__main__":
+    from mtl_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
     main()

@@ -52,4 +52,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from mtl_jax.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
     main()

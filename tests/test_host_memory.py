@@ -1,5 +1,6 @@
 """``mtl_jax.host_memory``: freed large blocks stay mapped for the next step (no page faults)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def fault_rounds(mode: str):
     env = {**os.environ, host_memory.ENV_VAR: mode}
     out = subprocess.run([sys.executable, "-c", ROUNDS.format(root=ROOT)], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
-    return out[0] == "True", eval(out[1])
+    return out[0] == "True", ast.literal_eval(out[1])
 
 
 @pytest.mark.skipif(host_memory.glibc() is None, reason="the settings are glibc's")
