@@ -786,14 +786,9 @@ def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float) 
     return text
 
 
-def run_benchmark(config) -> dict:
-    """The whole pipeline for ``config`` (see configs/merge/vit_benchmark.py); returns
-    ``{"results": {seed: rows}, "tasks": names, "table": markdown}``."""
-    start = time.time()
-    sources = task_lib.load_sources(task_lib.sources_of(config.tasks), config.data_seed)
-    tasks = task_lib.build_tasks(config.tasks, sources, config.data_seed, config.max_train, config.max_eval)
-    trunk = ViT(**config.model)
-    trainers = build_trainers(config, trunk)
+def pretrained_trunk(config, trunk, sources, tasks) -> tuple[dict, dict, str]:
+    """The rotation-pretrained trunk for ``config`` (built once, cached under ``config.workdir`` by a
+    hash of its settings): (params, pretraining log, cache folder)."""
     pre_key = settings_hash(config.model.to_dict(), config.pretrain.to_dict(), sorted(sources), config.data_seed,
                             config.max_train)
     cache_dir = os.path.join(config.workdir, f"pretrain-{pre_key}")
@@ -812,6 +807,18 @@ def run_benchmark(config) -> dict:
             json.dump(pretrain_log, f, default=float)
     with open(log_path) as f:
         pretrain_log = json.load(f)
+    return pretrained, pretrain_log, cache_dir
+
+
+def run_benchmark(config) -> dict:
+    """The whole pipeline for ``config`` (see configs/merge/vit_benchmark.py); returns
+    ``{"results": {seed: rows}, "tasks": names, "table": markdown}``."""
+    start = time.time()
+    sources = task_lib.load_sources(task_lib.sources_of(config.tasks), config.data_seed)
+    tasks = task_lib.build_tasks(config.tasks, sources, config.data_seed, config.max_train, config.max_eval)
+    trunk = ViT(**config.model)
+    trainers = build_trainers(config, trunk)
+    pretrained, pretrain_log, cache_dir = pretrained_trunk(config, trunk, sources, tasks)
     log(f"pretrained trunk: {pretrain_log} ({time.time() - start:.1f} s since start)")
     cache_dir = os.path.join(cache_dir, settings_hash([(t.name, len(t.splits["train"][1])) for t in tasks]))
     results = {s: run_seed(config, trainers, trunk, pretrained, tasks, s, cache_dir) for s in config.seeds}

@@ -9,7 +9,8 @@ work on sharded leaves (NamedSharding) under jit.
 
 Per-task reconstructions (TALL masks, EMR) return compressed state plus a ``retrieve`` function
 and are not in :data:`MERGE_METHODS`; nor are the learned-coefficient methods (AdaMerging,
-aTLAS, Self Positioning: they take an objective), the greedy soup and grid search (they take a
+aTLAS, Self Positioning: they take an objective; ScaLearn, which learns the scales of source
+adapters' outputs rather than of weights), the greedy soup and grid search (they take a
 validation function) and BOOM (it takes a training function).
 Leaf selection: :func:`merge_subset` / :func:`merge_subset_per_task`.
 """
@@ -54,6 +55,14 @@ from mtl_jax.merging.masks import (
     task_slice,
     unpack_bits,
     unpack_mask_tree,
+)
+from mtl_jax.merging.scalearn import (
+    ScaLearnResult,
+    fit_scalearn,
+    init_omega,
+    omega_dropout,
+    omega_shape,
+    stack_source_adapters,
 )
 from mtl_jax.merging.svd_merging import (
     iso_c_matrix,

@@ -177,6 +177,63 @@ def _merged(groups: dict[str, int], pretrained, pretrained_flat, stacked_tau, co
     return replace_flat(pretrained, merged)
 
 
+def minimise(
+    loss: Callable[..., jax.Array],
+    params0: Any,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    key: Optional[jax.Array],
+    args: tuple = (),
+    validate: Optional[Callable[[Any], float]] = None,
+    eval_every: Optional[int] = None,
+) -> tuple[Any, np.ndarray]:
+    """Minimise ``loss(params, step_key, *args)`` from ``params0`` (any pytree) for ``steps`` steps.
+
+    Steps run as a jitted ``lax.scan`` (``args`` are traced arguments, not baked-in constants) in
+    chunks of ``eval_every`` (all steps in one chunk without ``validate``). With ``validate``
+    (``params -> score``, higher is better) the params are scored at the start and after every chunk
+    and the best-scoring ones are returned (the first on ties). ``key`` (default
+    ``jax.random.key(0)``) is split into one ``step_key`` per step. Returns (params, the loss at every
+    step before its update, float32 (steps,)).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if eval_every is not None and eval_every <= 0:
+        raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
+    key = jax.random.key(0) if key is None else key
+    step_keys = jax.random.split(key, steps) if steps else None
+
+    @jax.jit
+    def run_chunk(params, opt_state, keys, *args):
+        def body(carry, step_key):
+            params, opt_state = carry
+            value, grad = jax.value_and_grad(loss)(params, step_key, *args)
+            updates, opt_state = optimizer.update(grad, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        (params, opt_state), values = jax.lax.scan(body, (params, opt_state), keys)
+        return params, opt_state, values
+
+    chunk = steps if (validate is None or eval_every is None) else int(eval_every)
+    params, opt_state = params0, optimizer.init(params0)
+    best = (params0, float(validate(params0)) if validate is not None else None)
+    history = []
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        params, opt_state, values = run_chunk(params, opt_state, step_keys[done : done + n], *args)
+        history.append(np.asarray(values))
+        done += n
+        if validate is None:
+            best = (params, None)
+        else:
+            score = float(validate(params))
+            if score > best[1]:
+                best = (params, score)
+    hist = np.concatenate(history).astype(np.float32) if history else np.zeros((0,), np.float32)
+    return best[0], hist
+
+
 def optimise_coefficients(
     problem: _Problem,
     objective: Objective,
@@ -192,67 +249,31 @@ def optimise_coefficients(
     """Minimise ``objective(merge(transform(c)), key_s)`` over raw coefficients ``c`` (T, G).
 
     ``transform`` maps raw to used coefficients (AdaMerging: clamp to [0, 1], whose gradient is 0
-    outside the box, as ``torch.clamp`` in the official code). Steps run as a jitted ``lax.scan``
-    in chunks of ``eval_every`` (all steps in one chunk without ``validate``). With ``validate``
-    (``params -> score``, higher is better) the coefficients are scored at the start and after
-    every chunk and the best-scoring ones are returned (first one on ties).
+    outside the box, as ``torch.clamp`` in the official code). The loop is :func:`minimise`: with
+    ``validate`` (``params -> score``, higher is better) the merged model is scored at the start and
+    every ``eval_every`` steps and the best-scoring coefficients are returned (first one on ties).
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
     shape = (problem.num_tasks, problem.num_groups)
     init = jnp.asarray(init, jnp.float32)
     accepted = ((), (problem.num_tasks,)) if granularity == "task" else ((), shape)
     if init.shape not in accepted:
         raise ValueError(f"coefficient init has shape {init.shape}; expected one of {list(accepted)}")
     raw0 = jnp.broadcast_to(init.reshape(init.shape + (1,) * (init.ndim == 1)), shape).astype(jnp.float32)
-    if eval_every is not None and eval_every <= 0:
-        raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
-    key = jax.random.key(0) if key is None else key
-    step_keys = jax.random.split(key, steps) if steps else None
 
+    @jax.jit
     def merged_params(raw, pretrained, pretrained_flat, stacked_tau):
         return _merged(problem.groups, pretrained, pretrained_flat, stacked_tau, transform(raw))
 
     def loss(raw, step_key, *args):
-        merged = merged_params(raw, *args)
-        return jnp.asarray(objective(merged, step_key), jnp.float32).reshape(())
-
-    @jax.jit
-    def run_chunk(raw, opt_state, keys, *args):
-        def body(carry, step_key):
-            raw, opt_state = carry
-            value, grad = jax.value_and_grad(loss)(raw, step_key, *args)
-            updates, opt_state = optimizer.update(grad, opt_state, raw)
-            return (optax.apply_updates(raw, updates), opt_state), value
-
-        (raw, opt_state), values = jax.lax.scan(body, (raw, opt_state), keys)
-        return raw, opt_state, values, merged_params(raw, *args)
+        return jnp.asarray(objective(merged_params(raw, *args), step_key), jnp.float32).reshape(())
 
     args = (problem.pretrained, problem.pretrained_flat, problem.stacked_tau)
-    chunk = steps if (validate is None or eval_every is None) else int(eval_every)
-    raw, opt_state = raw0, optimizer.init(raw0)
-    best = None  # (raw, merged params, score)
-    if validate is not None or steps == 0:
-        params0 = jax.jit(merged_params)(raw0, *args)
-        best = (raw0, params0, float(validate(params0)) if validate is not None else None)
-    history = []
-    done = 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        raw, opt_state, values, params = run_chunk(raw, opt_state, step_keys[done : done + n], *args)
-        history.append(np.asarray(values))
-        done += n
-        if validate is None:
-            best = (raw, params, None)
-        else:
-            score = float(validate(params))
-            if score > best[2]:
-                best = (raw, params, score)
-    coefficients = transform(best[0])
+    validate_raw = None if validate is None else (lambda raw: validate(merged_params(raw, *args)))
+    raw, hist = minimise(loss, raw0, optimizer, steps, key, args, validate_raw, eval_every)
+    coefficients = transform(raw)
     if granularity == "task":
         coefficients = coefficients[:, 0]
-    hist = np.concatenate(history).astype(np.float32) if history else np.zeros((0,), np.float32)
-    return LearnedMerge(best[1], coefficients, hist)
+    return LearnedMerge(merged_params(raw, *args), coefficients, hist)
 
 
 # ------------------------------------------------------------------------------------ methods

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from mtl_jax.models.adapters import StackedAdapters, scaled_sum
 from mtl_jax.models.blocks import as_float
 
 
@@ -50,20 +52,29 @@ class LeNet(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN transformer block: x + MHSA(LN(x)); x + MLP(LN(x)). x [B, N, D]."""
+    """Pre-LN transformer block: x + MHSA(LN(x)); x + MLP(LN(x)). x [B, N, D].
+
+    With ``num_adapters`` = K > 0 the MLP output y gets K bottleneck adapters (``adapters``,
+    ``models/adapters.py``) after it, Pfeiffer-style: y + sum_k omega_k * A_k(y), omega [K, D] or
+    [K, 1] (ones when not given: one adapter, plain adapter tuning)."""
 
     num_heads: int
     mlp_dim: int
     dropout: float = 0.0
+    num_adapters: int = 0
+    adapter_hidden: int = 0
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, omega=None):
         y = nn.LayerNorm(name="ln_0")(x)
         y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attention")(y, y)
         x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
         y = nn.LayerNorm(name="ln_1")(x)
         y = nn.Dense(self.mlp_dim, name="mlp_in")(y)
         y = nn.Dense(x.shape[-1], name="mlp_out")(nn.gelu(y))
+        if self.num_adapters:
+            outputs = StackedAdapters(self.num_adapters, self.adapter_hidden, name="adapters")(y)
+            y = y + scaled_sum(outputs, jnp.ones((self.num_adapters, 1)) if omega is None else omega)
         return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -81,7 +92,11 @@ def patch_tokens(module: nn.Module, x, patch_size: int, dim: int):
 class ViT(nn.Module):
     """A small Vision Transformer (Dosovitskiy et al. 2021): patch embedding, learned position
     embedding, ``depth`` pre-LN blocks named ``block_{i}`` (the layer index merging and layer-wise
-    methods read), final LayerNorm, mean-pooled tokens -> [B, dim]."""
+    methods read), final LayerNorm, mean-pooled tokens -> [B, dim].
+
+    ``num_adapters`` = K > 0 adds K bottleneck adapters of width ``adapter_hidden`` to every block
+    (``block_{i}/adapters``; the other parameters keep their paths, so a plain ViT's params fill them);
+    ``omega`` [depth or 1, K, dim or 1] scales them (ScaLearn, ``merging/scalearn.py``)."""
 
     patch_size: int = 4
     dim: int = 64
@@ -89,12 +104,20 @@ class ViT(nn.Module):
     num_heads: int = 4
     mlp_dim: int = 128
     dropout: float = 0.0
+    num_adapters: int = 0
+    adapter_hidden: int = 4
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, omega=None):
+        if omega is not None and (omega.ndim != 3 or omega.shape[0] not in (1, self.depth)
+                                  or omega.shape[1] != self.num_adapters or omega.shape[2] not in (1, self.dim)):
+            raise ValueError(f"omega has shape {omega.shape}; expected [1 or depth={self.depth}, "
+                             f"num_adapters={self.num_adapters}, 1 or dim={self.dim}]")
         x = patch_tokens(self, x, self.patch_size, self.dim)
         for i in range(self.depth):
-            x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, name=f"block_{i}")(x, train)
+            block_omega = None if omega is None else omega[min(i, omega.shape[0] - 1)]
+            x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout, self.num_adapters, self.adapter_hidden,
+                             name=f"block_{i}")(x, train, block_omega)
         return nn.LayerNorm(name="ln_final")(x).mean(axis=1)
 
 
