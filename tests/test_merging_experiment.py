@@ -142,3 +142,27 @@ def test_compare_runs_side_by_side(tmp_path):
     assert "| TA | 70.0 ± 10.0 | 60.0 |" in text  # seed means 60 and 80
     assert "| TIES |  | 75.0 |" in text
     assert "| task-vector cosine (mean off-diagonal) | 0.200 |  |" in text
+
+
+def test_scalearn_smoke_transfer_rows_and_cache(tmp_path):
+    from experiments.merging import scalearn
+
+    config = smoke_config(tmp_path)
+    config.scalearn.update(dict(variants=("scalearn", "scalearn_uniform++"), workdir=str(tmp_path / "scalearn"),
+                                out=str(tmp_path / "results" / "scalearn_vit")))
+    out = scalearn.run(config, ["--config=smoke"])
+    rows = out["results"][0]
+    assert list(rows) == ["Linear probe", "Fine-tuning (full)", "Adapter", "scalearn", "scalearn_uniform++",
+                          scalearn.LEAVE_OUT]
+    for row in rows.values():
+        assert len(row["acc"]) == 2 and all(0.0 <= a <= 1.0 for a in row["acc"])
+    # omega sizes: depth 2 x K sources x dim 16, K = 2 (both tasks) or 1 (the target's adapter left out).
+    assert [i["transfer_params"] for i in rows["scalearn"]["info"]] == [64, 64]
+    assert [i["transfer_params"] for i in rows["scalearn_uniform++"]["info"]] == [2, 2]
+    assert [i["transfer_params"] for i in rows[scalearn.LEAVE_OUT]["info"]] == [32, 32]
+    assert np.mean(rows["Fine-tuning (full)"]["acc"]) > np.mean(rows["Linear probe"]["acc"])
+    with open(str(tmp_path / "results" / "scalearn_vit.json")) as f:
+        assert json.load(f)["results"]["0"]["Adapter"]["acc"] == rows["Adapter"]["acc"]
+    assert "| scalearn_uniform++ |" in out["table"] and "--config=smoke" in out["table"]
+    again = scalearn.run(config, ["--config=smoke"])  # the seed's rows come from the cache
+    assert again["results"][0]["scalearn"]["acc"] == rows["scalearn"]["acc"]

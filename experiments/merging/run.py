@@ -826,8 +826,9 @@ def run_benchmark(config) -> dict:
     return {"results": results, "tasks": [t.name for t in tasks], "table": table}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_config(argv, description: str):
+    """``--config FILE[:ARG]`` (default configs/merge/vit_benchmark.py) + ``--config.a.b=value`` overrides."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=CONFIG, help="FILE[:ARG], e.g. configs/merge/vit_benchmark.py:smoke")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]
@@ -835,6 +836,11 @@ def main(argv=None):
         parser.error(f"unrecognised arguments {unknown}; overrides look like --config.a.b=value")
     config = config_from_file(args.config)
     apply_overrides(config, [a[len("--config."):] for a in rest], free_form=())
+    return config
+
+
+def main(argv=None):
+    config = parse_config(argv, __doc__.splitlines()[0])
     if learned_module() is None:
         print("mtl_jax.merging.learned not found: AdaMerging / aTLAS rows are not run", file=sys.stderr)
     out = run_benchmark(config)
