@@ -1,6 +1,6 @@
 """ScaLearn two-stage transfer on the merging benchmark's 8 real-digit tasks and pretrained ViT.
 
-    nice -n 10 python experiments/merging/scalearn.py                                   # 8 tasks, 3 seeds
+    nice -n 5 python experiments/merging/scalearn.py                                    # 8 tasks, 3 seeds, ~27 min
     python experiments/merging/scalearn.py --config=configs/merge/vit_benchmark.py:smoke  # seconds
 
 Frohmann et al., "ScaLearn: Simple and Highly Parameter-Efficient Task Transfer by Learning to
