@@ -70,7 +70,8 @@ def composed_accuracy(model, params, omega, head, data: bench.EvalSet) -> float:
 
 
 def train_adapter(config, step_tx, model1, pretrained, head, task, seed: int):
-    """Stage 1: the task's adapter + head on the frozen trunk, from (pretrained, probe head)."""
+    """Stage 1: the task's adapter + head on the frozen trunk, from (pretrained, probe head). The adapter's
+    init draw is the seed's, the same for every task (as the fine-tuning heads' fixed key in run.py)."""
     x, y = task.splits["train"]
     init = model1.init(jax.random.key(seed), x[:1])["params"]
     shared = replace_flat(init, dict(flatten_with_paths(pretrained)))

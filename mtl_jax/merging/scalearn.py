@@ -6,20 +6,21 @@ Parameter-Efficient Task Transfer by Learning to Scale", Findings of ACL 2024.
 Stage 1 (task learning): one bottleneck adapter per source task on a frozen pretrained trunk
 (``ViT(num_adapters=1)``, ``models/adapters.py``). Stage 2 (transfer to a target task): every
 source adapter (the target's own included, as in AdapterFusion) sits in every block, frozen, and
-only the scales omega and the target's head are trained. Block l emits (Eq. 2-3)
+only the scales omega and the target's head are trained. Block l emits (the official code's
+``ScaLearn`` module with ``residual=True``)
 
     y_l + sum_k omega_{l,k} * A_{l,k}(y_l),
 
 y_l being the block's feed-forward output. The variants (``VARIANTS``):
 
-  ===================== ============================== ===========================
-  name                  omega shape                    transfer params (K sources)
-  ===================== ============================== ===========================
-  ``scalearn``          [L, K, D]: per layer, feature  L K D
-  ``scalearn_uniform``  [L, K, 1]: per layer           L K
-  ``scalearn++``        [1, K, D]: shared by layers    K D
-  ``scalearn_uniform++`` [1, K, 1]                     K (8 for 8 sources, the abstract's)
-  ===================== ============================== ===========================
+  ======================== ============================== ===================================
+  name                     omega shape                    transfer params (K sources)
+  ======================== ============================== ===================================
+  ``scalearn``             [L, K, D]: per layer, feature  L K D
+  ``scalearn_uniform``     [L, K, 1]: per layer           L K
+  ``scalearn++``           [1, K, D]: shared by layers    K D
+  ``scalearn_uniform++``   [1, K, 1]                      K (8 for 8 sources, the abstract's)
+  ======================== ============================== ===================================
 
 Defaults are the official code's (``scalearn_2_avg_d03`` and the GLUE script): omega drawn
 N(2 / K, 0.001), dropout 0.3 on omega while training (inverted dropout, as ``torch.nn.Dropout``),

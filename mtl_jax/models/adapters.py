@@ -6,7 +6,7 @@ residual MLP on a block's feed-forward output y [..., D]:
     A(y) = W_up relu(W_down y + b_down) + b_up,    W_down [D, m], W_up [m, D],  m = D / reduction,
 
 and the block emits y + A(y). With K adapters (one per source task) in the same block, ScaLearn
-(Frohmann et al. 2024, Eq. 2-3) emits
+(Frohmann et al. 2024; its official ``ScaLearn`` module) emits
 
     y + sum_k omega_k * A_k(y),   omega [K, D] (ScaLearn) or [K, 1] (ScaLearnUniform),
 
