@@ -4,7 +4,7 @@
     python experiments/merging/scalearn.py --config=configs/merge/vit_benchmark.py:smoke  # seconds
 
 Frohmann et al., "ScaLearn: Simple and Highly Parameter-Efficient Task Transfer by Learning to
-Scale" (Findings of ACL 2024), at CPU scale: the merging benchmark's rotation-pretrained trunk
+Scale" (arXiv 2310.01217), at CPU scale: the merging benchmark's rotation-pretrained trunk
 (``experiments/merging/run.py``, same cache) stays frozen. Stage 1: per task, one bottleneck adapter
 in every block plus its head (from the task's linear probe) is trained (the "Adapter" row, the
 paper's single-task adapter baseline). Stage 2, per target task: all 8 adapters (the target's own

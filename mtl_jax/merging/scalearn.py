@@ -1,7 +1,7 @@
 """ScaLearn: two-stage multi-task transfer by learning to scale the outputs of source adapters.
 
 Frohmann, Holtermann, Masoudian, Lauscher, Rekabsaz, "ScaLearn: Simple and Highly
-Parameter-Efficient Task Transfer by Learning to Scale", Findings of ACL 2024.
+Parameter-Efficient Task Transfer by Learning to Scale", arXiv 2310.01217 (2023).
 
 Stage 1 (task learning): one bottleneck adapter per source task on a frozen pretrained trunk
 (``ViT(num_adapters=1)``, ``models/adapters.py``). Stage 2 (transfer to a target task): every

@@ -32,23 +32,28 @@ class LeNet(nn.Module):
 
     conv 5x5 (10 ch) -> maxpool 2 -> relu -> conv 5x5 (20 ch) -> maxpool 2 -> relu -> flatten
     (4*4*20 = 320 on 28x28 inputs) -> dense 50 -> relu. ``width`` multiplies every channel / feature count (1 = the papers' model).
+    ``channels`` = (conv_0, conv_1, dense_0) sizes overrides them (a channel-pruned LeNet, ``models/pruning.py``).
     Input [B, 28, 28, C] uint8 or float; uint8 is scaled to [0, 1].
     """
 
     width: int = 1
     dropout: float = 0.0
+    channels: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        sizes = tuple(self.channels) or (10 * self.width, 20 * self.width, 50 * self.width)
+        if len(sizes) != 3:
+            raise ValueError(f"LeNet channels must be (conv_0, conv_1, dense_0) sizes, got {self.channels}")
         x = as_float(x)
-        x = nn.Conv(10 * self.width, (5, 5), padding="VALID", name="conv_0")(x)
+        x = nn.Conv(sizes[0], (5, 5), padding="VALID", name="conv_0")(x)
         x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
-        x = nn.Conv(20 * self.width, (5, 5), padding="VALID", name="conv_1")(x)
+        x = nn.Conv(sizes[1], (5, 5), padding="VALID", name="conv_1")(x)
         x = nn.relu(nn.max_pool(x, (2, 2), (2, 2)))
         x = x.reshape(x.shape[0], -1)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.relu(nn.Dense(50 * self.width, name="dense_0")(x))
+        return nn.relu(nn.Dense(sizes[2], name="dense_0")(x))
 
 
 class EncoderBlock(nn.Module):
