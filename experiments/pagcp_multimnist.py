@@ -136,7 +136,7 @@ def fmt(values) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
 
 
-def report(args, results: dict, wall: float) -> str:
+def report(args, results: dict, wall: float, argv) -> str:
     seeds = list(results)
     names = list(results[seeds[0]]["rows"])
     dense_flops = results[seeds[0]]["rows"]["Dense"]["flops_per_example"]
@@ -168,7 +168,7 @@ def report(args, results: dict, wall: float) -> str:
         for name, log in results[s]["search"].items():
             lines.append(f"- seed {s}, {name}: order {list(log['order'])}, searched {log['searched']}, stopped by "
                          f"{log['stopped_by']}, final {log['ratios']}")
-    lines += ["", f"Produced by: `python experiments/pagcp_multimnist.py {' '.join(sys.argv[1:])}`".rstrip() + "."]
+    lines += ["", f"Produced by: `{' '.join(['python experiments/pagcp_multimnist.py', *argv])}`."]
     return "\n".join(lines)
 
 
@@ -189,6 +189,7 @@ def main(argv=None):
                         "the compounded one over all layers), comma separated")
     p.add_argument("--topk", type=float, default=1.0, help="fraction of searched layers kept pruned")
     p.add_argument("--out", default="experiments/results/pagcp_multimnist")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.allowances = [tuple(float(v) for v in a.split(":")) for a in args.allowances.split(",")]
@@ -201,7 +202,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1, default=lambda v: np.asarray(v).tolist())
-    table = report(args, results, time.time() - start)
+    table = report(args, results, time.time() - start, argv)
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     print(table)

@@ -121,4 +121,6 @@ def test_pagcp_experiment_smoke(tmp_path):
     dense, pruned = rows["Dense"], rows[names[2]]
     assert pruned["flops_per_example"] <= dense["flops_per_example"] and pruned["params"] <= dense["params"]
     assert all(c <= d for c, d in zip(pruned["channels"], dense["channels"]))
-    assert "| Dense | (20, 40, 100) |" in open(out + ".md").read()
+    with open(out + ".md") as f:
+        table = f.read()
+    assert "| Dense | (20, 40, 100) |" in table and "--allowances 0.2:1.6" in table
