@@ -79,6 +79,9 @@ def get_config(arg=None):
         # units at dim 64: at lr 2e-3 that adapter reached 66.3% on mnist (seed 0) against the probe's 64.7% and full
         # fine-tuning's 83.1%. mnist test accuracy on a trunk pretrained on the mnist images alone (probe 66.8, full
         # fine-tuning 85.9): reduction / lr 4 / 2e-3 72.1, 16 / 1e-2 72.6, 4 / 1e-2 79.6, 4 / 2e-2 79.7, 2 / 1e-2 81.3.
+        # (python experiments/merging/scalearn.py --config.tasks="('mnist','mnist_rot90')" --config.seeds='(0,)'
+        #  --config.scalearn.variants='()' --config.scalearn.leave_target_out=False
+        #  --config.scalearn.adapter.optim.lr=LR --config.scalearn.adapter_reduction=R, the "adapter" log line.)
         adapter_reduction=2,
         adapter=ConfigDict(dict(steps=200, batch_size=64,
                                 optim=ConfigDict(dict(name="adamw", lr=1e-2, schedule="cosine", warmup_steps=20,

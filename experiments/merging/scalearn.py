@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 from experiments.merging import run as bench  # noqa: E402
 from experiments.merging import tasks as task_lib  # noqa: E402
 from mtl_jax.merging import fit_scalearn, init_omega, stack_source_adapters  # noqa: E402
+from mtl_jax.merging.scalearn import ADAPTER_KEY  # noqa: E402
 from mtl_jax.merging.tree import flatten_with_paths, replace_flat  # noqa: E402
 from mtl_jax.models.adapters import adapter_hidden  # noqa: E402
 from mtl_jax.models.trunks import ViT  # noqa: E402
@@ -52,7 +53,7 @@ def adapters_and_heads_only(tx: optax.GradientTransformation) -> optax.GradientT
     """``tx`` on the adapter leaves and the heads, zero updates on the frozen trunk."""
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "train" if any(getattr(k, "key", None) in ("adapters", "heads") for k in path)
+            lambda path, _: "train" if any(getattr(k, "key", None) in (ADAPTER_KEY, "heads") for k in path)
             else "frozen", params)
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,8 +1,8 @@
 """PAGCP: performance-aware global channel pruning of a multitask CNN, here the HPS LeNet.
 
-Ye et al., "Performance-aware Approximation of Global Channel Pruning for Multitask CNNs" (2023). The search (:func:`pagcp_search`) follows the official code's
-``Sensitivity`` (HankYe/PAGCP, ``prune/sensitivity.py``); it is model-agnostic and sees the model only
-through ``evaluate(ratios) -> per-task losses`` and ``flops(ratios) -> FLOPs``:
+Ye et al., "Performance-aware Approximation of Global Channel Pruning for Multitask CNNs" (2023).
+The search (:func:`pagcp_search`) follows the official code's ``Sensitivity`` (HankYe/PAGCP,
+``prune/sensitivity.py``); it is model-agnostic and sees the model only through ``evaluate(ratios) -> per-task losses`` and ``flops(ratios) -> FLOPs``:
 
 1. Layer order: each prunable layer's FLOPs contribution is the FLOPs removed by pruning
    ``probe_ratio`` (0.3) of its filters alone; layers are visited from the largest contribution
@@ -198,9 +198,4 @@ def mask_hps_lenet(params: Mapping, keep: Mapping[str, np.ndarray]) -> dict:
 
 def lenet_channels(keep: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
     return tuple(len(keep[layer]) for layer in LENET_LAYERS)
-
-
-def pruned_ratio_summary(keep: Mapping[str, np.ndarray], full: Sequence[int]) -> dict[str, float]:
-    """Fraction of each layer's filters removed."""
-    return {layer: 1.0 - len(keep[layer]) / n for layer, n in zip(LENET_LAYERS, full)}
 
