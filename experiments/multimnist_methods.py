@@ -2,6 +2,7 @@
 
     python experiments/multimnist_methods.py                       # all methods, 3 seeds, the full config
     python experiments/multimnist_methods.py --methods=ew,mgda --seeds=0 --config.num_epochs=2
+    python experiments/multimnist_methods.py --methods=ew --sharpness= --rep-mtl=0.9   # EW vs EW + Rep-MTL
 
 Each (method, sharpness, seed) trains configs/multimnist.py (LeNet hard parameter sharing) with the
 method's defaults; single-task baselines are trained with the same budget and seeds. Writes a
@@ -75,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--fmtl-methods", default="", help="comma list: the only methods that get the non-plain "
                         "sharpness rows ('' = every method)")
+    parser.add_argument("--rep-mtl", default="", help="comma list of Rep-MTL weights lambda (lambda_tsr = "
+                        "lambda_csa); each adds a row per method with the regulariser on (plain sharpness only)")
     parser.add_argument("--workdir", default="runs/multimnist_methods")
     parser.add_argument("--out", default=os.path.join(RESULTS, "multimnist_methods"))
     args, rest = parser.parse_known_args(argv)
@@ -97,24 +100,30 @@ def main(argv=None):
     command = "python experiments/multimnist_methods.py " + " ".join(
         [f"--methods={args.methods}", f"--seeds={args.seeds}", f"--sharpness={args.sharpness}", f"--rho={args.rho}"]
         + ([f"--fmtl-methods={args.fmtl_methods}"] if args.fmtl_methods else [])
+        + ([f"--rep-mtl={args.rep_mtl}"] if args.rep_mtl else [])
         + rest)
     caption = CAPTION.format(**caption_fields(rest, args.rho))
     rows, table = [], ""
     flat_for = set(args.fmtl_methods.split(",")) if args.fmtl_methods else set(methods)
-    plan = [(m, k) for m in methods for k in kinds if not k or m in flat_for]
-    for method, kind in plan:
+    rep_weights = [float(w) for w in args.rep_mtl.split(",")] if args.rep_mtl else []
+    plan = [(m, k, None) for m in methods for k in kinds if not k or m in flat_for]
+    plan += [(m, "", w) for m in methods for w in rep_weights]
+    for method, kind, rep in plan:
         accs = {"left": [], "right": []}
         deltas = []
+        variant = f"{kind or 'plain'}" + ("" if rep is None else f"_repmtl{rep:g}")
+        extra = [] if rep is None else [f"rep_mtl.tsr_weight={rep}", f"rep_mtl.csa_weight={rep}"]
         for seed in seeds:
             res = run(CONFIG, overrides + [f"seed={seed}", f"method.name='{method}'", f"sharpness.kind='{kind}'",
-                                           f"sharpness.rho={args.rho}"],
-                      os.path.join(args.workdir, f"{method}_{kind or 'plain'}_s{seed}"))
+                                           f"sharpness.rho={args.rho}"] + extra,
+                      os.path.join(args.workdir, f"{method}_{variant}_s{seed}"))
             for t in accs:
                 accs[t].append(res[t]["accuracy"])
             deltas.append(delta_m(res, baselines, specs))
-            runs["mtl"].setdefault(f"{method}/{kind or 'plain'}", []).append(res)
+            runs["mtl"].setdefault(f"{method}/{variant}", []).append(res)
         avg = [(a + b) / 2 for a, b in zip(accs["left"], accs["right"])]
-        rows.append((method, "F-MTL" if kind == "fmtl" else (kind or "-"), mean_std(100 * np.array(accs["left"])),
+        label = f"Rep-MTL λ={rep:g}" if rep is not None else ("F-MTL" if kind == "fmtl" else (kind or "-"))
+        rows.append((method, label, mean_std(100 * np.array(accs["left"])),
                      mean_std(100 * np.array(accs["right"])), mean_std(100 * np.array(avg)), mean_std(deltas)))
         table = write_table(args, rest, caption, baselines, runs, rows, command, total=len(plan))
     print(table)
@@ -135,7 +144,7 @@ def write_table(args, rest, caption: str, baselines, runs, rows, command: str, t
              caption, "",
              f"Single-task baselines (same budget): left {100 * baselines['left']['accuracy']:.2f}, "
              f"right {100 * baselines['right']['accuracy']:.2f}.", "",
-             "| method | flat minima | left acc | right acc | average | Δm% (lower is better) |",
+             "| method | flat minima / regulariser | left acc | right acc | average | Δm% (lower is better) |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"Produced by: `{command}`" + ("" if len(rows) == total else f" (partial: {len(rows)} of {total} rows)")]

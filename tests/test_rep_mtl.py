@@ -58,7 +58,7 @@ def float64_problem():
 
 
 def assert_directional_derivatives_match(value_and_grad, x, key, num_directions=4, h=1e-5, rtol=1e-6):
-    """``<grad f(x), v>`` against ``(f(x + h v) - f(x - h v)) / 2h`` for random v (float64).
+    """``<grad f(x), v>`` against the fourth-order central difference of f along random v (float64).
 
     ``value_and_grad(x) -> (f(x), grad f(x))`` is one compiled function, reused for the differences.
     """
@@ -67,9 +67,8 @@ def assert_directional_derivatives_match(value_and_grad, x, key, num_directions=
     grad = jax.tree.leaves(value_and_grad(x)[1])
     for n in range(num_directions):
         dirs = [jax.random.normal(jax.random.fold_in(k, n), a.shape, a.dtype) for k, a in zip(keys, leaves)]
-        plus, minus = ([a + t * d for a, d in zip(leaves, dirs)] for t in (h, -h))
-        value = lambda point: float(value_and_grad(jax.tree.unflatten(treedef, point))[0])
-        central = (value(plus) - value(minus)) / (2 * h)
+        value = lambda t: float(value_and_grad(jax.tree.unflatten(treedef, [a + t * d for a, d in zip(leaves, dirs)]))[0])
+        central = (8 * (value(h) - value(-h)) - (value(2 * h) - value(-2 * h))) / (12 * h)
         analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grad, dirs))
         assert abs(analytic) > 1e-6, analytic
         np.testing.assert_allclose(analytic, central, rtol=rtol, atol=1e-10)
@@ -91,40 +90,89 @@ def test_task_saliency_is_each_tasks_gradient_wrt_z(z_shape):
     np.testing.assert_allclose(saliency, np.stack(reference), rtol=1e-5, atol=1e-7)
 
 
-def test_spatial_distribution_aggregates_channels_and_vectors_use_features_as_positions():
-    spatial = jnp.array([[[[[1.0, -3.0]], [[0.5, 0.5]]]]])  # [K=1, B=1, H=2, W=1, C=2]
-    np.testing.assert_allclose(rep_mtl.spatial_distribution(spatial, eps=0.0), [[[2 / 2.5, 0.5 / 2.5]]], rtol=1e-6)
-    vector = jnp.array([[[2.0, -0.5]]])  # [K=1, B=1, D=2]: |S| over features
-    np.testing.assert_allclose(rep_mtl.spatial_distribution(vector, eps=0.0), [[[0.8, 0.2]]], rtol=1e-6)
+def paper_reference(saliency, temperature, eps=0.0):
+    """Rep-MTL's Eqs. 4-9 transcribed literally in numpy, with the explicit [C, C] matrices.
+
+    ``saliency`` [T, B, *spatial, C]; returns (L_tsr, L_csa) in float64.
+    """
+    s = np.asarray(saliency, np.float64)
+    t, b, c = s.shape[0], s.shape[1], s.shape[-1]
+    s = s.reshape(t, b, -1, c)  # [T, B, P, C]
+    s_hat = s.mean(axis=-1)  # Eq. 4
+    dist = (np.abs(s_hat) + eps) / (np.abs(s_hat) + eps).sum(axis=0, keepdims=True)  # Eq. 5
+    tsr = -(dist * np.log(dist)).sum(axis=0).mean()  # Eq. 6
+    unit = lambda m: m.ravel() / np.linalg.norm(m.ravel())
+    affinity = [[unit(s[k, i].T @ s[k, i]) for i in range(b)] for k in range(t)]  # Eq. 7, z^t_b
+    anchors = []
+    for i in range(b):
+        a = s[:, i].mean(axis=1).T  # [C, T]: spatial mean of each task's saliency (Eq. 8)
+        anchors.append(unit(a @ a.T))  # z^a_b
+    total = 0.0
+    for k in range(t):
+        for i in range(b):
+            negatives = sum(np.exp(anchors[i] @ anchors[j] / temperature) for j in range(b) if j != i)
+            total += -np.log(np.exp(anchors[i] @ affinity[k][i] / temperature) / negatives)  # Eq. 9
+    return tsr, total / (t * b)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3), (3, 5, 2, 2, 3), (2, 3, 4, 2)],
+                         ids=["vector_P1", "spatial_P_gt_C", "tokens_P_gt_C"])
+def test_regularizer_matches_the_papers_equations_with_explicit_affinity_matrices(shape):
+    """TSR (Eqs. 4-6) and CSA (Eqs. 7-9) against the literal [C, C] construction: the thin-Gram
+    version must agree, for a vector representation (P = 1) and spatial / token ones (P > C)."""
+    s = jax.random.normal(jax.random.key(len(shape)), shape) * 1e-3  # batch-mean-sized gradients
+    tau = 0.3
+    reg, aux = regularizer(s, tsr_weight=0.4, csa_weight=1.7, temperature=tau, eps=0.0)
+    tsr, csa = paper_reference(s, tau)
+    np.testing.assert_allclose(aux["tsr"], tsr, rtol=2e-5)
+    np.testing.assert_allclose(aux["csa"], csa, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(reg, 0.4 * tsr + 1.7 * csa, rtol=2e-5, atol=5e-6)
+    np.testing.assert_allclose(aux["tsr_normalized"], tsr / math.log(shape[0]), rtol=2e-5)
+
+
+def test_regularizer_matches_the_equations_on_a_channel_heavy_map():
+    """P < C takes the other Gram branch (P x P) for ||M_t[b]||."""
+    s = jax.random.normal(jax.random.key(9), (2, 3, 2, 1, 6))
+    _, aux = regularizer(s, temperature=0.5, eps=0.0)
+    tsr, csa = paper_reference(s, 0.5)
+    np.testing.assert_allclose([aux["tsr"], aux["csa"]], [tsr, csa], rtol=2e-5, atol=2e-6)
+
+
+def test_task_distribution_is_the_signed_channel_mean_normalised_over_tasks():
+    # [T=2, B=1, H=2, W=1, C=2]: channel means (-1, 0.5) for task 0 and (3, -0.5) for task 1
+    s = jnp.array([[[[[1.0, -3.0]], [[0.5, 0.5]]]], [[[[4.0, 2.0]], [[-1.0, 0.0]]]]])
+    np.testing.assert_allclose(rep_mtl.task_distribution(s, eps=0.0)[:, 0],
+                               [[1 / 4, 0.5 / 1.0], [3 / 4, 0.5 / 1.0]], rtol=1e-6)
 
 
 # ---- TSR --------------------------------------------------------------------------------------
 
 def test_tsr_closed_form_and_bounds():
-    q1, q2 = np.array([0.75, 0.25]), np.array([0.5, 0.5])
-    want = -0.5 * sum(q[p] * math.log(q[p] / (q1[p] + q2[p])) for q in (q1, q2) for p in range(2))
-    saliency = jnp.array([[[3.0, -1.0]], [[0.2, 0.2]]])  # [K=2, B=1, D=2] -> q1, q2 above
-    _, aux = regularizer(saliency, eps=0.0)
-    np.testing.assert_allclose(aux["tsr"], want, rtol=1e-6)
-    # identical distributions: log K (whatever the tasks' scales); disjoint supports: 0
-    same = jnp.array([[[1.0, 2.0, 3.0]], [[-10.0, 20.0, -30.0]], [[0.1, 0.2, 0.3]]])
+    # vector representation: one position per sample; channel means (1, 3) and (-2, 1) per task
+    s = jnp.array([[[0.5, 1.5], [6.0, 0.0]], [[-4.0, 0.0], [0.0, 2.0]]])  # [T=2, B=2, C=2]
+    entropy = lambda p: -sum(x * math.log(x) for x in p)
+    want = 0.5 * (entropy([1 / 3, 2 / 3]) + entropy([3 / 4, 1 / 4]))
+    np.testing.assert_allclose(regularizer(s, eps=0.0)[1]["tsr"], want, rtol=1e-6)
+    # equal |channel mean| for every task: log T; one task alone at every position: 0
+    same = jnp.array([[[1.0, 2.0, 3.0]], [[-2.0, -2.0, -2.0]], [[0.0, 0.0, 6.0]]])
     np.testing.assert_allclose(regularizer(same)[1]["tsr"], math.log(3), rtol=1e-6)
     np.testing.assert_allclose(regularizer(same)[1]["tsr_normalized"], 1.0, rtol=1e-6)
-    disjoint = jnp.array([[[1.0, 0.0, 0.0]], [[0.0, 5.0, 2.0]]])
-    assert float(regularizer(disjoint)[1]["tsr"]) < 1e-6
+    alone = jnp.array([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [5.0, 2.0]]])
+    assert float(regularizer(alone)[1]["tsr"]) < 1e-5
 
 
-def test_tsr_is_the_batch_mean_and_scale_invariant_per_task_and_sample():
-    s = jax.random.normal(jax.random.key(2), (2, 3, 4))
+def test_tsr_is_the_mean_over_positions_and_invariant_to_a_common_scale_only():
+    s = jax.random.normal(jax.random.key(2), (2, 3, 4, 5))  # [T, B, P=4, C]
     tsr = lambda x: float(regularizer(x)[1]["tsr"])
-    np.testing.assert_allclose(tsr(s), np.mean([tsr(s[:, b:b + 1]) for b in range(3)]), rtol=1e-6)
-    scaled = s * jnp.array([1e-3, 50.0])[:, None, None] * jnp.array([2.0, 1e-2, 7.0])[None, :, None]
-    np.testing.assert_allclose(tsr(scaled), tsr(s), rtol=1e-4)
+    per_position = [tsr(s[:, b:b + 1, p:p + 1]) for b in range(3) for p in range(4)]
+    np.testing.assert_allclose(tsr(s), np.mean(per_position), rtol=1e-5)
+    np.testing.assert_allclose(tsr(s * 1e-4), tsr(s), rtol=1e-5)  # batch-mean losses' 1/B
+    assert abs(tsr(s * jnp.array([1.0, 30.0])[:, None, None, None]) - tsr(s)) > 0.05  # task scales matter
 
 
-def test_tsr_decreases_monotonically_as_task_saliencies_become_distinct():
-    overlap = np.linspace(1.0, 0.0, 6)  # task 1 looks at [1, a], task 2 at [a, 1]
-    values = [float(regularizer(jnp.array([[[1.0, a]], [[a, 1.0]]]))[1]["tsr"]) for a in overlap]
+def test_tsr_decreases_monotonically_as_one_task_dominates_each_position():
+    overlap = np.linspace(1.0, 0.0, 6)  # |channel means| (1, a) at position 0 and (a, 1) at position 1
+    values = [float(regularizer(jnp.array([[[1.0], [a]], [[a], [1.0]]]))[1]["tsr"]) for a in overlap]
     assert values[0] == pytest.approx(math.log(2), rel=1e-6)
     assert values[-1] < 1e-6
     assert all(later < earlier for earlier, later in itertools.pairwise(values)), values
@@ -132,38 +180,31 @@ def test_tsr_decreases_monotonically_as_task_saliencies_become_distinct():
 
 # ---- CSA --------------------------------------------------------------------------------------
 
-def test_csa_closed_form_two_samples_two_tasks():
-    g = {0: np.array([[1.0, 0.0], [1.0, 1.0]]), 1: np.array([[0.0, 2.0], [3.0, 1.0]])}  # task -> [B, D]
-    tau = 0.3
-
-    def cos(a, b):
-        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-
-    rows = {}
-    for k, s in g.items():
-        c = cos(s[0], s[1])
-        rows[k] = np.array([[1.0, c], [c, 1.0]]) / math.sqrt(1 + c * c)
-    want = 0.0
-    for k, j in ((0, 1), (1, 0)):
-        for b in range(2):
-            logits = np.array([rows[k][b] @ rows[j][c] for c in range(2)]) / tau
-            want += -(logits[b] - np.log(np.exp(logits).sum()))
-    want /= 4
-    reg, aux = regularizer(jnp.array([g[0], g[1]]), tsr_weight=0.0, csa_weight=2.0, temperature=tau)
-    np.testing.assert_allclose(aux["csa"], want, rtol=1e-5)
-    np.testing.assert_allclose(reg, 2.0 * want, rtol=1e-5)
+def test_csa_closed_form_when_every_sample_is_the_same():
+    """Identical samples: every anchor-anchor cosine is 1, so L_csa = log(B - 1) + 1/tau - mean_t sim_t / tau,
+    with sim_t = <A^, M_t> / (||A^|| ||M_t||) (vector representation: M_t = s_t s_t^T, A^ = sum_t s_t s_t^T)."""
+    s1, s2 = np.array([1.0, 2.0, 0.0]), np.array([0.0, 1.0, -1.0])
+    batch, tau = 4, 0.25
+    s = jnp.array([np.tile(s1, (batch, 1)), np.tile(s2, (batch, 1))])  # [T=2, B=4, C=3]
+    anchor = np.outer(s1, s1) + np.outer(s2, s2)
+    sims = [np.sum(anchor * np.outer(v, v)) / np.linalg.norm(anchor) / np.linalg.norm(np.outer(v, v)) for v in (s1, s2)]
+    want = math.log(batch - 1) + 1 / tau - np.mean(sims) / tau
+    np.testing.assert_allclose(regularizer(s, temperature=tau, eps=0.0)[1]["csa"], want, rtol=1e-5)
 
 
-def test_csa_is_lower_when_tasks_share_the_sample_affinity_structure():
-    s = jax.random.normal(jax.random.key(3), (6, 5))
-    aligned = jnp.stack([s, 3.0 * s])  # same inter-sample structure under both tasks
-    shuffled = jnp.stack([s, 3.0 * s[jnp.array([1, 2, 3, 4, 5, 0])]])
-    csa = lambda x: float(regularizer(x, temperature=0.1)[1]["csa"])
-    assert csa(aligned) < csa(shuffled) - 0.5
-    assert csa(aligned) < math.log(6)  # beats the chance level of the 6-way InfoNCE
-    # nothing to contrast: one task or one sample
-    assert float(regularizer(s[None])[1]["csa"]) == 0.0
-    np.testing.assert_allclose(regularizer(aligned[:, :1])[1]["csa"], 0.0, atol=1e-6)
+def test_csa_is_lower_when_samples_anchors_differ_and_zero_without_negatives():
+    """Negatives are the other samples' anchors: saliencies on disjoint channels per sample (orthogonal
+    anchors) give a lower loss than the same per-sample saliencies all on one channel set."""
+    batch = 4
+    distinct = np.zeros((2, batch, 2 * batch))
+    for b in range(batch):
+        distinct[0, b, 2 * b], distinct[1, b, 2 * b + 1] = 1.0 + b, 2.0  # sample b's own channels
+    shared = np.zeros_like(distinct)
+    for b in range(batch):
+        shared[0, b, 0], shared[1, b, 1] = 1.0 + b, 2.0  # the same values on channels 0 and 1 for every sample
+    csa = lambda x: float(regularizer(jnp.asarray(x, jnp.float32), temperature=0.1)[1]["csa"])
+    assert csa(distinct) < csa(shared) - 1.0
+    assert float(regularizer(jnp.asarray(distinct[:, :1], jnp.float32))[1]["csa"]) == 0.0  # B = 1
 
 
 # ---- gradients --------------------------------------------------------------------------------

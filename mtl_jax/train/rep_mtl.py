@@ -1,59 +1,45 @@
 """Rep-MTL: representation-level task saliency regularisation (Wang, Li & Xu, ICCV 2025, arXiv 2507.21049).
 
 Rep-MTL leaves the optimiser alone (equal weighting) and adds two regularisers computed from the
-*task saliency* ``S_k = dL_k/dz`` of every task loss w.r.t. the shared representation ``z``:
+*task saliency* of every task loss w.r.t. the shared representation ``Z`` (Sec. 3.1, Eq. 3)::
 
-* TSR (Task-specific Saliency Regulation): an entropy penalty that keeps the tasks' saliency
-  distributions over representation positions distinct (mitigates negative transfer);
-* CSA (Cross-task Saliency Alignment): a sample-wise contrastive (InfoNCE) alignment of affinity
-  maps built from the saliencies (promotes complementary sharing).
+    S_t = dL_t/dZ                                                      [B, *spatial, C] per task
 
-The training objective is ``sum_k L_k + tsr_weight * L_TSR + csa_weight * L_CSA``; both regularisers
-depend on ``S`` and are differentiated through it (double backprop).
+The formulas below are the paper's Sec. 3 (read from the arXiv v1 text; the authors released no
+code). Shapes are channels-last as in flax: ``S`` [T, B, *spatial, C] is viewed as [T, B, P, C] with
+P = prod(spatial) positions (P = 1 for a vector representation [B, C]; tokens [B, N, C] have P = N).
 
-Provenance -- read this before citing equation numbers. The paper has no released code, and the
-stored copies of the paper reachable from this project (arXiv HTML, project page, the authors'
-code-less repository Jacky1128/Rep-MTL, third-party reviews) only exposed the abstract and prose
-summaries, not Section 3's equations. Verified from those sources: saliency is the gradient of each
-task loss w.r.t. the shared representation; channel-wise saliency is aggregated into spatial
-distributions; TSR is an entropy-based penalty against blurred / overlapping task saliency; CSA is a
-sample-wise contrastive alignment of saliency affinity maps; both are added to an equally weighted
-loss. Everything below that is more precise than that is *inferred* and may differ from the paper:
+* Eq. 4, channel aggregation: ``S^_t[b, p] = (1/C) sum_c S_t[b, p, c]`` (a signed mean).
+* Eq. 5, task-wise distribution at every one of the B*P positions i:
+  ``P_{i,t} = |S^_{i,t}| / sum_k |S^_{i,k}|``.
+* Eq. 6, TSR (Task-specific Saliency Regulation), the mean entropy over positions::
 
-1. Saliency map (channel aggregation). ``S`` [K, B, *spatial, C] (channels last) is reshaped to
-   [K, B, P, C] with P = prod(spatial) positions; ``M_kbp = mean_c |S_kbpc|``. A vector
-   representation [B, D] has no spatial axis, so the aggregation degenerates: the D features are the
-   positions (P = D, C = 1) and ``M_kbp = |S_kbp|``.
-2. Spatial distribution per task and sample: ``q_kb(p) = (M_kbp + eps) / sum_p' (M_kbp' + eps)``.
-   Normalising each task separately makes TSR invariant to the tasks' loss scales and to the 1/B
-   factor of batch-mean losses (the paper may use a softmax instead).
-3. TSR = the conditional entropy of the task given the position, for a uniform task prior::
+      L_tsr = 1/(B P) sum_i ( -sum_t P_{i,t} log P_{i,t} )          in [0, log T]
 
-       r_b(p)    = (1/K) sum_k q_kb(p)                  (task-averaged mixture)
-       pi_kb(p)  = q_kb(p) / (K r_b(p))                  (task posterior at position p)
-       L_TSR     = (1/B) sum_b sum_p r_b(p) H(pi_.b(p))
-                 = -(1/B) sum_b (1/K) sum_k sum_p q_kb(p) log pi_kb(p)
-                 = log K - JSD(q_1b, ..., q_Kb)            (generalised Jensen-Shannon)
+* Eq. 7, affinity maps ``M_t[b] = S_t[b]^T S_t[b]`` [C, C] (S_t[b] as [P, C]).
+* Eq. 8, anchors ``A_b = (1/P) sum_p S[b, p]`` stacked over tasks as [C, T] (the figure's "Mean(HW),
+  C x T"), ``A^_b = A_b A_b^T`` [C, C]. ``z^a_b`` / ``z^t_b`` are A^_b / M_t[b] flattened and L2-normalised.
+* Eq. 9, CSA (Cross-task Saliency Alignment), with sim the cosine similarity::
 
-   so L_TSR lies in [0, log K]: log K when all tasks share one saliency distribution, 0 when their
-   supports are disjoint. Weighting the per-position entropy by the saliency mass r_b(p) (instead of a
-   plain mean over positions) makes positions no task uses irrelevant.
-4. Affinity maps (sample-wise): ``g_kb = S_kb / ||S_kb||`` (flattened over positions and channels),
-   ``A_k = G_k G_k^T`` [B, B] -- the cosine affinity between samples' saliencies under task k; row
-   ``a_kb = A_k[b, :] / ||A_k[b, :]||`` describes how sample b relates to the batch for task k.
-5. CSA = symmetric InfoNCE over ordered task pairs (k, j), k != j, with the same sample as the
-   positive and the batch's other samples as negatives::
+      L_csa = 1/(B T) sum_b sum_t -log( exp(sim(z^a_b, z^t_b)/tau) / sum_{k != b} exp(sim(z^a_b, z^a_k)/tau) )
 
-       L_CSA = mean_{k != j} mean_b -log( exp(<a_kb, a_jb>/tau) / sum_b' exp(<a_kb, a_jb'>/tau) )
+  The same sample's task affinities are the positives (B x T pairs), the other samples' anchors the
+  negatives (B x (B-1) pairs), as in Fig. 2. The printed Eq. 9 shows one t; we average over t (the
+  figure's B x T positive pairs). As printed, the positive is not in the denominator, so L_csa can be
+  negative. With B = 1 there is no negative and L_csa = 0.
+* Eq. 10: ``L = sum_t L_t + lambda_tsr L_tsr + lambda_csa L_csa``; gradients flow through S (double
+  backprop) into the heads and the trunk.
 
-   With K = 1 there is no task pair and with B = 1 no negative; L_CSA = 0 in both cases.
-6. Defaults ``tsr_weight = csa_weight = 0.1``, ``temperature = 0.5``, ``eps = 1e-8`` are *not* the
-   paper's (which could not be verified); they keep both terms below the task losses at init
-   (L_TSR <= log K, L_CSA ~ log B). ``eps`` must stay > 0 when saliencies can be exactly zero
-   (0 log 0 in TSR, 0/0 in the cosine normalisation).
+No C x C matrix is formed: every Frobenius inner product of Eqs. 7-9 is a Gram of the thin factors,
+``<X X^T, Y Y^T> = ||X^T Y||_F^2`` (P x P or C x C for ||M_t[b]||, whichever is smaller; T x T for the
+anchors; T x P between an anchor and an affinity).
 
-TSR (distinct *where* each task looks) and CSA (shared *relational structure* between samples)
-act on different statistics of ``S``, so they do not cancel each other.
+Defaults: the paper grid-searches lambda_tsr and lambda_csa over {0.7, 0.9, 1.1, 1.3, 1.5} and fixes
+the other at 0.9 in its sensitivity study (App. D.1, Sec. 4.5); it reports neither the chosen values
+nor tau. ``DEFAULT_*_WEIGHT = 0.9`` follows the sensitivity study; ``DEFAULT_TEMPERATURE = 0.5`` is our
+choice. ``eps`` keeps |S^| and the norms away from 0 (0 log 0, 0/0); saliencies are first divided by
+their RMS over the whole batch, which leaves Eqs. 5-9 unchanged (they are invariant
+to one common scale) and keeps the 4th powers of small batch-mean gradients out of float32 underflow.
 """
 
 from __future__ import annotations
@@ -64,17 +50,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-DEFAULT_TSR_WEIGHT = 0.1
-DEFAULT_CSA_WEIGHT = 0.1
+DEFAULT_TSR_WEIGHT = 0.9
+DEFAULT_CSA_WEIGHT = 0.9
 DEFAULT_TEMPERATURE = 0.5
 DEFAULT_EPS = 1e-8
 
 
 def saliency_and_losses(decode_losses: Callable, z: jax.Array, has_aux: bool = False):
-    """``(S [K, B, ...z dims], losses [K], aux)`` from one forward pass and one vmapped VJP.
+    """``(S [T, B, ...z dims], losses [T], aux)`` from one forward pass and one vmapped VJP.
 
-    ``decode_losses(z) -> losses [K]`` (or ``(losses, aux)`` with ``has_aux``). Row k of ``S`` is
-    ``dL_k/dz``; it stays differentiable, so a loss built from ``S`` backpropagates through this VJP
+    ``decode_losses(z) -> losses [T]`` (or ``(losses, aux)`` with ``has_aux``). Row t of ``S`` is
+    ``dL_t/dz``; it stays differentiable, so a loss built from ``S`` backpropagates through this VJP
     into the heads and, via ``z``, into the trunk (double backprop). ``aux`` is None without
     ``has_aux``.
     """
@@ -89,71 +75,79 @@ def saliency_and_losses(decode_losses: Callable, z: jax.Array, has_aux: bool = F
 
 
 def task_saliency(decode_losses: Callable, z: jax.Array) -> jax.Array:
-    """``S`` [K, B, ...z dims] with ``S_k = dL_k/dz`` (Rep-MTL's representation-level task saliency)."""
+    """``S`` [T, B, ...z dims] with ``S_t = dL_t/dz`` (Rep-MTL's representation-level task saliency)."""
     return saliency_and_losses(decode_losses, z)[0]
 
 
 def positions_by_channels(saliency: jax.Array) -> jax.Array:
-    """[K, B, D] -> [K, B, D, 1] (features are positions); [K, B, *spatial, C] -> [K, B, P, C]."""
+    """[T, B, *spatial, C] -> [T, B, P, C] with P = prod(spatial); a vector representation [T, B, C] gives P = 1."""
     if saliency.ndim < 3:
-        raise ValueError(f"saliency needs shape [K, B, ...]; got {saliency.shape}")
-    if saliency.ndim == 3:
-        return saliency[..., None]
-    k, b, c = saliency.shape[0], saliency.shape[1], saliency.shape[-1]
-    return saliency.reshape(k, b, -1, c)
+        raise ValueError(f"saliency needs shape [T, B, ..., C]; got {saliency.shape}")
+    num_tasks, batch, channels = saliency.shape[0], saliency.shape[1], saliency.shape[-1]
+    return saliency.reshape(num_tasks, batch, -1, channels)
 
 
-def spatial_distribution(saliency: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
-    """``q`` [K, B, P]: channel-mean |S| normalised over positions, per task and sample (item 1-2)."""
-    magnitude = jnp.mean(jnp.abs(positions_by_channels(saliency)), axis=-1) + eps
-    return magnitude / jnp.sum(magnitude, axis=-1, keepdims=True)
+def rms_normalized(saliency: jax.Array) -> jax.Array:
+    """``S / RMS(S)``, the RMS over every entry (Eqs. 5-9 are invariant to this common scale; only the
+    ``eps`` terms see it). Differentiated through, so gradients are those of the value computed."""
+    rms = jnp.sqrt(jnp.mean(jnp.square(saliency)))
+    return saliency / jnp.maximum(rms, jnp.finfo(saliency.dtype).tiny)
 
 
-def tsr_loss(q: jax.Array) -> jax.Array:
-    """TSR: conditional entropy H(task | position) in nats, mean over the batch (item 3). q [K, B, P]."""
-    num_tasks = q.shape[0]
-    log_posterior = jnp.log(q) - jnp.log(jnp.sum(q, axis=0, keepdims=True))
-    return -jnp.sum(q * log_posterior) / (num_tasks * q.shape[1])
+def task_distribution(saliency: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+    """``P`` [T, B, P] (Eqs. 4-5): the channel mean of S, then |.| normalised over the T tasks at
+    every (sample, position). ``saliency`` [T, B, *spatial, C]."""
+    channel_mean = jnp.mean(positions_by_channels(saliency), axis=-1)  # Eq. 4
+    magnitude = jnp.abs(channel_mean) + eps
+    return magnitude / jnp.sum(magnitude, axis=0, keepdims=True)  # Eq. 5
 
 
-def _unit_rows(x: jax.Array, eps: float) -> jax.Array:
-    """x / ||x|| over the last axis, smooth at 0 (the norm is sqrt(sum x^2 + eps))."""
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+def tsr_loss(distribution: jax.Array) -> jax.Array:
+    """Eq. 6: the entropy over tasks, averaged over the B * P positions. ``distribution`` [T, B, P]."""
+    positions = distribution.shape[1] * distribution.shape[2]
+    return -jnp.sum(distribution * jnp.log(distribution)) / positions
 
 
-def sample_affinity(saliency: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
-    """``A`` [K, B, B]: cosine affinity between the samples' saliencies, per task (item 4)."""
-    flat = saliency.reshape(saliency.shape[0], saliency.shape[1], -1)
-    unit = _unit_rows(flat, eps)
-    return jnp.einsum("kbd,kcd->kbc", unit, unit)
+def _gram_norm_sq(s: jax.Array) -> jax.Array:
+    """``||S^T S||_F^2`` per (task, sample) for ``s`` [T, B, P, C], from the smaller Gram (P x P or C x C)."""
+    spec = "tbpc,tbqc->tbpq" if s.shape[2] <= s.shape[3] else "tbpc,tbpd->tbcd"
+    return jnp.sum(jnp.square(jnp.einsum(spec, s, s)), axis=(-2, -1))
 
 
-def csa_loss(affinity: jax.Array, temperature: float = DEFAULT_TEMPERATURE,
+def csa_loss(saliency: jax.Array, temperature: float = DEFAULT_TEMPERATURE,
              eps: float = DEFAULT_EPS) -> jax.Array:
-    """CSA: InfoNCE between tasks' affinity rows, same sample = positive (item 5). affinity [K, B, B]."""
-    num_tasks, batch = affinity.shape[0], affinity.shape[1]
-    if num_tasks < 2:
-        return jnp.zeros((), affinity.dtype)
-    rows = _unit_rows(affinity, eps)
-    logits = jnp.einsum("kbd,jcd->kjbc", rows, rows) / temperature
-    log_prob = jax.nn.log_softmax(logits, axis=-1)
-    positive = jnp.diagonal(log_prob, axis1=-2, axis2=-1)  # [K, K, B]
-    off_diagonal = 1.0 - jnp.eye(num_tasks, dtype=affinity.dtype)
-    return -jnp.sum(positive * off_diagonal[..., None]) / (num_tasks * (num_tasks - 1) * batch)
+    """Eqs. 7-9: the contrastive alignment of each sample's task affinities ``M_t[b] = S_t[b]^T S_t[b]``
+    with its anchor ``A^_b = A_b A_b^T`` against the other samples' anchors. ``saliency`` [T, B, *spatial, C]."""
+    s = positions_by_channels(saliency)
+    batch = s.shape[1]
+    if batch < 2:
+        return jnp.zeros((), s.dtype)
+    anchor_columns = jnp.mean(s, axis=2)  # [T, B, C]: A_b's columns (Eq. 8)
+    affinity_sq = _gram_norm_sq(s)  # [T, B]: ||M_t[b]||^2
+    # <A^_b, A^_k> = ||A_b^T A_k||_F^2 for every pair of samples
+    anchor_inner = jnp.sum(jnp.square(jnp.einsum("tbc,ukc->bktu", anchor_columns, anchor_columns)), axis=(-2, -1))
+    anchor_norm = jnp.sqrt(jnp.diagonal(anchor_inner) + eps)  # [B]
+    # <A^_b, M_t[b]> = sum_u ||S_t[b] A_b[:, u]||^2
+    positive_inner = jnp.sum(jnp.square(jnp.einsum("tbpc,ubc->tbup", s, anchor_columns)), axis=(-2, -1))
+    positive = positive_inner / (anchor_norm[None, :] * jnp.sqrt(affinity_sq + eps))  # [T, B]
+    negative = anchor_inner / (anchor_norm[:, None] * anchor_norm[None, :])  # [B, B]
+    others = jnp.where(jnp.eye(batch, dtype=bool), -jnp.inf, negative / temperature)
+    log_denominator = jax.nn.logsumexp(others, axis=1)  # [B]: sum over k != b
+    return jnp.mean(log_denominator[None, :] - positive / temperature)
 
 
 def rep_mtl_regularizer(saliency: jax.Array, *, tsr_weight: float = DEFAULT_TSR_WEIGHT,
                         csa_weight: float = DEFAULT_CSA_WEIGHT, temperature: float = DEFAULT_TEMPERATURE,
                         eps: float = DEFAULT_EPS):
-    """``(tsr_weight * L_TSR + csa_weight * L_CSA, aux)`` from ``S`` [K, B, ...z dims].
+    """``(tsr_weight * L_tsr + csa_weight * L_csa, aux)`` from ``S`` [T, B, *spatial, C] (Eq. 10's terms).
 
-    ``aux``: ``tsr`` and ``csa`` (unweighted, in nats) and ``tsr_normalized`` = L_TSR / log K in
-    [0, 1] (0 for K = 1). Computed in float32 at least.
+    ``aux``: ``tsr`` and ``csa`` (unweighted) and ``tsr_normalized`` = L_tsr / log T in [0, 1] (0 for
+    T = 1). Computed in float32 at least, on the RMS-normalised saliency.
     """
     dtype = jnp.promote_types(saliency.dtype, jnp.float32)
-    saliency = saliency.astype(dtype)
-    tsr = tsr_loss(spatial_distribution(saliency, eps))
-    csa = csa_loss(sample_affinity(saliency, eps), temperature, eps)
+    saliency = rms_normalized(saliency.astype(dtype))
+    tsr = tsr_loss(task_distribution(saliency, eps))
+    csa = csa_loss(saliency, temperature, eps)
     num_tasks = saliency.shape[0]
     normalized = tsr / math.log(num_tasks) if num_tasks > 1 else jnp.zeros((), dtype)
     aux = {"tsr": tsr, "csa": csa, "tsr_normalized": normalized}
@@ -165,7 +159,7 @@ def rep_mtl_loss(decode_losses: Callable, z: jax.Array, *, has_aux: bool = False
                  temperature: float = DEFAULT_TEMPERATURE, eps: float = DEFAULT_EPS):
     """``(regulariser, aux)`` for ``z`` [B, ...]; the train step adds ``sum(aux["losses"])`` (EW).
 
-    ``aux`` holds the regulariser's terms (see ``rep_mtl_regularizer``), the task ``losses`` [K]
+    ``aux`` holds the regulariser's terms (see ``rep_mtl_regularizer``), the task ``losses`` [T]
     from the same forward pass, and ``decode_aux`` (e.g. predictions) when ``has_aux``.
     Differentiate the total w.r.t. the head params (closed over by ``decode_losses``) and the
     trunk params (through ``z``) with one ``jax.grad``.
