@@ -224,3 +224,28 @@ def test_stacked_copies_are_independent_modules(num):
         same = jax.tree.map(lambda a: jnp.broadcast_to(a[:1], a.shape), params["experts"])
         dropped = Copies().apply({"params": {"experts": same}}, x, True, rngs={"dropout": jax.random.key(2)})
         assert not np.allclose(dropped[0], dropped[1])
+
+
+def test_image_models_on_vector_inputs_fail_at_init_naming_model_and_input():
+    """An image encoder on a tabular dataset fails before any trace, naming the model, trunk and
+    input shape; a model that cannot be traced on the data is re-raised naming model, dataset and tasks."""
+    from mtl_jax.config import load_config
+    from mtl_jax.data import from_arrays
+    from mtl_jax.models.moe_vit import M3ViT
+    from mtl_jax.train.trainer import build_experiment
+
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(8, 16)).astype(np.float32), "a": rng.integers(0, 3, 8), "c": rng.normal(size=(8, 2))}
+    tabular = from_arrays("tab", {"train": arrays, "test": arrays}, [T.classification("a", 3), T.regression("c", 2)],
+                          input_key="x")
+    for file, what in (("multimnist.py", "model 'hps' with trunk 'lenet'"), ("multimnist_m3vit.py", "model 'm3vit'"),
+                       ("multimnist_mtan.py", "model 'mtan' with trunk 'lenet'")):
+        with pytest.raises(ValueError, match=rf"{what} needs images \[H, W, C\] per example; input 'x' has shape "
+                                             r"\(16,\) per example"):
+            build_experiment(load_config(f"configs/{file}:smoke"), tabular)
+    bad = load_config("configs/digits_mlp.py:smoke", ["model.name='cgc'", "model.arch_kwargs={'num_specific_experts': (1, 2, 3)}"])
+    with pytest.raises(ValueError, match=r"model 'cgc' cannot be initialised on dataset 'tab' \(input 'x' \(16,\) float32 "
+                                         r"per example; tasks \['a \(classification, 3 outputs\)'.*num_specific_experts"):
+        build_experiment(bad, tabular)
+    with pytest.raises(ValueError, match="moe_every must be >= 1; got 0"):
+        M3ViT(heads={}, moe_every=0)

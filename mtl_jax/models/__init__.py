@@ -43,4 +43,21 @@ def build_model(cfg, tasks: Sequence) -> nn.Module:
     return lookup(MODELS, cfg.name, "model")(cfg, tasks)
 
 
-__all__ = ["MODELS", "TRUNKS", "HEADS", "build_model", "HardParameterSharing"]
+# Encoders that convolve or cut patches: their per-example input must be an image [H, W, C].
+IMAGE_TRUNKS = ("lenet", "vit")
+IMAGE_MODELS = ("slimmable", "m3vit", "mod_squad")
+OWN_ENCODER = IMAGE_MODELS + ("multitab", "deeponet")  # models that do not read cfg.trunk
+
+
+def check_input(cfg, example_shape: Sequence[int], input_key: str = "image") -> None:
+    """Raises naming the model, its trunk and the input when an image encoder gets no [H, W, C] input
+    (e.g. LeNet / ViT / M3ViT on a tabular dataset), instead of a shape error inside a convolution."""
+    trunk = None if cfg.name in OWN_ENCODER else cfg.get("trunk")
+    if (cfg.name in IMAGE_MODELS or trunk in IMAGE_TRUNKS) and len(example_shape) != 3:
+        what = f"model '{cfg.name}'" + (f" with trunk '{trunk}'" if trunk else "")
+        raise ValueError(f"{what} needs images [H, W, C] per example; input '{input_key}' has shape "
+                         f"{tuple(example_shape)} per example (for vector inputs use model 'hps' with trunk 'mlp', "
+                         f"an architecture on trunk 'mlp', or 'multitab')")
+
+
+__all__ = ["MODELS", "TRUNKS", "HEADS", "build_model", "check_input", "HardParameterSharing"]

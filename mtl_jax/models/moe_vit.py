@@ -182,9 +182,9 @@ class TaskMoEViT(nn.Module):
     group_size: int = 0
 
     def __post_init__(self):
-        moe_blocks = self.moe_block_indices()
         if self.moe_every < 1:
             raise ValueError(f"moe_every must be >= 1; got {self.moe_every}")
+        moe_blocks = self.moe_block_indices()
         if self.experts_kept and len(self.experts_kept) != len(moe_blocks):
             raise ValueError(f"experts_kept has {len(self.experts_kept)} entries for {len(moe_blocks)} MoE blocks "
                              f"{moe_blocks}")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
-from mtl_jax.models import build_model
+from mtl_jax.models import build_model, check_input
 from mtl_jax.train import checkpoint as ckpt
 from mtl_jax.train.methods import METHODS, get_method, hyperparameters
 from mtl_jax.train.optim import make_optimizers, map_groups
@@ -121,6 +121,18 @@ def build_method(method_cfg, model, sample_input, num_tasks: int):
     return get_method(name, **hparams)
 
 
+def abstract_init(init_fn: Callable, model_name: str, dataset, sample) -> Any:
+    """``jax.eval_shape(init_fn)``; a shape or type error while tracing the model's init is re-raised
+    naming the model, the dataset, its input and its tasks (the trace's own message is kept)."""
+    try:
+        return jax.eval_shape(init_fn)
+    except (TypeError, ValueError) as err:
+        tasks = [f"{t.name} ({t.kind}, {t.num_outputs} outputs)" for t in dataset.tasks]
+        raise ValueError(f"model '{model_name}' cannot be initialised on dataset '{dataset.name}' (input "
+                         f"'{dataset.input_key}' {tuple(sample.shape[1:])} {sample.dtype} per example; tasks {tasks}): "
+                         f"{err}") from err
+
+
 def build_experiment(config, dataset=None) -> Experiment:
     dataset = get_dataset(config.data) if dataset is None else dataset
     tasks = dataset.tasks
@@ -129,10 +141,11 @@ def build_experiment(config, dataset=None) -> Experiment:
     steps = total_steps(config, len(dataset.splits["train"]))
     optimizers = make_optimizers(config, dataset.task_names, steps)
     sample = jnp.asarray(dataset.splits["train"][0][dataset.input_key])[None]
+    check_input(config.model, sample.shape[1:], dataset.input_key)
     method = build_method(config.method, model, sample, len(tasks))
 
     init_fn = lambda: init_state(model, optimizers, method, tasks, sample, config.seed)
-    abstract = jax.eval_shape(init_fn)
+    abstract = abstract_init(init_fn, config.model.name, dataset, sample)
     state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules)
     data_sharding = batch_sharding(mesh)
     train_step = jax.jit(make_train_step(model, tasks, optimizers, method, dataset.input_key, config.sharpness,
