@@ -1,7 +1,9 @@
 """Model merging as pure pytree arithmetic.
 
 Every merge method is ``fn(pretrained, finetuned, **hparams) -> params``: ``pretrained`` is a
-pytree of arrays, ``finetuned`` a list of trees with the same structure and shapes, and the result
+pytree of arrays, ``finetuned`` a list of trees with the same structure and shapes (or a dict
+``{task name: tree}``, taken in its order; task vectors go to the ``*_vector`` functions, e.g.
+``task_arithmetic_vector``, ``ties_merge_vector``, stacked by ``as_stacked``), and the result
 has the pretrained structure and dtypes (bf16 stays bf16; arithmetic runs in fp32). Methods are
 jittable with the hyperparameters bound statically, e.g.
 ``jax.jit(functools.partial(ties_merging, top_k=0.2, lam=1.0))(pretrained, finetuned)``, and
@@ -77,6 +79,7 @@ from mtl_jax.merging.svd_merging import (
 )
 from mtl_jax.merging.task_vectors import (
     apply_task_vector,
+    as_stacked,
     gram_cosines,
     stacked_task_vectors,
     task_vector,
@@ -99,11 +102,14 @@ from mtl_jax.merging.tree import (
     leaf_paths,
     merge_subset,
     merge_subset_per_task,
+    model_list,
     num_layers,
     select_mask,
     stack_trees,
     unstack_tree,
 )
+
+apply = apply_task_vector  # theta_0 + scale * tau, the name of Ilharco et al.'s API
 
 MERGE_METHODS: dict[str, Callable] = {
     "weight_average": weight_average,

@@ -14,7 +14,7 @@ from mtl_jax.merging.task_vectors import (
     apply_task_vector,
     stacked_task_vectors,
 )
-from mtl_jax.merging.tree import Params, check_compatible
+from mtl_jax.merging.tree import Models, Params, check_compatible, model_list
 
 
 def per_task_weights(weights: Optional[Sequence[float] | jax.Array], num: int) -> jax.Array:
@@ -27,7 +27,7 @@ def per_task_weights(weights: Optional[Sequence[float] | jax.Array], num: int) -
 
 
 def weight_average(
-    pretrained: Params, finetuned: Sequence[Params], weights: Optional[Sequence[float]] = None
+    pretrained: Params, finetuned: Models, weights: Optional[Sequence[float]] = None
 ) -> Params:
     """Weighted parameter average ``theta = sum_t w_t theta_t / sum_t w_t`` (uniform by default).
 
@@ -35,6 +35,7 @@ def weight_average(
     Izmailov et al. 2018). ``pretrained`` only fixes structure and output dtypes.
     Leaves: any shape; output has the pretrained structure and dtypes; sums in fp32.
     """
+    finetuned = model_list(pretrained, finetuned)
     check_compatible(pretrained, finetuned)
     w = per_task_weights(weights, len(finetuned))
     w = w / jnp.sum(w)
@@ -79,7 +80,7 @@ def task_arithmetic_vector(stacked_tau: Params, lam: float | Sequence[float] | P
 
 
 def task_arithmetic(
-    pretrained: Params, finetuned: Sequence[Params], lam: float | Sequence[float] = 0.3
+    pretrained: Params, finetuned: Models, lam: float | Sequence[float] = 0.3
 ) -> Params:
     """Task arithmetic: ``theta = theta_0 + lam * sum_t (theta_t - theta_0)``.
 
@@ -134,7 +135,7 @@ class GreedySoupResult(NamedTuple):
 
 
 def greedy_soup(
-    pretrained: Params, finetuned: Sequence[Params], validation_fn: Callable[[Params], float]
+    pretrained: Params, finetuned: Models, validation_fn: Callable[[Params], float]
 ) -> GreedySoupResult:
     """Greedy model soup: add models in order of validation score, keep each only if it helps.
 
@@ -148,6 +149,7 @@ def greedy_soup(
     Costs ``2T - 1`` validation calls (T individual, T - 1 candidate soups), run eagerly.
     ``validation_fn``: ``params -> score``, higher is better.
     """
+    finetuned = model_list(pretrained, finetuned)
     if len(finetuned) == 0:
         raise ValueError("greedy_soup needs at least one finetuned model")
     check_compatible(pretrained, finetuned)

@@ -7,14 +7,14 @@ task t's model ``theta_0 + s_t * M_t * tau_uni``.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.merging.masks import pack_mask_tree, unpack_mask_tree
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
-from mtl_jax.merging.tree import Params
+from mtl_jax.merging.tree import Models, Params
 
 
 class EMRModel(NamedTuple):
@@ -53,7 +53,7 @@ def emr_rescalers(stacked_tau: Params, tau_uni: Params, masks: Params) -> jax.Ar
     return num / den
 
 
-def emr_merging(pretrained: Params, finetuned: Sequence[Params]) -> EMRModel:
+def emr_merging(pretrained: Params, finetuned: Models) -> EMRModel:
     """EMR-Merging (Alg. 1): elect tau_uni, bit-packed masks M_t and rescalers s_t. Tuning-free."""
     tau = stacked_task_vectors(finetuned, pretrained)
     tau_uni, masks = emr_elect(tau)

@@ -17,7 +17,15 @@ import numpy as np
 
 from mtl_jax.merging.arithmetic import per_task_weights
 from mtl_jax.merging.task_vectors import accum_dtype
-from mtl_jax.merging.tree import Params, check_compatible, leaf_paths, map_with_path, replicate_if_explicit
+from mtl_jax.merging.tree import (
+    Models,
+    Params,
+    check_compatible,
+    leaf_paths,
+    map_with_path,
+    model_list,
+    replicate_if_explicit,
+)
 
 
 def _f32(x):
@@ -27,7 +35,7 @@ def _f32(x):
 
 def fisher_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     fishers: Sequence[Params],
     fisher_floor: float = 1e-6,
     weights: Optional[Sequence[float]] = None,
@@ -41,6 +49,7 @@ def fisher_merging(
     zero Fisher in every model well defined (they fall back to the weighted average).
     ``pretrained`` fixes structure and output dtypes.
     """
+    finetuned = model_list(pretrained, finetuned)
     if len(fishers) != len(finetuned):
         raise ValueError(f"got {len(fishers)} Fisher trees for {len(finetuned)} models")
     check_compatible(pretrained, finetuned)
@@ -71,7 +80,7 @@ def regmean_solve(kernels: jax.Array, grams: jax.Array, alpha: float = 0.95) -> 
 
 def regmean_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     grams: Sequence[Mapping[str, jax.Array]],
     alpha: float = 0.95,
 ) -> Params:
@@ -84,6 +93,7 @@ def regmean_merging(
     (~256 examples in the paper). Kernels may have trailing output axes (DenseGeneral): they are
     reshaped to (d_in, -1). Raises ValueError naming the path and shapes on mismatch.
     """
+    finetuned = model_list(pretrained, finetuned)
     if len(grams) != len(finetuned):
         raise ValueError(f"got {len(grams)} Gram dicts for {len(finetuned)} models")
     check_compatible(pretrained, finetuned)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+
 
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.merging.task_vectors import accum_dtype, stacked_task_vectors
-from mtl_jax.merging.tree import Params, check_compatible, replicate_if_explicit
+from mtl_jax.merging.tree import Models, Params, check_compatible, model_list, replicate_if_explicit
 
 
 def _f32(x):
@@ -40,13 +40,14 @@ def slerp_leaf(v0: jax.Array, v1: jax.Array, t: float, dot_threshold: float = 0.
 
 def slerp(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     t: float = 0.5,
     dot_threshold: float = 0.9995,
 ) -> Params:
     """SLERP of exactly two models, tensor by tensor (:func:`slerp_leaf`), ``t=0`` gives
     ``finetuned[0]``, ``t=1`` gives ``finetuned[1]``. ``pretrained`` only fixes structure/dtypes
     (SLERP interpolates the weights themselves, as MergeKit does)."""
+    finetuned = model_list(pretrained, finetuned)
     if len(finetuned) != 2:
         raise ValueError(f"SLERP merges exactly 2 models, got {len(finetuned)}")
     check_compatible(pretrained, finetuned)
@@ -73,7 +74,7 @@ def _mean_pairwise_cos(x: jax.Array, eps: float) -> jax.Array:
     return jnp.cos(jnp.mean(jnp.arccos(cos[iu])))
 
 
-def model_stock(pretrained: Params, finetuned: Sequence[Params], eps: float = 1e-8) -> Params:
+def model_stock(pretrained: Params, finetuned: Models, eps: float = 1e-8) -> Params:
     """Model Stock (Jang, Yun, Han, "Model Stock: All we need is just a few fine-tuned models",
     ECCV 2024), per layer (leaf):
 
@@ -83,6 +84,7 @@ def model_stock(pretrained: Params, finetuned: Sequence[Params], eps: float = 1e
     With k > 2 models the angle is the mean of the pairwise angles (the reference code's rule).
     Needs k >= 2. Deltas in fp32; output in the pretrained dtypes.
     """
+    finetuned = model_list(pretrained, finetuned)
     if len(finetuned) < 2:
         raise ValueError(f"Model Stock needs at least 2 fine-tuned models, got {len(finetuned)}")
     num = len(finetuned)

@@ -35,13 +35,7 @@ from mtl_jax.merging.arithmetic import task_arithmetic_vector
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
 from mtl_jax.merging.threshold import topk_trim
 from mtl_jax.merging.ties import elect_sign
-from mtl_jax.merging.tree import (
-    LayerIndexFn,
-    Params,
-    check_compatible,
-    replace_flat,
-    select_flat,
-)
+from mtl_jax.merging.tree import LayerIndexFn, Models, Params, check_compatible, model_list, replace_flat, select_flat
 
 Objective = Callable[[Params, jax.Array], jax.Array]
 Validate = Callable[[Params], float]
@@ -153,7 +147,7 @@ def _task_vectors(finetuned_flat, pretrained_flat, top_k: Optional[float] = None
 
 def _setup(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     *,
     granularity: str,
     layer_index: Optional[LayerIndexFn],
@@ -161,6 +155,7 @@ def _setup(
     exclude: Optional[str | Iterable[str]],
     top_k: Optional[float] = None,
 ) -> _Problem:
+    finetuned = model_list(pretrained, finetuned)
     if len(finetuned) == 0:
         raise ValueError("learned merging needs at least one fine-tuned model")
     check_compatible(pretrained, finetuned)
@@ -281,7 +276,7 @@ def optimise_coefficients(
 
 def adamerging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     objective: Objective,
     *,
     granularity: str = "layer",
@@ -329,7 +324,7 @@ def adamerging(
 
 def atlas(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     objective: Objective,
     *,
     init: float = 0.0,
@@ -376,7 +371,7 @@ def atlas(
 
 def self_positioning(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     objective: Objective,
     *,
     init: Optional[float] = None,

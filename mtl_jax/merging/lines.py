@@ -9,7 +9,7 @@ leaves outside numbered blocks (embeddings, final norm, heads) get ``alpha``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import numpy as np
@@ -22,7 +22,14 @@ from mtl_jax.merging.task_vectors import (
     tree_sum_tasks,
 )
 from mtl_jax.merging.ties import ties_merge_vector
-from mtl_jax.merging.tree import LayerIndexFn, Params, default_layer_index, map_with_path, num_layers
+from mtl_jax.merging.tree import (
+    LayerIndexFn,
+    Models,
+    Params,
+    default_layer_index,
+    map_with_path,
+    num_layers,
+)
 
 
 def lines_schedule(num_blocks: int, alpha: float, beta: float) -> np.ndarray:
@@ -87,7 +94,7 @@ def lines_alpha(stacked_tau: Params, merged_tau: Params) -> jax.Array:
 
 def lines_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     beta: float = 0.5,
     base: str = "ta",
     top_k: float = 0.2,

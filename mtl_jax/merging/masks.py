@@ -17,7 +17,7 @@ import numpy as np
 
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors, tree_sum_tasks
 from mtl_jax.merging.ties import ties_merge_vector
-from mtl_jax.merging.tree import Params, check_compatible, num_stacked, replicate_if_explicit
+from mtl_jax.merging.tree import Models, Params, check_compatible, num_stacked, replicate_if_explicit
 
 
 # -------------------------------------------------------------------------------- bit packing
@@ -97,7 +97,7 @@ class TallMaskModel(NamedTuple):
 
 def tall_mask_compress(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     lam: float | Sequence[float] = 0.4,
     merged_tau: Optional[Params] = None,
 ) -> TallMaskModel:
@@ -139,7 +139,7 @@ def consensus_mask(masks: Params, k: int = 2) -> Params:
 
 def consensus_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     k: int = 2,
     tall_lambda: float | Sequence[float] = 0.4,
     lam: Optional[float] = None,

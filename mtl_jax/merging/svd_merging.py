@@ -19,13 +19,13 @@ random cases did not hang, so the trigger depends on sizes and scheduling).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
-from mtl_jax.merging.tree import Params, map_with_path, path_selected, replicate_if_explicit
+from mtl_jax.merging.tree import Models, Params, map_with_path, path_selected, replicate_if_explicit
 
 
 def polar_factor(a: jax.Array) -> jax.Array:
@@ -83,7 +83,7 @@ def tsv_matrix(stack: jax.Array) -> jax.Array:
 
 def tsv_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     alpha: float = 1.0,
     exclude: Optional[str | Iterable[str]] = None,
 ) -> Params:
@@ -105,7 +105,7 @@ def iso_c_matrix(stack: jax.Array) -> jax.Array:
 
 def iso_c_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     alpha: float = 1.0,
     exclude: Optional[str | Iterable[str]] = None,
 ) -> Params:
@@ -162,7 +162,7 @@ def iso_cts_matrix(stack: jax.Array, common_fraction: float = 0.8) -> jax.Array:
 
 def iso_cts_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     alpha: float = 1.0,
     common_fraction: float = 0.8,
     exclude: Optional[str | Iterable[str]] = None,

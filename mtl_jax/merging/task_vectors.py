@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.merging.tree import Params, check_compatible, stack_trees
+from mtl_jax.merging.tree import Models, Params, check_compatible, model_list, stack_trees
 
 
 def accum_dtype(dtype: Any) -> Any:
@@ -34,8 +34,9 @@ def task_vector(finetuned: Params, pretrained: Params) -> Params:
     return jax.tree_util.tree_map(lambda f, p: _f32(f) - _f32(p), finetuned, pretrained)
 
 
-def stacked_task_vectors(finetuned: Sequence[Params], pretrained: Params) -> Params:
+def stacked_task_vectors(finetuned: Models, pretrained: Params) -> Params:
     """T task vectors as one stacked tree: every leaf has shape ``(T, *leaf_shape)``, float32."""
+    finetuned = model_list(pretrained, finetuned)
     check_compatible(pretrained, finetuned)
     return jax.tree_util.tree_map(
         lambda p, *fs: jnp.stack([_f32(f) for f in fs]) - _f32(p)[None], pretrained, *finetuned

@@ -4,7 +4,7 @@ Homologous Models as a Free Lunch", ICML 2024)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from mtl_jax.counter_random import GOLDEN32, counter_words, key_seed, mix32, str
 from mtl_jax.merging.arithmetic import task_arithmetic_vector
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
 from mtl_jax.merging.threshold import topk_trim
-from mtl_jax.merging.tree import Params
+from mtl_jax.merging.tree import Models, Params
 
 
 def elect_sign(stacked_tau: Params) -> Params:
@@ -59,7 +59,7 @@ def ties_merge_vector(
 
 def ties_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     top_k: float = 0.2,
     lam: float = 1.0,
     per_tensor: bool = False,
@@ -130,7 +130,7 @@ def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
 
 def dare_merging(
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     key: jax.Array,
     p: float = 0.9,
     combine: str = "ta",

@@ -12,13 +12,14 @@ carrying an extra leading axis of size T (one slice per task), built by :func:`s
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Params = Any
+Models = Sequence[Params] | Mapping[str, Params]  # fine-tuned models: a list, or {task name: params}
 LayerIndexFn = Callable[[str], Optional[int]]
 
 # A block index is a segment starting with one of these names, then `_`, `.` or `/`, then digits,
@@ -47,6 +48,17 @@ def flatten_with_paths(tree: Params) -> list[tuple[str, Any]]:
     """``[(path_str, leaf), ...]`` in ``jax.tree_util`` leaf order."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(path_to_str(p), leaf) for p, leaf in leaves]
+
+
+def model_list(pretrained: Params, finetuned: Models) -> list[Params]:
+    """The fine-tuned models as a list: a list / tuple as given, a dict ``{task name: params}`` as its
+    values in order. One tree with the pretrained structure is refused (a merge takes a collection)."""
+    if isinstance(finetuned, Mapping):
+        if jax.tree_util.tree_structure(finetuned) == jax.tree_util.tree_structure(pretrained):
+            raise ValueError("finetuned is one model with the pretrained structure; pass a list of models or a dict "
+                             "{task name: model}")
+        return list(finetuned.values())
+    return list(finetuned)
 
 
 def leaf_paths(tree: Params) -> list[str]:
@@ -200,7 +212,7 @@ def replace_flat(tree: Params, flat: dict[str, Any]) -> Params:
 def merge_subset(
     merge_fn: Callable[..., Params],
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     include: Optional[str | Iterable[str]] = None,
     exclude: Optional[str | Iterable[str]] = None,
     **hparams: Any,
@@ -210,6 +222,7 @@ def merge_subset(
     Global statistics of the method (TIES top-k threshold, LiNeS norms, ...) are computed over
     the selected leaves only. Example: ``merge_subset(ties_merging, p0, fts, include="shared/.*")``.
     """
+    finetuned = model_list(pretrained, finetuned)
     check_compatible(pretrained, finetuned)
     sub0 = select_flat(pretrained, include, exclude)
     subs = [select_flat(f, include, exclude) for f in finetuned]
@@ -220,7 +233,7 @@ def merge_subset(
 def merge_subset_per_task(
     merge_fn: Callable[..., Params],
     pretrained: Params,
-    finetuned: Sequence[Params],
+    finetuned: Models,
     include: Optional[str | Iterable[str]] = None,
     exclude: Optional[str | Iterable[str]] = None,
     **hparams: Any,
@@ -230,6 +243,7 @@ def merge_subset_per_task(
     E.g. ``merge_subset_per_task(task_arithmetic, p0, fts, include="shared/.*")`` gives, for
     every task t, the merged ``shared/...`` trunk with ``heads/...`` taken from ``finetuned[t]``.
     """
+    finetuned = model_list(pretrained, finetuned)
     check_compatible(pretrained, finetuned)
     sub0 = select_flat(pretrained, include, exclude)
     subs = [select_flat(f, include, exclude) for f in finetuned]

@@ -162,3 +162,26 @@ def test_task_vector_cosines_match_flattened_reference():
     cos = np.asarray(task_vector_cosines(stacked))
     np.testing.assert_allclose(cos, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([cos[0, 2], cos[0, 3]], [1.0, -1.0], rtol=1e-5)
+
+
+def test_methods_take_a_dict_of_models_in_its_order_and_refuse_a_single_model():
+    """``finetuned`` as ``{task: params}`` gives the list result (values in order), for methods that
+    stack task vectors, iterate the models, or count them; one model alone is refused."""
+    from mtl_jax.merging import MERGE_METHODS, apply, as_stacked, emr_merging, task_arithmetic_vector
+
+    pre = random_tree(np.random.default_rng(0))
+    fts = [random_tree(np.random.default_rng(i)) for i in (1, 2, 3)]
+    named = dict(zip(("c", "a", "b"), fts))
+    for name in ("weight_average", "task_arithmetic", "ties", "tsv", "model_stock", "consensus"):
+        got, want = MERGE_METHODS[name](pre, named), MERGE_METHODS[name](pre, fts)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(g, w, err_msg=name)
+    emr = emr_merging(pre, named)
+    np.testing.assert_array_equal(emr.rescalers, emr_merging(pre, fts).rescalers)
+    with pytest.raises(ValueError, match="finetuned is one model with the pretrained structure"):
+        task_arithmetic(pre, fts[0])
+    # task vectors: stacked by as_stacked, merged by the *_vector functions, applied by apply
+    taus = [task_vector(f, pre) for f in fts]
+    merged = apply(pre, task_arithmetic_vector(as_stacked(taus, pre), 0.3))
+    for g, w in zip(jax.tree.leaves(merged), jax.tree.leaves(task_arithmetic(pre, named, lam=0.3))):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
