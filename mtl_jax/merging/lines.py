@@ -9,7 +9,7 @@ leaves outside numbered blocks (embeddings, final norm, heads) get ``alpha``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ from mtl_jax.merging.tree import (
     Models,
     Params,
     default_layer_index,
+    leaf_paths,
     map_with_path,
     num_layers,
 )
@@ -49,6 +50,14 @@ def _block_fraction(path: str, num_blocks: int, layer_index_fn: LayerIndexFn) ->
     return idx / max(num_blocks - 1, 1)
 
 
+def check_has_blocks(num_blocks: int, paths: Sequence[str], layer_index_fn: LayerIndexFn) -> None:
+    """Raises when no leaf path has a block index: LiNeS would scale every leaf by alpha alone."""
+    if num_blocks == 0:
+        name = getattr(layer_index_fn, "__name__", repr(layer_index_fn))
+        raise ValueError(f"LiNeS found no block index in any leaf path (e.g. {list(paths[:3])}) with {name}; pass "
+                         "layer_index_fn (path -> block index or None) that knows this model's layer names, or num_blocks")
+
+
 def lines_scale(
     tau: Params,
     alpha: float | jax.Array,
@@ -62,8 +71,12 @@ def lines_scale(
       tau: task vector tree (any leaf shapes). alpha/beta: scalars (may be traced).
       num_blocks: L; default ``1 + max block index`` found by ``layer_index_fn`` over the paths.
       layer_index_fn: ``path -> block index or None``; None-index leaves are scaled by alpha.
+
+    Raises when no leaf has a block index (and ``num_blocks`` is not given): LiNeS would then scale
+    every leaf by alpha alone, which is a plain rescaling, not the layer-increasing schedule.
     """
     L = num_layers(tau, layer_index_fn) if num_blocks is None else num_blocks
+    check_has_blocks(L, leaf_paths(tau), layer_index_fn)
     return map_with_path(
         lambda p, x: x * (alpha + beta * _block_fraction(p, L, layer_index_fn)), tau
     )

@@ -80,7 +80,7 @@ from mtl_jax.merging.arithmetic import (
     task_arithmetic_vector,
     weight_average,
 )
-from mtl_jax.merging.lines import lines_scale
+from mtl_jax.merging.lines import check_has_blocks, lines_scale
 from mtl_jax.merging.masks import consensus_mask, consensus_merging, tall_masks
 from mtl_jax.merging.task_vectors import (
     apply_task_vector,
@@ -1536,6 +1536,7 @@ def stream_lines(
     if num_blocks is None:
         idx = [i for i in map(layer_index_fn, stream.names) if i is not None]
         num_blocks = max(idx) + 1 if idx else 0
+    check_has_blocks(num_blocks, stream.names, layer_index_fn)
     norm_sum, norm_merged = 0, 0
     for _, out in run_pass(stream, "lines norms", "lines_norms", dyn, hp):
         for n in out:  # leaf by leaf, in order: the same fp32 additions as tree_l1_norm

@@ -106,8 +106,11 @@ def kth_largest_abs(tree: Params, k: int | jax.Array, *, batched: bool = False) 
 
 
 def num_kept(size: int, fraction: float) -> int:
-    """Number of entries kept by a top-``fraction`` trim of ``size`` entries: ``int(size * fraction)``
-    (the TIES reference rounds down the same way)."""
+    """Number of entries kept by a top-``fraction`` trim of ``size`` entries: ``int(size * fraction)``,
+    the paper's "top-k%" (Yadav et al. 2023, Sec. 3). The official ``topk_values_mask`` (also
+    FusionBench's) takes ``kthvalue(size - int(size * fraction))`` with ``>=``, which keeps one entry
+    more (``int(size * fraction) + 1`` without ties): negligible over a model, visible on a tiny
+    per-tensor trim (a 4-entry bias at 20%: 0 kept here, 1 there)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"top-k fraction must be in [0, 1], got {fraction}")
     return int(size * fraction)

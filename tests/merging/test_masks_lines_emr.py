@@ -115,6 +115,13 @@ def test_lines_scale_per_block_and_unindexed_leaves():
     np.testing.assert_allclose(out["block_2"]["k"], 0.1 + 0.6 * 2 / 4)
     with pytest.raises(ValueError, match="block_2/k"):
         lines_scale(tau, 0.1, 0.6, num_blocks=2)
+    # no leaf with a block index (an MLP's dense_{i}): an error, not a uniform alpha rescaling
+    mlp = {"dense_0": {"kernel": ones()}, "dense_1": {"kernel": ones()}}
+    with pytest.raises(ValueError, match=r"no block index in any leaf path \(e.g. \['dense_0/kernel', "
+                                         r"'dense_1/kernel'\]\) with default_layer_index"):
+        lines_scale(mlp, 0.1, 0.6)
+    dense_index = lambda path: int(path[len("dense_")]) if path.startswith("dense_") else None  # noqa: E731
+    np.testing.assert_allclose(lines_scale(mlp, 0.1, 0.6, layer_index_fn=dense_index)["dense_1"]["kernel"], 0.7)
 
 
 def test_lines_edit_single_task(models):
