@@ -26,7 +26,7 @@ from mtl_jax.train import flat_minima, rep_mtl
 from mtl_jax.train import layerwise as layerwise_gramian
 from mtl_jax.train.layerwise import gramian
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
-from mtl_jax.train.methods import MethodInputs, returns_direction
+from mtl_jax.train.methods import METHODS, MethodInputs, hyperparameters, returns_direction
 from mtl_jax.train.optim import map_groups
 from mtl_jax.train.sharding import key_path_str
 from mtl_jax.train.state import TrainState
@@ -650,6 +650,10 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     if rep_level:
         if sharpness is not None and sharpness.kind:
             raise ValueError("jacobian.level='representation' cannot be combined with sharpness steps")
+        if method.name in METHODS and "num_params" in hyperparameters(method.name):
+            raise ValueError(f"method '{method.name}' keeps per-parameter state across steps (rows of the shared "
+                             "parameters' gradients); at jacobian.level='representation' its rows would be dL_k/dz of "
+                             "each batch's own samples: use jacobian.level='params'")
         encode, decode = make_representation_forward(model, tasks, input_key)
     forward = make_forward(model, tasks, input_key)
     names = [t.name for t in tasks]

@@ -393,3 +393,6 @@ def test_bad_gradient_options_name_the_problem():
         experiment("method.name='mgda'", "jacobian.gramian_mode='vjp_jvp'", "sharpness.kind='fmtl'")
     with pytest.raises(ValueError, match="even batch size"):
         S.half_batches({"x": jnp.zeros((5, 2))})
+    for name in ("moco", "excess_mtl"):  # per-parameter state: no representation level
+        with pytest.raises(ValueError, match=f"method '{name}' keeps per-parameter state.*jacobian.level='params'"):
+            experiment(f"method.name='{name}'", "jacobian.level='representation'")
