@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from mtl_jax.merging import (
     MERGE_METHODS,
     consensus_merging,
+    dare_merging,
     emr_merging,
     get_merge_method,
     iso_cts_merging,
@@ -41,6 +42,8 @@ def shard(tree, mesh):
 
 
 SHARDED_CASES = {
+    "task_arithmetic": functools.partial(task_arithmetic, lam=0.3),
+    "dare_ta": functools.partial(dare_merging, p=0.5, lam=0.3, key=jax.random.key(0, impl="rbg")),
     "ties_global_threshold": functools.partial(ties_merging, top_k=0.2, lam=1.0),
     "consensus_ta": functools.partial(consensus_merging, k=2, tall_lambda=0.4),
     "lines_ta": functools.partial(lines_merging, beta=0.5, base="ta"),  # global L1 norms
@@ -49,6 +52,9 @@ SHARDED_CASES = {
     "iso_cts": iso_cts_merging,
     "model_stock": model_stock,
 }
+# Element-wise merges (a leaf's output entry depends on the same entry of the inputs, global scalars
+# aside) keep the inputs' sharding: no gather of a whole leaf onto one device.
+KEEP_SHARDING = ["task_arithmetic", "dare_ta", "ties_global_threshold", "consensus_ta", "lines_ta"]
 # Explicit-axis meshes reject ambiguous reshapes/SVDs of sharded leaves; these cases exercise the
 # per-leaf gather (`replicate_if_explicit`) and the global threshold.
 EXPLICIT_CASES = ["ties_global_threshold", "tall_compress", "emr", "iso_cts", "model_stock"]
@@ -74,6 +80,9 @@ def test_sharded_merge_equals_unsharded(models, meshes, mode, name):
             np.testing.assert_array_equal(g, w)  # bit-packed masks identical
         else:
             np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    if mode == "auto" and name in KEEP_SHARDING:
+        for g, p in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(p0_s)):
+            assert g.sharding.is_equivalent_to(p.sharding, g.ndim), (name, g.sharding, p.sharding)
 
 
 def _bf16(tree):
