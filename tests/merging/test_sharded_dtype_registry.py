@@ -121,10 +121,14 @@ def test_bf16_values_accumulate_in_fp32(models):
     for o, r in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
         assert o.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(r.astype(jnp.bfloat16), np.float32))
-    # a tiny delta survives: bf16(1.0 + 2**-8) is exact and would vanish if summed in bf16 pairs
-    p0 = {"w": jnp.ones((4,), jnp.bfloat16)}
-    fts = [{"w": jnp.full((4,), 1.0 + 2**-7, jnp.bfloat16)}] * 4
-    out = task_arithmetic(p0, fts, lam=0.25)  # 1 + 0.25 * 4 * 2**-7 = 1 + 2**-7
+    # small task vectors next to a large one: their fp32 sum 1 + 4 * 2**-9 = 1 + 2**-7 is a bf16 number, while
+    # bf16 additions round each 2**-9 away next to 1.0 (spacing 2**-7)
+    p0 = {"w": jnp.zeros((4,), jnp.bfloat16)}
+    fts = [{"w": jnp.full((4,), v, jnp.bfloat16)} for v in (1.0, 2**-9, 2**-9, 2**-9, 2**-9)]
+    in_bf16 = functools.reduce(jnp.add, [f["w"] for f in fts])  # adding in the leaf dtype, one model at a time
+    assert in_bf16.dtype == jnp.bfloat16 and float(in_bf16[0]) == 1.0
+    out = task_arithmetic(p0, fts, lam=1.0)
+    assert out["w"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out["w"], np.float32), 1.0 + 2**-7)
 
 
