@@ -140,6 +140,27 @@ def test_fmtl_with_mgda_matches_a_loop_reference():
     tree_allclose(state.params, want, rtol=2e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["fmtl", "sam"])
+def test_perturbed_passes_leave_batch_norm_statistics_to_the_plain_forward(kind):
+    """With a BatchNorm trunk, the step's new running statistics are the plain forward's at theta_t
+    (F-MTL / SAM's perturbed forwards update none), and differ from a perturbed forward's."""
+    _, exp, batch = setup(f"sharpness.kind='{kind}'", "sharpness.rho=0.5", "model.trunk_kwargs.batch_norm=True")
+    state = exp.init()
+    assert "batch_stats" in state.model_state
+    forward = make_forward(exp.model, exp.dataset.tasks, exp.dataset.input_key)
+    key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))[0]
+    stats_at = jax.jit(lambda p: forward(p, state.model_state, jax.tree.map(jnp.asarray, batch), key, True)[1][1])
+    params = jax.device_get(state.params)
+    plain = stats_at(params)
+    shifted = stats_at(jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), params))  # a perturbed point
+    before = jax.device_get(state.model_state)  # the step donates the state
+    new_state, out = exp.train_step(state, to_global(batch, exp.data_sharding))
+    assert bool(out["applied"])
+    tree_allclose(new_state.model_state, plain, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(shifted)[0], jax.tree.leaves(plain)[0])
+    assert not np.allclose(jax.tree.leaves(plain)[0], jax.tree.leaves(before)[0])  # the stats moved
+
+
 def test_unknown_sharpness_kind_is_rejected():
     with pytest.raises(ValueError, match=r"unknown sharpness kind 'asam'; valid"):
         setup("sharpness.kind='asam'")

@@ -12,16 +12,22 @@ from mtl_jax.models.blocks import as_float
 
 
 class MLP(nn.Module):
-    """Flattens the input (uint8 scaled to [0, 1]), then ``Dense -> relu`` per entry of ``features``."""
+    """Flattens the input (uint8 scaled to [0, 1]), then ``Dense -> relu`` per entry of ``features``
+    (``Dense -> BatchNorm -> relu`` with ``batch_norm``: running statistics in the ``batch_stats``
+    collection, updated by training forwards, read in evaluation)."""
 
     features: Sequence[int] = (512, 512)
     dropout: float = 0.0
+    batch_norm: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = as_float(x.reshape(x.shape[0], -1))
         for i, width in enumerate(self.features):
-            x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
+            x = nn.Dense(width, name=f"dense_{i}")(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"batch_norm_{i}")(x)
+            x = nn.relu(x)
             if self.dropout:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return x
