@@ -242,6 +242,7 @@ def test_architectures_train_end_to_end_on_digits(arch, tmp_path):
                            "checkpoint.enabled=False", "optim.lr=3e-3")
     out = train_and_evaluate(config, str(tmp_path))
     assert out["steps"] == 30
+    assert out["train_step_traces"] == 1  # routed / staged models: one trace for every step, none per step
     for metrics in out["results"].values():
         assert all(np.isfinite(v) for v in metrics.values())
     assert out["results"]["digit"]["accuracy"] > 0.2  # chance is 0.1

@@ -178,7 +178,8 @@ def load_baselines(config, tasks) -> dict | None:
 
 def train_and_evaluate(config, workdir: str, *, dataset=None,
                        on_step: Optional[Callable[[int, TrainState], None]] = None) -> dict:
-    """Trains ``config`` in ``workdir``; returns ``{'results': {task: {metric}}, 'delta_m': ..., 'state'}``.
+    """Trains ``config`` in ``workdir``; returns ``{'results': {task: {metric}}, 'delta_m': ..., 'state',
+    'train_step_traces': how many times the train step was traced (1 unless shapes or options changed)}``.
 
     ``dataset``: a ``Dataset`` to use instead of ``config.data`` (bring your own data, e.g.
     ``mtl_jax.data.from_arrays``). ``on_step(step, state)`` is called after every step.
@@ -261,6 +262,7 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
             json.dump(summary, f, indent=2)
         print(table, flush=True)
     summary["state"] = state
+    summary["train_step_traces"] = train_step._cache_size()  # 1: every step ran the same executable
     return summary
 
 
