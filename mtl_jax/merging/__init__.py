@@ -33,7 +33,7 @@ from mtl_jax.merging.arithmetic import (
 from mtl_jax.merging.boom import BoomModel, boom, boom_update, member_keys, sample_indices, take_examples
 from mtl_jax.merging.emr import EMRModel, emr_elect, emr_merging, emr_rescalers, emr_retrieve
 from mtl_jax.merging.fisher_regmean import fisher_merging, regmean_merging, regmean_solve
-from mtl_jax.merging.interpolation import model_stock, model_stock_ratio, slerp, slerp_leaf
+from mtl_jax.merging.interpolation import model_stock, model_stock_ratio, multi_slerp, multi_slerp_leaf, slerp, slerp_leaf
 from mtl_jax.merging.learned import (
     LearnedMerge,
     adamerging,
@@ -124,6 +124,7 @@ MERGE_METHODS: dict[str, Callable] = {
     "fisher": fisher_merging,
     "regmean": regmean_merging,
     "slerp": slerp,
+    "multi_slerp": multi_slerp,
     "model_stock": model_stock,
 }
 

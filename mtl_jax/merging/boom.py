@@ -11,10 +11,12 @@ Training is the caller's: ``train_fn(params, data, key) -> params``, where ``dat
 pytree) of arrays sharing their leading (example) axis. Members are trained one after another on
 the host (each ``train_fn`` call may itself be jitted; equal subset sizes do not retrace it).
 
-Deviations from the paper, stated: the paper merges with Multi-SLERP (it found Multi-SLERP, task
-arithmetic and TIES on par); the default ``merge`` here is the uniform parameter average
-(:func:`~mtl_jax.merging.arithmetic.weight_average`); any package merge method
-``merge(base, models)`` can be passed. Subsets are bootstrap samples (with replacement, ratio 1
+Merging: the default ``merge`` is Multi-SLERP around the members' common starting point
+(:func:`~mtl_jax.merging.interpolation.multi_slerp`, uniform weights), the operator of the
+released BOOM models (their model cards; the paper's method section could not be read here). Any
+package merge method ``merge(base, models)`` can be passed, e.g. ``weight_average``. For an
+incremental update the base is the existing model, whose own task vector is zero, so Multi-SLERP
+with one update model gives ``theta + tau_update / 2``, the average. Deviations, stated: subsets are bootstrap samples (with replacement, ratio 1
 by default) unless ``replace=False``; the paper's ratio values and historical-sample size are not
 reproduced here (``history_ratio=0.1`` is our choice).
 """
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.merging.arithmetic import weight_average
+from mtl_jax.merging.interpolation import multi_slerp
 from mtl_jax.merging.tree import Params, check_compatible, flatten_with_paths
 
 Data = dict
@@ -103,7 +105,7 @@ def boom(
     num_models: int = 4,
     ratios: Optional[Sequence[float]] = None,
     replace: bool = True,
-    merge: MergeFn = weight_average,
+    merge: MergeFn = multi_slerp,
 ) -> BoomModel:
     """BOOM (arXiv 2602.05787, Sec. "BOOM", static setting): M models trained on sampled subsets
     of ``data``, merged into one.
@@ -111,7 +113,7 @@ def boom(
     Member ``m`` draws ``round(ratios[m] * N)`` examples (bootstrap with replacement by default,
     ratio 1 for every member when ``ratios`` is None) with the sample key of
     :func:`member_keys`, and is ``train_fn(init_params, subset_m, train_key_m)``. The result is
-    ``merge(init_params, members)``: the uniform weight average by default.
+    ``merge(init_params, members)``: Multi-SLERP around ``init_params`` by default.
     """
     if num_models < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")
@@ -139,15 +141,15 @@ def boom_update(
     *,
     history_ratio: float = 0.1,
     num_models: int = 1,
-    merge: MergeFn = weight_average,
+    merge: MergeFn = multi_slerp,
 ) -> BoomModel:
     """BOOM incremental update (arXiv 2602.05787, incremental setting).
 
     Each of ``num_models`` update models starts from the existing ``params`` and is trained on all
     of ``new_data`` plus ``round(history_ratio * N_hist)`` historical examples sampled without
     replacement (member keys from :func:`member_keys`). The result is
-    ``merge(params, [params, *updates])``: with the default uniform average and one update model,
-    ``(theta_existing + theta_update) / 2``. The structure, shapes and dtypes of ``params`` are kept.
+    ``merge(params, [params, *updates])``: with the default Multi-SLERP (or the uniform average) and
+    one update model, ``(theta_existing + theta_update) / 2``. The structure, shapes and dtypes of ``params`` are kept.
     """
     if num_models < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")

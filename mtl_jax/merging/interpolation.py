@@ -1,12 +1,13 @@
-"""Geometric interpolation between models: SLERP and Model Stock."""
+"""Geometric interpolation between models: SLERP, Multi-SLERP and Model Stock."""
 
 from __future__ import annotations
 
-
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.merging.arithmetic import per_task_weights
 from mtl_jax.merging.task_vectors import accum_dtype, stacked_task_vectors
 from mtl_jax.merging.tree import Models, Params, check_compatible, model_list, replicate_if_explicit
 
@@ -56,6 +57,47 @@ def slerp(
         pretrained,
         *finetuned,
     )
+
+
+def multi_slerp_leaf(stacked_tau: jax.Array, weights: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Barycentric interpolation of T tensors on the hypersphere (MergeKit's ``multislerp``,
+    Goddard 2024), ``stacked_tau`` [T, ...] (fp32), ``weights`` [T] summing to 1:
+
+        u_t = tau_t / ||tau_t||,  m = sum_t w_t u_t / ||sum_t w_t u_t||   (the weighted mean direction)
+        v = sum_t w_t (u_t - <u_t, m> m)                                  (tangent vectors at m)
+        result = (cos ||v|| m + sin ||v|| v / ||v||) * sum_t w_t ||tau_t||   (exponential map, mean norm)
+
+    When ``||sum_t w_t u_t|| < eps`` (antipodal inputs that cancel) the weighted linear average is
+    returned (MergeKit does so for T = 2 and raises for T > 2; under jit there is no raising).
+    """
+    flat = stacked_tau.reshape(stacked_tau.shape[0], -1)
+    norms = jnp.sqrt(jnp.sum(flat * flat, axis=1))
+    unit = flat / (norms[:, None] + eps)
+    mean = weights @ unit
+    mean_norm = jnp.sqrt(jnp.sum(mean * mean))
+    direction = mean / jnp.maximum(mean_norm, eps)
+    tangent = weights @ (unit - (unit @ direction)[:, None] * direction[None])
+    tangent_norm = jnp.sqrt(jnp.sum(tangent * tangent)) + eps
+    on_sphere = direction * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / tangent_norm)
+    result = jnp.where(mean_norm < eps, weights @ flat, on_sphere * (weights @ norms))
+    return result.reshape(stacked_tau.shape[1:])
+
+
+def multi_slerp(pretrained: Params, finetuned: Models, weights: Optional[Sequence[float]] = None,
+                eps: float = 1e-8) -> Params:
+    """Multi-SLERP of T models around ``pretrained`` (the origin of the hypersphere, MergeKit's
+    ``base_model``), tensor by tensor: ``theta_0 + multi_slerp_leaf(tau, w)`` (:func:`multi_slerp_leaf`),
+    ``w`` uniform or ``weights`` normalised to sum 1. One model gives that model."""
+    finetuned = model_list(pretrained, finetuned)
+    if len(finetuned) == 1:
+        check_compatible(pretrained, finetuned)
+        return jax.tree_util.tree_map(lambda p, f: jnp.asarray(f).astype(jnp.asarray(p).dtype), pretrained, finetuned[0])
+    w = per_task_weights(weights, len(finetuned))
+    w = w / jnp.sum(w)
+    tau = stacked_task_vectors(finetuned, pretrained)
+    return jax.tree_util.tree_map(
+        lambda p, x: (_f32(p) + multi_slerp_leaf(replicate_if_explicit(x), w, eps)).astype(jnp.asarray(p).dtype),
+        pretrained, tau)
 
 
 def model_stock_ratio(cos: jax.Array, num: int) -> jax.Array:

@@ -23,6 +23,7 @@ from mtl_jax.merging import (
     coefficient_groups,
     default_layer_index,
     member_keys,
+    multi_slerp,
     sample_indices,
     merge_with_coefficients,
     prediction_entropy,
@@ -32,6 +33,7 @@ from mtl_jax.merging import (
     task_arithmetic,
     ties_merge_vector,
     ties_selected_entries,
+    weight_average,
 )
 from mtl_jax.merging.learned import _task_vectors
 from mtl_jax.merging.tree import replace_flat, select_flat
@@ -354,7 +356,7 @@ def _accuracy(params, x, y):
     return float(jnp.mean(jnp.argmax(jnp.asarray(x) @ params["w"] + params["b"], -1) == jnp.asarray(y)))
 
 
-def test_boom_is_the_average_of_models_trained_on_bootstraps(digits):
+def test_boom_merges_models_trained_on_bootstraps(digits):
     data = {"x": jnp.asarray(digits["x_train"][:600]), "y": jnp.asarray(digits["y_train"][:600])}
     init = {"w": jnp.zeros((64, 10)), "b": jnp.zeros((10,))}
     train = TRAIN
@@ -365,8 +367,12 @@ def test_boom_is_the_average_of_models_trained_on_bootstraps(digits):
         assert idx.shape == (n,) and len(np.unique(idx)) < n  # bootstrap: with replacement
         member = train(init, take_examples(data, idx), member_keys(key, m)[1])
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), res.members[m], member)
-    avg = jax.tree_util.tree_map(lambda *ms: np.mean(np.stack(ms), axis=0), *res.members)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), res.params, avg)
+    slerped = multi_slerp(init, res.members)  # the default merge, around the common start
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), res.params, slerped)
+    avg = boom(init, train, data, key, num_models=3, merge=weight_average).params
+    jax.tree_util.tree_map(lambda a, *ms: np.testing.assert_allclose(a, np.mean(np.stack(ms), axis=0), rtol=1e-5,
+                                                                     atol=1e-6), avg, *res.members)
+    assert not np.allclose(avg["w"], res.params["w"])  # Multi-SLERP keeps the members' mean norm
     assert not np.array_equal(res.subsets[0], res.subsets[1])
     assert _accuracy(res.params, digits["x_test"], digits["y_test"]) > 0.8
 

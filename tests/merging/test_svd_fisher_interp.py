@@ -14,6 +14,7 @@ from mtl_jax.merging import (
     iso_cts_matrix,
     model_stock,
     regmean_merging,
+    multi_slerp,
     slerp,
     tsv_factors,
     tsv_matrix,
@@ -171,6 +172,41 @@ def test_slerp_on_orthogonal_vectors_and_lerp_fallback():
     np.testing.assert_allclose(slerp(p0, [a, b], t=0.0)["w"], a["w"], atol=1e-7)
     with pytest.raises(ValueError, match="exactly 2"):
         slerp(p0, [a, b, c])
+
+
+def multislerp_reference(tensors, weights, base, eps=1e-8):
+    """MergeKit's ``multislerp`` (barycentric interpolation on the hypersphere) transcribed in numpy."""
+    x = np.stack(tensors).astype(np.float64) - base
+    flat, w = x.reshape(len(tensors), -1), np.asarray(weights, np.float64) / np.sum(weights)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    unit = flat / (norms + eps)
+    mean = (unit * w[:, None]).sum(0)
+    mean = mean / np.linalg.norm(mean)
+    tangent = ((unit - (unit @ mean)[:, None] * mean) * w[:, None]).sum(0)
+    tn = np.linalg.norm(tangent) + eps
+    out = (mean * np.cos(tn) + tangent * np.sin(tn) / tn) * (norms[:, 0] * w).sum()
+    return out.reshape(x.shape[1:]) + base
+
+
+def test_multi_slerp_matches_the_reference_and_closed_forms():
+    rng = np.random.default_rng(3)
+    p0 = {"a": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+    fts = [jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(np.float32), p0) for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    out = jax.jit(lambda p, f: multi_slerp(p, f, weights))(p0, fts)
+    for k in p0:
+        np.testing.assert_allclose(out[k], multislerp_reference([f[k] for f in fts], weights, p0[k]), rtol=1e-5,
+                                   atol=1e-6)
+    # two orthogonal unit task vectors, equal weights: the geodesic midpoint (u1 + u2) / sqrt(2), = SLERP at t = 1/2
+    zero = {"w": np.zeros(2, np.float32)}
+    u1, u2 = {"w": np.array([1.0, 0.0], np.float32)}, {"w": np.array([0.0, 1.0], np.float32)}
+    np.testing.assert_allclose(multi_slerp(zero, [u1, u2])["w"], [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
+    np.testing.assert_allclose(multi_slerp(zero, [u1, u2])["w"], slerp(zero, [u1, u2], t=0.5)["w"], rtol=1e-6)
+    # identical task vectors: that model; one model: itself; cancelling antipodal pair: the linear average
+    np.testing.assert_allclose(multi_slerp(p0, [fts[0]] * 3)["a"], fts[0]["a"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(multi_slerp(p0, fts[:1])["b"], fts[0]["b"])
+    minus = {"w": -u1["w"]}
+    np.testing.assert_allclose(multi_slerp(zero, [u1, minus])["w"], [0.0, 0.0], atol=1e-7)
 
 
 def test_model_stock_two_models_by_hand():
