@@ -26,15 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_jax.train.methods import MethodInputs, get_method
+from mtl_jax.train.methods import MethodInputs, get_method, hyperparameters, returns_direction
 from mtl_jax.train.methods import solvers
 
 LOWER = 5e-6
 SCALE = 0.1
 STARTS = np.array([[-8.5, 7.5], [0.0, 0.0], [9.0, 9.0], [-7.5, -0.5], [9.0, -1.0]], np.float32)
 PARETO_X2 = -8.3552
-# Weights-returning gradient methods (and LS = 'ew'). Loss-based methods (GLS, DB-MTL, FAMO, ...)
-# are left out: the toy losses are negative in most of the plane.
+# Gradient methods (and LS = 'ew'): weights-returning ones and the direction-returning GradDrop (on
+# the 2-parameter Jacobian). Methods that scale by the losses are left out: the toy losses are
+# negative in most of the plane, which flips the sign of GLS / DB-MTL / FAMO's log-loss gradients and
+# of MoCo's tracked targets L_k g_k / ||g_k|| (MoCo ends on the line x2 = 0 from all five starts).
 METHODS = (
     "ew",
     "mgda",
@@ -50,6 +52,7 @@ METHODS = (
     "config",
     "sdmgrad",
     "modo",
+    "graddrop",
 )
 TITLES = {
     "ew": "LS",
@@ -66,6 +69,7 @@ TITLES = {
     "config": "ConFIG",
     "sdmgrad": "SDMGrad",
     "modo": "MoDo",
+    "graddrop": "GradDrop",
 }
 
 
@@ -91,8 +95,12 @@ def pareto_stationarity(x: jax.Array) -> jax.Array:
 def run_method(
     name: str, num_steps: int = 35000, lr: float = 1e-3, starts: np.ndarray = STARTS, seed: int = 0, **hparams
 ) -> np.ndarray:
-    """Trajectories [S, num_steps + 1, 2] of Adam on ``J^T w`` from every start, w from ``name``."""
+    """Trajectories [S, num_steps + 1, 2] of Adam on ``J^T w`` from every start, w from ``name`` (or on
+    the direction that GradDrop / MoCo return)."""
+    if "num_params" in hyperparameters(name):
+        hparams.setdefault("num_params", 2)  # per-parameter state (MoCo): rows of the 2-parameter Jacobian
     method = get_method(name, **hparams)
+    direct = returns_direction(method)
     optimizer = optax.adam(lr)
 
     def one_start(x0, key):
@@ -100,9 +108,9 @@ def run_method(
             x, opt_state, method_state = carry
             losses, vjp_fn = jax.vjp(toy_losses, x)
             (jac,) = jax.vmap(vjp_fn)(jnp.eye(2, dtype=x.dtype))
-            inputs = MethodInputs(losses=losses, step=t, gramian=jac @ jac.T)
-            weights, method_state = method.update(inputs, method_state, jax.random.fold_in(key, t))
-            direction = jac.T @ weights
+            inputs = MethodInputs(losses=losses, step=t, gramian=jac @ jac.T, jacobian=jac)
+            out, method_state = method.update(inputs, method_state, jax.random.fold_in(key, t))
+            direction = out if direct else jac.T @ out
             updates, opt_state = optimizer.update(direction, opt_state, x)
             x = optax.apply_updates(x, updates)
             return (x, opt_state, method_state), x
