@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 from experiments.merging import tasks as task_lib  # noqa: E402
 from mtl_jax import merging as M  # noqa: E402
 from mtl_jax.config import apply_overrides, config_from_file  # noqa: E402
+from mtl_jax.merging import learned  # noqa: E402
 from mtl_jax.merging.tree import flatten_with_paths, leaf_paths, map_with_path, replace_flat  # noqa: E402
 from mtl_jax.models.heads import LinearHead  # noqa: E402
 from mtl_jax.models.trunks import ViT  # noqa: E402
@@ -422,23 +423,13 @@ def merge_methods(config, ctx: Context, stats: Callable[[], dict], seed: int) ->
     }
 
 
-@jax.jit
-def tall_mask_models(pretrained, finetuned, lam):
-    """TALL-mask reconstructions ``theta_0 + m_t * tau_MTL`` of every task (tau_MTL = sum of the task
-    vectors), masks stored bit-packed in between; lam scalar or per task (T,)."""
-    model = M.tall_mask_compress(pretrained, finetuned, lam=lam)
-    return [M.retrieve(pretrained, model.merged_tau, M.task_slice(model.packed_masks, t)) for t in range(len(finetuned))]
-
-
 def tall_mask_rows(config, ctx: Context) -> tuple[dict, np.ndarray]:
     """TALL-mask retrieval (Wang et al. 2024, Sec. 4): per task, lambda_t from the grid by the task's
-    own validation accuracy; test task t with its reconstruction (:func:`tall_mask_models`)."""
-    lams = list(config.merge.tall_lambdas)
-    num = len(ctx.heads)
-    val = np.stack([task_accuracies(ctx, tall_mask_models(ctx.pretrained, ctx.finetuned, jnp.full((num,), lam)), "val")
-                    for lam in lams])
-    best = [lams[i] for i in np.argmax(val, axis=0)]
-    trees = tall_mask_models(ctx.pretrained, ctx.finetuned, jnp.asarray(best, jnp.float32))
+    own validation accuracy (:func:`mtl_jax.merging.select_tall_lambdas`); test task t with its
+    reconstruction (:func:`mtl_jax.merging.tall_mask_models`)."""
+    best, _ = M.select_tall_lambdas(ctx.pretrained, ctx.finetuned, lambda trees: task_accuracies(ctx, trees, "val"),
+                                    list(config.merge.tall_lambdas))
+    trees = jax.jit(M.tall_mask_models)(ctx.pretrained, ctx.finetuned, jnp.asarray(best, jnp.float32))
     return {"lam_t": best}, task_accuracies(ctx, trees, "test")
 
 
@@ -455,15 +446,6 @@ def emr_rows(ctx: Context) -> tuple[dict, np.ndarray]:
     return {"s_t": [round(float(s), 3) for s in scales]}, task_accuracies(ctx, trees, "test")
 
 
-def learned_module():
-    """``mtl_jax.merging.learned`` if it exists (AdaMerging / aTLAS), else None."""
-    try:
-        from mtl_jax.merging import learned
-    except ImportError:
-        return None
-    return learned
-
-
 def learned_methods(config, ctx: Context, tasks, seed: int, ta_lambda: Callable[[], float]) -> dict:
     """AdaMerging (task-wise, layer-wise, layer-wise++; Yang et al. ICLR 2024) minimising the summed
     mean prediction entropy (their Eq. 4) on unlabelled test batches of ``batch_per_task`` images
@@ -473,11 +455,7 @@ def learned_methods(config, ctx: Context, tasks, seed: int, ta_lambda: Callable[
     examples per task (disjoint from the first ``val_per_task`` used by ``validate``, which keeps
     the best coefficients by mean normalised validation accuracy). The "init = TA lambda" row starts
     layer-wise AdaMerging from ``ta_lambda()`` (task arithmetic's validated lambda) instead of the
-    paper's 0.3, which was TA's optimum for 8 CLIP tasks and is not here. Empty when
-    ``mtl_jax.merging.learned`` is missing."""
-    learned = learned_module()
-    if learned is None:
-        return {}
+    paper's 0.3, which was TA's optimum for 8 CLIP tasks and is not here."""
     c = config.learned
     trunk, template, heads = ctx.trunk, ctx.template, ctx.heads
     num = len(heads)
@@ -545,7 +523,7 @@ def run_seed(config, trainers, trunk, pretrained_shared, tasks, seed: int, cache
     folder = os.path.join(cache_dir, f"seed{seed}-{key}" + ("-frozen-heads" if config.freeze_heads else ""))
     results_path = os.path.join(folder, "results-" + settings_hash(
         config.multitask.to_dict(), config.merge.to_dict(), config.learned.to_dict(), config.eval_batch,
-        learned_module() is not None) + ".json")
+        True) + ".json")  # True: a cache-key field kept from when the learned rows were optional
     done = {}
     if os.path.exists(results_path):
         with open(results_path) as f:
@@ -841,8 +819,6 @@ def parse_config(argv, description: str):
 
 def main(argv=None):
     config = parse_config(argv, __doc__.splitlines()[0])
-    if learned_module() is None:
-        print("mtl_jax.merging.learned not found: AdaMerging / aTLAS rows are not run", file=sys.stderr)
     out = run_benchmark(config)
     print(out["table"])
 

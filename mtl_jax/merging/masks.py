@@ -9,7 +9,7 @@ multi-task vector (TALL masks), used to compress T fine-tuned models into
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ import numpy as np
 
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors, tree_sum_tasks
 from mtl_jax.merging.ties import ties_merge_vector
-from mtl_jax.merging.tree import Models, Params, check_compatible, num_stacked, replicate_if_explicit
+from mtl_jax.merging.tree import Models, Params, check_compatible, model_list, num_stacked, replicate_if_explicit
 
 
 # -------------------------------------------------------------------------------- bit packing
@@ -123,6 +123,37 @@ def retrieve(pretrained: Params, merged_tau: Params, packed_mask_t: Params) -> P
     mask = unpack_mask_tree(packed_mask_t, pretrained)
     masked = jax.tree_util.tree_map(lambda m, x: jnp.where(m, x, 0.0), mask, merged_tau)
     return apply_task_vector(pretrained, masked)
+
+
+def tall_mask_models(pretrained: Params, finetuned: Models, lam: float | Sequence[float] = 0.4) -> list[Params]:
+    """Every task's TALL-mask reconstruction ``theta_0 + m_t * tau_MTL`` (tau_MTL = sum of the task
+    vectors; masks bit-packed in between, as stored); ``lam`` scalar or per task (T,)."""
+    model = tall_mask_compress(pretrained, finetuned, lam=lam)
+    num = num_stacked(model.packed_masks)
+    return [retrieve(pretrained, model.merged_tau, task_slice(model.packed_masks, t)) for t in range(num)]
+
+
+def select_tall_lambdas(
+    pretrained: Params,
+    finetuned: Models,
+    task_scores: Callable[[list[Params]], Sequence[float]],
+    lambdas: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6),
+) -> tuple[list[float], np.ndarray]:
+    """lambda_t per task from a grid (Wang et al. 2024, Sec. 4: each task's own validation data).
+
+    For every ``lam`` of the grid, the T reconstructions :func:`tall_mask_models` are scored by
+    ``task_scores(models) -> [T]`` (model t on task t's validation data; higher is better). Returns
+    (the best lambda per task, first on ties; the [len(lambdas), T] score matrix). The default grid
+    is the paper's {0.2, ..., 0.6}.
+    """
+    finetuned = model_list(pretrained, finetuned)
+    build = jax.jit(tall_mask_models)
+    scores = np.stack([np.asarray(task_scores(build(pretrained, finetuned, jnp.full((len(finetuned),), lam,
+                                                                                 jnp.float32))), np.float64)
+                       for lam in lambdas])
+    if scores.shape != (len(lambdas), len(finetuned)):
+        raise ValueError(f"task_scores must return one score per task ({len(finetuned)}); got shape {scores.shape[1:]}")
+    return [float(lambdas[i]) for i in np.argmax(scores, axis=0)], scores
 
 
 # ----------------------------------------------------------------------------- Consensus merging

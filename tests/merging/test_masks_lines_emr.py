@@ -17,6 +17,7 @@ from mtl_jax.merging import (
     lines_schedule,
     pack_bits,
     retrieve,
+    select_tall_lambdas,
     stack_trees,
     tall_mask_compress,
     tall_masks,
@@ -68,6 +69,23 @@ def test_tall_compress_and_retrieve(models):
         rebuilt = rebuild(p0, comp.merged_tau, task_slice(comp.packed_masks, t))
         np.testing.assert_allclose(flat(rebuilt), flat(p0) + mask * mtl, rtol=1e-5, atol=1e-6)
         assert 0 < mask.mean() < 1
+
+
+def test_select_tall_lambdas_picks_each_tasks_best_reconstruction(models):
+    """Scored by closeness to the task's own fine-tuned model (a stand-in for validation accuracy),
+    each task gets the grid lambda whose reconstruction theta_0 + m_t * tau_MTL is closest, computed here by hand."""
+    p0, fts = models
+    tau = np.stack([flat(f) - flat(p0) for f in fts])
+    mtl = tau.sum(0)
+    grid = (0.1, 0.4, 1.0, 3.0)
+    want_scores = np.array([[-np.linalg.norm(flat(p0) + (np.abs(tau[t]) > lam * np.abs(mtl - tau[t])) * mtl - flat(fts[t]))
+                             for t in range(3)] for lam in grid])
+    score = lambda trees: [-np.linalg.norm(flat(m) - flat(f)) for m, f in zip(trees, fts)]  # noqa: E731
+    best, scores = select_tall_lambdas(p0, fts, score, grid)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4)
+    assert best == [grid[i] for i in np.argmax(want_scores, axis=0)]
+    with pytest.raises(ValueError, match=r"one score per task \(3\)"):
+        select_tall_lambdas(p0, fts, lambda trees: [0.0, 1.0], grid)
 
 
 def test_consensus_mask_counts_by_hand():
