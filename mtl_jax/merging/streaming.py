@@ -610,6 +610,14 @@ def plan_groups(names: Sequence[str], working_sets: Sequence[int], memory_budget
     return groups
 
 
+def dtype_class(dtype: Any) -> str:
+    """'float' (bf16 / f16 / f32 / f64 alike), 'int', 'bool' or the numpy kind: leaves of one class merge."""
+    for name, kind in (("bool", jnp.bool_), ("float", jnp.floating), ("int", jnp.integer)):
+        if jnp.issubdtype(dtype, kind):
+            return name
+    return np.dtype(dtype).kind
+
+
 def check_specs(readers: Sequence[Any], labels: Sequence[str]) -> list[str]:
     """Sorted leaf names shared by all readers; ValueError naming the first leaf whose names,
     shape or dtype kind differ (``labels``: e.g. 'pretrained', 'finetuned[0]')."""
@@ -626,6 +634,9 @@ def check_specs(readers: Sequence[Any], labels: Sequence[str]) -> list[str]:
                 raise ValueError(
                     f"shape mismatch at '{n}': {labels[0]} {a.shape} vs {label} {b.shape} ({getattr(reader, 'path', '')})"
                 )
+            if dtype_class(a.dtype) != dtype_class(b.dtype):
+                raise ValueError(f"dtype mismatch at '{n}': {labels[0]} {np.dtype(a.dtype).name} vs {label} "
+                                 f"{np.dtype(b.dtype).name} ({getattr(reader, 'path', '')})")
     return names
 
 

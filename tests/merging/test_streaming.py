@@ -8,6 +8,7 @@ import textwrap
 
 import jax
 import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -152,6 +153,15 @@ def test_shape_mismatch_names_the_leaf(tmp_path, flat_models):
     with pytest.raises(ValueError, match=r"shape mismatch at 'shared/block_1/Dense_0/kernel'.*finetuned\[1\]"):
         S.stream_merge(src, paths, str(tmp_path / "out.safetensors"), "task_arithmetic")
     assert not os.path.exists(tmp_path / "out.safetensors")
+    # an integer leaf where the others are floats: named, nothing written; bf16 next to fp32 still merges
+    ints = dict(fts[0])
+    ints["heads/cls/bias"] = np.zeros(fts[0]["heads/cls/bias"].shape, np.int32)
+    (tmp_path / "ints").mkdir()
+    src, paths = _save_models(tmp_path / "ints", p0, [ints, fts[1]])
+    with pytest.raises(ValueError, match=r"dtype mismatch at 'heads/cls/bias': pretrained float32 vs finetuned\[0\] int32"):
+        S.stream_merge(src, paths, str(tmp_path / "out2.safetensors"), "task_arithmetic")
+    assert not os.path.exists(tmp_path / "out2.safetensors")
+    assert S.dtype_class(jnp.bfloat16) == S.dtype_class(np.float32) == "float" and S.dtype_class(np.int8) == "int"
 
 
 def test_budget_too_small_names_the_leaf(tmp_path, flat_models):
