@@ -242,7 +242,10 @@ class ModSquad(TaskMoEViT):
     Multi-Task Learners", Sec. 3): a task-routed MoE ViT trained with the mutual-information loss
     between tasks and experts (``task_expert_entropy``, weight ``mi_weight``) besides load balancing,
     so that each task uses a small set of experts; ``extract_task_model`` then keeps a task's
-    experts only.
+    experts only. Its follow-up, Chen et al. 2023, "An Efficient General-Purpose Modular Vision Model
+    via Multi-Task Heterogeneous Training" (arXiv 2306.17165, a seed paper), trains the same model on
+    heterogeneous data, each example labelled for one task: ``datasets.one_task_per_example`` (task
+    sampling ratios ``data.task_ratios``), with losses masked by label < 0.
 
     Deviations: MoE in the MLPs only (the paper also makes attention a mixture of attention
     heads); every block is an MoE block by default; no noisy gating. ``mi_weight`` 1.0 is ours: on
