@@ -133,3 +133,46 @@ def test_eval_batches_pad_and_mask_every_example_once():
     mask = np.concatenate([b["mask"] for b in batches])
     seen = np.concatenate([b["x"] for b in batches])[mask > 0]
     assert sorted(seen.tolist()) == list(range(11)) and mask.sum() == 11
+
+
+def _marked(name, task, classes, n, sign, test_n=7):
+    """A one-task dataset whose every input is filled with sign * (label + 1): the example's source and
+    label can be read back from its input."""
+    rng = np.random.default_rng(len(name))
+
+    def split(size):
+        labels = rng.integers(0, classes, size)
+        return {"x": (sign * (labels + 1.0))[:, None, None, None] * np.ones((size, 2, 2, 1), np.float32), task: labels}
+
+    return from_arrays(name, {"train": split(n), "test": split(test_n)}, [T.classification(task, classes)], input_key="x")
+
+
+def test_mixture_of_task_datasets_draws_tasks_by_ratio_and_labels_one_task_per_example(tmp_path):
+    from mtl_jax.config import load_config
+    from mtl_jax.data.datasets import mixture_of_task_datasets
+    from mtl_jax.train.trainer import train_and_evaluate
+
+    a, b = _marked("a", "digit", 10, 300, 1.0), _marked("bb", "parity", 2, 40, -1.0)
+    mix = mixture_of_task_datasets("mix", {"digit": a, "parity": b}, ratios=(0.75, 0.25), size=2000, seed=1)
+    train = mix.splits["train"].arrays
+    x = train["input"][:, 0, 0, 0]
+    from_a, from_b = train["digit"] >= 0, train["parity"] >= 0
+    assert np.all(from_a ^ from_b) and abs(from_a.mean() - 0.75) < 0.03  # one task each, drawn 3:1
+    np.testing.assert_array_equal(x[from_a], train["digit"][from_a] + 1.0)  # the input is that task's own example
+    np.testing.assert_array_equal(x[from_b], -(train["parity"][from_b] + 1.0))
+    assert len(np.unique(np.flatnonzero(from_b))) == from_b.sum() > 40  # 40 parity examples cycled
+    test = mix.splits["test"].arrays  # both test splits, each example labelled for its own task
+    assert len(test["input"]) == 14 and (test["digit"][:7] >= 0).all() and (test["parity"][:7] == -1).all()
+    assert (test["digit"][7:] == -1).all() and (test["parity"][7:] >= 0).all()
+    default = mixture_of_task_datasets("mix", {"digit": a, "parity": b})  # sizes 300 : 40
+    assert len(default.splits["train"].arrays["input"]) == 340
+    with pytest.raises(ValueError, match="inputs differ in shape / dtype per example"):
+        wide = from_arrays("w", {"train": {"x": np.zeros((5, 3), np.float32), "parity": np.zeros(5, np.int64)}},
+                           [T.classification("parity", 2)], input_key="x")
+        mixture_of_task_datasets("mix", {"digit": a, "parity": wide})
+    with pytest.raises(ValueError, match="dataset 'a' has no classification task 'size'"):
+        mixture_of_task_datasets("mix", {"size": a})
+    config = load_config("configs/digits_mlp.py:smoke", ["num_steps=5", "checkpoint.enabled=False", "mesh.data=1",
+                                                         "batch_size=32", "eval_batch_size=8"])
+    out = train_and_evaluate(config, str(tmp_path), dataset=mix)
+    assert all(np.isfinite(v) for m in out["results"].values() for v in m.values())

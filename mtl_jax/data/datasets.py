@@ -86,6 +86,66 @@ def one_task_per_example(dataset: Dataset, ratios=(), seed: int = 0, split: str 
     return from_arrays(dataset.name + "_one_task", arrays, dataset.tasks, dataset.input_key)
 
 
+def mixture_of_task_datasets(name: str, datasets: dict, ratios=(), size: int = 0, seed: int = 0,
+                             split: str = "train") -> Dataset:
+    """Heterogeneous multi-task data from separate datasets (Mod-Squad / Chen et al. 2023's setting:
+    each task its own dataset and sampling ratio). ``datasets`` maps a task name to a ``Dataset`` that
+    has a classification task of that name; every example keeps that one label, the other tasks' labels
+    are -1 ("not labelled").
+
+    ``split`` (training) holds ``size`` examples (default: all of them, summed over the datasets), the
+    task of each drawn with probabilities ``ratios`` (task order of ``datasets``; default proportional to
+    the datasets' ``split`` sizes), each task's examples taken in a shuffled order, cycled when a task
+    is drawn more often than it has examples. Every other split (e.g. 'test') is the concatenation of
+    the datasets' splits, each example labelled for its own task. Inputs must agree in shape and dtype.
+    """
+    names = list(datasets)
+    tasks = []
+    for task, dataset in datasets.items():
+        spec = {t.name: t for t in dataset.tasks}.get(task)
+        if spec is None or spec.kind != "classification":
+            raise ValueError(f"mixture_of_task_datasets: dataset '{dataset.name}' has no classification task '{task}'; "
+                             f"its tasks: {[(t.name, t.kind) for t in dataset.tasks]}")
+        tasks.append(spec)
+    reads = {task: {s: read_all(src) for s, src in d.splits.items()} for task, d in datasets.items()}
+    inputs = {task: reads[task][split][d.input_key] for task, d in datasets.items()}
+    shapes = {task: (x.shape[1:], x.dtype) for task, x in inputs.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"mixture_of_task_datasets: inputs differ in shape / dtype per example: "
+                         f"{ {t: (tuple(sh), str(dt)) for t, (sh, dt) in shapes.items()} }")
+    counts = np.array([len(inputs[t]) for t in names])
+    ratios = counts / counts.sum() if not len(ratios) else np.asarray(ratios, np.float64)
+    if ratios.shape != (len(names),) or np.any(ratios < 0) or ratios.sum() <= 0:
+        raise ValueError(f"mixture_of_task_datasets: ratios {np.asarray(ratios).tolist()} must be {len(names)} "
+                         f"non-negative numbers (tasks {names})")
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(len(names), size=int(size) or int(counts.sum()), p=ratios / ratios.sum())
+
+    def labelled_for(k: int, arrays: dict, rows) -> dict:
+        """``rows`` of task k's arrays as mixture records: its input, its label, -1 for the others."""
+        n = len(rows)
+        out = {"input": arrays[datasets[names[k]].input_key][rows]}
+        for j, spec in enumerate(tasks):
+            out[spec.label_key] = (arrays[tasks[k].label_key][rows].astype(np.int64) if j == k
+                                   else np.full(n, -1, np.int64))
+        return out
+
+    shape, dtype = shapes[names[0]]
+    train = {"input": np.empty((len(drawn),) + tuple(shape), dtype)}
+    train.update({spec.label_key: np.full(len(drawn), -1, np.int64) for spec in tasks})
+    for k, task in enumerate(names):
+        slots = np.flatnonzero(drawn == k)
+        rows = rng.permutation(counts[k])[np.arange(len(slots)) % counts[k]]
+        train["input"][slots] = inputs[task][rows]
+        train[tasks[k].label_key][slots] = reads[task][split][tasks[k].label_key][rows]
+    splits = {split: train}
+    for other in sorted(set.intersection(*(set(r) for r in reads.values())) - {split}):
+        parts = [labelled_for(k, reads[task][other], np.arange(len(reads[task][other][datasets[task].input_key])))
+                 for k, task in enumerate(names)]
+        splits[other] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    return from_arrays(name, splits, tasks, input_key="input")
+
+
 def load_multimnist_one_task(cfg) -> Dataset:
     """MultiMNIST with each training pair labelled for one digit (``one_task_per_example``, ratios
     ``cfg.task_ratios``, a DATA_OPTIONS key; () = equal); the test split keeps both labels."""
