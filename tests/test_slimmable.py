@@ -181,3 +181,16 @@ def test_sandwich_students():
     configs = sample_width_configs(np.random.default_rng(0), model, 200)
     assert configs[0] == model.smallest() and model.full_width() not in configs
     assert set(configs[1:]) == set(model.configurations()) - {model.full_width()}  # every other one is drawn
+
+
+def test_random_students_trace_once_per_configuration():
+    """With random sandwich students, every width configuration that is drawn compiles once, however
+    often it is drawn again (8 configurations of the small model, 2 random students per step)."""
+    model = small_model()
+    trainer = CIKDTrainer(model, TASKS, optax.sgd(1e-2), kd_weight=1.0, num_random=2, seed=0)
+    state = trainer.init(jax.random.key(0), X)
+    batch = {"image": X, **{t.name: jnp.zeros((4,), jnp.int32) for t in TASKS}}
+    for _ in range(12):
+        state, _ = trainer.step(state, batch)
+    assert len(trainer.trace_counts) > 4  # several random configurations were drawn, most more than once
+    assert all(n == 1 for n in trainer.trace_counts.values()), dict(trainer.trace_counts)
