@@ -420,6 +420,7 @@ def merge_methods(config, ctx: Context, stats: Callable[[], dict], seed: int) ->
         "RegMean": lambda: fixed(M.regmean_merging, {"alpha": c.regmean_alpha}, grams=stats()["grams"],
                                  alpha=c.regmean_alpha)(),
         "Model Stock": fixed(M.model_stock),
+        "Multi-SLERP": fixed(M.multi_slerp),
     }
 
 
@@ -705,7 +706,7 @@ def caption(config, tasks, pretrain_log: dict, wall: float) -> str:
         f"~5k digit images instead of CLIP on 400M image-text pairs, "
         f"digit-derived tasks instead of SUN397/Cars/..., linear-probe instead of zero-shot heads"
         f"{'' if config.freeze_heads else ', heads fine-tuned (the papers freeze the text head)'}, attention q/k/v/out viewed as 2-D matrices for TSV-M / Iso / RegMean. "
-        f"SLERP is pairwise and not run. This invocation: {wall / 60:.1f} min wall, {cpu_seconds() / 60:.1f} CPU-min "
+        f"SLERP is pairwise and not run (Multi-SLERP, uniform weights, is its T-model form). This invocation: {wall / 60:.1f} min wall, {cpu_seconds() / 60:.1f} CPU-min "
         f"(2-core machine shared with other jobs; stages loaded from the cache cost neither)."
     )
 
