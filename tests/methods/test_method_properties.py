@@ -367,6 +367,9 @@ DEGENERATE = {
     "identical": np.array([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]]),
     "opposite": np.array([[1.0, 2.0, 0.5], [-1.0, -2.0, -0.5]]),
     "all_zero": np.zeros((2, 3)),
+    # K = 6 > 4: the iterative solvers (projected gradient, Newton), not the exact active-set path
+    "k6_mixed": np.array([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5], [-1.0, -2.0, -0.5], [0.0, 0.0, 0.0],
+                          [0.0, 1.0, -1.0], [0.0, 2.0, -2.0]]),
 }
 
 
@@ -375,6 +378,7 @@ def test_degenerate_gramians_give_finite_results(case):
     jac = DEGENERATE[case]
     for name in GRAMIAN_METHODS + ["graddrop", "moco", "excess_mtl"]:
         method = build(name, num_params=3) if name in NEEDS_PARAMS else build(name)
-        out, state = call(method, jac=jac, losses=[1.0, 0.5])
-        out2, _ = call(method, jac=jac, losses=[1.0, 0.5], state=state, step=1)
+        losses = np.linspace(1.0, 0.5, len(jac))
+        out, state = call(method, jac=jac, losses=losses)
+        out2, _ = call(method, jac=jac, losses=losses, state=state, step=1)
         assert np.all(np.isfinite(out)) and np.all(np.isfinite(out2)), (name, case, out, out2)
