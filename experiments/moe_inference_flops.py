@@ -6,9 +6,9 @@ and the wall time of
 
 * the all-task forward (every task's pathway and head),
 * the single-task forward (that task's router, pathway and head; ``tasks=(task,)``),
-* the extracted sub-model (``extract_task_model``: only the experts the task routes to on the
-  test images with usage share > threshold), with its test accuracy and whether its predictions
-  equal the single-task forward's.
+* the extracted sub-model (``extract_task_model``: only the experts the task routes to with usage
+  share > threshold, on the test images or, with ``--calibration_examples``, on training images),
+  with its test accuracy and whether its predictions equal the single-task forward's.
 
   python experiments/moe_inference_flops.py --config=configs/multimnist_mod_squad.py \\
       --config.num_steps=600 --config.data.num_train=8192 --config.data.num_test=1000
@@ -60,13 +60,18 @@ def architecture_flops(model, input_shape, batch: int) -> dict:
             "single_task": {t: inference_flops(model, variables, example, batch, tasks=(t,)) for t in model.heads}}
 
 
-def measure(model, params, images, labels: dict, thresholds, repeats: int) -> dict:
-    """Per task: FLOPs / time / parameters of the all-task, single-task and extracted forwards."""
+def measure(model, params, images, labels: dict, thresholds, repeats: int, calibration=None) -> dict:
+    """Per task: FLOPs / time / parameters of the all-task, single-task and extracted forwards, on
+    ``images``. The extracted sub-model keeps the experts the task's router uses on ``calibration``
+    (other images, e.g. training ones; default: ``images`` themselves, which makes the sub-model equal
+    the single-task forward on them by construction at threshold 0)."""
     x = jax.device_put(images)
+    chooser = x if calibration is None else jax.device_put(calibration)
     all_tasks = lambda p, v: model.apply({"params": p}, v)
     all_flops, all_time = flops_and_seconds(all_tasks, params, x, repeats)
     all_preds = jax.jit(all_tasks)(params, x)
-    out = {"batch": int(images.shape[0]), "all_tasks": {
+    out = {"batch": int(images.shape[0]), "calibration": 0 if calibration is None else int(len(calibration)),
+           "all_tasks": {
         "flops": all_flops, "seconds": all_time, "params": param_count({"params": params}),
         "accuracy": {t: float((np.asarray(all_preds[t]).argmax(-1) == labels[t]).mean()) for t in model.heads}},
         "tasks": {}}
@@ -74,7 +79,7 @@ def measure(model, params, images, labels: dict, thresholds, repeats: int) -> di
         single = lambda p, v, m=model, t=task: m.apply({"params": p}, v, tasks=(t,))[t]
         flops, seconds = flops_and_seconds(single, params, x, repeats)
         reference = np.asarray(jax.jit(single)(params, x))
-        usage = expert_usage(model, {"params": params}, x, task)
+        usage = expert_usage(model, {"params": params}, chooser, task)
         accuracy = float((reference.argmax(-1) == labels[task]).mean())
         row = {"single_task": {"flops": flops, "seconds": seconds, "accuracy": accuracy},
                "usage": {b: u.tolist() for b, u in usage.items()}, "extracted": {}}
@@ -99,7 +104,10 @@ def markdown(name: str, setting: str, results: dict, test: dict) -> str:
              f"Batch of {results['batch']} test images (every accuracy in the table is on this batch; on the whole "
              "test split the all-task model scores " + ", ".join(f"{t} {100 * test[t]['accuracy']:.2f}%" for t in test)
              + "); FLOPs from XLA's cost analysis of the jitted forward, time = median wall time on this shared "
-             "2-core CPU (noisy).", "",
+             "2-core CPU (noisy). Extracted sub-models keep the experts each task's router used on "
+             + (f"{results['calibration']} training images (not the batch compared here)." if results.get("calibration")
+                else "this same batch (so at threshold 0 they equal the single-task forward on it by construction)."),
+             "",
              "| forward | task | FLOPs / example | vs all-task | ms / batch | params | test accuracy | = single-task |",
              "|---|---|---|---|---|---|---|---|",
              f"| all tasks | all | {a['flops'] / results['batch']:.3g} | 100% | {1e3 * a['seconds']:.1f} | "
@@ -123,6 +131,9 @@ def main(argv=None):
     parser.add_argument("--thresholds", default="0.0,0.02")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eval_examples", type=int, default=500)
+    parser.add_argument("--calibration_examples", type=int, default=0,
+                        help="choose each task's kept experts from its routing on this many training images "
+                             "(0: on the evaluated test batch itself)")
     parser.add_argument("--tag", default="", help="suffix of the result files (a sweep keeps one table per run)")
     parser.add_argument("--flops_only", default="", metavar="H,W,C",
                         help="skip training: count the FLOPs of the config's architecture on inputs of this shape "
@@ -149,8 +160,12 @@ def main(argv=None):
     test = read_all(dataset.splits["test"])
     n = args.eval_examples
     labels = {t.name: np.asarray(test[t.label_key][:n]) for t in dataset.tasks}
+    calibration = None
+    if args.calibration_examples:
+        train = read_all(dataset.splits["train"])
+        calibration = np.asarray(train[dataset.input_key][:args.calibration_examples])
     results = measure(model, state.params, np.asarray(test[dataset.input_key][:n]), labels,
-                      [float(t) for t in args.thresholds.split(",")], args.repeats)
+                      [float(t) for t in args.thresholds.split(",")], args.repeats, calibration)
     a = config.model.arch_kwargs
     setting = (f"{config.data.name}, {out['steps']} steps of batch {config.batch_size}; ViT patch {a.patch_size}, dim "
                f"{a.dim}, depth {a.depth}, {a.num_experts} experts top-{a.top_k} per MoE block, moe_every "
@@ -163,7 +178,9 @@ def main(argv=None):
         json.dump(record, f, indent=2)
     command = "python experiments/moe_inference_flops.py " + " ".join(
         [f"--config={args.config}", f"--thresholds={args.thresholds}", f"--repeats={args.repeats}",
-         f"--eval_examples={args.eval_examples}"] + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
+         f"--eval_examples={args.eval_examples}"]
+        + ([f"--calibration_examples={args.calibration_examples}"] if args.calibration_examples else [])
+        + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
     table = markdown(name, setting, results, out["results"]) + f"\nProduced by: `{command}`\n"
     with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
         f.write(table)

@@ -328,3 +328,26 @@ def test_single_task_forward_flops_grow_by_one_pathway_per_task():
     flops = [inference_flops(model, variables, example, 4, tasks=tuple("abc"[:k])) for k in (1, 2, 3)]
     assert flops[1] - flops[0] == pytest.approx(flops[2] - flops[1], rel=0.03)  # XLA fuses K = 2, 3 apart
     assert flops[0] < flops[1] < flops[2] and flops[2] == pytest.approx(inference_flops(model, variables, example, 4))
+
+
+def test_inference_experiment_measure_records_which_images_chose_the_experts():
+    """experiments/moe_inference_flops.measure with calibration images: the kept experts come from
+    their routing, not from the evaluated batch, and the table says so."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "moe_inference_flops.py"
+    spec = importlib.util.spec_from_file_location("moe_inference_flops", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    model = tiny_model()
+    x = np.asarray(jax.random.uniform(jax.random.key(0), (4, 8, 8, 1)))
+    other = np.asarray(jax.random.uniform(jax.random.key(5), (6, 8, 8, 1)))
+    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+    labels = {"a": np.zeros(4, int), "b": np.zeros(4, int)}
+    held_out = experiment.measure(model, params, x, labels, [0.0], repeats=1, calibration=other)
+    assert held_out["calibration"] == 6
+    usage = held_out["tasks"]["a"]["usage"]
+    assert sum(sum(u) for u in usage.values()) == 6 * 16 * model.top_k * len(usage)  # routed on the 6 other images
+    table = experiment.markdown("tiny", "test", held_out, {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.5}})
+    assert "6 training images (not the batch compared here)" in table
