@@ -332,6 +332,49 @@ def write_results(out: str, lines: list, dump: dict) -> None:
                   indent=2, default=dataclasses.asdict)
 
 
+def rebaseline(previous: dict, entries: list, baseline_spec: str, workdir: str, out: str, command: str) -> list:
+    """Δm% of the stored runs of ``entries`` (from ``--out``'s JSON) against another single-task
+    reference, ``baseline_spec`` trained once per task and seed with the family's overrides (e.g. the
+    ViT trunk of configs/multimnist_vit.py for the ViT-based models, whose stored Δm% is against
+    LeNets). Writes ``out``.md / .json; the stored runs are not retrained."""
+    from mtl_jax import tasks as T
+
+    lines = []
+    record = {}
+    for name in dict.fromkeys(e.family for e in entries):
+        family = previous.get(name)
+        if not family or "single_task" not in family:
+            raise SystemExit(f"--rebaseline: no stored runs of family '{name}' in the --out JSON")
+        tasks = [T.TaskSpec(**t) if isinstance(t, dict) else t for t in family["tasks"]]
+        single = single_task_baselines(baseline_spec, tasks, family["overrides"], family["seeds"],
+                                       os.path.join(workdir, name, "rebaseline"))
+        baselines = baseline_means(single)
+        rows = ["| architecture | average accuracy | Δm% vs " + os.path.basename(baseline_spec) + " | Δm% vs "
+                + os.path.basename(family["baseline_config"]) + " (stored) |", "|---|---|---|---|"]
+        record[name] = {"baseline_config": baseline_spec, "baselines": baselines, "single_task": single,
+                        "architectures": {}}
+        for entry in (e for e in entries if e.family == name):
+            runs = family["architectures"].get(entry.name, {}).get("runs", [])
+            if not runs:
+                continue
+            deltas = [delta_m(r["results"], baselines, tasks) for r in runs]
+            average = [100 * np.mean([r["results"][t.name][t.metrics[0]] for t in tasks]) for r in runs]
+            record[name]["architectures"][entry.name] = deltas
+            rows.append(f"| {entry.name} | {mean_std(average)} | {mean_std(deltas)} | "
+                        f"{mean_std([r['delta_m'] for r in runs])} |")
+        base = ", ".join(f"{t.name} {fmt_metric([baselines[t.name][t.metrics[0]]], t.metrics[0])}" for t in tasks)
+        lines += [f"### {name}: stored runs against single-task {os.path.basename(baseline_spec)}", "",
+                  f"Single-task baselines (same budget as the stored runs: {' '.join(family['overrides'])}; seeds "
+                  f"{family['seeds']}): {base}.", ""] + rows + [""]
+    lines += [f"Produced by: `{command}`"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(out + ".json", "w") as f:
+        json.dump(record, f, indent=2, default=dataclasses.asdict)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="", help="comma list of architectures (default: all discovered)")
@@ -347,6 +390,10 @@ def main(argv=None):
                         "the runs in --out's JSON (e.g. after a stopped run), the others marked 'not run'")
     parser.add_argument("--reuse", action="store_true", help="keep the runs already in --out's JSON that have the "
                         "same config, overrides and seeds (baselines, architectures); train the rest")
+    parser.add_argument("--rebaseline", default="", metavar="CONFIG", help="train CONFIG's single-task runs with the "
+                        "stored family's budget and report the stored runs of --archs (from --out's JSON) against them, "
+                        "in --rebaseline-out; nothing else is trained")
+    parser.add_argument("--rebaseline-out", default="", help="where --rebaseline writes its .md / .json")
     args, rest = parser.parse_known_args(argv)
     unknown_flags = [a for a in rest if not a.startswith("--config.")]
     if unknown_flags:
@@ -358,6 +405,12 @@ def main(argv=None):
     if args.compile_cache != "off":
         enable_compile_cache(args.compile_cache or os.path.join(args.workdir, "jax_cache"))
     command = " ".join(["python experiments/architectures.py"] + (argv if argv is not None else sys.argv[1:]))
+    if args.rebaseline:
+        if not args.rebaseline_out:
+            raise SystemExit("--rebaseline needs --rebaseline-out (the stored --out tables stay as they are)")
+        lines = rebaseline(load_previous(args.out), entries, args.rebaseline, args.workdir, args.rebaseline_out, command)
+        print("\n".join(lines))
+        return lines
     previous = load_previous(args.out) if args.reuse or args.report_only else {}
     dump = {}
     for entry in entries:  # in the order of --archs: a family's baselines are trained at its first entry

@@ -148,3 +148,31 @@ def test_a_workdir_of_another_config_is_not_resumed(configs_dir, tmp_path):
     fresh = run(spec, ["optim.lr=0.05"], str(tmp_path / "fresh"))
     assert second == fresh and second != first
     assert run(spec, ["optim.lr=0.05"], shared) == second
+
+
+def test_rebaseline_recomputes_delta_m_of_stored_runs_against_another_reference(configs_dir, tmp_path, monkeypatch):
+    """--rebaseline: the stored runs' Δm% against another config's single-task runs (trained by
+    ``single_task_baselines``, stubbed here with fixed accuracies), nothing else retrained."""
+    import dataclasses
+
+    from mtl_jax import tasks as T
+
+    tasks = [T.classification("digit", 10), T.classification("parity", 2)]
+    run = lambda d, p: {"results": {"digit": {"accuracy": d}, "parity": {"accuracy": p}}, "delta_m": 1.0}  # noqa: E731
+    previous = {"multimnist": {"overrides": ["num_steps=6"], "seeds": [0, 1], "baseline_config": "multimnist.py",
+                               "tasks": [dataclasses.asdict(t) for t in tasks], "single_task": {},
+                               "architectures": {"mmoe": {"runs": [run(0.8, 0.9), run(0.6, 0.7)]}}}}
+    trained = {}
+
+    def fake_single(spec, tasks_, overrides, seeds, workdir):
+        trained.update(spec=spec, overrides=overrides, seeds=seeds)
+        return {"digit": [run(0.5, 0)] * 2, "parity": [run(0, 1.0)] * 2}
+
+    monkeypatch.setattr(A, "single_task_baselines", fake_single)
+    entries = A.select(A.discover_entries(configs_dir), "mmoe")
+    out = str(tmp_path / "rebased")
+    lines = A.rebaseline(previous, entries, "vit.py", str(tmp_path), out, "cmd")
+    assert trained == {"spec": "vit.py", "overrides": ["num_steps=6"], "seeds": [0, 1]}
+    # Δm% = -100/K sum_t (M_t - B_t)/B_t: seed 0 -(60 - 10)/2 = -25, seed 1 -(20 - 30)/2 = 5
+    assert json.load(open(out + ".json"))["multimnist"]["architectures"]["mmoe"] == pytest.approx([-25.0, 5.0])
+    assert any(line.startswith("| mmoe | 75.00 ± 10.00 | -10.00 ± 15.00 | 1.00 ± 0.00 |") for line in lines), lines
