@@ -108,12 +108,12 @@ def mixture_of_task_datasets(name: str, datasets: dict, ratios=(), size: int = 0
                              f"its tasks: {[(t.name, t.kind) for t in dataset.tasks]}")
         tasks.append(spec)
     reads = {task: {s: read_all(src) for s, src in d.splits.items()} for task, d in datasets.items()}
-    inputs = {task: reads[task][split][d.input_key] for task, d in datasets.items()}
-    shapes = {task: (x.shape[1:], x.dtype) for task, x in inputs.items()}
+    shapes = {task: (reads[task][split][d.input_key].shape[1:], reads[task][split][d.input_key].dtype)
+              for task, d in datasets.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"mixture_of_task_datasets: inputs differ in shape / dtype per example: "
                          f"{ {t: (tuple(sh), str(dt)) for t, (sh, dt) in shapes.items()} }")
-    counts = np.array([len(inputs[t]) for t in names])
+    counts = np.array([len(reads[t][split][datasets[t].input_key]) for t in names])
     ratios = counts / counts.sum() if not len(ratios) else np.asarray(ratios, np.float64)
     if ratios.shape != (len(names),) or np.any(ratios < 0) or ratios.sum() <= 0:
         raise ValueError(f"mixture_of_task_datasets: ratios {np.asarray(ratios).tolist()} must be {len(names)} "
@@ -121,28 +121,26 @@ def mixture_of_task_datasets(name: str, datasets: dict, ratios=(), size: int = 0
     rng = np.random.default_rng(seed)
     drawn = rng.choice(len(names), size=int(size) or int(counts.sum()), p=ratios / ratios.sum())
 
-    def labelled_for(k: int, arrays: dict, rows) -> dict:
-        """``rows`` of task k's arrays as mixture records: its input, its label, -1 for the others."""
-        n = len(rows)
-        out = {"input": arrays[datasets[names[k]].input_key][rows]}
-        for j, spec in enumerate(tasks):
-            out[spec.label_key] = (arrays[tasks[k].label_key][rows].astype(np.int64) if j == k
-                                   else np.full(n, -1, np.int64))
-        return out
+    def records(split_name: str, rows_of) -> dict:
+        """Every task's ``rows_of(k)`` rows of ``split_name``, concatenated in task order: its input, its
+        label, -1 for the other tasks."""
+        parts = []
+        for k, task in enumerate(names):
+            arrays, rows = reads[task][split_name], rows_of(k)
+            part = {"input": arrays[datasets[task].input_key][rows]}
+            for j, spec in enumerate(tasks):
+                part[spec.label_key] = (arrays[spec.label_key][rows].astype(np.int64) if j == k
+                                        else np.full(len(rows), -1, np.int64))
+            parts.append(part)
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
-    shape, dtype = shapes[names[0]]
-    train = {"input": np.empty((len(drawn),) + tuple(shape), dtype)}
-    train.update({spec.label_key: np.full(len(drawn), -1, np.int64) for spec in tasks})
-    for k, task in enumerate(names):
-        slots = np.flatnonzero(drawn == k)
-        rows = rng.permutation(counts[k])[np.arange(len(slots)) % counts[k]]
-        train["input"][slots] = inputs[task][rows]
-        train[tasks[k].label_key][slots] = reads[task][split][tasks[k].label_key][rows]
-    splits = {split: train}
+    # training: task k fills the slots drawn for it with its examples in a shuffled, cycled order
+    slots = [np.flatnonzero(drawn == k) for k in range(len(names))]
+    train = records(split, lambda k: rng.permutation(counts[k])[np.arange(len(slots[k])) % counts[k]])
+    order = np.argsort(np.concatenate(slots))
+    splits = {split: {key: value[order] for key, value in train.items()}}
     for other in sorted(set.intersection(*(set(r) for r in reads.values())) - {split}):
-        parts = [labelled_for(k, reads[task][other], np.arange(len(reads[task][other][datasets[task].input_key])))
-                 for k, task in enumerate(names)]
-        splits[other] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        splits[other] = records(other, lambda k: np.arange(len(reads[names[k]][other][datasets[names[k]].input_key])))
     return from_arrays(name, splits, tasks, input_key="input")
 
 

@@ -16,8 +16,8 @@ Merging: the default ``merge`` is Multi-SLERP around the members' common startin
 released BOOM models (their model cards; the paper's method section could not be read here). Any
 package merge method ``merge(base, models)`` can be passed, e.g. ``weight_average``. For an
 incremental update the base is the existing model, whose own task vector is zero, so Multi-SLERP
-with one update model gives ``theta + tau_update / 2``, the average. Deviations, stated: subsets are bootstrap samples (with replacement, ratio 1
-by default) unless ``replace=False``; the paper's ratio values and historical-sample size are not
+with one update model gives ``theta + tau_update / 2``, the average. Deviations, stated: subsets
+are bootstrap samples (with replacement, ratio 1 by default) unless ``replace=False``; the paper's ratio values and historical-sample size are not
 reproduced here (``history_ratio=0.1`` is our choice).
 """
 
@@ -149,7 +149,8 @@ def boom_update(
     of ``new_data`` plus ``round(history_ratio * N_hist)`` historical examples sampled without
     replacement (member keys from :func:`member_keys`). The result is
     ``merge(params, [params, *updates])``: with the default Multi-SLERP (or the uniform average) and
-    one update model, ``(theta_existing + theta_update) / 2``. The structure, shapes and dtypes of ``params`` are kept.
+    one update model, ``(theta_existing + theta_update) / 2``. The structure, shapes and dtypes of
+    ``params`` are kept.
     """
     if num_models < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")
