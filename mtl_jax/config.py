@@ -2,17 +2,27 @@
 overrides and validation with errors that name the offending key path.
 
 A config file in ``configs/`` defines ``get_config(arg: str | None) -> ConfigDict``. ``arg`` is the
-text after ``:`` in ``--config=configs/x.py:smoke,seed=3`` (big_vision's convention); ``smoke``
-shrinks any config to a seconds-long run.
+text after ``:`` in ``--config=configs/multimnist.py:smoke,task=left`` (big_vision's convention),
+parsed by ``parse_arg`` against the file's own arguments; ``smoke`` shrinks any config to a
+seconds-long run.
+
+Every value is checked at start (``check_config``: the ``SCHEMA`` table of types and ranges) and,
+once the dataset is loaded, against its splits (``check_against_dataset``); a bad key or value
+raises :class:`~mtl_jax.errors.UsageError` naming the key path, the value and what is valid.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import math
+import numbers
 import os
+from typing import Mapping, NamedTuple
 
 from ml_collections import ConfigDict, config_dict
+
+from mtl_jax.errors import UsageError
 
 # Sections whose keys depend on a chosen component (model, method, ...): the component's builder
 # validates them, listing its valid options.
@@ -32,6 +42,11 @@ DATA_OPTIONS = {
     # MultiMNIST with labels derived from the two digits (mtl_jax.data.datasets.MULTIMNIST_DERIVED_LABELS).
     "multimnist_derived": dict(derived_tasks=("left", "right", "sum", "difference", "max")),
 }
+
+
+class UnknownKeyError(UsageError, KeyError):
+    """A config key that does not exist: a UsageError (exit 2 at the command line) that is also the
+    KeyError it has always been."""
 
 
 def data_options(config: ConfigDict) -> dict:
@@ -78,19 +93,39 @@ def default_config() -> ConfigDict:
     c.max_nonfinite_steps = 20  # consecutive skipped (NaN/Inf) steps before the run stops
     c.progress_bar = True
     c.distributed = False  # call jax.distributed.initialize() (also done when JAX_COORDINATOR_ADDRESS is set)
+    # A workdir keeps the config it was started with (mtl_jax.train.workdir); 'refuse' a later run whose
+    # config differs in a key that changes the training, or 'allow' it (the old config is kept beside).
+    c.resume_mismatch = "refuse"
     return c
 
 
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
-    """'smoke,seed=3' -> ConfigDict(smoke=True, seed=3); keys must be among ``defaults`` or flags."""
+    """'smoke,seed=3' -> ConfigDict(smoke=True, seed=3): the keys of ``defaults`` are the only valid ones.
+
+    A bare ``key`` sets a bool default to True; ``key=value`` is typed by its default (a bool takes
+    true / false, an int refuses 1.5; a None or tuple default takes a Python literal). An unknown key
+    (``:smok``), a bare key whose default is not a bool, or a value of the wrong type raises
+    :class:`~mtl_jax.errors.UsageError` naming the key and the valid ones.
+    """
     out = ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if not value:
-            out[key] = True
-            continue
-        default = defaults.get(key)
-        out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else _literal(value)
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if key not in defaults:
+            raise UsageError(f"unknown config argument '{key}' in ':{arg}'; valid arguments: {sorted(defaults)}")
+        default = defaults[key]
+        label = f"config argument '{key}'"
+        if not sep and not isinstance(default, bool):
+            raise UsageError(f"{label} needs a value ('{key}=...'; default {default!r})")
+        if not sep:
+            value = True
+        elif isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise UsageError(f"{label} expects true or false, got '{text}'")
+            value = text.lower() == "true"
+        else:
+            value = _coerce(label, None if default is None else type(default),
+                            text if isinstance(default, str) else _literal(text))
+        out[key] = value
     return out
 
 
@@ -106,6 +141,145 @@ def smoke(config: ConfigDict) -> ConfigDict:
     return config
 
 
+# Valid values of the known keys, checked by ``check_config`` after overrides (``load_config``) and
+# by the trainer for configs built in Python. The choice lists mirror the registries of
+# mtl_jax.train.optim / step / flat_minima (which import jax; tests/test_config_cli.py checks they agree).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+SHARPNESS_KINDS = ("", "sam", "fmtl", "fmtl_a")
+JACOBIAN_LEVELS = ("params", "representation")
+GRAMIAN_MODES = ("materialize", "vjp_jvp", "layerwise")
+
+
+class Rule(NamedTuple):
+    """What a key accepts. ``kind``: 'int', 'float' (finite; an int is accepted), 'bool' or 'choice'
+    (one of ``choices``, a ``what`` by name). Numbers lie in [lo, hi], a bound named in ``open``
+    ('lo', 'hi') excluded; ``also``: values accepted besides (None = unset, -1 = all devices)."""
+
+    kind: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    open: tuple = ()
+    also: tuple = ()
+    choices: tuple = ()
+    what: str = ""
+
+
+SEED = Rule("int", 0, 2**63 - 1)
+COUNT, NONNEG_INT = Rule("int", 1), Rule("int", 0)
+NONNEG, POSITIVE, FRACTION = Rule("float", 0), Rule("float", 0, open=("lo",)), Rule("float", 0, 1, open=("hi",))
+BOOL = Rule("bool")
+
+OPTIM_SCHEMA = {
+    "name": Rule("choice", choices=OPTIMIZERS, what="optimiser"),
+    "lr": NONNEG, "b1": FRACTION, "b2": FRACTION, "eps": POSITIVE, "momentum": FRACTION, "nesterov": BOOL,
+    "weight_decay": NONNEG, "schedule": Rule("choice", choices=SCHEDULES, what="schedule"),
+    "warmup_steps": NONNEG_INT, "grad_clip_norm": NONNEG,
+}
+
+SCHEMA = {
+    "seed": SEED,
+    "data.num_train": COUNT, "data.num_test": COUNT, "data.seed": SEED, "data.cache_in_memory": BOOL,
+    # DATA_OPTIONS (checked where the dataset has them)
+    "data.num_features": COUNT, "data.num_tasks": COUNT, "data.noise": NONNEG, "data.num_classes": Rule("int", 2),
+    "sharpness.kind": Rule("choice", choices=SHARPNESS_KINDS, what="sharpness kind"), "sharpness.rho": NONNEG,
+    "sharpness.adaptive": BOOL, "sharpness.eta": NONNEG,
+    "jacobian.level": Rule("choice", choices=JACOBIAN_LEVELS, what="jacobian level"), "jacobian.chunk": NONNEG_INT,
+    "jacobian.gramian_mode": Rule("choice", choices=GRAMIAN_MODES, what="jacobian.gramian_mode"),
+    "rep_mtl.tsr_weight": NONNEG, "rep_mtl.csa_weight": NONNEG, "rep_mtl.temperature": POSITIVE,
+    **{f"optim.{key}": rule for key, rule in OPTIM_SCHEMA.items()},
+    "batch_size": COUNT, "num_steps": Rule("int", 1, also=(None,)), "num_epochs": POSITIVE,
+    "mesh.data": Rule("int", 1, also=(-1,)), "mesh.model": COUNT, "mesh.expert": COUNT,
+    "log_every": COUNT, "eval_every": NONNEG_INT, "eval_batch_size": COUNT,
+    "checkpoint.every": COUNT, "checkpoint.keep": COUNT, "checkpoint.enabled": BOOL,
+    "max_nonfinite_steps": COUNT, "progress_bar": BOOL, "distributed": BOOL,
+    "resume_mismatch": Rule("choice", choices=("refuse", "allow"), what="resume_mismatch"),
+}
+
+
+def describe(rule: Rule) -> str:
+    """'an int >= 1 or None', 'a float in [0, 1)', "one of ['adam', 'sgd']", ..."""
+    if rule.kind == "choice":
+        return f"one of {list(rule.choices)}"
+    if rule.kind == "bool":
+        return "true or false"
+    text = {"int": "an int", "float": "a finite float"}[rule.kind]
+    lo, hi = (f"{b:g}" if isinstance(b, float) else str(b) for b in (rule.lo, rule.hi))
+    if rule.lo > -math.inf and rule.hi < math.inf:
+        text += f" in {'(' if 'lo' in rule.open else '['}{lo}, {hi}{')' if 'hi' in rule.open else ']'}"
+    elif rule.lo > -math.inf:
+        text += f" {'>' if 'lo' in rule.open else '>='} {lo}"
+    elif rule.hi < math.inf:
+        text += f" {'<' if 'hi' in rule.open else '<='} {hi}"
+    return text + "".join(f" or {v!r}" for v in rule.also)
+
+
+def check_value(path: str, value, rule: Rule) -> None:
+    """Raises UsageError (naming ``path``, ``value`` and what is valid) unless ``value`` obeys ``rule``."""
+    if any(value is v or (type(value) is type(v) and value == v) for v in rule.also):
+        return
+    if rule.kind == "choice":
+        if value in rule.choices:
+            return
+        raise UsageError(f"config key '{path}': unknown {rule.what} {value!r}; valid names: {list(rule.choices)}")
+    if rule.kind == "bool":
+        ok = isinstance(value, bool)
+    else:
+        kind = numbers.Integral if rule.kind == "int" else numbers.Real
+        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (rule.lo < value if "lo" in rule.open else rule.lo <= value)
+        ok = ok and (value < rule.hi if "hi" in rule.open else value <= rule.hi)
+    if not ok:
+        raise UsageError(f"config key '{path}' = {value!r} is invalid: expected {describe(rule)}")
+
+
+def check_config(config: ConfigDict) -> None:
+    """Checks every key of ``SCHEMA`` that ``config`` has (and each ``head_optim.<task>`` field
+    against ``optim``'s rules); the first violation raises UsageError naming the key path, the value
+    and the valid range. ``load_config`` calls it after the overrides; call it on configs built in
+    Python (``train_and_evaluate`` does)."""
+    for path, rule in SCHEMA.items():
+        node, keys = config, path.split(".")
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, (ConfigDict, Mapping)) else None
+        if isinstance(node, (ConfigDict, Mapping)) and keys[-1] in node:
+            check_value(path, node[keys[-1]], rule)
+    for task, fields in (config.get("head_optim") or {}).items():
+        if not isinstance(fields, (ConfigDict, Mapping)):
+            raise UsageError(f"config key 'head_optim.{task}' = {fields!r} is invalid: expected "
+                             f"{{optim field: value}} overrides, e.g. --config.head_optim.{task}.lr=0")
+        for key, value in fields.items():
+            if key not in OPTIM_SCHEMA:
+                raise UnknownKeyError(f"unknown config key 'head_optim.{task}.{key}'; valid optim fields: "
+                                      f"{sorted(OPTIM_SCHEMA)}")
+            if value is not None:  # None: inherit optim.<key>
+                check_value(f"head_optim.{task}.{key}", value, OPTIM_SCHEMA[key])
+
+
+def check_against_dataset(config: ConfigDict, split_sizes: Mapping[str, int], *, batch_shards: int = 1) -> None:
+    """The checks that need the loaded dataset, once it is (``split_sizes``: ``{split: number of
+    examples}``, e.g. ``{s: len(src) for s, src in dataset.splits.items()}``; ``batch_shards``: the
+    devices a batch is split over, mesh 'data' x 'expert'). UsageError when there is no 'train'
+    split, ``batch_size`` exceeds it, ``eval_split`` is not a split or is empty, or a batch size is
+    not a multiple of ``batch_shards``. An eval split smaller than ``eval_batch_size`` is fine:
+    evaluation pads its last batch."""
+    sizes = dict(split_sizes)
+    if "train" not in sizes:
+        raise UsageError(f"the dataset has no 'train' split; splits: {sorted(sizes)}")
+    if config.batch_size > sizes["train"]:
+        raise UsageError(f"config key 'batch_size' = {config.batch_size} is invalid: larger than the "
+                         f"{sizes['train']} examples of the 'train' split")
+    if config.eval_split not in sizes:
+        raise UsageError(f"config key 'eval_split' = {config.eval_split!r} is invalid: expected one of "
+                         f"{sorted(sizes)}")
+    if sizes[config.eval_split] < 1:
+        raise UsageError(f"config key 'eval_split' = {config.eval_split!r} is invalid: the split is empty")
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % batch_shards:
+            raise UsageError(f"config key '{key}' = {config[key]} is invalid: expected a multiple of the "
+                             f"{batch_shards} devices a batch is split over (mesh 'data' x 'expert')")
+
+
 def _literal(text: str):
     try:
         return ast.literal_eval(text)
@@ -113,22 +287,30 @@ def _literal(text: str):
         return text
 
 
-def _coerce(path: str, current, value):
-    if current is None or isinstance(value, type(current)):
+def _coerce(label: str, kind: type | None, value):
+    """``value`` as a ``kind`` (None: any value): int <-> float only when no digit is lost (an int key
+    refuses 1.5 rather than truncating it), a list as a tuple, 'true' / 'false' as a bool; else
+    UsageError naming ``label`` ("config key 'a.b'")."""
+    if kind is None or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)):
         return value
-    if isinstance(current, bool):
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ValueError(f"config key '{path}' expects a bool, got {value!r}")
-    if isinstance(current, (int, float)) and isinstance(value, (int, float)):
-        return type(current)(value)
-    if isinstance(current, tuple) and isinstance(value, list):
+        raise UsageError(f"{label} expects a bool (true or false), got {value!r}")
+    if kind is int:
+        if number and (isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer())):
+            return int(value)
+        raise UsageError(f"{label} expects an int, got {value!r}" + (" (not truncated)" if number else ""))
+    if kind is float and number:
+        return float(value)
+    if issubclass(kind, tuple) and isinstance(value, list):
         return tuple(value)
-    if isinstance(current, str):
+    if kind is str:
         return str(value)
-    if isinstance(current, ConfigDict) and isinstance(value, dict):
+    if issubclass(kind, ConfigDict) and isinstance(value, dict):
         return ConfigDict(value)
-    raise ValueError(f"config key '{path}' expects {type(current).__name__}, got {value!r}")
+    raise UsageError(f"{label} expects {kind.__name__}, got {value!r}")
 
 
 def set_by_path(config: ConfigDict, path: str, value, free_form=FREE_FORM) -> None:
@@ -148,18 +330,19 @@ def set_by_path(config: ConfigDict, path: str, value, free_form=FREE_FORM) -> No
                     node[key] = options[key]
             elif not free:
                 parent = ".".join(keys[:i]) or "config"
-                raise KeyError(f"unknown config key '{here}'; valid keys under '{parent}': {sorted(set(node) | set(options))}")
+                raise UnknownKeyError(f"unknown config key '{here}'; valid keys under '{parent}': "
+                                      f"{sorted(set(node) | set(options))}")
             if not last:
                 with node.unlocked():
                     node[key] = ConfigDict()
         if last:
             current = node.get(key)
             field = node._fields.get(key)
-            if isinstance(field, config_dict.FieldReference):
-                current = field.get()
-                value = value if current is None else _coerce(path, current, value)
+            label = f"config key '{path}'"
+            if isinstance(field, config_dict.FieldReference):  # a placeholder: None or its type
+                value = None if value is None else _coerce(label, field.get_type(), value)
             else:
-                value = _coerce(path, current, value)
+                value = _coerce(label, None if current is None else type(current), value)
             with node.unlocked():
                 node[key] = value
         else:
@@ -171,7 +354,7 @@ def apply_overrides(config: ConfigDict, overrides: list[str], free_form=FREE_FOR
     for item in overrides:
         path, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"config override '{item}' must look like key.path=value")
+            raise UsageError(f"config override '{item}' must look like --config.key.path=value")
         set_by_path(config, path, _literal(text), free_form)
     return config
 
@@ -187,7 +370,7 @@ def validate(config: ConfigDict, reference: ConfigDict | None = None, prefix: st
         if path in FREE_FORM:
             continue
         if key not in reference:
-            raise KeyError(f"unknown config key '{path}'; valid keys under '{prefix[:-1] or 'config'}': "
+            raise UnknownKeyError(f"unknown config key '{path}'; valid keys under '{prefix[:-1] or 'config'}': "
                            f"{sorted(reference)}")
         if isinstance(config[key], ConfigDict) and isinstance(reference[key], ConfigDict):
             validate(config[key], reference[key], path + ".")
@@ -206,11 +389,13 @@ def config_from_file(spec: str) -> ConfigDict:
 
 def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
     """A training config: 'configs/x.py[:arg]' -> ConfigDict validated against ``default_config()``,
-    with overrides applied."""
+    with overrides applied, its values checked (``check_config``)."""
     config = config_from_file(spec)
     validate(config)
     apply_overrides(config, list(overrides))
+    check_config(config)
     return config
 
 
-__all__ = ["default_config", "parse_arg", "smoke", "apply_overrides", "validate", "load_config"]
+__all__ = ["default_config", "parse_arg", "smoke", "apply_overrides", "validate", "load_config", "check_config",
+           "check_against_dataset", "SCHEMA", "UnknownKeyError"]

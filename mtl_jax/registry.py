@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Mapping, TypeVar
 
+from mtl_jax.errors import UsageError
+
 T = TypeVar("T")
 
 
 def lookup(registry: Mapping[str, T], name: str, what: str) -> T:
-    """``registry[name]``; an unknown name raises ``ValueError("unknown {what} '{name}'; valid names: [...]")``."""
+    """``registry[name]``; an unknown name raises ``UsageError("unknown {what} '{name}'; valid names: [...]")``
+    (a ValueError)."""
     if name not in registry:
-        raise ValueError(f"unknown {what} '{name}'; valid names: {sorted(registry)}")
+        raise UsageError(f"unknown {what} '{name}'; valid names: {sorted(registry)}")
     return registry[name]
