@@ -137,22 +137,16 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert bool(out["applied"]) and int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
 
 
-def test_run_stops_naming_the_nonfinite_task_and_keeps_checkpoints_finite(tmp_path):
+def test_run_stops_naming_the_nonfinite_task_and_writes_no_checkpoint(tmp_path):
     base = get_dataset(digits_config().data)
     arrays = {s: dict(src.arrays) for s, src in base.splits.items()}
     arrays["train"]["ink"] = np.where(np.arange(len(arrays["train"]["ink"]))[:, None] >= 0, np.inf, 0.0).astype(
         np.float32)
     dataset = from_arrays("digits_inf", arrays, base.tasks)
     config = digits_config("num_steps=50", "max_nonfinite_steps=4", "checkpoint.every=2")
-    with pytest.raises(NonFiniteError, match=r"4 consecutive steps.*\['ink'\]"):
+    with pytest.raises(NonFiniteError, match=r"4 consecutive steps skipped.*task\(s\) \['ink'\]"):
         train_and_evaluate(config, str(tmp_path), dataset=dataset)
-    saved = sorted(os.listdir(tmp_path / "checkpoints"), key=int)
-    assert saved  # checkpoints were written, and they hold the (never updated) finite parameters
-    exp = build_experiment(config, dataset)
-    from mtl_jax.train import checkpoint as ckpt
-
-    state, _ = ckpt.restore_latest(ckpt.make_manager(str(tmp_path / "checkpoints"), keep=2), exp.abstract_state)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert os.listdir(tmp_path / "checkpoints") == []  # every step was skipped: nothing to save
 
 
 def test_config_errors_name_the_key():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping, Sequence
 
@@ -10,8 +11,9 @@ import jax
 
 
 class MetricWriter:
-    """Appends ``{"step", "split", name: value}`` lines to ``metrics.jsonl`` and TensorBoard scalars
-    (tensorboardX, no TensorFlow) under ``tensorboard/``. Only process 0 writes."""
+    """Appends ``{"step", "split", name: value}`` lines to ``metrics.jsonl`` (a NaN / Inf value as
+    null) and TensorBoard scalars (tensorboardX, no TensorFlow) under ``tensorboard/``. Only process 0
+    writes."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
@@ -25,8 +27,9 @@ class MetricWriter:
     def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
-        self._jsonl.write(json.dumps({"step": int(step), "split": split, **{k: float(v) for k, v in scalars.items()}})
-                          + "\n")
+        values = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "split": split, **{
+            k: v if math.isfinite(v) else None for k, v in values.items()}}, allow_nan=False) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
             self._tb.add_scalar(f"{split}/{name}", float(value), int(step))

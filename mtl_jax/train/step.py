@@ -3,8 +3,9 @@
 One forward pass gives the per-task losses ``L [K]`` and a VJP closure. The MTL method turns
 what it needs (``L`` alone, or the Gramian ``G = J J^T`` of the per-task shared gradients obtained
 by a vmapped VJP) into task weights ``w [K]``; the shared parameters get ``sum_k w_k g_k``, every
-head its own task's gradient, and each group is updated by its own optimiser. A step whose loss or
-gradient is NaN/Inf is not applied.
+head its own task's gradient, and each group is updated by its own optimiser. A step is applied only
+when every loss, gradient and every floating leaf of the new state (parameters after the update,
+optimiser, method and model state) is finite (:func:`guarded_leaves`).
 
 Options: per-task gradients w.r.t. the shared representation instead of the shared parameters
 (MGDA-UB), chunked Jacobians, SAM/ASAM on the method's objective and F-MTL task-based flat minima
@@ -35,6 +36,16 @@ from mtl_jax.train.state import TrainState
 def tree_all_finite(tree) -> jax.Array:
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def guarded_leaves(state) -> list[tuple[str, object]]:
+    """``[(path, leaf)]`` of the floating leaves of a TrainState's ``params``, ``opt_state``,
+    ``method_state`` and ``model_state``, in a fixed order: the leaves the step's NaN guard checks
+    (``nonfinite_state`` in its outputs is a bool per entry) and the trainer names."""
+    parts = {"params": state.params, "opt_state": state.opt_state, "method_state": state.method_state,
+             "model_state": state.model_state}
+    return [(key_path_str(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(parts)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
 
 
 def labelled(task, labels) -> jax.Array | None:
@@ -704,10 +715,10 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
         return losses, vjp_fn, None, None, aux
 
     def apply_gradients(state, grads, weights, method_state, model_state, losses, preds, batch, key):
-        """Per-group optimiser updates, applied only when every loss and gradient is finite; then the
-        method's ``after_update`` with the losses re-evaluated at the new parameters (same batch)."""
+        """Per-group optimiser updates and the method's ``after_update`` (losses re-evaluated at the new
+        parameters, same batch); the new state is kept only when every loss, gradient and floating
+        leaf of it is finite (``guarded_leaves``), else the old state is (the step is counted skipped)."""
         task_finite = jnp.isfinite(losses) & jnp.stack([tree_all_finite(grads["heads"][n]) for n in names])
-        ok = task_finite.all() & tree_all_finite(grads["shared"])
 
         def update(tx, g, s, p):
             updates, s = tx.update(g, s, p)
@@ -723,10 +734,14 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             method_state = jax.tree.map(lambda a, b: jnp.where(jnp.isfinite(updated).all(), a, b), after,
                                         method_state)
         metrics = batch_metrics(tasks, preds, batch)
+        candidate = state.replace(params=new_params, opt_state=map_groups(lambda _, n: n["opt"], optimizers, new),
+                                  model_state=model_state, method_state=method_state)
+        state_finite = jnp.stack([jnp.isfinite(x).all() for _, x in guarded_leaves(candidate)])
+        ok = task_finite.all() & tree_all_finite(grads["shared"]) & state_finite.all()
         new_state = state.replace(
             step=state.step + 1,
-            params=pick(new_params, state.params),
-            opt_state=pick(map_groups(lambda _, n: n["opt"], optimizers, new), state.opt_state),
+            params=pick(candidate.params, state.params),
+            opt_state=pick(candidate.opt_state, state.opt_state),
             model_state=pick(model_state, state.model_state),
             method_state=pick(method_state, state.method_state),
             nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
@@ -735,7 +750,8 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
             metric_sums=jax.tree.map(lambda s, m: s + jnp.where(ok, m, 0.0), state.metric_sums, metrics),
             metric_count=state.metric_count + ok.astype(jnp.int32),
         )
-        return new_state, {"losses": losses, "weights": weights, "applied": ok, "nonfinite_tasks": ~task_finite}
+        return new_state, {"losses": losses, "weights": weights, "applied": ok, "nonfinite_tasks": ~task_finite,
+                           "nonfinite_state": ~state_finite}
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

@@ -7,12 +7,15 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtl_jax.config import check_against_dataset, check_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
 from mtl_jax.models import build_model, check_input
@@ -22,11 +25,12 @@ from mtl_jax.train.optim import make_optimizers, map_groups
 from mtl_jax.train.reporting import MetricWriter, delta_m, flatten_metrics, results_table
 from mtl_jax.train.sharding import batch_sharding, make_mesh, replicated, train_state_shardings
 from mtl_jax.train.state import TrainState
-from mtl_jax.train.step import make_eval_step, make_train_step
+from mtl_jax.train import workdir as workdir_lib
+from mtl_jax.train.step import guarded_leaves, make_eval_step, make_train_step
 
 
 class NonFiniteError(FloatingPointError):
-    """Too many consecutive steps had a NaN/Inf loss or gradient."""
+    """Too many consecutive steps had a NaN/Inf loss, gradient or new state."""
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -179,46 +183,73 @@ def load_baselines(config, tasks) -> dict | None:
 def train_and_evaluate(config, workdir: str, *, dataset=None,
                        on_step: Optional[Callable[[int, TrainState], None]] = None) -> dict:
     """Trains ``config`` in ``workdir``; returns ``{'results': {task: {metric}}, 'delta_m': ..., 'state',
-    'train_step_traces': how many times the train step was traced (1 unless shapes or options changed)}``.
+    'warnings': [...], 'train_step_traces': how many times the train step was traced (1 unless shapes or
+    options changed)}``.
 
     ``dataset``: a ``Dataset`` to use instead of ``config.data`` (bring your own data, e.g.
     ``mtl_jax.data.from_arrays``). ``on_step(step, state)`` is called after every step.
+
+    The workdir is locked for the run (:mod:`mtl_jax.train.workdir`) and remembers its config; the run
+    resumes from the newest checkpoint that verifies and restores (:func:`checkpoint.restore_latest`).
     """
+    check_config(config)
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
+    claim = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+    try:
+        if claim is not None:
+            workdir_lib.check_config(workdir, config)
+        return _train_and_evaluate(config, workdir, dataset, on_step)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_and_evaluate(config, workdir: str, dataset, on_step) -> dict:
     exp = build_experiment(config, dataset)
+    check_against_dataset(config, {split: len(source) for split, source in exp.dataset.splits.items()},
+                          batch_shards=exp.mesh.shape["data"] * exp.mesh.shape.get("expert", 1))
     dataset, names, steps, data_sharding = exp.dataset, exp.dataset.task_names, exp.steps, exp.data_sharding
     train_step, eval_step, state_shardings = exp.train_step, exp.eval_step, exp.state_shardings
     keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
     baselines = load_baselines(config, dataset.tasks)
+    warnings = nonfinite_label_warnings(dataset)
+    for text in warnings:
+        _warn(text)
     data_iter = train_iterator(dataset.splits["train"], keys=keys, global_batch_size=config.batch_size,
                                seed=config.seed)
+    leaf_paths = [path for path, _ in guarded_leaves(exp.abstract_state)]
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    exp.abstract_state, state_shardings)
-    restored = ckpt.restore_latest(manager, abstract_sharded) if config.checkpoint.enabled else None
-    if restored is not None:
-        state, data_state = restored
-        data_iter.set_state(data_state)
-        if jax.process_index() == 0:
-            print(f"resumed from the step-{int(state.step)} checkpoint in {workdir}", flush=True)
-    else:
-        state = exp.init()
-
     writer = MetricWriter(workdir)
-    start = int(state.step)
-    streak = int(state.nonfinite_streak)
-    last_sums, last_count = jax.device_get((state.metric_sums, state.metric_count))
-    progress = _progress_bar(config, start, steps)
-    tick, tick_step = time.perf_counter(), start
-    pending = None  # the previous step's outputs, checked after the next step is dispatched
+    progress = None
     try:
+        abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        exp.abstract_state, state_shardings)
+        restored = ckpt.restore_latest(manager, abstract_sharded) if config.checkpoint.enabled else None
+        if restored is not None:
+            state = restored.state
+            data_iter.set_state(restored.data)
+            for bad_step, reason in restored.skipped:
+                _warn(f"checkpoint step {bad_step} in {workdir} skipped ({reason}); moved to "
+                      f"{os.path.join(workdir, ckpt.DAMAGED)}")
+            if jax.process_index() == 0:
+                print(f"resumed from the step-{restored.step} checkpoint in {workdir}", flush=True)
+        else:
+            state = exp.init()
+
+        start = int(state.step)
+        guard = FiniteGuard(config.max_nonfinite_steps, names, leaf_paths, int(state.nonfinite_streak))
+        last_sums, last_count = jax.device_get((state.metric_sums, state.metric_count))
+        last_skipped = int(state.nonfinite_total)
+        progress = _progress_bar(config, start, steps)
+        tick, tick_step = time.perf_counter(), start
+        pending = None  # the previous step's outputs, checked after the next step is dispatched
         for step in range(start, steps):
             state, out = train_step(state, to_global(next(data_iter), data_sharding))
             done = step + 1
             if on_step is not None:
                 on_step(done, state)
-            streak = _check_finite(pending, streak, config.max_nonfinite_steps, names)
+            guard.check(pending)
             pending = (done, out)
             if done % config.log_every == 0 or done == steps:
                 sums, count = jax.device_get((state.metric_sums, state.metric_count))
@@ -226,28 +257,40 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
                 train_metrics = flatten_metrics(jax.tree.map(lambda a, b: (a - b) / window, sums, last_sums))
                 now = time.perf_counter()
                 train_metrics["steps_per_sec"] = (done - tick_step) / (now - tick)
-                train_metrics["nonfinite_total"] = int(state.nonfinite_total)
+                train_metrics["nonfinite_total"] = skipped = int(state.nonfinite_total)
                 writer.write(done, "train", train_metrics)
+                if skipped > last_skipped:
+                    _warn(f"step {done}: {skipped - last_skipped} step(s) skipped since step {tick_step} "
+                          f"(non-finite loss, gradient or update; {skipped} in all)")
                 losses = {k.replace("/loss", " loss"): f"{v:.3f}" for k, v in train_metrics.items()
                           if k.endswith("/loss")}
-                progress.set_postfix(losses | {"skipped": train_metrics["nonfinite_total"]}, refresh=False)
+                progress.set_postfix(losses | {"skipped": skipped}, refresh=False)
                 progress.update(done - progress.n)
-                last_sums, last_count, tick, tick_step = sums, count, now, done
+                last_sums, last_count, last_skipped, tick, tick_step = sums, count, skipped, now, done
             if config.eval_every and done % config.eval_every == 0 and done != steps:
                 writer.write(done, config.eval_split, flatten_metrics(
                     evaluate(eval_step, state, dataset, config.eval_split, config.eval_batch_size, data_sharding)))
             if config.checkpoint.enabled and (done == steps or done % config.checkpoint.every == 0):
-                ckpt.save(manager, done, state, data_iter.get_state())
-        _check_finite(pending, streak, config.max_nonfinite_steps, names)
+                guard.check(pending)  # the step being saved: no checkpoint while steps are being skipped
+                pending = None
+                if guard.streak == 0:
+                    ckpt.save(manager, done, state, data_iter.get_state())
+        guard.check(pending)
     finally:
-        progress.close()
-        manager.wait_until_finished()
-        manager.close()
+        if progress is not None:
+            progress.close()
+        ckpt.finish(manager)
 
     results = evaluate(eval_step, state, dataset, config.eval_split, config.eval_batch_size, data_sharding)
     tasks = dataset.tasks
-    summary = {"results": results, "steps": steps, "tasks": list(names),
-               "nonfinite_total": int(state.nonfinite_total)}
+    skipped, printed = int(state.nonfinite_total), len(warnings)
+    if skipped:
+        warnings.append(f"{skipped} of {steps} steps skipped (non-finite loss, gradient or update); they were "
+                        f"not applied")
+    warnings += [f"{config.eval_split} {name} is {value} (a non-finite prediction or label)"
+                 for name, value in flatten_metrics(results).items() if not math.isfinite(value)]
+    summary = {"results": results, "steps": steps, "tasks": list(names), "nonfinite_total": skipped,
+               "warnings": warnings}
     if baselines:
         summary["baselines"] = baselines
         summary["delta_m"] = delta_m(results, baselines, tasks)
@@ -256,28 +299,84 @@ def train_and_evaluate(config, workdir: str, *, dataset=None,
     writer.close()
     table = results_table(results, tasks, baselines, title=f"{dataset.name}: {config.eval_split} after {steps} steps")
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_text_atomic(os.path.join(workdir, "results.md"), table + "\n")
+        workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), json_safe(summary))
         print(table, flush=True)
+        for text in warnings[printed:]:
+            _warn(text)
     summary["state"] = state
     summary["train_step_traces"] = train_step._cache_size()  # 1: every step ran the same executable
     return summary
 
 
-def _check_finite(pending, streak: int, limit: int, names) -> int:
-    """Updates the host's count of consecutive skipped steps; raises NonFiniteError at ``limit``."""
-    if pending is None:
-        return streak
-    done, out = pending
-    applied, bad = jax.device_get((out["applied"], out["nonfinite_tasks"]))
-    streak = 0 if applied else streak + 1
-    if streak >= limit:
-        culprits = [n for n, b in zip(names, bad) if b] or ["shared-parameter gradient"]
-        raise NonFiniteError(f"{streak} consecutive steps with a NaN/Inf loss or gradient (up to step {done}); "
-                             f"non-finite in task(s) {culprits}. These steps were not applied.")
-    return streak
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN / Inf)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def nonfinite_label_warnings(dataset) -> list[str]:
+    """One line per split and float label with NaN / Inf values, for splits held as arrays (steps
+    whose batch holds one are skipped; evaluation metrics over them are NaN)."""
+    out = []
+    for split, source in dataset.splits.items():
+        arrays = getattr(source, "arrays", None)
+        if arrays is None:
+            continue
+        for t in dataset.tasks:
+            labels = np.asarray(arrays[t.label_key])
+            if np.issubdtype(labels.dtype, np.floating):
+                bad = int((~np.isfinite(labels)).reshape(len(labels), -1).any(axis=1).sum())
+                if bad:
+                    out.append(f"split '{split}': {bad} of {len(labels)} examples have a non-finite "
+                               f"'{t.label_key}' label (training steps whose batch holds one are skipped)")
+    return out
+
+
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+class FiniteGuard:
+    """The host's view of skipped steps: counts the consecutive ones from each step's outputs
+    (``applied``, ``nonfinite_tasks``, ``nonfinite_state``) and raises :class:`NonFiniteError` at
+    ``limit``, naming the tasks and the state leaf paths that went non-finite."""
+
+    def __init__(self, limit: int, names, leaf_paths, streak: int = 0):
+        self.limit, self.names, self.leaf_paths, self.streak = limit, list(names), leaf_paths, streak
+
+    def check(self, pending) -> None:
+        if pending is None:
+            return
+        done, out = pending
+        applied, tasks, leaves = jax.device_get((out["applied"], out["nonfinite_tasks"], out["nonfinite_state"]))
+        self.streak = 0 if applied else self.streak + 1
+        if self.streak >= self.limit:
+            culprits = [n for n, b in zip(self.names, tasks) if b]
+            paths = [p for p, b in zip(self.leaf_paths, leaves) if b]
+            where = []
+            if culprits:
+                where.append(f"loss or gradient of task(s) {culprits}")
+            if paths:
+                where.append(f"new state at {paths[:4]}{f' and {len(paths) - 4} more' if len(paths) > 4 else ''}")
+            raise NonFiniteError(f"{self.streak} consecutive steps skipped (up to step {done}): non-finite "
+                                 f"{'; '.join(where) or 'shared-parameter gradient'}. These steps were not applied; "
+                                 f"the checkpoints hold the last good state.")
 
 
 def _progress_bar(config, start: int, steps: int):
