@@ -11,7 +11,7 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
   includes its extra no-grad forward at the updated parameters, GradNorm its last shared layer's
   Gramian from the layer-wise rows, SDMGrad / MoDo the cross Gramian of two half-batches (their defaults);
 * Gramian methods run the default ``config.jacobian.gramian_mode='layerwise'`` (G summed per Dense
-  layer from its inputs and per-task output cotangents, ``train/layerwise.py``);
+  layer from its inputs and per-task output cotangents, ``train/gradients/layerwise.py``);
   ``<method>@materialize`` (``--materialize``, default upgrad and mgda): J by one vmapped VJP, then
   ``J J^T``; ``<method>@vjp_jvp`` (``--vjp-jvp``, default upgrad and mgda): the Gramian built column
   by column as ``J (J^T e_l)``, then one weighted VJP; ``<method>@<key>=<value>`` (``--variants``,
@@ -22,7 +22,7 @@ one 'linear' 10-class head per task; one fixed batch of 256 random inputs and la
   (the issue's floor for per-task-gradient methods; no Gramian, no optimiser); each cotangent e_k
   goes back through all K heads, K^2 head backward passes;
 * ``floor_heads_once``: the same Jacobian the way our step gets it for trunk + heads models
-  (``step.representation_losses_and_vjp``: one backward through the heads, then K trunk VJPs);
+  (``gradients.representation.representation_losses_and_vjp``: one backward through the heads, then K trunk VJPs);
 * TorchJD (``benchmarks/peers/torchjd_step.py``, run in ``.peers-venv`` with as many torch threads
   as JAX has CPU devices' cores here, 2): its aggregator or scalarizer for the method, the same
   model, ``torch.optim.Adam``; plus the plain summed-loss torch step, TorchJD's ``Mean`` through
@@ -76,8 +76,10 @@ from mtl_jax.tasks import classification  # noqa: E402
 from mtl_jax.train.losses import task_loss_fn  # noqa: E402
 from mtl_jax.train.methods import METHODS, Method, MethodInputs  # noqa: E402
 from mtl_jax.train.sharding import replicated  # noqa: E402
-from mtl_jax.train.step import (gramian, make_representation_forward, make_train_step,  # noqa: E402
-                                 representation_losses_and_vjp)
+from mtl_jax.train.forward import make_representation_forward  # noqa: E402
+from mtl_jax.train.gradients.layerwise import gramian  # noqa: E402
+from mtl_jax.train.gradients.representation import representation_losses_and_vjp  # noqa: E402
+from mtl_jax.train.step import make_train_step  # noqa: E402
 from mtl_jax.train.trainer import build_experiment  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,13 +148,14 @@ def make_floor(model, tasks, input_key: str):
 
 def make_floor_heads_once(model, tasks, input_key: str):
     """``params, batch -> (losses, J)`` as :func:`make_floor`, with the VJP the train step uses for
-    trunk + heads models (``step.representation_losses_and_vjp``: each head differentiated once,
+    trunk + heads models (``gradients.representation.representation_losses_and_vjp``: each head differentiated once,
     then K trunk VJPs)."""
     encode, decode = make_representation_forward(model, tasks, input_key)
     names = [t.name for t in tasks]
 
     def floor(params, batch):
-        losses, vjp_fn, _, _ = representation_losses_and_vjp(encode, decode, params, batch, jax.random.key(0), names)
+        lin = representation_losses_and_vjp(encode, decode, params, batch, jax.random.key(0), names)
+        losses, vjp_fn = lin.losses, lin.vjp_fn
         (jac,) = jax.vmap(vjp_fn)(jnp.eye(len(names), dtype=losses.dtype))
         return losses, jac
 

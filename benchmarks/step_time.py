@@ -26,7 +26,7 @@ import optax  # noqa: E402
 
 from mtl_jax.config import apply_overrides, load_config  # noqa: E402
 from mtl_jax.data.pipeline import to_global  # noqa: E402
-from mtl_jax.train.step import make_task_losses  # noqa: E402
+from mtl_jax.train.forward import make_task_losses  # noqa: E402
 from mtl_jax.train.trainer import build_experiment  # noqa: E402
 
 HERE = os.path.dirname(__file__)

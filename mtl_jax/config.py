@@ -70,7 +70,7 @@ def default_config() -> ConfigDict:
     # vmapped VJP at the parameter level (0 = all at once);
     # gramian_mode, for the methods that need only G: 'layerwise' (G summed per Dense layer from its
     # inputs and per-task output cotangents, <D_k, X X^T D_l>, explicit rows for the other leaves:
-    # train/layerwise.py), 'materialize' (J by a vmapped VJP, then J J^T) or 'vjp_jvp' (G's columns
+    # train/gradients/layerwise.py), 'materialize' (J by a vmapped VJP, then J J^T) or 'vjp_jvp' (G's columns
     # J (J^T e_l) by a VJP + a JVP, chunk columns at a time: J never held); last_shared = regex over 'shared/...'
     # paths of the layer GradNorm reads its gradient norms at ('' = the last layer of the trunk).
     c.jacobian = ConfigDict(dict(level="params", chunk=0, gramian_mode="layerwise", last_shared=""))

@@ -12,7 +12,7 @@ from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import to_global
 from mtl_jax.train import flat_minima
 from mtl_jax.train.methods import MethodInputs, get_method
-from mtl_jax.train.step import make_forward
+from mtl_jax.train.forward import make_forward
 from mtl_jax.train.trainer import build_experiment
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "digits_mlp.py")

@@ -12,7 +12,7 @@ from mtl_jax.config import apply_overrides, load_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import to_global, train_dataset
 from mtl_jax.train.methods import METHODS, MethodInputs, get_method
-from mtl_jax.train.step import make_representation_forward
+from mtl_jax.train.forward import make_representation_forward
 from mtl_jax.train.trainer import build_experiment, evaluate
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -163,7 +163,7 @@ def test_chunked_jacobian_equals_one_vmap():
 
 
 def test_representation_level_needs_a_single_representation():
-    from mtl_jax.train.step import make_representation_forward as rep
+    from mtl_jax.train.forward import make_representation_forward as rep
 
     with pytest.raises(ValueError, match="one shared representation"):
         rep(object(), (), "image")

@@ -272,7 +272,7 @@ def test_with_make_representation_forward_on_a_hard_parameter_sharing_model():
     from mtl_jax.models.heads import LinearHead
     from mtl_jax.models.trunks import MLP
     from mtl_jax.tasks import TaskSpec
-    from mtl_jax.train.step import make_representation_forward
+    from mtl_jax.train.forward import make_representation_forward
 
     tasks = (TaskSpec("digit", "classification", 3), TaskSpec("size", "regression", 1))
     model = HardParameterSharing(trunk=MLP(features=(6,)), heads={t.name: LinearHead(t.num_outputs) for t in tasks})

@@ -14,7 +14,7 @@ from mtl_jax.models import build_model
 from mtl_jax.models.heads import LinearHead
 from mtl_jax.models.multitask import HardParameterSharing
 from mtl_jax.models.trunks import ViT
-from mtl_jax.train.step import make_task_losses
+from mtl_jax.train.forward import make_task_losses
 
 TASKS = (T.classification("a", 10), T.classification("b", 3))
 VIT = {"patch_size": 2, "dim": 8, "depth": 2, "num_heads": 2, "mlp_dim": 16}

@@ -46,7 +46,7 @@ import optax
 
 from mtl_jax.models.slimmable import SlimmableMTL, WidthConfig
 from mtl_jax.train import trainer
-from mtl_jax.train.step import make_task_losses, metric_sums
+from mtl_jax.train.forward import make_task_losses, metric_sums
 
 
 def cikd_loss(student, teacher):

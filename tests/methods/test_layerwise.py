@@ -1,4 +1,4 @@
-"""The layer-wise Gramian (train/layerwise.py) against ``J J^T`` of the materialised shared Jacobian,
+"""The layer-wise Gramian (train/gradients/layerwise.py) against ``J J^T`` of the materialised shared Jacobian,
 on models where Dense layers cover all, part or none of the shared parameters, and in the step."""
 
 import flax.linen as nn
@@ -10,8 +10,11 @@ from ml_collections import ConfigDict
 
 from mtl_jax import tasks as T
 from mtl_jax.models import build_model
-from mtl_jax.train import layerwise as L
-from mtl_jax.train import step as S
+from mtl_jax.train.gradients import layerwise as L
+from mtl_jax.train.forward import make_forward
+from mtl_jax.train.gradients.combine import task_gradients
+from mtl_jax.train.gradients.layerwise import gramian
+from mtl_jax.train.gradients.options import gradient_options
 
 from test_step_feeds import (assert_mode_steps_like_materialize, batch_of, exp_config_jacobian, init_params,
                              losses_fn, plain_experiment, recording, shared_jacobian)
@@ -48,7 +51,7 @@ def _check_against_materialised(forward, params, shared_of, num_tasks):
     def materialised(p):
         _, vjp_fn = jax.vjp(forward, p)
         jac = jax.vmap(lambda c: shared_of(vjp_fn(c)[0]))(jnp.eye(num_tasks))
-        return S.gramian(jac)
+        return gramian(jac)
 
     def layerwise(p):
         _, _, rows_fn = L.vjp_and_layerwise_gramian(forward, p, shared_of)
@@ -100,7 +103,7 @@ def test_library_models_give_the_materialised_gramian(name, trunk):
     x = jnp.asarray(rng.normal(size=(6, 28, 28, 1) if trunk != "mlp" else (6, 10)), jnp.float32)
     labels = {f"t{k}": jnp.asarray(rng.integers(0, 4, 6)) for k in range(3)}
     params = model.init(jax.random.key(0), x)["params"]
-    forward_fn = S.make_forward(model, tasks, "x")
+    forward_fn = make_forward(model, tasks, "x")
     batch = {"x": x, **labels}
     forward = lambda p: forward_fn(p, {}, batch, jax.random.key(5), True)[0]
     want = _check_against_materialised(forward, params, lambda p: p["shared"], 3)
@@ -122,7 +125,7 @@ def test_layerwise_gramian_holds_no_jacobian_rows_for_a_covered_wide_layer():
 
     def materialised(p):
         _, vjp_fn = jax.vjp(forward, p)
-        return S.gramian(jax.vmap(lambda c: vjp_fn(c)[0])(jnp.eye(5)))
+        return gramian(jax.vmap(lambda c: vjp_fn(c)[0])(jnp.eye(5)))
 
     np.testing.assert_allclose(jax.jit(layerwise)(params), jax.jit(materialised)(params), rtol=1e-4, atol=1e-9)
     hlo = lambda fn: jax.jit(fn).lower(params).compile().as_text()
@@ -147,13 +150,13 @@ def test_restricted_layer_rows_give_the_last_shared_layers_gramian():
     exp = plain_experiment()
     params, batch = init_params(exp), batch_of(0)
     method = recording(wants=("last_shared_gramian",))
-    options = S.gradient_options(exp_config_jacobian(), method, exp.model, jnp.zeros((1, 8)))
+    options = gradient_options(exp_config_jacobian(), method, exp.model, jnp.zeros((1, 8)))
 
     def fed(p):
         losses, vjp_fn, rows_fn = L.vjp_and_layerwise_gramian(lambda q: losses_fn(exp)(q, batch), p,
                                                                 lambda q: q["shared"])
         rows = rows_fn(jnp.eye(3))
-        _, _, state = S.task_gradients(method, losses, vjp_fn, method.init(3), jnp.int32(0), jax.random.key(0),
+        _, _, state = task_gradients(method, losses, vjp_fn, method.init(3), jnp.int32(0), jax.random.key(0),
                                        options, layer_rows=rows)
         return state["last_shared_gramian"]
 

@@ -15,9 +15,15 @@ from mtl_jax import tasks as T
 from mtl_jax.config import apply_overrides, load_config
 from mtl_jax.data import from_arrays
 from mtl_jax.data.pipeline import to_global
-from mtl_jax.train import step as S
 from mtl_jax.train.methods import Method, MethodInputs, get_method
 from mtl_jax.train.trainer import build_experiment
+from mtl_jax.train.forward import make_forward, make_representation_forward
+from mtl_jax.train.gradients.combine import task_gradients
+from mtl_jax.train.gradients.double_sampling import cross_gramian_of_halves, half_batches
+from mtl_jax.train.gradients.jacobian import linearize, params_gramian_by_jvp, per_task_jacobian
+from mtl_jax.train.gradients.layerwise import gramian
+from mtl_jax.train.gradients.options import GradientOptions, gradient_options, last_shared_layer, leaf_selector
+from mtl_jax.train.gradients.representation import representation_losses_and_vjp
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 LR = 0.1
@@ -58,7 +64,7 @@ def plain_experiment():
 
 @functools.lru_cache(maxsize=None)
 def _loss_fn():
-    forward = S.make_forward(plain_experiment().model, DATASET.tasks, "x")
+    forward = make_forward(plain_experiment().model, DATASET.tasks, "x")
     return jax.jit(lambda params, batch: forward(params, {}, batch, jax.random.key(0), True)[0])
 
 
@@ -169,24 +175,24 @@ def init_params(exp=None):
 def test_last_shared_layer_defaults_to_the_trunks_last_layer_in_creation_order():
     exp = plain_experiment()
     sample = jnp.zeros((1, 8))
-    assert S.last_shared_layer(exp.model, sample) == "^shared/dense_1/[^/]+$"
+    assert last_shared_layer(exp.model, sample) == "^shared/dense_1/[^/]+$"
     vit = load_config(os.path.join(ROOT, "configs", "multimnist_vit.py"))
     from mtl_jax.models import build_model
 
     model = build_model(vit.model, [T.classification("l", 10), T.classification("r", 10)])
     # sorted order would give 'pos_embed'; the ViT applies its final LayerNorm last
-    assert S.last_shared_layer(model, jnp.zeros((1, 36, 36, 1))) == "^shared/ln_final/[^/]+$"
+    assert last_shared_layer(model, jnp.zeros((1, 36, 36, 1))) == "^shared/ln_final/[^/]+$"
     with pytest.raises(ValueError, match="matches no shared parameter"):
-        S.leaf_selector("nope")(init_params(exp)["shared"])
+        leaf_selector("nope")(init_params(exp)["shared"])
 
 
 def test_last_shared_gramian_is_the_last_layers_gradient_gramian():
     exp = plain_experiment()
     params, batch = init_params(exp), batch_of(0)
     method = recording(wants=("last_shared_gramian",))
-    options = S.gradient_options(exp_config_jacobian(), method, exp.model, jnp.zeros((1, 8)))
+    options = gradient_options(exp_config_jacobian(), method, exp.model, jnp.zeros((1, 8)))
     losses, vjp_fn = jax.vjp(lambda p: losses_fn(exp)(p, batch), params)
-    _, _, state = jax.jit(lambda: S.task_gradients(method, losses, vjp_fn, method.init(3), jnp.int32(0),
+    _, _, state = jax.jit(lambda: task_gradients(method, losses, vjp_fn, method.init(3), jnp.int32(0),
                                                    jax.random.key(0), options))()
     full = shared_jacobian(exp, params, batch)
     # flattened in sorted leaf order: dense_0/{bias, kernel}, dense_1/{bias, kernel}
@@ -224,16 +230,16 @@ def test_gradnorm_in_the_step_moves_weight_to_the_slower_task():
 def test_cross_gramian_of_halves_matches_two_explicit_batches():
     exp = plain_experiment()
     params, batch = init_params(exp), batch_of(0)
-    forward = S.make_forward(exp.model, DATASET.tasks, "x")
+    forward = make_forward(exp.model, DATASET.tasks, "x")
     even = {k: v[0::2] for k, v in batch.items()}
     odd = {k: v[1::2] for k, v in batch.items()}
     want = shared_jacobian(exp, params, even) @ shared_jacobian(exp, params, odd).T
     assert not np.allclose(want, want.T, atol=1e-4)  # a cross Gramian, not a Gramian
-    split = S.make_representation_forward(exp.model, DATASET.tasks, "x")
+    split = make_representation_forward(exp.model, DATASET.tasks, "x")
     for mode, chunk, heads_once in (("materialize", 0, False), ("vjp_jvp", 2, False), ("materialize", 2, True),
                                     ("vjp_jvp", 0, True), ("layerwise", 2, True), ("layerwise", 0, False)):
-        options = S.GradientOptions(chunk=chunk, gramian_mode=mode)
-        got = jax.jit(lambda p, b: S.cross_gramian_of_halves(forward, p, {}, b, jax.random.key(0), 3, options,
+        options = GradientOptions(chunk=chunk, gramian_mode=mode)
+        got = jax.jit(lambda p, b: cross_gramian_of_halves(forward, p, {}, b, jax.random.key(0), 3, options,
                                                              split if heads_once else None, ["a", "b", "c"]))(
             params, jax.tree.map(jnp.asarray, batch))
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7, err_msg=f"{mode} {heads_once}")
@@ -281,8 +287,8 @@ def _hps_with_big_heads(num_tasks=8):
              **{t.label_key: jnp.asarray(rng.integers(0, 3, 32), jnp.int32) for t in tasks}}
     params = model.init(jax.random.key(0), batch["x"])["params"]
     names = [t.name for t in tasks]
-    return (params, batch, jax.random.key(3), S.make_forward(model, tasks, "x"),
-            S.make_representation_forward(model, tasks, "x"), names)
+    return (params, batch, jax.random.key(3), make_forward(model, tasks, "x"),
+            make_representation_forward(model, tasks, "x"), names)
 
 
 def test_representation_vjp_equals_the_whole_forward_vjp_and_runs_each_head_backward_once():
@@ -295,11 +301,11 @@ def test_representation_vjp_equals_the_whole_forward_vjp_and_runs_each_head_back
 
     def whole(p, c):
         _, vjp_fn = jax.vjp(lambda q: forward(q, {}, batch, key, True)[0], p)
-        return vjp_fn(c)[0], S.per_task_jacobian(lambda e: (vjp_fn(e)[0]["shared"],), num_tasks)
+        return vjp_fn(c)[0], per_task_jacobian(lambda e: (vjp_fn(e)[0]["shared"],), num_tasks)
 
     def by_representation(p, c):
-        _, vjp_fn, _, _ = S.representation_losses_and_vjp(*split, p, batch, key, names)
-        return vjp_fn(c)[0], S.per_task_jacobian(lambda e: (vjp_fn(e)[0]["shared"],), num_tasks)
+        vjp_fn = representation_losses_and_vjp(*split, p, batch, key, names).vjp_fn
+        return vjp_fn(c)[0], per_task_jacobian(lambda e: (vjp_fn(e)[0]["shared"],), num_tasks)
 
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=num_tasks), jnp.float32)
     expected, got = jax.jit(whole)(params, cotangent), jax.jit(by_representation)(params, cotangent)
@@ -323,23 +329,24 @@ def test_representation_jvp_and_its_vjp_jvp_gramian_skip_the_heads():
     whole_losses = lambda q: forward(q, {}, batch, key, True)[0]
 
     def split_jvp(p, t):
-        return S.representation_losses_and_vjp(*split, p, batch, key, names, with_jvp=True)[3](t)
+        return representation_losses_and_vjp(*split, p, batch, key, names, with_jvp=True).jvp_fn(t)
 
     np.testing.assert_allclose(jax.jit(split_jvp)(params, tangent),
                                jax.jit(lambda p, t: jax.jvp(whole_losses, (p,), (t,))[1])(params, tangent),
                                rtol=1e-4, atol=1e-5)
 
     def gram_split(p, _):
-        _, vjp_fn, _, jvp_fn = S.representation_losses_and_vjp(*split, p, batch, key, names, with_jvp=True)
-        return S.params_gramian_by_jvp(vjp_fn, jvp_fn, p, num_tasks, jnp.float32)
+        lin = representation_losses_and_vjp(*split, p, batch, key, names, with_jvp=True)
+        vjp_fn, jvp_fn = lin.vjp_fn, lin.jvp_fn
+        return params_gramian_by_jvp(vjp_fn, jvp_fn, p, num_tasks, jnp.float32)
 
     def gram_whole(p, _):
-        _, vjp_fn, jvp_fn = S.linearize(whole_losses, p)
-        return S.params_gramian_by_jvp(vjp_fn, jvp_fn, p, num_tasks, jnp.float32)
+        _, vjp_fn, jvp_fn = linearize(whole_losses, p)
+        return params_gramian_by_jvp(vjp_fn, jvp_fn, p, num_tasks, jnp.float32)
 
     def gram_materialised(p):
         _, vjp_fn = jax.vjp(whole_losses, p)
-        return S.gramian(S.per_task_jacobian(lambda e: (vjp_fn(e)[0]["shared"],), num_tasks))
+        return gramian(per_task_jacobian(lambda e: (vjp_fn(e)[0]["shared"],), num_tasks))
 
     expected = jax.jit(gram_materialised)(params)
     np.testing.assert_allclose(jax.jit(gram_split)(params, 0), expected, rtol=1e-4, atol=1e-7)
@@ -357,8 +364,8 @@ def test_gramian_by_vjp_jvp_equals_the_materialised_gramian():
     for chunk in (0, 2):  # all columns at once; 2 + 1 columns
 
         def gram(p, b):
-            _, vjp_fn, jvp_fn = S.linearize(lambda q: losses_fn(exp)(q, b), p)
-            return S.params_gramian_by_jvp(vjp_fn, jvp_fn, p, 3, jnp.float32, chunk)
+            _, vjp_fn, jvp_fn = linearize(lambda q: losses_fn(exp)(q, b), p)
+            return params_gramian_by_jvp(vjp_fn, jvp_fn, p, 3, jnp.float32, chunk)
 
         got = jax.jit(gram)(params, jax.tree.map(jnp.asarray, batch))
         np.testing.assert_allclose(np.asarray(got), full @ full.T, rtol=1e-4, atol=1e-7, err_msg=str(chunk))
@@ -386,13 +393,13 @@ def test_vjp_jvp_step_equals_the_materialised_step():
 def test_bad_gradient_options_name_the_problem():
     method = get_method("mgda", num_tasks=3)
     with pytest.raises(ValueError, match="unknown jacobian.gramian_mode 'jvp'.*materialize"):
-        S.gradient_options(exp_config_jacobian(gramian_mode="jvp"), method)
+        gradient_options(exp_config_jacobian(gramian_mode="jvp"), method)
     with pytest.raises(ValueError, match="set config.jacobian.last_shared"):
-        S.gradient_options(exp_config_jacobian(), get_method("gradnorm", num_tasks=3))
+        gradient_options(exp_config_jacobian(), get_method("gradnorm", num_tasks=3))
     with pytest.raises(ValueError, match="gramian_mode='vjp_jvp' applies to the parameter-level"):
         experiment("method.name='mgda'", "jacobian.gramian_mode='vjp_jvp'", "sharpness.kind='fmtl'")
     with pytest.raises(ValueError, match="even batch size"):
-        S.half_batches({"x": jnp.zeros((5, 2))})
+        half_batches({"x": jnp.zeros((5, 2))})
     for name in ("moco", "excess_mtl"):  # per-parameter state: no representation level
         with pytest.raises(ValueError, match=f"method '{name}' keeps per-parameter state.*jacobian.level='params'"):
             experiment(f"method.name='{name}'", "jacobian.level='representation'")

@@ -1,0 +1,155 @@
+"""The training and evaluation forward: per-task losses, metrics, and the trunk / heads split.
+
+``make_forward`` runs the model and returns the per-task losses ``L [K]`` (each over the examples
+labelled for its task, plus the auxiliary losses the model sows); ``make_representation_forward``
+splits a trunk + heads model into ``encode`` (the shared representation ``z``) and ``decode`` (the
+heads' losses), for the gradient strategies that differentiate the heads once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.models.moe_layers import AUX_LOSS
+from mtl_jax.train.losses import task_loss_fn, task_metric_fns
+
+
+def labelled(task, labels) -> jax.Array | None:
+    """bool [B]: which examples are labelled for a classification task (label >= 0; a negative
+    label marks an example of another task in heterogeneous data); None for other tasks (all)."""
+    return labels >= 0 if task.kind == "classification" else None
+
+
+def make_task_losses(tasks: Sequence) -> Callable:
+    """``task_losses(predictions, batch) -> [K]``: each task's mean loss over its labelled examples
+    (``labelled``; every example when all are labelled), in task order."""
+    loss_fns = [(t, t.label_key, task_loss_fn(t)) for t in tasks]
+
+    def task_loss(task, fn, pred, labels):
+        mask = labelled(task, labels)
+        if mask is None:
+            return fn(pred, labels).mean()
+        per_example = fn(pred, jnp.where(mask, labels, 0))
+        return jnp.where(mask, per_example, 0.0).sum() / jnp.maximum(mask.sum(), 1).astype(per_example.dtype)
+
+    return lambda preds, batch: jnp.stack([task_loss(t, fn, preds[t.name], batch[label]) for t, label, fn in loss_fns])
+
+
+def task_mask(tasks: Sequence, batch) -> jax.Array:
+    """float32 [B, K]: 1 where example b is labelled for task k (``labelled``)."""
+    masks = [labelled(t, batch[t.label_key]) for t in tasks]
+    size = batch[tasks[0].label_key].shape[0]
+    return jnp.stack([jnp.ones((size,), bool) if m is None else m for m in masks], axis=1).astype(jnp.float32)
+
+
+def aux_task_losses(aux, num_tasks: int):
+    """[K]: the auxiliary losses a model sowed (``aux_loss`` collection, e.g. MoE load balancing):
+    [K] leaves are per-task terms added to task k's loss, scalar leaves are split equally over the
+    K tasks. So sum_k L_k holds every auxiliary loss once; a gradient method sees task k's share
+    in its task gradient g_k (its own router's terms and 1/K of the shared ones)."""
+    per_task = [a for a in jax.tree.leaves(aux) if a.ndim == 1]
+    shared = [a for a in jax.tree.leaves(aux) if a.ndim == 0]
+    return sum(per_task, jnp.zeros((num_tasks,), jnp.float32)) + sum(shared, jnp.zeros((), jnp.float32)) / num_tasks
+
+
+def make_forward(model, tasks: Sequence, input_key: str) -> Callable:
+    """``forward(params, model_state, batch, key, train) -> (losses [K], (predictions, model_state))``.
+
+    In training, auxiliary losses the model sows into the ``aux_loss`` collection are added to
+    the task losses (``aux_task_losses``). A model whose ``__call__`` takes ``task_mask`` gets
+    ``task_mask(tasks, batch)`` (which examples are labelled for which task).
+    """
+    task_losses = make_task_losses(tasks)
+    wants_mask = "task_mask" in inspect.signature(type(model).__call__).parameters
+
+    def forward(params, model_state, batch, key, train: bool):
+        variables = {"params": params, **model_state}
+        rngs = {"dropout": key}
+        kwargs = {"task_mask": task_mask(tasks, batch)} if wants_mask else {}
+        aux = {}
+        if train:
+            preds, updated = model.apply(variables, batch[input_key], train=True, rngs=rngs,
+                                         mutable=list(model_state) + [AUX_LOSS], **kwargs)
+            updated = dict(updated)
+            aux = updated.pop(AUX_LOSS, {})
+            model_state = updated if model_state else model_state
+        else:
+            preds = model.apply(variables, batch[input_key], train=train, rngs=rngs, **kwargs)
+        losses = task_losses(preds, batch)
+        return (losses + aux_task_losses(aux, len(tasks)) if aux else losses), (preds, model_state)
+
+    return forward
+
+
+def _task_metrics(task, pred, labels) -> tuple[dict, jax.Array]:
+    """``({metric: per-example values [B]}, weight [B])``: weight 1 on the examples labelled for the
+    task (``labelled``), 0 on the others (whose values are computed on a dummy label 0)."""
+    mask = labelled(task, labels)
+    weight = jnp.ones(labels.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    labels = labels if mask is None else jnp.where(mask, labels, 0)
+    pred = jax.lax.stop_gradient(pred)
+    return {metric: fn(pred, labels) for metric, fn in task_metric_fns(task).items()}, weight
+
+
+def batch_metrics(tasks: Sequence, preds, batch) -> dict:
+    """``{task: {metric: mean over the batch's examples labelled for the task}}`` (0 when none are)."""
+    out = {}
+    for t in tasks:
+        values, weight = _task_metrics(t, preds[t.name], batch[t.label_key])
+        out[t.name] = {m: (v * weight).sum() / jnp.maximum(weight.sum(), 1.0) for m, v in values.items()}
+    return out
+
+
+def metric_sums(tasks: Sequence, preds, batch, mask) -> tuple[dict, dict]:
+    """``({task: {metric: sum}}, {task: count})`` over the examples that are real (``mask`` [B], 0 on
+    padding) and labelled for the task: a split's mean is the sum of sums over the sum of counts."""
+    sums, counts = {}, {}
+    for t in tasks:
+        values, weight = _task_metrics(t, preds[t.name], batch[t.label_key])
+        weight = weight * mask
+        sums[t.name] = {m: (v * weight).sum() for m, v in values.items()}
+        counts[t.name] = weight.sum()
+    return sums, counts
+
+
+def has_representation(model) -> bool:
+    """Whether ``model`` has one shared representation (trunk + heads: ``HardParameterSharing``)."""
+    return hasattr(model, "trunk") and hasattr(model, "heads")
+
+
+def make_representation_forward(model, tasks: Sequence, input_key: str):
+    """``(encode, decode)`` for representation-level gradients (LibMTL's ``rep_grad``, MGDA-UB).
+
+    ``encode(shared_params, batch, key, train) -> z`` is the trunk; ``decode(head_params, z, batch,
+    key, train, per_task=False) -> (losses [K], predictions)`` the heads (``per_task``: z is
+    ``{task: z_t}``, head t reads its own copy). Both run the model's own ``stage``s, so with the
+    same key their dropout masks are those of the whole model's forward. Needs a
+    hard-parameter-sharing model (one shared representation) without mutable state.
+    """
+    if not has_representation(model):
+        raise ValueError(f"representation-level gradients need a model with one shared representation (trunk + "
+                         f"heads, e.g. 'hps'); got {type(model).__name__}")
+    task_losses = make_task_losses(tasks)
+
+    def encode(shared_params, batch, key, train):
+        return model.apply({"params": {"shared": shared_params}}, batch[input_key], train, stage="trunk",
+                           rngs={"dropout": key})
+
+    def decode(head_params, z, batch, key, train, per_task=False):
+        preds = model.apply({"params": {"heads": head_params}}, z, train, stage="heads", per_task=per_task,
+                            rngs={"dropout": key})
+        return task_losses(preds, batch), preds
+
+    return encode, decode
+
+
+def sows_aux_loss(model, params, batch, input_key: str) -> bool:
+    """Whether the model's training forward sows auxiliary losses (traced by ``jax.eval_shape``)."""
+    _, out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)},
+                                                     mutable=[AUX_LOSS]), params, batch[input_key])
+    return bool(jax.tree.leaves(out))
+
