@@ -141,7 +141,7 @@ def test_representation_level_gradnorm_reads_the_norms_of_the_representation_gra
         state, out = exp.train_step(state, global_batch)
         np.testing.assert_allclose(np.asarray(out["weights"]), np.asarray(w), rtol=1e-5)
     assert float(jnp.abs(w[0] - w[1])) > 1e-3  # the weights have moved
-    np.testing.assert_allclose(np.asarray(state.method_state["logits"]), np.asarray(ref_state["logits"]), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(state.method_state.logits), np.asarray(ref_state.logits), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 

@@ -83,8 +83,11 @@ def test_unknown_hyperparameter_lists_valid_ones():
 
 
 def test_missing_required_hyperparameter():
-    with pytest.raises(ValueError, match="num_params"):
-        get_method("moco")
+    with pytest.raises(ValueError, match=r"'chain' needs hyperparameter\(s\) \['weighting', 'aggregator'\]"):
+        get_method("chain")
+    for name in ("moco", "excess_mtl"):  # per-parameter state: P is an init argument (the trainer binds it)
+        with pytest.raises(ValueError, match=f"{name} keeps per-parameter state.*num_params"):
+            get_method(name).init(2)
 
 
 @pytest.mark.parametrize("name", GRAMIAN_METHODS + ["graddrop", "moco"])
@@ -231,7 +234,7 @@ def test_gradvac_without_conflict_and_zero_target_is_sum():
     w, state = call(build("gradvac"), jac=jac)
     np.testing.assert_allclose(np.asarray(w), [1.0, 1.0], atol=1e-6)
     cos = 0.7 / (np.linalg.norm(jac[0]) * np.linalg.norm(jac[1]))
-    np.testing.assert_allclose(np.asarray(state["target_cos"]), [[0, cos / 2], [cos / 2, 0]], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.target_cos), [[0, cos / 2], [cos / 2, 0]], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- loss weighting
@@ -247,7 +250,7 @@ def test_famo_weights_and_logit_step_by_hand():
     delta = np.log([1.0, 2.0]) - np.log(new_losses)
     grad = 0.5 * (delta - delta.mean())  # softmax VJP at uniform z
     logits = -0.025 * np.sign(grad)  # first Adam step: lr * m_hat / sqrt(v_hat)
-    np.testing.assert_allclose(np.asarray(state["logits"]), logits, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(state.logits), logits, rtol=1e-4)
     z = np.exp(logits) / np.exp(logits).sum()
     expected = z / (np.sum(z / new_losses) * new_losses)
     np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-4)
@@ -256,10 +259,10 @@ def test_famo_weights_and_logit_step_by_hand():
     paper = build("famo")
     assert method.after_update is None and paper.after_update is not None
     _, state2 = call(paper, losses=new_losses, state=call(paper, losses=[1.0, 2.0])[1], step=1)
-    np.testing.assert_allclose(np.asarray(state2["logits"]), 0.0)
+    np.testing.assert_allclose(np.asarray(state2.logits), 0.0)
     inputs = MethodInputs(losses=jnp.asarray([1.0, 2.0]), step=jnp.int32(0), updated_losses=jnp.asarray([2.0, 1.0]))
     state3 = paper.after_update(inputs, state2)
-    assert np.asarray(state3["logits"])[0] > 0 > np.asarray(state3["logits"])[1]
+    assert np.asarray(state3.logits)[0] > 0 > np.asarray(state3.logits)[1]
 
 
 def test_gradnorm_moves_weights_toward_balanced_rates():
@@ -343,7 +346,7 @@ def test_moco_tracks_normalised_gradients():
     d, state = call(method, jac=jac, losses=[1.0, 2.0])
     # t = 1: Y = beta * L_k g_k / ||g_k|| = 0.5 * diag(1, 2); lambda = softmax(1/2 - 0.1 Y Y^T 1/2).
     tracked = np.array([[0.5, 0, 0, 0, 0], [0, 1.0, 0, 0, 0]])
-    np.testing.assert_allclose(np.asarray(state["tracked"]), tracked, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.tracked), tracked, atol=1e-6)
     logits = 0.5 - 0.1 * (tracked @ tracked.T) @ np.array([0.5, 0.5])
     lam = np.exp(logits) / np.exp(logits).sum()
     np.testing.assert_allclose(np.asarray(d), lam @ tracked, rtol=1e-5)

@@ -140,7 +140,7 @@ def test_famo_extra_forward_matches_two_steps_by_hand():
         state, out = exp.train_step(state, to_global(b, exp.data_sharding))
         outs.append(out)
     want_params, want_logits, want_weights = famo_reference(exp, params0, batches)
-    np.testing.assert_allclose(np.asarray(state.method_state["logits"]), want_logits, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.method_state.logits), want_logits, rtol=1e-3, atol=1e-6)
     for out, w in zip(outs, want_weights):
         np.testing.assert_allclose(np.asarray(out["weights"]), w, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_params)):
@@ -218,7 +218,7 @@ def test_gradnorm_in_the_step_moves_weight_to_the_slower_task():
     for i in range(40):
         state, out = exp.train_step(state, to_global(batch_of(16 * (i % 4)), exp.data_sharding))
     w, losses = np.asarray(out["weights"]), np.asarray(out["losses"])
-    initial = np.asarray(state.method_state["initial_losses"])
+    initial = np.asarray(state.method_state.initial_losses)
     rates = (losses / initial) / np.mean(losses / initial)
     assert np.argmax(rates) == 1 and np.argmax(w) == 1, (w, rates)
     assert abs(w.sum() - 3) < 1e-4

@@ -11,19 +11,20 @@ the shared *representation* (summed over the batch) instead of the shared parame
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.train.methods import solvers
-from mtl_jax.train.methods.base import Method, MethodInputs, check_num_tasks, normalized_gramian, require
+from mtl_jax.train.methods.base import (EmptyState, Method, MethodInputs, Needs, check_num_tasks, normalized_gramian,
+                                        require)
 
 _EPS = 1e-8
 
 
 def _gramian_method(
-    name: str, num_tasks: int | None, update: Callable, init: Callable | None = None, needs: str = "gramian",
+    name: str, num_tasks: int | None, update: Callable, init: Callable | None = None, needs: Needs = Needs.GRAMIAN,
     wants: tuple[str, ...] = (),
 ) -> Method:
     """Wraps ``update`` with the K >= 2 checks and the Gramian lookup."""
@@ -31,7 +32,7 @@ def _gramian_method(
 
     def checked_init(num_tasks: int):
         check_num_tasks(name, num_tasks)
-        return {} if init is None else init(num_tasks)
+        return EmptyState() if init is None else init(num_tasks)
 
     return Method(name, checked_init, update, needs, False, wants=wants)
 
@@ -45,13 +46,13 @@ def _inv_norms(gramian: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------ MGDA
 
 
-def make_mgda(num_tasks: int | None = None, normalization: str = "none", num_iters: int = 100) -> Method:
+def make_mgda(num_tasks: int | None = None, normalization: str = "none", num_iters: int | None = None) -> Method:
     """MGDA (Desideri 2012; Sener & Koltun, NeurIPS 2018, Eq. 3 / Alg. 2).
 
     ``w = argmin_{w in simplex} ||sum_k w_k g_k / n_k||^2`` (weights sum to 1), returned for the raw
     gradients as ``w_k / n_k``. ``normalization`` (LibMTL's ``mgda_gn``, default 'none'): ``n_k`` =
     1 ('none'), ``||g_k||`` ('l2'), ``L_k`` ('loss'), ``L_k ||g_k||`` ('loss+'). Solved by
-    ``solvers.min_norm_on_simplex`` (projected gradient + exact active-set step).
+    ``solvers.min_norm_on_simplex`` (exact active set; ``num_iters`` caps its iterations, None: 4K + 8).
     """
     if normalization not in ("none", "l2", "loss", "loss+"):
         raise ValueError(f"mgda normalization must be one of none, l2, loss, loss+; got {normalization!r}")
@@ -65,7 +66,7 @@ def make_mgda(num_tasks: int | None = None, normalization: str = "none", num_ite
             normalization
         ]
         scaled = gramian * scale[:, None] * scale[None, :]
-        gramian_n, _ = normalized_gramian(scaled)
+        gramian_n, _ = normalized_gramian(scaled, reg=0.0)
         w = solvers.min_norm_on_simplex(gramian_n, num_iters)
         return w * scale, state
 
@@ -112,6 +113,12 @@ def make_pcgrad(num_tasks: int | None = None) -> Method:
     return _gramian_method("pcgrad", num_tasks, update)
 
 
+class GradVacState(NamedTuple):
+    """GradVac: the EMA targets ``target_cos`` [K, K] of the pairwise gradient cosines."""
+
+    target_cos: jax.Array
+
+
 def make_gradvac(num_tasks: int | None = None, beta: float = 0.5) -> Method:
     """Gradient Vaccine (Wang et al., ICLR 2021, Alg. 1 / Eq. 5), whole-model granularity.
 
@@ -122,11 +129,11 @@ def make_gradvac(num_tasks: int | None = None, beta: float = 0.5) -> Method:
     (EMA updated every visit, as in the paper's Alg. 1; LibMTL updates it only on a conflict).
     Runs on coefficients like PCGrad; update ``sum_i g_i^GV``. beta = 0.5 (LibMTL default).
 
-    State: ``{'target_cos': [K, K]}`` (init 0, so the first steps act like PCGrad).
+    State: ``GradVacState(target_cos [K, K])`` (init 0, so the first steps act like PCGrad).
     """
 
     def init(num_tasks: int):
-        return {"target_cos": jnp.zeros((num_tasks, num_tasks), jnp.float32)}
+        return GradVacState(jnp.zeros((num_tasks, num_tasks), jnp.float32))
 
     def update(inputs: MethodInputs, state, key):
         gramian = require(inputs, "gramian", "gradvac")
@@ -153,8 +160,8 @@ def make_gradvac(num_tasks: int | None = None, beta: float = 0.5) -> Method:
             start = (jax.nn.one_hot(i, num, dtype=gramian.dtype), targets)
             return jax.lax.fori_loop(0, num, visit, start)
 
-        coefs, targets = jax.vmap(vaccinate_task)(jnp.arange(num), orders, state["target_cos"])
-        return coefs.sum(axis=0), {"target_cos": targets}
+        coefs, targets = jax.vmap(vaccinate_task)(jnp.arange(num), orders, state.target_cos)
+        return coefs.sum(axis=0), GradVacState(targets)
 
     return _gramian_method("gradvac", num_tasks, update, init)
 
@@ -162,13 +169,13 @@ def make_gradvac(num_tasks: int | None = None, beta: float = 0.5) -> Method:
 # -------------------------------------------------------------------------------------- CAGrad
 
 
-def make_cagrad(num_tasks: int | None = None, c: float = 0.5, rescale: int = 1, num_iters: int = 200) -> Method:
+def make_cagrad(num_tasks: int | None = None, c: float = 0.5, rescale: int = 1, num_iters: int | None = None) -> Method:
     """CAGrad (Liu et al., NeurIPS 2021, Eq. 5-6 / Alg. 1; official defaults c=0.5, rescale=1).
 
     Dual: ``w = argmin_{w in simplex} g_w^T g_0 + sqrt(phi) ||g_w||`` with ``g_0`` the mean
     gradient, ``g_w = J^T w``, ``sqrt(phi) = c ||g_0||``; update ``g_0 + (sqrt(phi) / ||g_w||) g_w``,
     divided by ``1 + c^2`` (rescale=1), ``1 + c`` (2) or 1 (0). ``c = 0`` gives the mean gradient.
-    The dual is solved by ``solvers.minimize_on_simplex`` (``num_iters`` projected-gradient steps).
+    The dual is solved by ``solvers.cagrad_dual`` (exact active set; ``num_iters`` caps its iterations).
     """
     if rescale not in (0, 1, 2):
         raise ValueError(f"cagrad rescale must be 0, 1 or 2; got {rescale}")
@@ -183,10 +190,7 @@ def make_cagrad(num_tasks: int | None = None, c: float = 0.5, rescale: int = 1, 
         g0_norm = jnp.sqrt(jnp.maximum(mean_w @ gramian_n @ mean_w, 0.0) + _EPS)
         radius = c * g0_norm
 
-        def dual(w):
-            return w @ gramian_n @ mean_w + radius * jnp.sqrt(jnp.maximum(w @ gramian_n @ w, 0.0) + _EPS)
-
-        w = solvers.minimize_on_simplex(dual, num, num_iters)
+        w = solvers.cagrad_dual(gramian_n, gramian_n @ mean_w, radius, _EPS, num_iters)
         gw_norm = jnp.sqrt(jnp.maximum(w @ gramian_n @ w, 0.0))
         lam = radius / (gw_norm + _EPS)
         return (mean_w + lam * w) / divisor, state
@@ -212,6 +216,12 @@ def _fair_weights(gramian: jax.Array, alpha: float, reg: float, num_iters: int) 
     return w * safe_scale ** (-alpha / (alpha + 1.0))
 
 
+class NashMTLState(NamedTuple):
+    """Nash-MTL: the last computed bargaining ``weights`` [K] (before the norm clip)."""
+
+    weights: jax.Array
+
+
 def make_nash_mtl(
     num_tasks: int | None = None,
     max_norm: float = 1.0,
@@ -226,23 +236,23 @@ def make_nash_mtl(
     normalised to unit mean diagonal plus the task-relative ridge ``reg * diag(G)`` (scale invariant). As in the official code, the weights are
     recomputed every ``update_weights_every`` steps (state keeps the last ones) and the shared
     update is clipped to norm ``max_norm`` (``<= 0`` disables): the clip is folded into the
-    weights since ``||J^T alpha|| = sqrt(alpha^T G alpha)``.
+    weights since ``||J^T alpha|| = sqrt(alpha^T G alpha)``. State: ``NashMTLState(weights [K])``.
     """
 
     def init(num_tasks: int):
-        return {"weights": jnp.ones((num_tasks,), jnp.float32)}
+        return NashMTLState(jnp.ones((num_tasks,), jnp.float32))
 
     def update(inputs: MethodInputs, state, key):
         del key
         gramian = require(inputs, "gramian", "nash_mtl")
         fresh = _fair_weights(gramian, 1.0, reg, num_iters)
         refresh = (inputs.step % update_weights_every) == 0
-        weights = jnp.where(refresh, fresh, state["weights"])
+        weights = jnp.where(refresh, fresh, state.weights)
         out = weights
         if max_norm > 0:
             norm = jnp.sqrt(jnp.maximum(weights @ gramian @ weights, 0.0))
             out = weights * jnp.minimum(1.0, max_norm / (norm + 1e-12))
-        return out, {"weights": weights}
+        return out, NashMTLState(weights)
 
     return _gramian_method("nash_mtl", num_tasks, update, init)
 
@@ -327,7 +337,7 @@ def _jd_gramian(gramian: jax.Array, norm_eps: float, reg_eps: float) -> jax.Arra
 
 
 def make_upgrad(
-    num_tasks: int | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4, num_iters: int = 100
+    num_tasks: int | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4, num_iters: int | None = None
 ) -> Method:
     """UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization", Eq. 5).
 
@@ -350,7 +360,7 @@ def make_upgrad(
 
 
 def make_dualproj(
-    num_tasks: int | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4, num_iters: int = 100
+    num_tasks: int | None = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4, num_iters: int | None = None
 ) -> Method:
     """DualProj (Quinton & Rey 2024; GEM's projection, Lopez-Paz & Ranzato 2017, Eq. 11).
 
@@ -399,6 +409,12 @@ def make_config(num_tasks: int | None = None) -> Method:
 # -------------------------------------------------------------------------------- SDMGrad, MoDo
 
 
+class SDMGradState(NamedTuple):
+    """SDMGrad: the simplex weights ``w`` [K] its projected SGD steps start from."""
+
+    w: jax.Array
+
+
 def make_sdmgrad(num_tasks: int | None = None, lamda: float = 0.3, num_iters: int = 20,
                  double_sampling: bool = True) -> Method:
     """SDMGrad (Xiao, Ban & Ji, NeurIPS 2023, Alg. 1; LibMTL defaults lamda = 0.3, niter = 20).
@@ -408,11 +424,11 @@ def make_sdmgrad(num_tasks: int | None = None, lamda: float = 0.3, num_iters: in
     independent batches scaled by ``mean_k sqrt(G'_kk)^2`` and projected onto the simplex; the
     update is ``(J^T w + lamda g_0) / (1 + lamda)``, i.e. weights ``(w + lamda / K) / (1 + lamda)``.
     Uses ``MethodInputs.cross_gramian`` when given (the paper's double sampling; the train step
-    computes it when ``double_sampling``), else ``gramian``.
+    computes it when ``double_sampling``), else ``gramian``. State: ``SDMGradState(w [K])``.
     """
 
     def init(num_tasks: int):
-        return {"w": jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)}
+        return SDMGradState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
     def update(inputs: MethodInputs, state, key):
         del key
@@ -431,10 +447,16 @@ def make_sdmgrad(num_tasks: int | None = None, lamda: float = 0.3, num_iters: in
             momentum = 0.5 * momentum + grad
             return solvers.project_to_simplex(w - 5.0 * momentum), momentum
 
-        w, _ = jax.lax.fori_loop(0, num_iters, sgd_step, (state["w"], jnp.zeros((num,), gramian.dtype)))
-        return (w + lamda / num) / (1.0 + lamda), {"w": w}
+        w, _ = jax.lax.fori_loop(0, num_iters, sgd_step, (state.w, jnp.zeros((num,), gramian.dtype)))
+        return (w + lamda / num) / (1.0 + lamda), SDMGradState(w)
 
     return _gramian_method("sdmgrad", num_tasks, update, init, wants=("cross_gramian",) if double_sampling else ())
+
+
+class MoDoState(NamedTuple):
+    """MoDo: the simplex ``weights`` [K] (``lambda``)."""
+
+    weights: jax.Array
 
 
 def make_modo(num_tasks: int | None = None, gamma: float = 1e-3, rho: float = 0.1,
@@ -444,20 +466,20 @@ def make_modo(num_tasks: int | None = None, gamma: float = 1e-3, rho: float = 0.
     ``lambda <- Proj_simplex(lambda - gamma (G' lambda + rho lambda))`` with ``G' = J_1 J_2^T``
     the cross Gramian of two independent batches (``MethodInputs.cross_gramian``, computed by the
     train step when ``double_sampling``; ``gramian`` when None), on the raw (unnormalised) Gramian;
-    weights = the new ``lambda`` (sum 1).
+    weights = the new ``lambda`` (sum 1). State: ``MoDoState(weights [K])``.
     """
 
     def init(num_tasks: int):
-        return {"lambda": jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)}
+        return MoDoState(jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
     def update(inputs: MethodInputs, state, key):
         del key
         gramian = inputs.cross_gramian
         if gramian is None:
             gramian = require(inputs, "gramian", "modo")
-        lam = state["lambda"]
+        lam = state.weights
         lam = solvers.project_to_simplex(lam - gamma * (gramian @ lam + rho * lam))
-        return lam, {"lambda": lam}
+        return lam, MoDoState(lam)
 
     return _gramian_method("modo", num_tasks, update, init, wants=("cross_gramian",) if double_sampling else ())
 

@@ -1,17 +1,20 @@
 """Methods whose update is not a linear combination of the current task gradients.
 
-They need the flattened per-task Jacobian ``J [K, P]`` (``needs='jacobian'``) and return the
+They need the flattened per-task Jacobian ``J [K, P]`` (``needs=Needs.JACOBIAN``) and return the
 shared-parameter *direction* ``d [P]`` (``weights_heads=False``; ``base.returns_direction``);
 the trainer unflattens ``d`` like a row of ``J``.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from mtl_jax.counter_random import counter_uniform
-from mtl_jax.train.methods.base import Method, MethodInputs, check_num_tasks, require
+from mtl_jax.train.methods.base import (EmptyState, Method, MethodInputs, Needs, check_num_tasks, need_num_params,
+                                        require)
 
 _EPS = 1e-8
 
@@ -39,7 +42,7 @@ def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
 
     def init(num_tasks: int):
         check_num_tasks("graddrop", num_tasks)
-        return {}
+        return EmptyState()
 
     def update(inputs: MethodInputs, state, key):
         jacobian = require(inputs, "jacobian", "graddrop")
@@ -49,11 +52,20 @@ def make_graddrop(num_tasks: int | None = None, leak: float = 0.0) -> Method:
         mask = leak + (1.0 - leak) * keep.astype(jacobian.dtype)
         return _task_sum(jacobian * mask), state
 
-    return Method("graddrop", init, update, "jacobian", False)
+    return Method("graddrop", init, update, Needs.JACOBIAN, False)
+
+
+class MoCoState(NamedTuple):
+    """MoCo: the tracked gradients ``tracked`` [K, P] (``Y``), the task ``weights`` [K] (``lambda``)
+    and the update count ``count`` (t - 1)."""
+
+    tracked: jax.Array
+    weights: jax.Array
+    count: jax.Array
 
 
 def make_moco(
-    num_params: int,
+    num_params: int | None = None,
     num_tasks: int | None = None,
     beta: float = 0.5,
     beta_sigma: float = 0.5,
@@ -66,28 +78,31 @@ def make_moco(
     Tracked gradients ``Y [K, P]``: ``Y <- Y - beta_t (Y - Gt)`` with ``Gt_k = L_k g_k / ||g_k||``
     (LibMTL's normalisation) and ``beta_t = beta / t^beta_sigma``; weights
     ``lambda <- softmax(lambda - gamma_t (Y Y^T + rho I) lambda)``, ``gamma_t = gamma / t^gamma_sigma``
-    (t = 1, 2, ...); direction ``d = Y^T lambda``. ``num_params`` = P sizes the state.
+    (t = 1, 2, ...); direction ``d = Y^T lambda``. Per-parameter state: ``init(num_tasks,
+    num_params=P)`` sizes ``Y`` (``num_params`` given here is the default; the trainer binds the
+    model's P).
+
+    State: ``MoCoState(tracked [K, P], weights [K], count)``.
     """
     check_num_tasks("moco", num_tasks)
+    default_num_params = num_params
 
-    def init(num_tasks: int):
+    def init(num_tasks: int, num_params: int | None = None):
         check_num_tasks("moco", num_tasks)
-        return {
-            "tracked": jnp.zeros((num_tasks, num_params), jnp.float32),
-            "lambda": jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-            "count": jnp.zeros((), jnp.int32),
-        }
+        num_params = need_num_params("moco", default_num_params if num_params is None else num_params)
+        return MoCoState(jnp.zeros((num_tasks, num_params), jnp.float32),
+                         jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32), jnp.zeros((), jnp.int32))
 
     def update(inputs: MethodInputs, state, key):
         del key
         jacobian = require(inputs, "jacobian", "moco").astype(jnp.float32)
-        count = state["count"] + 1
+        count = state.count + 1
         t = count.astype(jnp.float32)
         norms = jnp.linalg.norm(jacobian, axis=1, keepdims=True)
         target = jacobian / (norms + _EPS) * inputs.losses[:, None]
-        tracked = state["tracked"] - beta / t**beta_sigma * (state["tracked"] - target)
-        lam = state["lambda"]
+        tracked = state.tracked - beta / t**beta_sigma * (state.tracked - target)
+        lam = state.weights
         lam = jax.nn.softmax(lam - gamma / t**gamma_sigma * (tracked @ (tracked.T @ lam) + rho * lam))
-        return tracked.T @ lam, {"tracked": tracked, "lambda": lam, "count": count}
+        return tracked.T @ lam, MoCoState(tracked, lam, count)
 
-    return Method("moco", init, update, "jacobian", False)
+    return Method("moco", init, update, Needs.JACOBIAN, False, per_parameter_state=True)
