@@ -80,10 +80,20 @@ def default_config() -> ConfigDict:
                               weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
     c.head_optim = ConfigDict()  # {task: {field: value}} overrides of ``optim`` for that head
     c.batch_size = 256
+    # Micro-batches per step (gradient accumulation with MTL semantics: per-task gradient rows summed over
+    # micro-batches, the method applied once per step; mtl_jax.train.gradients.accumulate).
+    c.grad_accum_steps = 1
+    # Forward compute dtype ('float32', 'bfloat16'): parameters stay float32 (master copy);
+    # per-task losses, gradients and the Gramian are float32 (mtl_jax.train.precision).
+    c.precision = "float32"
+    c.profile_steps = ()  # step numbers (1 = the first) traced with jax.profiler into <workdir>/profile
     c.num_steps = config_dict.placeholder(int)  # total steps; if unset, num_epochs over the train split
     c.num_epochs = 10.0
     c.mesh = ConfigDict(dict(data=-1, model=1, expert=1))  # expert > 1: MoE experts split over an 'expert' axis
-    c.sharding = ConfigDict(dict(rules=()))  # ((regex, (axis or None, ...)), ...)
+    # rules: ((regex, (axis or None, ...)), ...); fsdp: ZeRO-3 style, every parameter no rule matches (and its
+    # optimiser moments) split over mesh axis 'data' on its largest divisible dimension (mtl_jax.train.sharding).
+    c.sharding = ConfigDict(dict(rules=(), fsdp=False))
+    c.remat = False  # rematerialise the trunk's repeated blocks in the backward pass (mtl_jax.models.trunks)
     c.log_every = 50
     c.eval_every = 0  # steps between evaluations during training; 0 = only at the end
     c.eval_batch_size = 1000
@@ -189,7 +199,9 @@ SCHEMA = {
     "rep_mtl.tsr_weight": NONNEG, "rep_mtl.csa_weight": NONNEG, "rep_mtl.temperature": POSITIVE,
     **{f"optim.{key}": rule for key, rule in OPTIM_SCHEMA.items()},
     "batch_size": COUNT, "num_steps": Rule("int", 1, also=(None,)), "num_epochs": POSITIVE,
+    "grad_accum_steps": COUNT, "precision": Rule("choice", choices=("float32", "bfloat16"), what="precision"),
     "mesh.data": Rule("int", 1, also=(-1,)), "mesh.model": COUNT, "mesh.expert": COUNT,
+    "sharding.fsdp": BOOL, "remat": BOOL,
     "log_every": COUNT, "eval_every": NONNEG_INT, "eval_batch_size": COUNT,
     "checkpoint.every": COUNT, "checkpoint.keep": COUNT, "checkpoint.enabled": BOOL,
     "max_nonfinite_steps": COUNT, "progress_bar": BOOL, "distributed": BOOL,
@@ -278,6 +290,11 @@ def check_against_dataset(config: ConfigDict, split_sizes: Mapping[str, int], *,
         if config[key] % batch_shards:
             raise UsageError(f"config key '{key}' = {config[key]} is invalid: expected a multiple of the "
                              f"{batch_shards} devices a batch is split over (mesh 'data' x 'expert')")
+    micro = config.get("grad_accum_steps", 1)
+    if config.batch_size % (micro * batch_shards):
+        raise UsageError(f"config key 'batch_size' = {config.batch_size} is invalid: expected a multiple of "
+                         f"grad_accum_steps x devices = {micro} x {batch_shards} (each micro-batch is split over "
+                         f"the devices)")
 
 
 def _literal(text: str):

@@ -90,10 +90,12 @@ def test_check_config_on_a_config_built_in_python():
 
 
 def test_choice_lists_match_the_registries():
-    from mtl_jax.train import flat_minima, optim, step
+    from mtl_jax.train import flat_minima, optim, precision
+    from mtl_jax.train.gradients import options
 
     assert set(C.OPTIMIZERS) == set(optim.OPTIMIZERS)
-    assert set(C.SHARPNESS_KINDS) == set(flat_minima.KINDS) and set(C.GRAMIAN_MODES) == set(step.GRAMIAN_MODES)
+    assert set(C.SHARPNESS_KINDS) == set(flat_minima.KINDS) and set(C.GRAMIAN_MODES) == set(options.GRAMIAN_MODES)
+    assert set(C.SCHEMA["precision"].choices) == set(precision.DTYPES)
     cfg = default_config().optim
     for name in C.SCHEDULES:
         cfg.schedule = name

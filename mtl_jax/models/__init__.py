@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from typing import Mapping, Sequence
 
 import flax.linen as nn
+from ml_collections import ConfigDict
 
+from mtl_jax.errors import UsageError
 from mtl_jax.registry import lookup
 
 from mtl_jax.models.architectures import ARCHITECTURES
@@ -14,7 +18,7 @@ from mtl_jax.models.deeponet import build_deeponet
 from mtl_jax.models.heads import HEADS
 from mtl_jax.models.multitab import build_multitab
 from mtl_jax.models.multitask import HardParameterSharing
-from mtl_jax.models.trunks import TRUNKS
+from mtl_jax.models.trunks import TRUNKS, remat_compiler_options
 
 
 def _build(registry: Mapping[str, type], name: str, kwargs: Mapping, what: str, **fixed) -> nn.Module:
@@ -39,8 +43,34 @@ def build_hps(cfg, tasks: Sequence) -> nn.Module:
 MODELS = {"hps": build_hps, **ARCHITECTURES, "multitab": build_multitab, "deeponet": build_deeponet}
 
 
-def build_model(cfg, tasks: Sequence) -> nn.Module:
+# Models whose shared encoder is a ``TRUNKS`` module run as is (its ``remat`` field is honoured).
+REMAT_MODELS = ("hps", "mmoe", "cgc", "dselect_k")
+
+
+def build_model(cfg, tasks: Sequence, remat: bool = False) -> nn.Module:
+    """The model ``cfg`` (``config.model``) names, for ``tasks``. ``remat`` (``config.remat``):
+    rematerialise the trunk's repeated blocks (``trunks.py``; same parameters, outputs and
+    gradients); models in ``REMAT_MODELS`` only, others raise UsageError. ``trunk_kwargs.remat``
+    does the same per config."""
+    if remat:
+        cfg = with_remat(cfg)
     return lookup(MODELS, cfg.name, "model")(cfg, tasks)
+
+
+def with_remat(cfg):
+    """A copy of ``cfg`` (``config.model``) with ``trunk_kwargs.remat = True``; UsageError naming the
+    model when it does not run its trunk as a ``TRUNKS`` module (own encoders, staged trunks, UniFork /
+    TaskExpert, which build the ViT blocks themselves)."""
+    if cfg.name not in REMAT_MODELS:
+        raise UsageError(f"config.remat: model '{cfg.name}' does not support rematerialisation; models that do: "
+                         f"{list(REMAT_MODELS)} (trunks {sorted(TRUNKS)})")
+    lookup(TRUNKS, cfg.trunk, "trunk")
+    cfg = copy.deepcopy(cfg)
+    kwargs = dict(cfg.get("trunk_kwargs") or {})
+    kwargs["remat"] = True
+    with cfg.unlocked() if isinstance(cfg, ConfigDict) else contextlib.nullcontext():
+        cfg["trunk_kwargs"] = ConfigDict(kwargs)
+    return cfg
 
 
 # Encoders that convolve or cut patches: their per-example input must be an image [H, W, C].
@@ -60,4 +90,5 @@ def check_input(cfg, example_shape: Sequence[int], input_key: str = "image") -> 
                          f"an architecture on trunk 'mlp', or 'multitab')")
 
 
-__all__ = ["MODELS", "TRUNKS", "HEADS", "build_model", "check_input", "HardParameterSharing"]
+__all__ = ["MODELS", "TRUNKS", "HEADS", "REMAT_MODELS", "build_model", "remat_compiler_options", "check_input",
+           "HardParameterSharing"]

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 
 
 def as_float(x):
-    """Input [B, ...] -> float32; uint8 images are scaled to [0, 1] (as trunks.LeNet does)."""
+    """Input [B, ...] -> floating: uint8 images as float32 scaled to [0, 1] (as trunks.LeNet does), other
+    integers as float32, floating inputs in their own dtype (a mixed-precision forward's compute dtype)."""
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x
     return x.astype(jnp.float32) / (255.0 if x.dtype == jnp.uint8 else 1.0)
 
 

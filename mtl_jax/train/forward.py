@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mtl_jax.models.moe_layers import AUX_LOSS
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
+from mtl_jax.train.precision import FLOAT32, Precision, cast_input, cast_params, to_float32
 
 
 def labelled(task, labels) -> jax.Array | None:
@@ -56,29 +57,33 @@ def aux_task_losses(aux, num_tasks: int):
     return sum(per_task, jnp.zeros((num_tasks,), jnp.float32)) + sum(shared, jnp.zeros((), jnp.float32)) / num_tasks
 
 
-def make_forward(model, tasks: Sequence, input_key: str) -> Callable:
+def make_forward(model, tasks: Sequence, input_key: str, precision: Precision = FLOAT32) -> Callable:
     """``forward(params, model_state, batch, key, train) -> (losses [K], (predictions, model_state))``.
 
     In training, auxiliary losses the model sows into the ``aux_loss`` collection are added to
     the task losses (``aux_task_losses``). A model whose ``__call__`` takes ``task_mask`` gets
-    ``task_mask(tasks, batch)`` (which examples are labelled for which task).
+    ``task_mask(tasks, batch)`` (which examples are labelled for which task). ``precision``: the
+    parameters and input are cast to its compute dtype, the predictions back to float32
+    (``train/precision.py``).
     """
     task_losses = make_task_losses(tasks)
     wants_mask = "task_mask" in inspect.signature(type(model).__call__).parameters
 
     def forward(params, model_state, batch, key, train: bool):
-        variables = {"params": params, **model_state}
+        variables = {"params": cast_params(precision, params), **model_state}
         rngs = {"dropout": key}
         kwargs = {"task_mask": task_mask(tasks, batch)} if wants_mask else {}
+        inputs = cast_input(precision, batch[input_key])
         aux = {}
         if train:
-            preds, updated = model.apply(variables, batch[input_key], train=True, rngs=rngs,
+            preds, updated = model.apply(variables, inputs, train=True, rngs=rngs,
                                          mutable=list(model_state) + [AUX_LOSS], **kwargs)
             updated = dict(updated)
-            aux = updated.pop(AUX_LOSS, {})
+            aux = to_float32(updated.pop(AUX_LOSS, {}))
             model_state = updated if model_state else model_state
         else:
-            preds = model.apply(variables, batch[input_key], train=train, rngs=rngs, **kwargs)
+            preds = model.apply(variables, inputs, train=train, rngs=rngs, **kwargs)
+        preds = to_float32(preds) if precision.mixed else preds
         losses = task_losses(preds, batch)
         return (losses + aux_task_losses(aux, len(tasks)) if aux else losses), (preds, model_state)
 
@@ -121,14 +126,15 @@ def has_representation(model) -> bool:
     return hasattr(model, "trunk") and hasattr(model, "heads")
 
 
-def make_representation_forward(model, tasks: Sequence, input_key: str):
+def make_representation_forward(model, tasks: Sequence, input_key: str, precision: Precision = FLOAT32):
     """``(encode, decode)`` for representation-level gradients (LibMTL's ``rep_grad``, MGDA-UB).
 
     ``encode(shared_params, batch, key, train) -> z`` is the trunk; ``decode(head_params, z, batch,
     key, train, per_task=False) -> (losses [K], predictions)`` the heads (``per_task``: z is
     ``{task: z_t}``, head t reads its own copy). Both run the model's own ``stage``s, so with the
     same key their dropout masks are those of the whole model's forward. Needs a
-    hard-parameter-sharing model (one shared representation) without mutable state.
+    hard-parameter-sharing model (one shared representation) without mutable state. ``precision`` as
+    in ``make_forward`` (``z`` stays in the compute dtype).
     """
     if not has_representation(model):
         raise ValueError(f"representation-level gradients need a model with one shared representation (trunk + "
@@ -136,12 +142,15 @@ def make_representation_forward(model, tasks: Sequence, input_key: str):
     task_losses = make_task_losses(tasks)
 
     def encode(shared_params, batch, key, train):
-        return model.apply({"params": {"shared": shared_params}}, batch[input_key], train, stage="trunk",
-                           rngs={"dropout": key})
+        shared_params = cast_params(precision, {"shared": shared_params})["shared"]
+        return model.apply({"params": {"shared": shared_params}}, cast_input(precision, batch[input_key]), train,
+                           stage="trunk", rngs={"dropout": key})
 
     def decode(head_params, z, batch, key, train, per_task=False):
+        head_params = cast_params(precision, {"heads": head_params})["heads"]
         preds = model.apply({"params": {"heads": head_params}}, z, train, stage="heads", per_task=per_task,
                             rngs={"dropout": key})
+        preds = to_float32(preds) if precision.mixed else preds
         return task_losses(preds, batch), preds
 
     return encode, decode

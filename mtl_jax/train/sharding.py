@@ -7,6 +7,14 @@ leaves [E, ...]) are split over 'expert' on their leading axis. A rule is ``(reg
 parameter whose '/'-joined path (e.g. ``shared/dense_0/kernel``) matches ``regex`` (``re.search``;
 first match wins) gets ``PartitionSpec(*spec)``. Optimiser moments of a parameter follow its
 sharding; the rest of the train state is replicated.
+
+FSDP (``config.sharding.fsdp``; ZeRO-3 style, Rajbhandari et al. 2020): every parameter no rule
+matches is split over mesh axis 'data' along its largest dimension that the axis size divides
+(``fsdp_spec``); leaves under ``FSDP_MIN_SIZE`` elements, or with no such dimension, stay
+replicated. Its optimiser moments follow it, so parameters and optimiser state take ~1/N of their
+replicated bytes per device (N = the 'data' axis size); XLA (GSPMD) all-gathers a parameter where
+the step needs it whole and reduce-scatters its gradient, so the step computes the same function as
+the replicated one (to float rounding: reductions may run in another order).
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "expert", "model")
 # Stacked experts of the sparse MoE layers (mtl_jax.models.moe_layers.SparseMoE): leaves [E, ...].
 EXPERT_PATTERN = r"(^|/)moe/experts/[^/]+$"
+# FSDP leaves smaller than this stay replicated (biases, norms, small heads: gathering them costs
+# more latency than their memory is worth).
+FSDP_MIN_SIZE = 2**12
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None, expert: int = 1) -> Mesh:
@@ -57,8 +68,31 @@ def key_path_str(path) -> str:
     return "/".join(parts)
 
 
-def spec_for(path: str, shape: Sequence[int], rules: Sequence, mesh: Mesh) -> P:
-    """PartitionSpec for one leaf; errors name the path when a matching rule does not fit it."""
+def spec_for(path: str, shape: Sequence[int], rules: Sequence, mesh: Mesh, fsdp: bool = False) -> P:
+    """PartitionSpec for one leaf: the first matching rule's, else (``fsdp``) ``fsdp_spec``, else
+    replicated; errors name the path when a matching rule does not fit it."""
+    spec = rule_spec(path, shape, rules, mesh)
+    if spec is not None:
+        return spec
+    return fsdp_spec(shape, mesh) if fsdp else P()
+
+
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, axis: str = "data", min_size: int = FSDP_MIN_SIZE) -> P:
+    """``axis`` on the largest dimension of ``shape`` that the axis size divides (the first of equal
+    ones); ``P()`` (replicated) for a leaf under ``min_size`` elements, one with no such dimension,
+    or a mesh whose ``axis`` has one device."""
+    size = dict(mesh.shape).get(axis, 1)
+    if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    fits = [d for d in range(len(shape)) if shape[d] >= size and shape[d] % size == 0]
+    if not fits:
+        return P()
+    dim = max(fits, key=lambda d: (shape[d], -d))
+    return P(*(axis if d == dim else None for d in range(len(shape))))
+
+
+def rule_spec(path: str, shape: Sequence[int], rules: Sequence, mesh: Mesh) -> P | None:
+    """The first rule matching ``path``'s PartitionSpec (checked against ``shape``), or None."""
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = tuple(spec)
@@ -71,22 +105,24 @@ def spec_for(path: str, shape: Sequence[int], rules: Sequence, mesh: Mesh) -> P:
                     raise ValueError(f"sharding rule {pattern!r}: '{path}' dim {dim} of {tuple(shape)} is "
                                      f"not divisible by mesh axis {axis!r} of size {size}")
             return P(*spec)
-    return P()
+    return None
 
 
-def tree_shardings(tree, mesh: Mesh, rules: Sequence = ()):
-    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs) by the rules."""
+def tree_shardings(tree, mesh: Mesh, rules: Sequence = (), fsdp: bool = False):
+    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs) by the rules (and
+    ``fsdp_spec`` for the leaves no rule matches, with ``fsdp``)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, spec_for(key_path_str(path), leaf.shape, rules, mesh)), tree)
+        lambda path, leaf: NamedSharding(mesh, spec_for(key_path_str(path), leaf.shape, rules, mesh, fsdp)), tree)
 
 
-def train_state_shardings(abstract_state, optimizers: dict, mesh: Mesh, rules: Sequence = ()):
-    """NamedShardings for a TrainState: params by the rules, each optimiser's param-shaped state
-    (Adam's mu, nu, ...) like its params, everything else replicated."""
+def train_state_shardings(abstract_state, optimizers: dict, mesh: Mesh, rules: Sequence = (), fsdp: bool = False):
+    """NamedShardings for a TrainState: params by the rules (with ``fsdp``, the others split over
+    'data': ``fsdp_spec``), each optimiser's param-shaped state (Adam's mu, nu, ...) like its
+    params, everything else replicated."""
     from mtl_jax.train.optim import map_groups
 
     rules = tuple(rules) + expert_rules(abstract_state.params, mesh)
-    param_shardings = tree_shardings(abstract_state.params, mesh, rules)
+    param_shardings = tree_shardings(abstract_state.params, mesh, rules, fsdp)
     rep = replicated(mesh)
     opt_shardings = map_groups(
         lambda tx, opt_state, shardings: optax.tree_map_params(
@@ -112,6 +148,24 @@ def expert_rules(params, mesh: Mesh) -> tuple:
                                  f"'{name}' {tuple(leaf.shape)}; use an expert count divisible by {size}")
             rules.append((f"^{re.escape(name)}$", ("expert",) + (None,) * (leaf.ndim - 1)))
     return tuple(rules)
+
+
+def per_device_bytes(tree, device=None) -> int:
+    """Bytes of ``tree``'s array leaves held on ``device`` (default: this process's first device):
+    the sum of their addressable shards there."""
+    device = jax.local_devices()[0] if device is None else device
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
+               if shard.device == device)
+
+
+def sharded_bytes(abstract_tree, shardings) -> int:
+    """Per-device bytes of ``abstract_tree`` (ShapeDtypeStructs) laid out by ``shardings`` (no arrays
+    needed): each leaf's bytes over the devices its spec splits it across."""
+    def leaf_bytes(leaf, sharding):
+        shard_shape = sharding.shard_shape(leaf.shape)
+        return int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, abstract_tree, shardings)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

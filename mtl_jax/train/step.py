@@ -20,6 +20,7 @@ from mtl_jax.train.forward import batch_metrics, make_forward, metric_sums
 from mtl_jax.train.gradients import StepContext, make_gradients
 from mtl_jax.train.methods import MethodInputs
 from mtl_jax.train.optim import map_groups
+from mtl_jax.train.precision import FLOAT32, Precision
 from mtl_jax.train.sharding import key_path_str
 from mtl_jax.train.state import TrainState
 
@@ -51,18 +52,21 @@ def optimizer_update(optimizers: dict, grads, opt_state, params) -> tuple[dict, 
 
 
 def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key: str, sharpness=None,
-                    jacobian=None, rep_mtl_cfg=None, sample_input=None) -> Callable:
+                    jacobian=None, rep_mtl_cfg=None, sample_input=None, precision: Precision = FLOAT32,
+                    micro_batches: int = 1) -> Callable:
     """``train_step(state, batch) -> (state, outputs)``, pure; jit it with shardings (trainer.py).
 
-    ``sharpness``, ``jacobian``, ``rep_mtl_cfg`` (the config sections) and ``sample_input`` choose the
-    gradient strategy (``gradients.make_gradients``, which refuses invalid combinations). ``outputs``:
+    ``sharpness``, ``jacobian``, ``rep_mtl_cfg`` (the config sections), ``sample_input``, ``precision``
+    (``train/precision.py``) and ``micro_batches`` (gradient accumulation) choose the gradient strategy
+    (``gradients.make_gradients``, which refuses invalid combinations). ``outputs``:
     ``losses`` [K], ``weights`` [K], ``applied`` (bool), ``nonfinite_tasks`` [K] (loss or head gradient
     non-finite), ``nonfinite_state`` (one bool per ``guarded_leaves`` entry of the candidate state).
     A method's ``after_update`` (FAMO) gets ``L_t(theta_{t+1})`` from one extra forward on the same
     batch (same dropout key); its state is kept only when those losses are finite.
     """
-    gradients = make_gradients(model, tasks, method, input_key, sharpness, jacobian, rep_mtl_cfg, sample_input)
-    forward = make_forward(model, tasks, input_key)
+    gradients = make_gradients(model, tasks, method, input_key, sharpness, jacobian, rep_mtl_cfg, sample_input,
+                               precision, micro_batches)
+    forward = make_forward(model, tasks, input_key, precision)
     names = [t.name for t in tasks]
 
     def train_step(state: TrainState, batch: dict):
@@ -104,9 +108,9 @@ def make_train_step(model, tasks: Sequence, optimizers: dict, method, input_key:
     return train_step
 
 
-def make_eval_step(model, tasks: Sequence, input_key: str) -> Callable:
+def make_eval_step(model, tasks: Sequence, input_key: str, precision: Precision = FLOAT32) -> Callable:
     """``eval_step(params, model_state, batch) -> ({task: {metric: sum}}, {task: count})`` (:func:`metric_sums`)."""
-    forward = make_forward(model, tasks, input_key)
+    forward = make_forward(model, tasks, input_key, precision)
 
     def eval_step(params, model_state, batch):
         _, (preds, _) = forward(params, model_state, batch, jax.random.key(0), False)

@@ -18,12 +18,13 @@ import numpy as np
 from mtl_jax.config import check_against_dataset, check_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
-from mtl_jax.models import build_model, check_input
+from mtl_jax.models import build_model, check_input, remat_compiler_options
 from mtl_jax.train import checkpoint as ckpt
-from mtl_jax.train.methods import METHODS, get_method, hyperparameters
+from mtl_jax.train.methods import get_method, with_num_params
 from mtl_jax.train.optim import make_optimizers, map_groups
 from mtl_jax.train.reporting import MetricWriter, delta_m, flatten_metrics, results_table
 from mtl_jax.train.sharding import batch_sharding, make_mesh, replicated, train_state_shardings
+from mtl_jax.train.precision import precision_policy
 from mtl_jax.train.state import TrainState
 from mtl_jax.train import workdir as workdir_lib
 from mtl_jax.train.step import guarded_leaves, make_eval_step, make_train_step
@@ -112,17 +113,17 @@ class Experiment:
 
 
 def build_method(method_cfg, model, sample_input, num_tasks: int):
-    """``get_method(name, **hparams)``, filling ``num_tasks`` / ``num_params`` (shared parameter
-    count) for the methods that take them."""
+    """``get_method(name, **hparams)`` for ``config.method``; a method that keeps per-parameter state
+    (``Method.per_parameter_state``) gets the shared parameter count bound to its ``init``
+    (``with_num_params``). Its ``init`` is traced for ``num_tasks`` here, so that its errors (e.g. a
+    gradient method given one task) come before the model's."""
     hparams = dict(method_cfg)
-    name = hparams.pop("name")
-    accepted = hyperparameters(name) if name in METHODS else []
-    if "num_tasks" in accepted:
-        hparams.setdefault("num_tasks", num_tasks)
-    if "num_params" in accepted:
+    method = get_method(hparams.pop("name"), **hparams)
+    if method.per_parameter_state:
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_input, train=False))
-        hparams.setdefault("num_params", sum(x.size for x in jax.tree.leaves(shapes["params"]["shared"])))
-    return get_method(name, **hparams)
+        method = with_num_params(method, sum(x.size for x in jax.tree.leaves(shapes["params"]["shared"])))
+    jax.eval_shape(lambda: method.init(num_tasks))
+    return method
 
 
 def abstract_init(init_fn: Callable, model_name: str, dataset, sample) -> Any:
@@ -141,7 +142,7 @@ def build_experiment(config, dataset=None) -> Experiment:
     dataset = get_dataset(config.data) if dataset is None else dataset
     tasks = dataset.tasks
     mesh = make_mesh(config.mesh.data, config.mesh.model, expert=config.mesh.get("expert", 1))
-    model = build_model(config.model, tasks)
+    model = build_model(config.model, tasks, remat=config.get("remat", False))
     steps = total_steps(config, len(dataset.splits["train"]))
     optimizers = make_optimizers(config, dataset.task_names, steps)
     sample = jnp.asarray(dataset.splits["train"][0][dataset.input_key])[None]
@@ -150,13 +151,17 @@ def build_experiment(config, dataset=None) -> Experiment:
 
     init_fn = lambda: init_state(model, optimizers, method, tasks, sample, config.seed)
     abstract = abstract_init(init_fn, config.model.name, dataset, sample)
-    state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules)
+    state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules,
+                                            fsdp=config.sharding.get("fsdp", False))
     data_sharding = batch_sharding(mesh)
+    precision = precision_policy(config.get("precision", "float32"))
     train_step = jax.jit(make_train_step(model, tasks, optimizers, method, dataset.input_key, config.sharpness,
-                                         config.jacobian, config.rep_mtl, sample_input=sample),
+                                         config.jacobian, config.rep_mtl, sample_input=sample, precision=precision,
+                                         micro_batches=config.get("grad_accum_steps", 1)),
                          in_shardings=(state_shardings, data_sharding),
-                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, tasks, dataset.input_key),
+                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0,
+                         compiler_options=remat_compiler_options(config.get("remat", False)))
+    eval_step = jax.jit(make_eval_step(model, tasks, dataset.input_key, precision),
                         in_shardings=(state_shardings.params, state_shardings.model_state, data_sharding),
                         out_shardings=replicated(mesh))
     return Experiment(dataset=dataset, model=model, optimizers=optimizers, method=method, mesh=mesh, steps=steps,
@@ -244,9 +249,17 @@ def _train_and_evaluate(config, workdir: str, dataset, on_step) -> dict:
         progress = _progress_bar(config, start, steps)
         tick, tick_step = time.perf_counter(), start
         pending = None  # the previous step's outputs, checked after the next step is dispatched
+        profiled = {int(s) for s in config.get("profile_steps", ())}
         for step in range(start, steps):
-            state, out = train_step(state, to_global(next(data_iter), data_sharding))
+            batch = to_global(next(data_iter), data_sharding)
             done = step + 1
+            if done in profiled:
+                jax.block_until_ready(state)
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            state, out = train_step(state, batch)
+            if done in profiled:
+                jax.block_until_ready(out)
+                jax.profiler.stop_trace()
             if on_step is not None:
                 on_step(done, state)
             guard.check(pending)

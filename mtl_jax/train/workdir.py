@@ -21,10 +21,11 @@ from mtl_jax.errors import UsageError
 
 LOCK = "lock"
 CONFIG = "config.json"
-# Keys that change what is logged or how often, not the trained model: they may differ on resume.
+# Keys that change what is logged or how the step is laid out in memory (rematerialisation, FSDP,
+# micro-batches: the same update to float rounding), not the trained model: they may differ on resume.
 RESUME_FREE = ("progress_bar", "log_every", "eval_every", "eval_batch_size", "checkpoint.every", "checkpoint.keep",
                "checkpoint.enabled", "max_nonfinite_steps", "resume_mismatch", "distributed", "baselines",
-               "profile_steps")
+               "profile_steps", "remat", "sharding.fsdp", "grad_accum_steps")
 
 
 class WorkdirLock:

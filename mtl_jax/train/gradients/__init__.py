@@ -12,6 +12,7 @@ representation level        ``jacobian.level='representation'``        ``represe
 F-MTL                       ``sharpness.kind`` 'fmtl' / 'fmtl_a'       ``sharpness.py``
 SAM / ASAM (wrapper)        ``sharpness.kind='sam'``                   ``sharpness.py``
 Rep-MTL                     ``rep_mtl`` weights > 0                    ``rep_mtl.py``
+accumulated micro-batches   ``grad_accum_steps`` > 1                   ``accumulate.py``
 ==========================  =========================================  ================================
 """
 
@@ -22,13 +23,14 @@ from typing import NamedTuple, Sequence
 from mtl_jax.errors import UsageError
 from mtl_jax.train import flat_minima
 from mtl_jax.train.forward import has_representation, make_forward, make_representation_forward
+from mtl_jax.train.gradients.accumulate import accumulate
 from mtl_jax.train.gradients.base import Linearization, StepContext, Strategy, TaskGradients
 from mtl_jax.train.gradients.options import GRAMIAN_MODES, GradientOptions, gradient_options
 from mtl_jax.train.gradients.params import make_linearize, make_split_of, params_level
 from mtl_jax.train.gradients.rep_mtl import rep_mtl_gradients
 from mtl_jax.train.gradients.representation import representation_level
 from mtl_jax.train.gradients.sharpness import fmtl, sam
-from mtl_jax.train.methods import METHODS, hyperparameters
+from mtl_jax.train.precision import FLOAT32, Precision
 
 LEVELS = ("params", "representation")
 FLAT_MINIMA = ("fmtl", "fmtl_a")
@@ -43,11 +45,13 @@ class Choice(NamedTuple):
     rep_mtl: bool  # Rep-MTL regularisers on
     rep_level: bool  # representation-level gradients in effect (the method reads gradients)
     gramian_mode: str
+    micro_batches: int = 1
 
 
 def keeps_parameter_state(method) -> bool:
-    """Whether the method keeps per-parameter state across steps (MoCo, ExcessMTL: ``num_params``)."""
-    return method.name in METHODS and "num_params" in hyperparameters(method.name)
+    """Whether the method keeps per-parameter state across steps (``Method.per_parameter_state``:
+    MoCo, ExcessMTL, a chain with one of them)."""
+    return method.per_parameter_state
 
 
 # (is the choice invalid?, the one-line error) -- every combination the step refuses.
@@ -64,6 +68,9 @@ INVALID = (
      lambda c: f"method '{c.method.name}' keeps per-parameter state across steps (rows of the shared parameters' "
                "gradients); at jacobian.level='representation' its rows would be dL_k/dz of each batch's own "
                "samples: use jacobian.level='params'"),
+    (lambda c: c.micro_batches > 1 and (c.rep_mtl or c.rep_level or bool(c.kind)),
+     lambda c: "grad_accum_steps > 1 applies to the parameter-level plain step (no sharpness steps, Rep-MTL or "
+               "jacobian.level='representation')"),
     (lambda c: c.gramian_mode == "vjp_jvp" and (c.rep_level or c.kind in FLAT_MINIMA),
      lambda c: "jacobian.gramian_mode='vjp_jvp' applies to the parameter-level plain and SAM steps; F-MTL and "
                "jacobian.level='representation' hold the per-task gradients by construction"),
@@ -78,13 +85,14 @@ def check_choice(choice: Choice) -> None:
 
 
 def make_gradients(model, tasks: Sequence, method, input_key: str, sharpness=None, jacobian=None, rep_mtl_cfg=None,
-                   sample_input=None) -> Strategy:
+                   sample_input=None, precision: Precision = FLOAT32, micro_batches: int = 1) -> Strategy:
     """The strategy ``gradients(ctx: StepContext) -> TaskGradients`` the config sections ask for.
 
     ``sharpness``: None or ``config.sharpness`` (kind, rho, adaptive, eta); ``jacobian``: None or
     ``config.jacobian`` (level, chunk, gramian_mode, last_shared: ``options.gradient_options``);
     ``rep_mtl_cfg``: None or ``config.rep_mtl``; ``sample_input``: one input batch (shape only), to find
-    the last shared layer GradNorm reads.
+    the last shared layer GradNorm reads; ``precision``: the forward's mixed-precision policy;
+    ``micro_batches``: gradient accumulation (``accumulate.py``) over that many micro-batches.
 
     What the method asks for beyond ``needs``: ``wants=('cross_gramian',)`` (SDMGrad, MoDo) gets
     ``J_a J_b^T`` of the batch's two halves on the plain parameter-level step (sharpness steps' methods
@@ -99,27 +107,30 @@ def make_gradients(model, tasks: Sequence, method, input_key: str, sharpness=Non
     use_rep_mtl = rep_mtl_cfg is not None and (rep_mtl_cfg.tsr_weight > 0 or rep_mtl_cfg.csa_weight > 0)
     # Loss weights that read no gradient are the same at either level; GradNorm reads norms.
     rep_level = level == "representation" and (method.needs != "losses" or "last_shared_gramian" in method.wants)
-    check_choice(Choice(method, level, kind, use_rep_mtl, rep_level, options.gramian_mode))
+    check_choice(Choice(method, level, kind, use_rep_mtl, rep_level, options.gramian_mode, micro_batches))
     names = [t.name for t in tasks]
+    if micro_batches > 1:
+        return accumulate(method, make_forward(model, tasks, input_key, precision), micro_batches, names,
+                          options.last_shared)
     if use_rep_mtl:
-        return rep_mtl_gradients(method, rep_mtl_cfg, *make_representation_forward(model, tasks, input_key))
+        return rep_mtl_gradients(method, rep_mtl_cfg, *make_representation_forward(model, tasks, input_key, precision))
     if rep_level:
-        return representation_level(method, *make_representation_forward(model, tasks, input_key), names)
+        return representation_level(method, *make_representation_forward(model, tasks, input_key, precision), names)
 
-    forward = make_forward(model, tasks, input_key)
+    forward = make_forward(model, tasks, input_key, precision)
     flat = kind in FLAT_MINIMA  # F-MTL holds the per-task gradients by construction
     by_jvp = options.gramian_mode == "vjp_jvp" and method.needs == "gramian"
     by_layer = (options.gramian_mode == "layerwise" and not flat
                 and (method.needs == "gramian" or "last_shared_gramian" in method.wants))
     wants_rows = method.needs != "losses" or "last_shared_gramian" in method.wants or flat
-    split_forward = (make_representation_forward(model, tasks, input_key)
+    split_forward = (make_representation_forward(model, tasks, input_key, precision)
                      if has_representation(model) and wants_rows else None)
     split_of = make_split_of(model, input_key, split_forward)
-    linearization = make_linearize(forward, names, by_jvp, by_layer, options.chunk)
+    linearization = make_linearize(forward, names, by_jvp, by_layer, options.chunk, precision)
     if flat:
         return fmtl(method, sharpness, forward, linearization, split_of, options.last_shared)
     double_sampling = "cross_gramian" in method.wants and kind == ""
-    strategy = params_level(method, options, forward, linearization, split_of, names, double_sampling)
+    strategy = params_level(method, options, forward, linearization, split_of, names, double_sampling, precision)
     return sam(strategy, sharpness) if kind == "sam" else strategy
 
 

@@ -13,7 +13,7 @@ from mtl_jax.train.gradients import layerwise as layerwise_gramian
 from mtl_jax.train.gradients.jacobian import params_gramian_by_jvp, per_task_jacobian
 from mtl_jax.train.gradients.layerwise import gramian
 from mtl_jax.train.gradients.options import GradientOptions
-from mtl_jax.train.methods import MethodInputs, returns_direction
+from mtl_jax.train.methods import MethodInputs, head_scales, returns_direction
 
 
 def _unflatten_like(flat, stacked_tree):
@@ -63,24 +63,25 @@ def aggregate(method, losses, stacked_shared, method_state, step, key, last_shar
     return _combine(out, stacked_shared), out, method_state
 
 
-def head_weights(method, weights):
-    """[K] scales of the heads' own gradients: ``w`` for loss-weighting methods, else ones (a method's
-    direction or NaN weights touch only the shared part)."""
-    return weights if method.weights_heads else jnp.ones_like(weights)
+def head_weights(method, weights, method_state):
+    """[K] scales of the heads' own gradients after ``weights, method_state = method.update(...)``
+    (``methods.head_scales``): ``w`` for loss-weighting methods, ones for gradient methods (a
+    method's direction or NaN weights touch only the shared part), ``w1`` for a ``chain``."""
+    return head_scales(method, weights, method_state)
 
 
-def head_gradients(method, weights, stacked_heads):
-    """Head k gets its own row, scaled by ``w_k`` for loss-weighting methods."""
-    return _combine(head_weights(method, weights), stacked_heads)
+def head_gradients(method, weights, stacked_heads, method_state):
+    """Head k gets its own row, scaled by ``head_weights``."""
+    return _combine(head_weights(method, weights, method_state), stacked_heads)
 
 
-def weighted_vjp_gradients(method, weights, vjp_fn):
+def weighted_vjp_gradients(method, weights, vjp_fn, method_state):
     """``{'shared': J^T w, 'heads': ...}`` from VJPs of the losses: one with ``w`` as cotangent (heads
-    included for loss-weighting methods), plus one with ones for the heads of gradient methods
-    (whose trunk half XLA drops as dead code)."""
+    included for loss-weighting methods), plus one with ``head_weights`` (ones, or a chain's ``w1``)
+    for the heads of gradient methods (whose trunk half XLA drops as dead code)."""
     (grads,) = vjp_fn(weights)
-    if not method.weights_heads:
-        (unweighted,) = vjp_fn(jnp.ones_like(weights))
+    if not method.weights_heads or method.head_weights is not None:
+        (unweighted,) = vjp_fn(head_weights(method, weights, method_state).astype(weights.dtype))
         grads = {"shared": grads["shared"], "heads": unweighted["heads"]}
     return grads
 
@@ -122,7 +123,7 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
             fields["gramian"] = params_gramian_by_jvp(vjp_fn, jvp_fn, params, num_tasks, dtype, options.chunk)
         weights, method_state = method.update(MethodInputs(losses=losses, step=step, **fields), method_state, key)
         weights = jax.lax.stop_gradient(weights).astype(dtype)
-        grads = weighted_vjp_gradients(method, weights, vjp_fn)
+        grads = weighted_vjp_gradients(method, weights, vjp_fn, method_state)
         if layer_rows is not None and method.needs == "gramian":  # covered leaves from the rows G was made of
             grads = {**grads, "shared": layerwise_gramian.combine_rows(layer_rows, weights, grads["shared"])}
         return grads, weights, method_state
@@ -131,6 +132,6 @@ def task_gradients(method, losses, vjp_fn, method_state, step, key, options: Gra
     jac_shared = per_task_jacobian(lambda c: (vjp_fn(c)[0]["shared"],), num_tasks, dtype, options.chunk)
     shared, weights, method_state = aggregate(method, losses, jac_shared, method_state, step, key,
                                               options.last_shared, **fields)
-    (head_grads,) = vjp_fn(head_weights(method, weights).astype(dtype))
+    (head_grads,) = vjp_fn(head_weights(method, weights, method_state).astype(dtype))
     return {"shared": shared, "heads": head_grads["heads"]}, weights, method_state
 

@@ -13,6 +13,7 @@ from mtl_jax.train.gradients.jacobian import gramian_by_jvp, linearize, map_cota
 from mtl_jax.train.gradients.layerwise import gramian
 from mtl_jax.train.gradients.options import GradientOptions
 from mtl_jax.train.gradients.representation import representation_losses_and_vjp
+from mtl_jax.train.precision import FLOAT32, Precision
 
 
 def half_batches(batch: dict) -> dict:
@@ -26,7 +27,7 @@ def half_batches(batch: dict) -> dict:
 
 
 def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks: int, options: GradientOptions,
-                            split=None, names: Sequence[str] = ()):
+                            split=None, names: Sequence[str] = (), precision: Precision = FLOAT32):
     """``J_a J_b^T`` [K, K]: per-task shared gradients on the even (a) and odd (b) halves of the
     batch (SDMGrad's / MoDo's double sampling), each half with its own dropout key.
 
@@ -44,7 +45,8 @@ def cross_gramian_of_halves(forward, params, model_state, batch, key, num_tasks:
     if split is not None:
         by_jvp, by_layer = options.gramian_mode == "vjp_jvp", options.gramian_mode == "layerwise"
         fns = [representation_losses_and_vjp(*split, params, jax.tree.map(lambda x: x[:, b], halves), keys[b], names,
-                                             with_jvp=by_jvp, layerwise=by_layer, chunk=options.chunk)
+                                             with_jvp=by_jvp, layerwise=by_layer, chunk=options.chunk,
+                                             precision=precision)
                for b in range(2)]
         if by_layer:  # <X_a^T D_a,k, X_b^T D_b,l> layer by layer
             return layerwise_gramian.layerwise_gramian(fns[0].layer_rows, fns[1].layer_rows)

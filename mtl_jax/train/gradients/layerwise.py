@@ -126,13 +126,16 @@ def layerwise_gramian(rows: LayerRows, other: LayerRows | None = None) -> jax.Ar
     return total
 
 
-def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda p: p, has_aux: bool = False):
+def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda p: p, has_aux: bool = False,
+                              prepare: Callable = lambda p: p):
     """``jax.vjp`` of ``fn`` plus the layer-wise pieces of per-task shared gradients.
 
     Args:
       fn: ``params -> out`` (``(out, aux)`` with ``has_aux``); its flax ``apply`` calls are
         intercepted, so the Dense layers reading leaves of ``shared_of(params)`` are found by identity.
       shared_of: the part of ``params`` whose per-task Gramian is wanted (e.g. ``p['shared']``).
+      prepare: applied to ``params`` before ``fn`` inside the differentiated function (e.g. the cast
+        to a mixed-precision compute dtype), so the Dense calls are found by the prepared leaves.
 
     Returns ``(out, vjp_fn, rows_fn[, aux])``: ``vjp_fn(c) = (params cotangent,)`` as ``jax.vjp``;
     ``rows_fn(cotangents [K, *out.shape], chunk=0) -> LayerRows`` of ``g_k``, the shared part of
@@ -143,7 +146,7 @@ def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda
     traced = []
 
     def abstract(p):  # one abstract trace finds the calls and their input shapes
-        out, found, inputs = _tapped(fn, shared_of, None, p)
+        out, found, inputs = _tapped(fn, shared_of, None, prepare(p))
         traced.append(found)
         return out, inputs
 
@@ -154,7 +157,7 @@ def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda
             for c, x in zip(calls, input_shapes)}
 
     def tapped(p, t):
-        out, found, inputs = _tapped(fn, shared_of, t, p)
+        out, found, inputs = _tapped(fn, shared_of, t, prepare(p))
         if [c.key for c in found] != [c.key for c in calls]:
             raise RuntimeError("the shared Dense calls differ between the shape trace and the VJP trace")
         return (out, inputs) if not has_aux else (out[0], (out[1], inputs))

@@ -17,6 +17,7 @@ from mtl_jax.train.gradients.double_sampling import cross_gramian_of_halves
 from mtl_jax.train.gradients.jacobian import linearize
 from mtl_jax.train.gradients.options import GradientOptions
 from mtl_jax.train.gradients.representation import representation_losses_and_vjp
+from mtl_jax.train.precision import FLOAT32, Precision, cast_params
 
 
 def make_split_of(model, input_key: str, split_forward) -> Callable:
@@ -32,23 +33,24 @@ def make_split_of(model, input_key: str, split_forward) -> Callable:
     return split_of
 
 
-def make_linearize(forward, names: Sequence[str], by_jvp: bool, by_layer: bool, chunk: int) -> Callable:
+def make_linearize(forward, names: Sequence[str], by_jvp: bool, by_layer: bool, chunk: int,
+                   precision: Precision = FLOAT32) -> Callable:
     """``linearize(params, model_state, batch, key, split) -> Linearization`` of the training forward:
     a JVP too when the Gramian is built by JVPs (``by_jvp``), the layer-wise rows when it is built
     layer by layer (``by_layer``); with ``split`` (``make_split_of``) the heads are differentiated once
-    (``representation_losses_and_vjp``)."""
+    (``representation_losses_and_vjp``). ``precision``: the policy ``forward`` casts with."""
 
     def linearization(params, model_state, batch, key, split) -> Linearization:
         fn = lambda p: forward(p, model_state, batch, key, True)
         if split is not None:
-            lin = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp, by_layer, chunk)
+            lin = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp, by_layer, chunk, precision)
             return lin._replace(model_state=model_state)
         if by_jvp:
             losses, vjp_fn, jvp_fn, (preds, new_state) = linearize(fn, params, has_aux=True)
             return Linearization(losses, vjp_fn, jvp_fn, None, preds, new_state)
         if by_layer:
             losses, vjp_fn, rows_fn, (preds, new_state) = layerwise_gramian.vjp_and_layerwise_gramian(
-                fn, params, lambda p: p["shared"], has_aux=True)
+                fn, params, lambda p: p["shared"], has_aux=True, prepare=lambda p: cast_params(precision, p))
             rows = rows_fn(jnp.eye(losses.shape[0], dtype=losses.dtype), chunk)
             return Linearization(losses, vjp_fn, None, rows, preds, new_state)
         losses, vjp_fn, (preds, new_state) = jax.vjp(fn, params, has_aux=True)
@@ -58,7 +60,7 @@ def make_linearize(forward, names: Sequence[str], by_jvp: bool, by_layer: bool, 
 
 
 def params_level(method, options: GradientOptions, forward, linearization, split_of, names: Sequence[str],
-                 double_sampling: bool) -> Strategy:
+                 double_sampling: bool, precision: Precision = FLOAT32) -> Strategy:
     """The plain step's strategy: one linearisation of the forward, the cross Gramian of the batch's
     two halves when the method wants it (``double_sampling``), then ``task_gradients``."""
 
@@ -66,7 +68,7 @@ def params_level(method, options: GradientOptions, forward, linearization, split
         split = split_of(ctx.params, ctx.model_state, ctx.batch)
         lin = linearization(ctx.params, ctx.model_state, ctx.batch, ctx.key, split)
         cross = (cross_gramian_of_halves(forward, ctx.params, ctx.model_state, ctx.batch, ctx.key, lin.losses.shape[0],
-                                         options, split, names) if double_sampling else None)
+                                         options, split, names, precision) if double_sampling else None)
         grads, weights, method_state = task_gradients(method, lin.losses, lin.vjp_fn, ctx.method_state, ctx.step,
                                                       ctx.method_key, options, lin.jvp_fn, ctx.params, cross,
                                                       lin.layer_rows)

@@ -13,6 +13,7 @@ from mtl_jax.train.gradients import layerwise as layerwise_gramian
 from mtl_jax.train.gradients.base import Linearization, StepContext, TaskGradients
 from mtl_jax.train.gradients.combine import aggregate, head_weights
 from mtl_jax.train.gradients.jacobian import linearize
+from mtl_jax.train.precision import FLOAT32, Precision, cast_params
 
 
 def heads_once(decode, head_params, z, batch, key, names: Sequence[str]):
@@ -38,7 +39,7 @@ def scale_head_rows(head_rows, weights, names: Sequence[str]):
 
 
 def representation_losses_and_vjp(encode, decode, params, batch, key, names: Sequence[str], with_jvp: bool = False,
-                                  layerwise: bool = False, chunk: int = 0) -> Linearization:
+                                  layerwise: bool = False, chunk: int = 0, precision: Precision = FLOAT32) -> Linearization:
     """The ``Linearization`` (losses [K], vjp_fn, jvp_fn, layer_rows, predictions) equal to ``jax.vjp``
     (and ``jax.jvp``) of the whole training forward w.r.t. ``params``, with the heads differentiated
     once instead of once per task; ``model_state`` is None (models without mutable state).
@@ -55,11 +56,14 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
     (``gramian_mode='vjp_jvp'``) is then one trunk VJP + one trunk JVP. ``layerwise``: ``layer_rows``
     are the ``layerwise.LayerRows`` of the shared rows (the trunk's Dense inputs and the per-task
     cotangents ``Z_t`` sent back through the trunk, ``chunk`` tasks at a time), whose
-    ``layerwise_gramian`` is G.
+    ``layerwise_gramian`` is G. ``precision``: the policy ``encode`` casts with (the layer-wise
+    pieces are read from the cast trunk parameters).
     """
     trunk = lambda p: encode(p, batch, key, True)
     if layerwise:
-        z, encode_vjp, trunk_rows = layerwise_gramian.vjp_and_layerwise_gramian(trunk, params["shared"])
+        cast_shared = lambda p: cast_params(precision, {"shared": p})["shared"]
+        z, encode_vjp, trunk_rows = layerwise_gramian.vjp_and_layerwise_gramian(trunk, params["shared"],
+                                                                                prepare=cast_shared)
     elif with_jvp:
         z, encode_vjp, encode_jvp = linearize(trunk, params["shared"])
     else:
@@ -102,7 +106,7 @@ def representation_level(method, encode, decode, names: Sequence[str]):
         z_cotangent, weights, method_state = aggregate(method, losses, stacked_z, ctx.method_state, ctx.step,
                                                        ctx.method_key)
         (shared,) = encode_vjp(z_cotangent)
-        heads = scale_head_rows(head_rows, head_weights(method, weights), names)
+        heads = scale_head_rows(head_rows, head_weights(method, weights, method_state), names)
         return TaskGradients({"shared": shared, "heads": heads}, weights, method_state, losses, preds,
                              ctx.model_state)
 

@@ -61,4 +61,5 @@ def flat_task_gradients(method, sharpness, losses_fn, params, losses, vjp_fn, me
         flat = jax.tree.map(jnp.subtract, perturbed["shared"], jac["shared"])
         shared_flat, _, _ = aggregate(method, losses, flat, method_state, step, key_h, last_shared)
         shared = jax.tree.map(jnp.add, shared, shared_flat)
-    return {"shared": shared, "heads": head_gradients(method, weights, perturbed["heads"])}, weights, new_state
+    heads = head_gradients(method, weights, perturbed["heads"], new_state)
+    return {"shared": shared, "heads": heads}, weights, new_state
