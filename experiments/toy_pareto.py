@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_jax.train.methods import MethodInputs, get_method, hyperparameters, returns_direction
+from mtl_jax.train.methods import MethodInputs, get_method, returns_direction, with_num_params
 from mtl_jax.train.methods import solvers
 
 LOWER = 5e-6
@@ -97,9 +97,7 @@ def run_method(
 ) -> np.ndarray:
     """Trajectories [S, num_steps + 1, 2] of Adam on ``J^T w`` from every start, w from ``name`` (or on
     the direction that GradDrop / MoCo return)."""
-    if "num_params" in hyperparameters(name):
-        hparams.setdefault("num_params", 2)  # per-parameter state (MoCo): rows of the 2-parameter Jacobian
-    method = get_method(name, **hparams)
+    method = with_num_params(get_method(name, **hparams), 2)  # MoCo's per-parameter rows: a 2-parameter Jacobian
     direct = returns_direction(method)
     optimizer = optax.adam(lr)
 
