@@ -20,9 +20,9 @@ from mtl_jax.train.methods import (METHODS, ChainState, EmptyState, Method, Meth
                                    head_scales, returns_direction, with_num_params)
 from mtl_jax.train.methods.jacobian import MoCoState
 from mtl_jax.train.methods.weighting import IMTLLState, UWState
-from mtl_jax.train.trainer import build_experiment, train_and_evaluate
+from mtl_jax.train.trainer import train_and_evaluate
 
-from test_step_feeds import tiny_dataset
+from test_step_feeds import DATASET, LR, experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 PER_PARAMETER = {"moco", "excess_mtl"}
@@ -74,12 +74,12 @@ def test_per_parameter_state_size_is_an_init_argument():
 
 
 def test_trainer_binds_the_shared_parameter_count_without_reading_signatures():
-    exp = _experiment("method.name='chain'", "method.weighting='uw'", "method.aggregator='moco'")
+    exp = experiment("method.name='chain'", "method.weighting='uw'", "method.aggregator='moco'")
     shared = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params["shared"]))
     assert exp.method.per_parameter_state
     assert exp.abstract_state.method_state.aggregator.tracked.shape == (3, shared)
     with pytest.raises(ValueError, match=r"method 'chain\(uw,moco\)' keeps per-parameter state"):
-        _experiment("method.name='chain'", "method.weighting='uw'", "method.aggregator='moco'",
+        experiment("method.name='chain'", "method.weighting='uw'", "method.aggregator='moco'",
                     "jacobian.level='representation'")
 
 
@@ -202,22 +202,12 @@ def test_chain_config_forms_and_errors():
 # ------------------------------------------------------------------------------ in the step
 
 
-DATASET = tiny_dataset()
-LR = 0.1
-
-
-def _experiment(*overrides):
-    config = load_config(os.path.join(ROOT, "configs", "digits_mlp.py"))
-    config = apply_overrides(config, ["model.trunk_kwargs.features=(16, 8)", "optim.name='sgd'", f"optim.lr={LR}",
-                                      "mesh.data=1", "mesh.model=1", "batch_size=16", "progress_bar=False"]
-                             + list(overrides))
-    return build_experiment(config, DATASET)
 
 
 def _two_steps_of_uw_then_imtl_g():
     """Two SGD steps of chain(uw, imtl_g) (the second with unequal UW scales): per step the
     parameters before it, its batch, its reported weights and the scales w1 it used."""
-    exp = _experiment("method.name='chain'", "method.weighting={'name': 'uw', 'lr': 0.3}", "method.aggregator='imtl_g'")
+    exp = experiment("method.name='chain'", "method.weighting={'name': 'uw', 'lr': 0.3}", "method.aggregator='imtl_g'")
     forward = make_forward(exp.model, DATASET.tasks, "x")
     loss = jax.jit(lambda params, batch: forward(params, {}, batch, jax.random.key(0), True)[0])
     state, records = exp.init(), []
