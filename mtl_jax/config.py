@@ -86,6 +86,7 @@ def default_config() -> ConfigDict:
     # Forward compute dtype ('float32', 'bfloat16'): parameters stay float32 (master copy);
     # per-task losses, gradients and the Gramian are float32 (mtl_jax.train.precision).
     c.precision = "float32"
+    c.precision_float32_params = ""  # regex over parameter paths the forward keeps in float32 (e.g. 'norm')
     c.profile_steps = ()  # step numbers (1 = the first) traced with jax.profiler into <workdir>/profile
     c.num_steps = config_dict.placeholder(int)  # total steps; if unset, num_epochs over the train split
     c.num_epochs = 10.0

@@ -88,6 +88,19 @@ def test_bfloat16_keeps_float32_masters_gradients_and_gramian():
                                atol=5e-2 * float(jnp.abs(gramians["float32"]).max()))
 
 
+def test_precision_policy_keeps_the_named_parameters_in_float32():
+    params = {"shared": {"dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+                         "layer_norm": {"scale": jnp.ones(2)}}, "heads": {"a": {"kernel": jnp.ones((2, 1))}},
+              "step": jnp.zeros((), jnp.int32)}
+    cast = cast_params(precision_policy("bfloat16", r"norm|bias"), params)
+    dtypes = {k: v.dtype for k, v in jax.tree_util.tree_leaves_with_path(cast) for k in [jax.tree_util.keystr(k)]}
+    assert dtypes == {"['heads']['a']['kernel']": jnp.bfloat16, "['shared']['dense_0']['bias']": jnp.float32,
+                      "['shared']['dense_0']['kernel']": jnp.bfloat16, "['shared']['layer_norm']['scale']": jnp.float32,
+                      "['step']": jnp.int32}
+    with pytest.raises(UsageError, match="precision"):
+        load_config(os.path.join(CONFIGS, "digits_mlp.py"), ["precision='float16'"])
+
+
 def test_bfloat16_loss_curve_tracks_float32_on_multimnist(tmp_path):
     overrides = ["num_steps=60", "batch_size=64", "log_every=10", "data.num_train=2048", "data.num_test=256",
                  "checkpoint.enabled=False", "eval_batch_size=256"]

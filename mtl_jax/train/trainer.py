@@ -154,7 +154,7 @@ def build_experiment(config, dataset=None) -> Experiment:
     state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules,
                                             fsdp=config.sharding.get("fsdp", False))
     data_sharding = batch_sharding(mesh)
-    precision = precision_policy(config.get("precision", "float32"))
+    precision = precision_policy(config.get("precision", "float32"), config.get("precision_float32_params", ""))
     train_step = jax.jit(make_train_step(model, tasks, optimizers, method, dataset.input_key, config.sharpness,
                                          config.jacobian, config.rep_mtl, sample_input=sample, precision=precision,
                                          micro_batches=config.get("grad_accum_steps", 1)),
