@@ -377,9 +377,10 @@ class FiniteGuard:
         if pending is None:
             return
         done, out = pending
-        applied, tasks, leaves = jax.device_get((out["applied"], out["nonfinite_tasks"], out["nonfinite_state"]))
+        applied, tasks = jax.device_get((out["applied"], out["nonfinite_tasks"]))
         self.streak = 0 if applied else self.streak + 1
         if self.streak >= self.limit:
+            leaves = jax.device_get(out["nonfinite_state"])
             culprits = [n for n, b in zip(self.names, tasks) if b]
             paths = [p for p, b in zip(self.leaf_paths, leaves) if b]
             where = []
