@@ -63,11 +63,6 @@ def apply_task_vector(pretrained: Params, tau: Params, scale: float | jax.Array 
     )
 
 
-def cast_like(tree: Params, like: Params) -> Params:
-    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
-    return jax.tree_util.tree_map(lambda x, l: jnp.asarray(x).astype(jnp.asarray(l).dtype), tree, like)
-
-
 # --------------------------------------------------------------------- reductions over leaves
 
 
@@ -76,18 +71,9 @@ def tree_sum_tasks(stacked: Params) -> Params:
     return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), stacked)
 
 
-def tree_scale(tree: Params, scale: float | jax.Array) -> Params:
-    return jax.tree_util.tree_map(lambda x: x * scale, tree)
-
-
 def tree_l1_norm(tree: Params) -> jax.Array:
     """``||tree||_1``: per-leaf fp32 sums of |x|, added over leaves (never one flat vector)."""
     return sum(jnp.sum(jnp.abs(_f32(x))) for x in jax.tree_util.tree_leaves(tree))
-
-
-def tree_size(tree: Params) -> int:
-    """Total number of entries (static)."""
-    return sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(tree))
 
 
 def task_vector_gram(stacked: Params) -> jax.Array:

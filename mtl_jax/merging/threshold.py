@@ -19,8 +19,6 @@ entries) and are summed over leaves in two 16-bit limbs (exact for totals < 2**4
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,8 +147,3 @@ def topk_trim(tree: Params, fraction: float, *, batched: bool = False, per_tenso
     """Zero all but the top ``fraction`` entries by magnitude (TIES "trim", Yadav et al. 2023 Sec. 3)."""
     mask = topk_mask(tree, fraction, batched=batched, per_tensor=per_tensor)
     return jax.tree_util.tree_map(lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), tree, mask)
-
-
-def count_true(tree: Params) -> Any:
-    """Exact number of True entries over a boolean tree, as a Python int (host side, for stats)."""
-    return sum(int(jnp.sum(x, dtype=jnp.uint32)) for x in jax.tree_util.tree_leaves(tree))

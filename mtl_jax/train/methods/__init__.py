@@ -114,8 +114,6 @@ def get_method(name: str, **hparams) -> Method:
     return factory(**hparams)
 
 
-make_method = get_method
-
 __all__ = [
     "COMBINATORS",
     "ChainState",
@@ -128,7 +126,6 @@ __all__ = [
     "get_method",
     "head_scales",
     "hyperparameters",
-    "make_method",
     "normalized_gramian",
     "returns_direction",
     "scale_inputs",
