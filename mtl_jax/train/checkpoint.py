@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mtl_jax.train.step import guarded_leaves
+from mtl_jax.train.workdir import write_json_atomic
 
 ITEMS = ("state", "data")
 CHECKSUMS = "checksums.json"
@@ -121,13 +122,7 @@ def record_checksums(manager: ocp.CheckpointManager) -> None:
         target = os.path.join(directory, CHECKSUMS)
         if os.path.exists(target) or not os.path.isdir(directory):
             continue
-        digests = {item: item_digest(os.path.join(directory, item)) for item in ITEMS}
-        tmp = target + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(digests, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_json_atomic(target, {item: item_digest(os.path.join(directory, item)) for item in ITEMS})
 
 
 def verify(directory: str) -> str | None:

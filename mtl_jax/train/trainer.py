@@ -312,7 +312,7 @@ def _train_and_evaluate(config, workdir: str, dataset, on_step) -> dict:
     writer.close()
     table = results_table(results, tasks, baselines, title=f"{dataset.name}: {config.eval_split} after {steps} steps")
     if jax.process_index() == 0:
-        write_text_atomic(os.path.join(workdir, "results.md"), table + "\n")
+        workdir_lib.write_text_atomic(os.path.join(workdir, "results.md"), table + "\n")
         workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), json_safe(summary))
         print(table, flush=True)
         for text in warnings[printed:]:
@@ -331,15 +331,6 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def nonfinite_label_warnings(dataset) -> list[str]:

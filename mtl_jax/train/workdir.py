@@ -114,12 +114,12 @@ def check_config(workdir: str, config) -> None:
     write_json_atomic(path, current)
 
 
-def write_json_atomic(path: str, data) -> None:
-    """Writes JSON to a temporary sibling, fsyncs it, renames it over ``path`` and fsyncs the folder."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary sibling, fsyncs it, renames it over ``path`` and fsyncs the folder:
+    a crash leaves the old file or the new one, never a partial one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -128,3 +128,8 @@ def write_json_atomic(path: str, data) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: str, data) -> None:
+    """``write_text_atomic`` of ``data`` as JSON (NaN / Inf refused: the file stays valid JSON)."""
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
