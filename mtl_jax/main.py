@@ -1,5 +1,6 @@
 """Command line: ``mtl-jax train --config=configs/x.py[:arg] --workdir=DIR [--config.key=value ...]``
-and ``mtl-jax merge --config=configs/merge/x.py[:arg] [--config.key=value ...]``.
+``mtl-jax merge --config=configs/merge/x.py[:arg] [--config.key=value ...]`` and ``mtl-jax plot WORKDIR``
+(per-task learning curves as a PNG, ``mtl_jax.plot``).
 
 ``python -m mtl_jax.main --config=... --workdir=...`` is the same as ``mtl-jax train ...``.
 
@@ -15,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-COMMANDS = ("train", "merge")
+COMMANDS = ("train", "merge", "plot")
 VERBOSE = "--verbose"
 
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         from mtl_jax.merging.cli import main as merge_main
 
         return merge_main(argv[1:])
+    if argv and argv[0] == "plot":
+        from mtl_jax.plot import main as plot_main
+
+        return plot_main(argv[1:])
     args, overrides = parse(argv)
     from mtl_jax.host_memory import reuse_freed_memory
 

@@ -144,7 +144,7 @@ def search_widths(budget: float, preferences: Mapping[str, float], costs: Mappin
     (``strict``, the default: a more preferred task's decoder is strictly wider, the paper's rule;
     if no such configuration fits, or with ``strict=False``, at least as wide; if none fits either,
     every configuration within the budget); picks the best preference-weighted score
-    sum_k p_k scores[c][k] when ``scores`` (validation metrics, higher is better) are given, else
+    ``sum_k p_k scores[c][k]`` when ``scores`` (validation metrics, higher is better) are given, else
     the widest encoder, then the largest preference-weighted decoder width sum_k p_k w_k, then the
     lowest cost.
     """
