@@ -110,6 +110,7 @@ from mtl_jax.merging.tree import (
     stack_trees,
     unstack_tree,
 )
+from mtl_jax.registry import lookup
 
 apply = apply_task_vector  # theta_0 + scale * tau, the name of Ilharco et al.'s API
 
@@ -132,10 +133,26 @@ MERGE_METHODS: dict[str, Callable] = {
 
 
 def get_merge_method(name: str) -> Callable:
-    """Look up a merge method by name; ValueError lists the valid names."""
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown merge method {name!r}; valid: {', '.join(sorted(MERGE_METHODS))}"
-        ) from None
+    """Look up a merge method by name; UsageError (a ValueError) lists the valid names."""
+    return lookup(MERGE_METHODS, name, "merge method")
+
+
+__all__ = [
+    "adamerging", "apply", "apply_task_vector", "as_stacked", "atlas", "boom", "boom_update", "BoomModel",
+    "check_compatible", "coefficient_groups", "consensus_mask", "consensus_merging", "dare_drop",
+    "dare_merging", "default_layer_index", "disjoint_mean", "elect_sign", "emr_elect", "emr_merging",
+    "emr_rescalers", "emr_retrieve", "EMRModel", "fisher_merging", "fit_scalearn", "get_merge_method",
+    "gram_cosines", "greedy_soup", "GreedySoupResult", "grid_search", "GridSearchResult", "init_omega",
+    "iso_c_matrix", "iso_c_merging", "iso_cts_factors", "iso_cts_matrix", "iso_cts_merging",
+    "kth_largest_abs", "leaf_paths", "LearnedMerge", "lines_alpha", "lines_edit", "lines_merging",
+    "lines_scale", "lines_schedule", "member_keys", "MERGE_METHODS", "merge_subset", "merge_subset_per_task",
+    "merge_with_coefficients", "model_list", "model_stock", "model_stock_ratio", "multi_slerp",
+    "multi_slerp_leaf", "num_layers", "omega_dropout", "omega_shape", "pack_bits", "pack_mask_tree",
+    "polar_factor", "prediction_entropy", "regmean_merging", "regmean_solve", "retrieve", "sample_indices",
+    "ScaLearnResult", "select_mask", "select_tall_lambdas", "self_positioning", "slerp", "slerp_leaf",
+    "stack_source_adapters", "stack_trees", "stacked_task_vectors", "take_examples", "tall_mask_compress",
+    "tall_mask_models", "tall_masks", "TallMaskModel", "task_arithmetic", "task_arithmetic_vector",
+    "task_slice", "task_vector", "task_vector_cosines", "task_vector_gram", "ties_merge_vector",
+    "ties_merging", "ties_selected_entries", "topk_mask", "topk_trim", "tree_l1_norm", "tsv_factors",
+    "tsv_matrix", "tsv_merging", "unpack_bits", "unpack_mask_tree", "unstack_tree", "weight_average",
+]

@@ -26,6 +26,19 @@ def per_task_weights(weights: Optional[Sequence[float] | jax.Array], num: int) -
     return w
 
 
+def normalized_weights(weights: Optional[Sequence[float] | jax.Array], num: int) -> jax.Array:
+    """``w / sum(w)`` of :func:`per_task_weights` (uniform for ``None``): fp32 (num,)."""
+    w = per_task_weights(weights, num)
+    return w / jnp.sum(w)
+
+
+class WeightAverageHParams(NamedTuple):
+    """:func:`weight_average`'s hyperparameters (checked against the number of models by
+    :func:`normalized_weights`)."""
+
+    weights: Optional[Sequence[float]]
+
+
 def weight_average(
     pretrained: Params, finetuned: Models, weights: Optional[Sequence[float]] = None
 ) -> Params:
@@ -37,8 +50,7 @@ def weight_average(
     """
     finetuned = model_list(pretrained, finetuned)
     check_compatible(pretrained, finetuned)
-    w = per_task_weights(weights, len(finetuned))
-    w = w / jnp.sum(w)
+    w = normalized_weights(weights, len(finetuned))
 
     def avg(p, *fs):
         stacked = jnp.stack([jnp.asarray(f).astype(accum_dtype(jnp.asarray(f).dtype)) for f in fs])
@@ -77,6 +89,13 @@ def task_arithmetic_vector(stacked_tau: Params, lam: float | Sequence[float] | P
         )
     lam_t = per_task_weights(lam, num)
     return jax.tree_util.tree_map(lambda x: jnp.tensordot(lam_t, x, axes=1), stacked_tau)
+
+
+class TaskArithmeticHParams(NamedTuple):
+    """:func:`task_arithmetic`'s hyperparameters (checked against the number of models by
+    :func:`per_task_weights` or :func:`task_arithmetic_vector`)."""
+
+    lam: float | Sequence[float] | Params
 
 
 def task_arithmetic(

@@ -140,12 +140,11 @@ def merge_hparams(config: ConfigDict) -> dict[str, Any]:
 
 
 def method_fn(method: str, streaming: bool) -> Callable:
-    """The merge function of ``method`` (UsageError listing the valid ones)."""
+    """The in-memory merge function of ``method``, whose signature names the hyperparameters of
+    both paths (UsageError listing the methods valid for ``streaming``)."""
     if method not in valid_methods(streaming):
         raise UsageError(f"unknown merge method {method!r} for streaming={streaming}; "
                          f"valid: {', '.join(valid_methods(streaming))}")
-    if streaming:
-        return S.get_streaming_method(method)
     from mtl_jax.merging import get_merge_method
 
     return get_merge_method(method)

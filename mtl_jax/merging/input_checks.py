@@ -46,6 +46,13 @@ def check_hparams(fn: Callable, given: Iterable[str], skip: int, what: str,
         raise UsageError(f"{what} needs hyperparameter {missing[0]!r}; valid: {', '.join(valid)}")
 
 
+def with_defaults(fn: Callable, given: dict[str, Any], skip: int) -> dict[str, Any]:
+    """Every hyperparameter of ``fn`` (its parameters after the first ``skip``): the ``given``
+    value, else its default (names checked first by :func:`check_hparams`)."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return {p.name: given.get(p.name, p.default) for p in params}
+
+
 def check_inputs_exist(inputs: Sequence[tuple[str, Any]]) -> None:
     """UsageError naming the first ``(label, path)`` that does not exist (reader objects pass)."""
     for label, path in inputs:
@@ -91,4 +98,4 @@ class FiniteCheck:
                 check_finite(label, name, x)
 
 
-__all__ = ["FiniteCheck", "NonFiniteInputError", "check_finite", "check_hparams", "check_inputs_exist"]
+__all__ = ["FiniteCheck", "NonFiniteInputError", "check_finite", "check_hparams", "check_inputs_exist", "with_defaults"]

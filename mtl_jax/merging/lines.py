@@ -9,7 +9,7 @@ leaves outside numbered blocks (embeddings, final norm, heads) get ``alpha``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ from mtl_jax.merging.task_vectors import (
     tree_l1_norm,
     tree_sum_tasks,
 )
-from mtl_jax.merging.ties import ties_merge_vector
+from mtl_jax.merging.ties import check_base, multitask_vector
 from mtl_jax.merging.tree import (
     LayerIndexFn,
     Models,
@@ -29,7 +29,7 @@ from mtl_jax.merging.tree import (
     default_layer_index,
     leaf_paths,
     map_with_path,
-    num_layers,
+    num_layers_of_paths,
 )
 
 
@@ -50,12 +50,17 @@ def _block_fraction(path: str, num_blocks: int, layer_index_fn: LayerIndexFn) ->
     return idx / max(num_blocks - 1, 1)
 
 
-def check_has_blocks(num_blocks: int, paths: Sequence[str], layer_index_fn: LayerIndexFn) -> None:
-    """Raises when no leaf path has a block index: LiNeS would scale every leaf by alpha alone."""
+def count_blocks(paths: Sequence[str], num_blocks: Optional[int], layer_index_fn: LayerIndexFn) -> int:
+    """L: ``num_blocks``, or by default ``1 + max block index`` that ``layer_index_fn`` finds in
+    ``paths``. Raises when that is 0 (no path has a block index): LiNeS would then scale every
+    leaf by alpha alone."""
+    if num_blocks is None:
+        num_blocks = num_layers_of_paths(paths, layer_index_fn)
     if num_blocks == 0:
         name = getattr(layer_index_fn, "__name__", repr(layer_index_fn))
         raise ValueError(f"LiNeS found no block index in any leaf path (e.g. {list(paths[:3])}) with {name}; pass "
                          "layer_index_fn (path -> block index or None) that knows this model's layer names, or num_blocks")
+    return num_blocks
 
 
 def lines_scale(
@@ -75,8 +80,7 @@ def lines_scale(
     Raises when no leaf has a block index (and ``num_blocks`` is not given): LiNeS would then scale
     every leaf by alpha alone, which is a plain rescaling, not the layer-increasing schedule.
     """
-    L = num_layers(tau, layer_index_fn) if num_blocks is None else num_blocks
-    check_has_blocks(L, leaf_paths(tau), layer_index_fn)
+    L = count_blocks(leaf_paths(tau), num_blocks, layer_index_fn)
     return map_with_path(
         lambda p, x: x * (alpha + beta * _block_fraction(p, L, layer_index_fn)), tau
     )
@@ -105,6 +109,23 @@ def lines_alpha(stacked_tau: Params, merged_tau: Params) -> jax.Array:
     return tree_l1_norm(tree_sum_tasks(stacked_tau)) / tree_l1_norm(merged_tau) / num
 
 
+class LinesHParams(NamedTuple):
+    """:func:`lines_merging`'s hyperparameters, checked (:meth:`validated`)."""
+
+    beta: float | jax.Array
+    base: str
+    top_k: float
+    num_blocks: Optional[int]
+    layer_index_fn: LayerIndexFn
+
+    @classmethod
+    def validated(cls, beta: float | jax.Array, base: str, top_k: float, num_blocks: Optional[int],
+                  layer_index_fn: LayerIndexFn) -> "LinesHParams":
+        """ValueError unless ``base`` is "ta" or "ties"."""
+        check_base(base, "LiNeS")
+        return cls(beta, base, top_k, num_blocks, layer_index_fn)
+
+
 def lines_merging(
     pretrained: Params,
     finetuned: Models,
@@ -120,12 +141,8 @@ def lines_merging(
     base="ta": tau_merged = ``sum_t tau_t`` (then alpha = 1/T); base="ties": the TIES vector with
     ``top_k``. The paper grid-searches beta on validation data; 0.5 is a starting point only.
     """
+    hp = LinesHParams.validated(beta, base, top_k, num_blocks, layer_index_fn)
     tau = stacked_task_vectors(finetuned, pretrained)
-    if base == "ta":
-        merged = tree_sum_tasks(tau)
-    elif base == "ties":
-        merged = ties_merge_vector(tau, top_k)
-    else:
-        raise ValueError(f"unknown LiNeS base {base!r}; valid: 'ta', 'ties'")
+    merged = multitask_vector(tau, hp.base, hp.top_k)
     alpha = lines_alpha(tau, merged)
-    return apply_task_vector(pretrained, lines_scale(merged, alpha, beta, num_blocks, layer_index_fn))
+    return apply_task_vector(pretrained, lines_scale(merged, alpha, hp.beta, hp.num_blocks, hp.layer_index_fn))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors, tree_sum_tasks
-from mtl_jax.merging.ties import ties_merge_vector
+from mtl_jax.merging.ties import check_base, multitask_vector
 from mtl_jax.merging.tree import Models, Params, check_compatible, model_list, num_stacked, replicate_if_explicit
 
 
@@ -168,6 +168,31 @@ def consensus_mask(masks: Params, k: int = 2) -> Params:
     return jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0, dtype=jnp.int32) >= k, masks)
 
 
+def consensus_vector(stacked_tau: Params, merged_tau: Params, tall_lambda: float | Sequence[float], k: int) -> Params:
+    """``m_cons * tau_MTL``: ``merged_tau`` (tau_MTL, leaves (...)) where at least ``k`` TALL masks
+    (:func:`tall_masks` of ``stacked_tau``, leaves (T, ...), with ``tall_lambda``) keep the entry, else 0."""
+    cons = consensus_mask(tall_masks(stacked_tau, merged_tau, tall_lambda), k)
+    return jax.tree_util.tree_map(lambda m, x: jnp.where(m, x, 0.0), cons, merged_tau)
+
+
+class ConsensusHParams(NamedTuple):
+    """:func:`consensus_merging`'s hyperparameters, checked, with ``lam``'s default for ``base``
+    filled in (:meth:`validated`)."""
+
+    k: int
+    tall_lambda: float | Sequence[float]
+    lam: float | jax.Array
+    base: str
+    top_k: float
+
+    @classmethod
+    def validated(cls, k: int, tall_lambda: float | Sequence[float], lam: Optional[float | jax.Array], base: str,
+                  top_k: float) -> "ConsensusHParams":
+        """ValueError unless ``base`` is "ta" or "ties"; ``lam=None`` becomes 0.3 ("ta") or 1.0 ("ties")."""
+        check_base(base, "consensus")
+        return cls(k, tall_lambda, (0.3 if base == "ta" else 1.0) if lam is None else lam, base, top_k)
+
+
 def consensus_merging(
     pretrained: Params,
     finetuned: Models,
@@ -184,14 +209,7 @@ def consensus_merging(
     TALL masks use ``tall_lambda`` around that tau_MTL; entries kept by >= ``k`` masks survive.
     The paper tunes lam on validation data.
     """
+    hp = ConsensusHParams.validated(k, tall_lambda, lam, base, top_k)
     tau = stacked_task_vectors(finetuned, pretrained)
-    if base == "ta":
-        mtl, lam = tree_sum_tasks(tau), (0.3 if lam is None else lam)
-    elif base == "ties":
-        mtl, lam = ties_merge_vector(tau, top_k), (1.0 if lam is None else lam)
-    else:
-        raise ValueError(f"unknown consensus base {base!r}; valid: 'ta', 'ties'")
-    cons = consensus_mask(tall_masks(tau, mtl, tall_lambda), k)
-    merged = jax.tree_util.tree_map(lambda m, x: jnp.where(m, x, 0.0), cons, mtl)
-    return apply_task_vector(pretrained, merged, lam)
-
+    merged = consensus_vector(tau, multitask_vector(tau, hp.base, hp.top_k), hp.tall_lambda, hp.k)
+    return apply_task_vector(pretrained, merged, hp.lam)

@@ -25,7 +25,7 @@ import numpy as np
 
 from mtl_jax.merging.tree import Params
 
-_INF_BITS = 0x7F800000  # bit pattern of +inf: the largest finite-or-inf magnitude
+INF_BITS = 0x7F800000  # bit pattern of +inf: the largest finite-or-inf magnitude
 _NUM_BISECTION_STEPS = 32  # the search interval [0, 0x7F800000] has < 2**31 points
 
 
@@ -98,7 +98,7 @@ def kth_largest_abs(tree: Params, k: int | jax.Array, *, batched: bool = False) 
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 
     lo0 = jnp.zeros(batch_shape, jnp.int32)
-    hi0 = jnp.full(batch_shape, _INF_BITS, jnp.int32)
+    hi0 = jnp.full(batch_shape, INF_BITS, jnp.int32)
     lo, _ = jax.lax.fori_loop(0, _NUM_BISECTION_STEPS, body, (lo0, hi0))
     return jnp.where(empty, jnp.inf, jax.lax.bitcast_convert_type(lo, jnp.float32))
 
@@ -141,6 +141,13 @@ def topk_mask(tree: Params, fraction: float, *, batched: bool = False, per_tenso
     size = sum(int(x.size) // (x.shape[0] if batched else 1) for x in leaves)
     thr = kth_largest_abs(tree, num_kept(size, fraction), batched=batched)
     return jax.tree_util.tree_map(lambda x: _threshold_mask(x, thr, batched), tree)
+
+
+def trim_at_threshold(tree: Params, thresholds: jax.Array, *, batched: bool = False) -> Params:
+    """Zero every entry with ``|x| < threshold`` (keep ``|x| >= threshold``, as :func:`topk_trim`);
+    ``batched``: leaves (T, ...) and one threshold per task slice, (T,)."""
+    thr = jnp.asarray(thresholds)
+    return jax.tree_util.tree_map(lambda x: jnp.where(_threshold_mask(x, thr, batched), x, jnp.zeros_like(x)), tree)
 
 
 def topk_trim(tree: Params, fraction: float, *, batched: bool = False, per_tensor: bool = False) -> Params:

@@ -4,7 +4,7 @@ Homologous Models as a Free Lunch", ICML 2024)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,17 @@ import numpy as np
 
 from mtl_jax.counter_random import GOLDEN32, counter_words, key_seed, mix32, stream_increment
 from mtl_jax.merging.arithmetic import task_arithmetic_vector
-from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
-from mtl_jax.merging.threshold import topk_trim
+from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors, tree_sum_tasks
+from mtl_jax.merging.threshold import num_kept, topk_trim
 from mtl_jax.merging.tree import Models, Params
+
+
+def _summed_signs(stacked_tau: Params) -> Params:
+    return jax.tree_util.tree_map(lambda x: jnp.sign(jnp.sum(x, axis=0)), stacked_tau)
+
+
+def _fill_zero_signs(signs: Params, majority: jax.Array) -> Params:
+    return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
 
 
 def elect_sign(stacked_tau: Params) -> Params:
@@ -24,9 +32,14 @@ def elect_sign(stacked_tau: Params) -> Params:
 
     stacked_tau: leaves (T, ...) -> leaves (...) in {-1, 0, +1} (0 only if the majority is 0).
     """
-    signs = jax.tree_util.tree_map(lambda x: jnp.sign(jnp.sum(x, axis=0)), stacked_tau)
-    majority = jnp.sign(sum(jnp.sum(s) for s in jax.tree_util.tree_leaves(signs)))
-    return jax.tree_util.tree_map(lambda s: jnp.where(s == 0, majority, s), signs)
+    signs = _summed_signs(stacked_tau)
+    return _fill_zero_signs(signs, jnp.sign(sum(jnp.sum(s) for s in jax.tree_util.tree_leaves(signs))))
+
+
+def elect_sign_with_majority(stacked_tau: Params, majority: jax.Array) -> Params:
+    """:func:`elect_sign` with the model-wide majority sign given (a scalar computed over every
+    leaf of the model, e.g. while ``stacked_tau`` holds only some of them)."""
+    return _fill_zero_signs(_summed_signs(stacked_tau), majority)
 
 
 def disjoint_mean(stacked_tau: Params, sign: Params) -> Params:
@@ -57,6 +70,20 @@ def ties_merge_vector(
     return disjoint_mean(trimmed, elect_sign(trimmed))
 
 
+class TiesHParams(NamedTuple):
+    """:func:`ties_merging`'s hyperparameters, checked (:meth:`validated`)."""
+
+    top_k: float
+    lam: float | jax.Array
+    per_tensor: bool
+
+    @classmethod
+    def validated(cls, top_k: float, lam: float | jax.Array, per_tensor: bool) -> "TiesHParams":
+        """ValueError unless ``top_k`` is in [0, 1]."""
+        num_kept(1, top_k)
+        return cls(top_k, lam, per_tensor)
+
+
 def ties_merging(
     pretrained: Params,
     finetuned: Models,
@@ -69,8 +96,24 @@ def ties_merging(
     Defaults follow the paper's no-validation setting: keep the top 20% (``top_k=0.2``) of each
     task vector over the whole model, ``lam=1``. Per-tensor trimming via ``per_tensor=True``.
     """
-    tau = ties_merge_vector(stacked_task_vectors(finetuned, pretrained), top_k, per_tensor)
-    return apply_task_vector(pretrained, tau, lam)
+    hp = TiesHParams.validated(top_k, lam, per_tensor)
+    tau = ties_merge_vector(stacked_task_vectors(finetuned, pretrained), hp.top_k, hp.per_tensor)
+    return apply_task_vector(pretrained, tau, hp.lam)
+
+
+BASES = ("ta", "ties")
+
+
+def check_base(base: str, method: str) -> None:
+    """ValueError unless ``base`` (the multi-task vector ``method`` works on) is "ta" or "ties"."""
+    if base not in BASES:
+        raise ValueError(f"unknown {method} base {base!r}; valid: 'ta', 'ties'")
+
+
+def multitask_vector(stacked_tau: Params, base: str, top_k: float) -> Params:
+    """tau_MTL of a ``base``: ``sum_t tau_t`` ("ta") or the TIES vector trimmed to ``top_k`` ("ties");
+    stacked_tau: leaves (T, ...) -> leaves (...)."""
+    return tree_sum_tasks(stacked_tau) if base == "ta" else ties_merge_vector(stacked_tau, top_k)
 
 
 # ------------------------------------------------------------------------------------------ DARE
@@ -109,6 +152,19 @@ def dare_keep(key: jax.Array, index: int | jax.Array, num_tasks: int, counters: 
     return u >= jnp.uint32(drop_threshold(p))
 
 
+def _check_drop_rate(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"DARE drop rate must be in [0, 1), got {p}")
+
+
+def dare_drop_leaf(key: jax.Array, index: int | jax.Array, x: jax.Array, p: float) -> jax.Array:
+    """Leaf ``index`` of :func:`dare_drop`: entries of the (T, ...) leaf ``x`` kept by
+    :func:`dare_keep` are scaled by ``1 / (1 - p)``, the others are 0."""
+    n = int(np.prod(x.shape[1:], dtype=np.int64))
+    keep = dare_keep(key, index, x.shape[0], jnp.arange(n, dtype=jnp.uint32), p).reshape(x.shape)
+    return jnp.where(keep, x / (1.0 - p), jnp.zeros_like(x))
+
+
 def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
     """DARE "drop and rescale" (Yu et al. 2024, Sec. 3, Eq. 1-2): ``m ~ Bernoulli(p)`` drops each
     delta entry, survivors are rescaled by ``1 / (1 - p)`` so ``E[dare(tau)] = tau``.
@@ -117,15 +173,28 @@ def dare_drop(key: jax.Array, stacked_tau: Params, p: float = 0.9) -> Params:
     (index i); entries of all tasks and leaves are independent.
     stacked_tau: leaves (T, ...), fp32. p in [0, 1).
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"DARE drop rate must be in [0, 1), got {p}")
+    _check_drop_rate(p)
     leaves, treedef = jax.tree_util.tree_flatten(stacked_tau)
-    out = []
-    for i, x in enumerate(leaves):
-        n = int(np.prod(x.shape[1:], dtype=np.int64))
-        keep = dare_keep(key, i, x.shape[0], jnp.arange(n, dtype=jnp.uint32), p).reshape(x.shape)
-        out.append(jnp.where(keep, x / (1.0 - p), jnp.zeros_like(x)))
-    return treedef.unflatten(out)
+    return treedef.unflatten([dare_drop_leaf(key, i, x, p) for i, x in enumerate(leaves)])
+
+
+class DareHParams(NamedTuple):
+    """:func:`dare_merging`'s hyperparameters, checked, with ``lam``'s default for ``combine``
+    filled in (:meth:`validated`)."""
+
+    key: jax.Array
+    p: float
+    combine: str
+    lam: float | jax.Array
+
+    @classmethod
+    def validated(cls, key: jax.Array, p: float, combine: str, lam: Optional[float | jax.Array]) -> "DareHParams":
+        """ValueError unless ``combine`` is "ta" or "ties" and ``p`` is in [0, 1); ``lam=None``
+        becomes 0.3 ("ta", as task arithmetic) or 1.0 ("ties")."""
+        if combine not in ("ta", "ties"):
+            raise ValueError(f"unknown DARE combine {combine!r}; valid: 'ta', 'ties'")
+        _check_drop_rate(p)
+        return cls(key, p, combine, (0.3 if combine == "ta" else 1.0) if lam is None else lam)
 
 
 def dare_merging(
@@ -143,10 +212,8 @@ def dare_merging(
     top-k trim (MergeKit's ``dare_ties``), lam default 1.0.
     ``p=0.9``: the paper's headline drop rate (90% of delta parameters removed).
     """
-    if combine not in ("ta", "ties"):
-        raise ValueError(f"unknown DARE combine {combine!r}; valid: 'ta', 'ties'")
-    dropped = dare_drop(key, stacked_task_vectors(finetuned, pretrained), p)
-    if combine == "ta":
-        return apply_task_vector(pretrained, task_arithmetic_vector(dropped, 0.3 if lam is None else lam))
-    tau = ties_merge_vector(dropped, trim=False)
-    return apply_task_vector(pretrained, tau, 1.0 if lam is None else lam)
+    hp = DareHParams.validated(key, p, combine, lam)
+    dropped = dare_drop(hp.key, stacked_task_vectors(finetuned, pretrained), hp.p)
+    if hp.combine == "ta":
+        return apply_task_vector(pretrained, task_arithmetic_vector(dropped, hp.lam))
+    return apply_task_vector(pretrained, ties_merge_vector(dropped, trim=False), hp.lam)

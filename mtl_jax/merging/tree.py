@@ -265,12 +265,12 @@ def default_layer_index(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def layer_index_map(tree: Params, layer_index_fn: LayerIndexFn = default_layer_index) -> dict[str, Optional[int]]:
-    """``{path: block index or None}`` for every leaf."""
-    return {p: layer_index_fn(p) for p in leaf_paths(tree)}
+def num_layers_of_paths(paths: Iterable[str], layer_index_fn: LayerIndexFn = default_layer_index) -> int:
+    """Number of blocks L = 1 + max block index over the leaf paths (0 if no path has an index)."""
+    idx = [i for i in map(layer_index_fn, paths) if i is not None]
+    return max(idx) + 1 if idx else 0
 
 
 def num_layers(tree: Params, layer_index_fn: LayerIndexFn = default_layer_index) -> int:
     """Number of blocks L = 1 + max block index over the leaves (0 if no leaf has an index)."""
-    idx = [i for i in layer_index_map(tree, layer_index_fn).values() if i is not None]
-    return max(idx) + 1 if idx else 0
+    return num_layers_of_paths(leaf_paths(tree), layer_index_fn)

@@ -5,8 +5,6 @@ then fine-tuned (trunk + a new head) on three other label maps (parity, mod 3, >
 use hand-built trees and linear objectives whose gradient w.r.t. the coefficients is known.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +30,6 @@ from mtl_jax.merging import (
     take_examples,
     task_arithmetic,
     ties_merge_vector,
-    ties_selected_entries,
     weight_average,
 )
 from mtl_jax.merging.learned import _task_vectors

@@ -12,7 +12,7 @@ import pytest
 
 from mtl_jax.errors import UsageError
 from mtl_jax.merging import streaming as S
-from mtl_jax.merging import task_arithmetic, ties_merging
+from mtl_jax.merging import consensus_merging, dare_merging, lines_merging, task_arithmetic, ties_merging
 from mtl_jax.merging.input_checks import NonFiniteInputError
 
 from .helpers import jit_merge
@@ -99,6 +99,27 @@ def test_hyperparameters_are_checked_against_the_method(tmp_path):
         S.stream_merge(paths[0], paths[1:], out, "ties", topk=0.3)
     with pytest.raises(UsageError, match=r"^merge method 'dare' needs hyperparameter 'key'; valid: key, p, combine, lam$"):
         S.stream_merge(paths[0], paths[1:], out, "dare")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("method,fn,hparams,message", [
+    ("consensus", consensus_merging, dict(base="nope"), "^unknown consensus base 'nope'; valid: 'ta', 'ties'$"),
+    ("lines", lines_merging, dict(base="nope"), "^unknown LiNeS base 'nope'; valid: 'ta', 'ties'$"),
+    ("dare", dare_merging, dict(p=1.0), r"^DARE drop rate must be in \[0, 1\), got 1.0$"),
+    ("dare", dare_merging, dict(combine="nope"), "^unknown DARE combine 'nope'; valid: 'ta', 'ties'$"),
+    ("ties", ties_merging, dict(top_k=1.5), r"^top-k fraction must be in \[0, 1\], got 1.5$"),
+])
+def test_hyperparameter_values_are_checked_by_the_in_memory_check(tmp_path, method, fn, hparams, message):
+    """A streaming merge takes the in-memory method's checked hyperparameters: the same error,
+    raised before any input is opened or output written."""
+    paths, models = _models(tmp_path)
+    if method == "dare":
+        hparams = dict(hparams, key=jax.random.key(0))
+    out = str(tmp_path / "out.safetensors")
+    with pytest.raises(ValueError, match=message):
+        S.stream_merge(paths[0], paths[1:], out, method, **hparams)
+    with pytest.raises(ValueError, match=message):
+        fn(models[0], models[1:], **hparams)
     assert not os.path.exists(out)
 
 

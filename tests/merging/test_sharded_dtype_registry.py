@@ -134,6 +134,6 @@ def test_bf16_values_accumulate_in_fp32(models):
 
 def test_registry_lookup_and_error():
     assert get_merge_method("ties") is ties_merging
-    with pytest.raises(ValueError, match="valid: .*task_arithmetic.*ties"):
+    with pytest.raises(ValueError, match="valid names: .*task_arithmetic.*ties"):
         get_merge_method("magic")
     assert np.all(flat(get_merge_method("task_arithmetic")({"w": np.zeros(2)}, [{"w": np.ones(2)}], lam=2.0)) == 2.0)

@@ -21,6 +21,7 @@ from mtl_jax.merging import (
     weight_average,
 )
 from mtl_jax.merging import streaming as S
+from mtl_jax.merging.streaming import ties_threshold
 from mtl_jax.merging.tree import flatten_with_paths
 
 from .helpers import jit_merge, random_tree
@@ -174,7 +175,7 @@ def test_budget_too_small_names_the_leaf(tmp_path, flat_models):
 def test_unknown_method_lists_valid_names(tmp_path, flat_models):
     p0, fts = flat_models
     src, paths = _save_models(tmp_path, p0, fts)
-    with pytest.raises(ValueError, match="valid: .*task_arithmetic.*ties"):
+    with pytest.raises(ValueError, match="valid names: .*task_arithmetic.*ties"):
         S.stream_merge(src, paths, str(tmp_path / "o.safetensors"), "nope")
 
 
@@ -273,8 +274,8 @@ def test_global_ties_sampled_bracket_is_exact(tmp_path, monkeypatch, wide_models
     threshold (z = 0: a zero-width bracket), the rewind to the exact histogram path (4 passes)
     both equal the in-memory TIES; so does a task vector with NaN / inf entries (NaN ranks above
     inf but is never kept)."""
-    monkeypatch.setattr(S, "MAX_BAND_FRACTION", 0.5)  # allow the wide band of a 4.5k-entry sample
-    monkeypatch.setattr(S, "SAMPLE_Z", z)
+    monkeypatch.setattr(ties_threshold, "MAX_BAND_FRACTION", 0.5)  # allow the wide band of a 4.5k-entry sample
+    monkeypatch.setattr(ties_threshold, "SAMPLE_Z", z)
     p0, fts = wide_models
     fts[1]["layers.2.w"][3, :7] = np.nan
     fts[2]["layers.1.w"][5, 2] = np.inf
@@ -287,7 +288,7 @@ def test_global_ties_sampled_bracket_is_exact(tmp_path, monkeypatch, wide_models
 
 def test_ties_threshold_from_sample_bracket(tmp_path, monkeypatch, wide_models):
     """Consensus TIES (its TIES thresholds: sample pass + counting pass) equals the in-memory merge."""
-    monkeypatch.setattr(S, "MAX_BAND_FRACTION", 0.5)
+    monkeypatch.setattr(ties_threshold, "MAX_BAND_FRACTION", 0.5)
     p0, fts = wide_models
     src, paths = _save_models(tmp_path, p0, fts)
     out = str(tmp_path / "out.safetensors")
