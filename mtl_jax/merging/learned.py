@@ -305,10 +305,13 @@ def adamerging(
     vectors (:func:`ties_selected_entries`, ``top_k=0.2``, the paper's k = 20%).
 
     Args:
-      pretrained / finetuned: trees with the same structure (finetuned: a list of T trees).
+      pretrained: the pretrained tree.
+      finetuned: a list of T trees with the structure of ``pretrained``.
       objective: ``(merged_params, step_key) -> scalar`` (jittable; closes over heads and data).
-      granularity: ``"layer"`` or ``"task"``. layer_index: groups for ``"layer"`` (module doc).
-      select / exclude: leaf regexes; unselected leaves stay pretrained.
+      granularity: ``"layer"`` or ``"task"``.
+      layer_index: groups for ``"layer"`` (module doc).
+      select: leaf regexes of the leaves merged; unselected leaves stay pretrained.
+      exclude: leaf regexes of leaves kept pretrained.
       key: PRNG key split into one ``step_key`` per step (default ``jax.random.key(0)``).
     Returns :class:`LearnedMerge` with clamped coefficients (T,) or (T, G).
     """

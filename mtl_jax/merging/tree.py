@@ -90,7 +90,8 @@ def check_compatible(
     Args:
       reference: the tree defining structure and shapes (usually the pretrained params).
       others: trees that must have the same key paths and, per leaf, the same shape.
-      reference_name / other_name: names used in the error (``finetuned[2]``).
+      reference_name: the name of ``reference`` in errors.
+      other_name: the name of ``others`` in errors (``finetuned[2]``).
       leading_dims: number of extra leading axes allowed on the leaves of ``others`` (1 for
         task-stacked trees).
 
