@@ -4,11 +4,14 @@ overrides and validation with errors that name the offending key path.
 A config file in ``configs/`` defines ``get_config(arg: str | None) -> ConfigDict``. ``arg`` is the
 text after ``:`` in ``--config=configs/multimnist.py:smoke,task=left`` (big_vision's convention),
 parsed by ``parse_arg`` against the file's own arguments; ``smoke`` shrinks any config to a
-seconds-long run.
+seconds-long run. On the command line the file is loaded by ml_collections'
+``config_flags.DEFINE_config_file`` (``parse_command_line``); ``--config.<key>=value`` overrides
+are typed by the key's default and applied by ``apply_overrides``.
 
-Every value is checked at start (``check_config``: the ``SCHEMA`` table of types and ranges) and,
-once the dataset is loaded, against its splits (``check_against_dataset``); a bad key or value
-raises :class:`~mtl_jax.errors.UsageError` naming the key path, the value and what is valid.
+Every value is checked at start (``check_config``: the ``SCHEMA`` table of types and ranges, plus the
+rules a dataset module declares for its own ``config.data`` keys) and, once the dataset is loaded,
+against its splits (``check_against_dataset``); a bad key or value raises
+:class:`~mtl_jax.errors.UsageError` naming the key path, the value and what is valid.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import importlib.util
 import math
 import numbers
 import os
-from typing import Mapping, NamedTuple
+import sys
+import warnings
+from typing import Callable, Mapping, NamedTuple
 
-from ml_collections import ConfigDict, config_dict
+from absl import flags
+from ml_collections import ConfigDict, config_dict, config_flags
 
 from mtl_jax.errors import UsageError
 
@@ -28,30 +34,29 @@ from mtl_jax.errors import UsageError
 # validates them, listing its valid options.
 FREE_FORM = ("model.trunk_kwargs", "model.head_kwargs", "model.arch_kwargs", "method", "head_optim", "sharding.rules")
 
-# Keys of ``config.data`` that only one dataset reads, with their defaults (the loaders read them from
-# here): valid in the config, and as ``--config.data.<key>=...`` overrides, when ``data.name`` is that dataset.
-DATA_OPTIONS = {
-    # MultiTab-Bench generator (mtl_jax.data.multitab_bench.make_multitab_bench): feature count, task
-    # count, pairwise task correlation rho, polynomial degree per task (None: 1, 2, 3, ...), noise sigma,
-    # 'regression' / 'classification' per task (None: every second task classification), classes.
-    "multitab_bench": dict(num_features=16, num_tasks=3, correlation=0.5, degrees=None, noise=0.01, kinds=None,
-                           num_classes=2),
-    # Mod-Squad-style heterogeneous data: the probability of each task's label per training pair
-    # (() = equal).
-    "multimnist_one_task": dict(task_ratios=()),
-    # MultiMNIST with labels derived from the two digits (mtl_jax.data.datasets.MULTIMNIST_DERIVED_LABELS).
-    "multimnist_derived": dict(derived_tasks=("left", "right", "sum", "difference", "max")),
-}
-
 
 class UnknownKeyError(UsageError, KeyError):
     """A config key that does not exist: a UsageError (exit 2 at the command line) that is also the
     KeyError it has always been."""
 
 
-def data_options(config: ConfigDict) -> dict:
-    """The dataset-specific keys (and defaults) valid under ``config.data`` for its ``name``."""
-    return DATA_OPTIONS.get(config.get("data", {}).get("name", ""), {})
+def data_options(config: ConfigDict) -> tuple[dict, dict]:
+    """``({key: default}, {key: Rule})``: the keys valid under ``config.data`` for its ``name`` besides
+    the common ones of ``default_config().data``, and their rules, as the dataset's module declares them
+    (``mtl_jax.data.datasets.DATASETS``); empty for a name that is not registered."""
+    from mtl_jax.data.datasets import dataset_options  # imports tfds and jax: asked only for a non-common key
+
+    data = config.get("data")
+    return dataset_options(data.get("name", "") if isinstance(data, (ConfigDict, Mapping)) else "")
+
+
+def _dataset_specific_keys(config: ConfigDict) -> list[str]:
+    """The keys of ``config.data`` that are not common to every dataset (``default_config().data``)."""
+    data = config.get("data")
+    if not isinstance(data, (ConfigDict, Mapping)):
+        return []
+    common = default_config().data
+    return [key for key in data if key not in common]
 
 
 def default_config() -> ConfigDict:
@@ -60,7 +65,8 @@ def default_config() -> ConfigDict:
     c.data = ConfigDict(dict(name="multimnist", num_train=60_000, num_test=10_000, seed=0, data_dir="",
                              tasks=(), cache_in_memory=True))
     c.model = ConfigDict(dict(name="hps", trunk="lenet", trunk_kwargs=ConfigDict(), head="mlp",
-                              head_kwargs=ConfigDict(dict(hidden=(50,))), arch_kwargs=ConfigDict()))
+                              head_kwargs=ConfigDict(dict(hidden=(50,))), arch_kwargs=ConfigDict(),
+                              pretrained=""))  # pretrained trunk weights (mtl_jax.models.pretrained.registry)
     c.method = ConfigDict(dict(name="ew"))  # + the method's hyperparameters (mtl_jax.train.methods)
     # Sharpness-aware steps (mtl_jax.train.flat_minima): kind '' (off), 'sam', 'fmtl' (F-MTL: A(g) + A(h)),
     # 'fmtl_a' (A(g~)); rho; adaptive = ASAM's T = |w| + eta.
@@ -153,13 +159,15 @@ def smoke(config: ConfigDict) -> ConfigDict:
 
 
 # Valid values of the known keys, checked by ``check_config`` after overrides (``load_config``) and
-# by the trainer for configs built in Python. The choice lists mirror the registries of
+# by the trainer for configs built in Python; a dataset's own ``config.data`` keys have their rules in
+# its module (``mtl_jax.data.datasets.DATASETS``). The choice lists mirror the registries of
 # mtl_jax.train.optim / step / flat_minima (which import jax; tests/test_config_cli.py checks they agree).
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 SHARPNESS_KINDS = ("", "sam", "fmtl", "fmtl_a")
 JACOBIAN_LEVELS = ("params", "representation")
 GRAMIAN_MODES = ("materialize", "vjp_jvp", "layerwise")
+PRETRAINED_TRUNKS = ("", "minilm_l6", "efficientnet_lite0")
 
 
 class Rule(NamedTuple):
@@ -191,8 +199,7 @@ OPTIM_SCHEMA = {
 SCHEMA = {
     "seed": SEED,
     "data.num_train": COUNT, "data.num_test": COUNT, "data.seed": SEED, "data.cache_in_memory": BOOL,
-    # DATA_OPTIONS (checked where the dataset has them)
-    "data.num_features": COUNT, "data.num_tasks": COUNT, "data.noise": NONNEG, "data.num_classes": Rule("int", 2),
+    "model.pretrained": Rule("choice", choices=PRETRAINED_TRUNKS, what="pretrained trunk"),
     "sharpness.kind": Rule("choice", choices=SHARPNESS_KINDS, what="sharpness kind"), "sharpness.rho": NONNEG,
     "sharpness.adaptive": BOOL, "sharpness.eta": NONNEG,
     "jacobian.level": Rule("choice", choices=JACOBIAN_LEVELS, what="jacobian level"), "jacobian.chunk": NONNEG_INT,
@@ -227,36 +234,46 @@ def describe(rule: Rule) -> str:
     return text + "".join(f" or {v!r}" for v in rule.also)
 
 
+def obeys(value, rule: Rule) -> bool:
+    """Whether ``value`` is one that ``rule`` accepts."""
+    if any(value is v or (type(value) is type(v) and value == v) for v in rule.also):
+        return True
+    if rule.kind == "choice":
+        return value in rule.choices
+    if rule.kind == "bool":
+        return isinstance(value, bool)
+    kind = numbers.Integral if rule.kind == "int" else numbers.Real
+    return (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+            and (rule.lo < value if "lo" in rule.open else rule.lo <= value)
+            and (value < rule.hi if "hi" in rule.open else value <= rule.hi))
+
+
 def check_value(path: str, value, rule: Rule) -> None:
     """Raises UsageError (naming ``path``, ``value`` and what is valid) unless ``value`` obeys ``rule``."""
-    if any(value is v or (type(value) is type(v) and value == v) for v in rule.also):
+    if obeys(value, rule):
         return
     if rule.kind == "choice":
-        if value in rule.choices:
-            return
         raise UsageError(f"config key '{path}': unknown {rule.what} {value!r}; valid names: {list(rule.choices)}")
-    if rule.kind == "bool":
-        ok = isinstance(value, bool)
-    else:
-        kind = numbers.Integral if rule.kind == "int" else numbers.Real
-        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (rule.lo < value if "lo" in rule.open else rule.lo <= value)
-        ok = ok and (value < rule.hi if "hi" in rule.open else value <= rule.hi)
-    if not ok:
-        raise UsageError(f"config key '{path}' = {value!r} is invalid: expected {describe(rule)}")
+    raise UsageError(f"config key '{path}' = {value!r} is invalid: expected {describe(rule)}")
 
 
 def check_config(config: ConfigDict) -> None:
-    """Checks every key of ``SCHEMA`` that ``config`` has (and each ``head_optim.<task>`` field
-    against ``optim``'s rules); the first violation raises UsageError naming the key path, the value
-    and the valid range. ``load_config`` calls it after the overrides; call it on configs built in
-    Python (``train_and_evaluate`` does)."""
+    """Checks every key of ``SCHEMA`` that ``config`` has, the dataset-specific ``config.data`` keys
+    against the rules their dataset declares, and each ``head_optim.<task>`` field against ``optim``'s
+    rules; the first violation raises UsageError naming the key path, the value and the valid range.
+    ``load_config`` calls it after the overrides; call it on configs built in Python
+    (``train_and_evaluate`` does)."""
     for path, rule in SCHEMA.items():
         node, keys = config, path.split(".")
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, (ConfigDict, Mapping)) else None
         if isinstance(node, (ConfigDict, Mapping)) and keys[-1] in node:
             check_value(path, node[keys[-1]], rule)
+    specific = _dataset_specific_keys(config)
+    rules = data_options(config)[1] if specific else {}
+    for key in specific:
+        if key in rules:
+            check_value(f"data.{key}", config["data"][key], rules[key])
     for task, fields in (config.get("head_optim") or {}).items():
         if not isinstance(fields, (ConfigDict, Mapping)):
             raise UsageError(f"config key 'head_optim.{task}' = {fields!r} is invalid: expected "
@@ -342,7 +359,7 @@ def set_by_path(config: ConfigDict, path: str, value, free_form=FREE_FORM) -> No
         free = any(here == f or here.startswith(f + ".") for f in free_form) and here not in free_form
         last = i == len(keys) - 1
         if key not in node:
-            options = data_options(config) if here == f"data.{key}" else {}
+            options = data_options(config)[0] if here == f"data.{key}" else {}
             if key in options:
                 with node.unlocked():
                     node[key] = options[key]
@@ -378,11 +395,12 @@ def apply_overrides(config: ConfigDict, overrides: list[str], free_form=FREE_FOR
 
 
 def validate(config: ConfigDict, reference: ConfigDict | None = None, prefix: str = "") -> None:
-    """Fails on any key of ``config`` that ``default_config()`` (plus the dataset's DATA_OPTIONS) lacks,
-    naming its path."""
+    """Fails on any key of ``config`` that ``default_config()`` (plus the keys its dataset declares,
+    ``data_options``) lacks, naming its path."""
     if reference is None:
         reference = default_config()
-        reference.data.update(data_options(config))
+        if _dataset_specific_keys(config):
+            reference.data.update(data_options(config)[0])
     for key in config.keys():
         path = f"{prefix}{key}"
         if path in FREE_FORM:
@@ -395,7 +413,8 @@ def validate(config: ConfigDict, reference: ConfigDict | None = None, prefix: st
 
 
 def config_from_file(spec: str) -> ConfigDict:
-    """'path/x.py[:arg]' -> that file's ``get_config(arg)``."""
+    """'path/x.py[:arg]' -> that file's ``get_config(arg)`` (a fresh module per call, so a config file
+    may load another one)."""
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file '{path}' not found")
@@ -405,15 +424,108 @@ def config_from_file(spec: str) -> ConfigDict:
     return module.get_config(arg or None)
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
-    """A training config: 'configs/x.py[:arg]' -> ConfigDict validated against ``default_config()``,
-    with overrides applied, its values checked (``check_config``)."""
-    config = config_from_file(spec)
+def prepare_config(config: ConfigDict, overrides: list[str] = ()) -> ConfigDict:
+    """A training config as a run uses it: ``config`` validated against ``default_config()``, the
+    ``overrides`` applied, its values checked (``check_config``)."""
     validate(config)
     apply_overrides(config, list(overrides))
     check_config(config)
     return config
 
 
-__all__ = ["default_config", "parse_arg", "smoke", "apply_overrides", "validate", "load_config", "check_config",
-           "check_against_dataset", "SCHEMA", "UnknownKeyError"]
+def load_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
+    """A training config: 'configs/x.py[:arg]' -> ConfigDict validated against ``default_config()``,
+    with overrides applied, its values checked (``check_config``)."""
+    return prepare_config(config_from_file(spec), overrides)
+
+
+CONFIG_FLAG = "config"
+OVERRIDE_PREFIX = f"--{CONFIG_FLAG}."
+
+
+def parse_command_line(argv: list[str], define_flags: Callable[[flags.FlagValues], None] | None = None,
+                       ) -> tuple[flags.FlagValues, list[str], list[str]]:
+    """Parses a command line (``argv`` without the program name) with absl flags, into a fresh
+    ``flags.FlagValues`` each call (so it runs any number of times in one process).
+
+    ``--config=FILE[:arg]`` (required) is ml_collections' ``config_flags.DEFINE_config_file``: it loads
+    FILE and calls its ``get_config(arg)``, as big_vision and flax's examples do;
+    ``define_flags(flag_values)`` adds the command's own flags. The ``--config.<key>=value`` overrides are split off and
+    returned, not applied: ``apply_overrides`` types each by the key's default (an int key takes 1e3 or
+    None where it is a placeholder, a str key takes 'quoted' text, a None default any literal), adds the
+    keys a free-form section or the chosen dataset allows, and names an unknown key with the valid ones,
+    none of which config_flags' typed field parsers do.
+
+    Returns ``(flag values, positional arguments, overrides)``; the loaded config is
+    ``flag_values.config`` (not yet validated: ``prepare_config``). An unknown or missing flag, a config
+    file that does not exist and an error of ``get_config`` (e.g. an unknown ``:arg``) raise
+    :class:`~mtl_jax.errors.UsageError` / the error itself, one line.
+    """
+    overrides = [arg[len(OVERRIDE_PREFIX):] for arg in argv if arg.startswith(OVERRIDE_PREFIX)]
+    args = ["mtl-jax"] + [arg for arg in argv if not arg.startswith(OVERRIDE_PREFIX)]
+    flag_values = command_line_flags(args, define_flags)
+    module = f"{CONFIG_FLAG}_config"  # the name config_flags loads the file under, dropped after: no stale module
+    try:
+        with warnings.catch_warnings():  # config_flags loads the file with importlib's deprecated load_module()
+            warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+            positional = flag_values(args)[1:]
+    except flags.IllegalFlagValueError as e:
+        raise _error_of_get_config(e) from None
+    except flags.Error as e:
+        raise UsageError(str(e).splitlines()[0]) from e
+    finally:
+        sys.modules.pop(module, None)
+    _raise_deferred_load_error(flag_values[CONFIG_FLAG])
+    return flag_values, positional, overrides
+
+
+def command_line_flags(args: list[str], define_flags: Callable[[flags.FlagValues], None] | None = None,
+                       ) -> flags.FlagValues:
+    """A fresh ``flags.FlagValues`` holding ``--config`` (``config_flags.DEFINE_config_file``, the config
+    not locked) and the flags ``define_flags`` adds; ``args`` (program name first) is the
+    command line config_flags reads. ``.get_help()`` is the flags' help text."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(CONFIG_FLAG, None, "configs/<file>.py[:arg], e.g. configs/multimnist.py:smoke; "
+                                    "--config.<key>=value overrides a key", flag_values=flag_values,
+                                    lock_config=False, sys_argv=args)
+    if define_flags is not None:
+        define_flags(flag_values)
+    return flag_values
+
+
+def _error_of_get_config(error: flags.IllegalFlagValueError) -> Exception:
+    """The error a config file's ``get_config`` raised: config_flags re-raises a TypeError / ValueError
+    as one of the same type whose message is the traceback, which absl wraps in IllegalFlagValueError;
+    any other IllegalFlagValueError (e.g. a required flag missing) as a one-line UsageError."""
+    e = error.__context__
+    while e is not None:
+        if e.args and isinstance(e.args[0], str) and e.args[0].startswith("Error whilst parsing config file"):
+            return e.__context__ or e
+        e = e.__context__
+    return UsageError(str(error).splitlines()[0])
+
+
+def _raise_deferred_load_error(flag: flags.Flag) -> None:
+    """UsageError unless ``--config`` was given and its file's ``get_config`` returned a ConfigDict.
+    config_flags defers an OSError raised while loading the config file (a file that does not exist,
+    or an OSError of ``get_config``) to the config's first use: raised here, as raised (a missing file as
+    FileNotFoundError naming it)."""
+    config = flag.value
+    if isinstance(config, ConfigDict):
+        return
+    if not flag.present:
+        raise UsageError(f"flag --{flag.name} is required: {flag.help}")
+    path = config_flags.get_config_filename(flag).partition(":")[0]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file '{path}' not found")
+    try:
+        config.keys()  # config_flags' stand-in for a config that failed to load raises that error
+    except OSError as e:
+        raise (e.__cause__ or e) from None
+    except AttributeError:
+        pass
+    raise UsageError(f"config file '{path}': get_config() returned {type(config).__name__}, expected a ConfigDict")
+
+
+__all__ = ["default_config", "parse_arg", "smoke", "apply_overrides", "validate", "load_config", "prepare_config",
+           "check_config", "check_against_dataset", "parse_command_line", "SCHEMA", "UnknownKeyError"]

@@ -1,8 +1,10 @@
-"""Command line: ``mtl-jax train --config=configs/x.py[:arg] --workdir=DIR [--config.key=value ...]``
+"""Command line: ``mtl-jax train --config=configs/x.py[:arg] --workdir=DIR [--config.key=value ...]``,
 ``mtl-jax merge --config=configs/merge/x.py[:arg] [--config.key=value ...]`` and ``mtl-jax plot WORKDIR``
 (per-task learning curves as a PNG, ``mtl_jax.plot``).
 
-``python -m mtl_jax.main --config=... --workdir=...`` is the same as ``mtl-jax train ...``.
+``python -m mtl_jax.main --config=... --workdir=...`` is the same as ``mtl-jax train ...``. Flags are
+absl flags; ``--config`` is ml_collections' ``config_flags.DEFINE_config_file``
+(``mtl_jax.config.parse_command_line``); ``--help`` lists them.
 
 Any failure ends the command with one line on stderr, ``mtl-jax: error: <message>``, and exit code
 2 for a usage error (a bad config key or value, a missing file, a workdir in use: ``UsageError``),
@@ -12,32 +14,46 @@ prints the traceback too.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import traceback
 
 COMMANDS = ("train", "merge", "plot")
 VERBOSE = "--verbose"
+HELP = ("--help", "-h", "--helpfull")
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Splits ``--config.a.b=v`` overrides from the other flags."""
-    parser = argparse.ArgumentParser(prog="mtl-jax", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="train", help=f"one of {COMMANDS}")
-    parser.add_argument("--config", required=True, help="configs/<file>.py[:arg], e.g. configs/multimnist.py:smoke")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics and results go here")
-    parser.add_argument(VERBOSE, action="store_true", help="on an error, print its full traceback too "
-                        "(train and merge; read by run())")
-    overrides, rest = [], []
-    for arg in argv:
-        if arg.startswith("--config."):
-            overrides.append(arg[len("--config."):])
-        else:
-            rest.append(arg)
-    args = parser.parse_args(rest)
-    if args.command not in COMMANDS:
-        parser.error(f"unknown command '{args.command}'; valid commands: {list(COMMANDS)}")
-    return args, overrides
+def define_train_flags(flag_values) -> None:
+    """The flags of ``mtl-jax train`` besides ``--config`` (``mtl_jax.config.parse_command_line``)."""
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and results go here", flag_values=flag_values,
+                        required=True)
+    flags.DEFINE_bool("verbose", False, "on an error, print its full traceback too (train and merge; read by run())",
+                      flag_values=flag_values)
+
+
+def parse(argv: list[str]) -> tuple:
+    """``[train] --config=FILE[:arg] --workdir=DIR [--config.key=value ...]`` -> ``(the config file's
+    ConfigDict, workdir, overrides)``, through absl flags and ml_collections' config_flags
+    (``mtl_jax.config.parse_command_line``); the overrides are not applied yet. UsageError for an
+    unknown command or flag."""
+    from mtl_jax.config import parse_command_line
+    from mtl_jax.errors import UsageError
+
+    flag_values, positional, overrides = parse_command_line(argv, define_train_flags)
+    if positional in ([], ["train"]):
+        return flag_values.config, flag_values.workdir, overrides
+    if len(positional) == 1 and positional[0] not in COMMANDS:
+        raise UsageError(f"unknown command '{positional[0]}'; valid commands: {list(COMMANDS)}")
+    raise UsageError(f"unexpected arguments {positional}: the command (one of {list(COMMANDS)}) comes first, "
+                     f"then the flags")
+
+
+def usage() -> str:
+    """The help text of ``mtl-jax train``: this module's docstring and the flags."""
+    from mtl_jax.config import command_line_flags
+
+    return f"{__doc__}\n{command_line_flags(['mtl-jax'], define_train_flags).get_help()}"
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -50,20 +66,23 @@ def main(argv: list[str] | None = None) -> dict | None:
         from mtl_jax.plot import main as plot_main
 
         return plot_main(argv[1:])
-    args, overrides = parse(argv)
+    if any(a in HELP for a in argv):
+        print(usage())
+        return None
     from mtl_jax.host_memory import reuse_freed_memory
 
     reuse_freed_memory()  # before JAX's CPU client starts its threads
     from absl import logging
 
-    from mtl_jax.config import load_config
+    from mtl_jax.config import prepare_config
 
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-    config = load_config(args.config, overrides)
+    config, workdir, overrides = parse(argv)
+    config = prepare_config(config, overrides)
     from mtl_jax.train.trainer import maybe_initialize_distributed, train_and_evaluate
 
     maybe_initialize_distributed(config)  # before anything touches a device
-    return train_and_evaluate(config, args.workdir)
+    return train_and_evaluate(config, workdir)
 
 
 def run(argv: list[str] | None = None) -> None:

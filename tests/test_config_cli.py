@@ -90,12 +90,14 @@ def test_check_config_on_a_config_built_in_python():
 
 
 def test_choice_lists_match_the_registries():
+    from mtl_jax.models.pretrained import registry as pretrained_registry
     from mtl_jax.train import flat_minima, optim, precision
     from mtl_jax.train.gradients import options
 
     assert set(C.OPTIMIZERS) == set(optim.OPTIMIZERS)
     assert set(C.SHARPNESS_KINDS) == set(flat_minima.KINDS) and set(C.GRAMIAN_MODES) == set(options.GRAMIAN_MODES)
     assert set(C.SCHEMA["precision"].choices) == set(precision.DTYPES)
+    assert set(C.PRETRAINED_TRUNKS) == {""} | set(pretrained_registry.PRETRAINED)
     cfg = default_config().optim
     for name in C.SCHEDULES:
         cfg.schedule = name
@@ -232,3 +234,76 @@ def test_cli_runtime_oserror_names_the_path(tmp_path):
     rc, err = _cli(f"--config={DIGITS}:smoke", f"--workdir={workdir}", "--verbose")
     assert rc == 1 and err[0] == "Traceback (most recent call last):" and "NotADirectoryError" in err[-2], err
     assert err[-1] == f"mtl-jax: error: Not a directory: '{workdir}'"
+
+
+# --- the command line parsed by absl flags + ml_collections.config_flags, in process ----------------------
+
+def test_parse_runs_many_times_in_one_process():
+    from mtl_jax.main import parse
+
+    for spec, steps in ((f"{DIGITS}:smoke", 20), (DIGITS, None), (f"{DIGITS}:smoke=false", None)):
+        config, workdir, overrides = parse(["train", "--config.seed=3", f"--config={spec}", "--workdir", "w"])
+        assert (config.num_steps, config.data.name, workdir, overrides) == (steps, "digits", "w", ["seed=3"])
+        assert C.prepare_config(config, overrides).seed == 3
+    assert f"{C.CONFIG_FLAG}_config" not in sys.modules  # config_flags' module of the file is not left behind
+
+
+@pytest.mark.parametrize("argv,error,message", [
+    (["--workdir=w"], UsageError, r"^flag --config is required"),
+    ([f"--config={DIGITS}"], UsageError, r"^flag --workdir=None: Flag --workdir must have a value"),
+    ([f"--config={DIGITS}", "--workdir=w", "--wrokdir=v"], UsageError, r"^Unknown command line flag 'wrokdir'"),
+    (["trian", f"--config={DIGITS}", "--workdir=w"], UsageError, r"^unknown command 'trian'; valid commands: "),
+    (["--config=no_such.py", "--workdir=w"], FileNotFoundError, r"^config file 'no_such.py' not found$"),
+    ([f"--config={DIGITS}:smok", "--workdir=w"], UsageError, r"^unknown config argument 'smok' in ':smok'"),
+])
+def test_parse_errors_are_one_line(argv, error, message):
+    from mtl_jax.main import parse
+
+    with pytest.raises(error, match=message) as info:
+        parse(argv)
+    code, line = describe_error(info.value)
+    assert code == 2 and "\n" not in str(info.value), (code, line)
+
+
+def test_an_oserror_of_get_config_is_raised_as_raised(tmp_path):
+    path = tmp_path / "reads_a_file.py"
+    path.write_text("def get_config(arg=None):\n    open('/no/such/dir/baselines.json')\n")
+    with pytest.raises(FileNotFoundError) as info:
+        C.parse_command_line([f"--config={path}"])
+    assert describe_error(info.value) == (2, "No such file or directory: '/no/such/dir/baselines.json'")
+
+
+def test_dataset_keys_come_from_the_dataset_modules():
+    from mtl_jax.data import datasets, wiki
+
+    for name, entry in datasets.DATASETS.items():
+        assert callable(entry["load"]) and set(entry) <= {"load", "options", "rules"}, name
+        assert set(entry.get("rules", {})) <= set(entry.get("options", {})), name
+        assert not set(entry.get("options", {})) & set(default_config().data), name  # not the common keys
+    assert datasets.dataset_options("wiki") == (wiki.OPTIONS, wiki.RULES)
+    assert datasets.dataset_options("no_such_dataset") == ({}, {})
+    assert datasets.default_data_dir()  # still importable from datasets (defined in tfds_builders)
+    config = C.apply_overrides(default_config(), ["data.name='wiki'", "data.num_nationalities=1"])
+    with pytest.raises(UsageError, match=r"^config key 'data.num_nationalities' = 1 is invalid: expected an int >= 2$"):
+        check_config(config)
+    with pytest.raises(UsageError, match=r"'data.num_features' = 0 is invalid: expected an int >= 1"):
+        load_config(os.path.join(REPO, "configs", "multitab_bench.py"), ["data.num_features=0"])
+    with pytest.raises(C.UnknownKeyError, match=r"unknown config key 'data.max_len'; valid keys under 'data': \[.*'num_tr"):
+        load_config(DIGITS, ["data.max_len=64"])  # a wiki key, refused for another dataset
+
+
+def test_config_module_imports_neither_jax_nor_tfds():
+    """The data registry is asked lazily: importing mtl_jax.config, and loading a config that names no
+    dataset-specific key, import neither jax nor tensorflow_datasets."""
+    code = ("import sys; from mtl_jax.config import load_config; load_config('configs/digits_mlp.py:smoke', "
+            "['optim.lr=0.1']); print(sorted(m for m in ('jax', 'tensorflow_datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_help_lists_the_flags(capsys):
+    from mtl_jax.main import main
+
+    assert main(["train", "--help"]) is None
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "--config: configs/<file>.py[:arg]" in out and "--[no]verbose" in out

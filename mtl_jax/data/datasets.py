@@ -1,27 +1,23 @@
 """Dataset loaders shipped with mtl_jax (real data from installed packages; no network).
 
-A loader is ``fn(data_config) -> Dataset``; ``DATASETS`` is the registry the config's
-``data.name`` picks from.
+A loader is ``fn(data_config) -> Dataset``. ``DATASETS`` is the registry the config's ``data.name``
+picks from: each name maps to ``{"load": loader, "options": {key: default}, "rules": {key: Rule}}``,
+the last two declared by the dataset's module beside its loader (absent: none): the keys of
+``config.data`` only that dataset reads (valid in a config, and as ``--config.data.<key>=...``
+overrides, when ``data.name`` is that dataset; the loader takes the default of a key the config
+lacks) and the ``mtl_jax.config.Rule`` each is checked by (``mtl_jax.config.check_config``).
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from mtl_jax import tasks as T
-from mtl_jax.config import DATA_OPTIONS
-from mtl_jax.data import multimnist
-from mtl_jax.data.multitab_bench import load_multitab_bench
+from mtl_jax.data import multimnist, multitab_bench, wiki
 from mtl_jax.data.pde import load_darcy, load_fisher
 from mtl_jax.data.sources import Dataset, from_arrays, read_all
-from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, prepare
+from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, default_data_dir, prepare
 from mtl_jax.registry import lookup
-
-
-def default_data_dir() -> str:
-    return os.environ.get("MTL_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
 
 
 def load_multimnist(cfg) -> Dataset:
@@ -144,10 +140,14 @@ def mixture_of_task_datasets(name: str, datasets: dict, ratios=(), size: int = 0
     return from_arrays(name, splits, tasks, input_key="input")
 
 
+# Mod-Squad-style heterogeneous data: the probability of each task's label per training pair (() = equal).
+ONE_TASK_OPTIONS = dict(task_ratios=())
+
+
 def load_multimnist_one_task(cfg) -> Dataset:
     """MultiMNIST with each training pair labelled for one digit (``one_task_per_example``, ratios
-    ``cfg.task_ratios``, a DATA_OPTIONS key; () = equal); the test split keeps both labels."""
-    ratios = tuple(cfg.get("task_ratios", DATA_OPTIONS["multimnist_one_task"]["task_ratios"]) or ())
+    ``cfg.task_ratios``, a ``ONE_TASK_OPTIONS`` key; () = equal); the test split keeps both labels."""
+    ratios = tuple(cfg.get("task_ratios", ONE_TASK_OPTIONS["task_ratios"]) or ())
     return one_task_per_example(load_multimnist(cfg), ratios, int(cfg.seed))
 
 
@@ -161,6 +161,8 @@ MULTIMNIST_DERIVED_LABELS = {
     "min": (10, np.minimum),
     "product_last_digit": (10, lambda l, r: (l * r) % 10),
 }
+# The tasks of ``multimnist_derived``: names of ``MULTIMNIST_DERIVED_LABELS``.
+DERIVED_OPTIONS = dict(derived_tasks=("left", "right", "sum", "difference", "max"))
 
 
 def load_multimnist_derived(cfg) -> Dataset:
@@ -168,7 +170,7 @@ def load_multimnist_derived(cfg) -> Dataset:
     digits (l, r), ``cfg.derived_tasks`` from ``MULTIMNIST_DERIVED_LABELS`` (left, right, sum 0-18,
     |l - r|, max, min, l * r mod 10); default the five left / right / sum / difference / max. Every
     pair is labelled for every task (the task count of M3ViT's 5-task PASCAL-Context setting)."""
-    names = tuple(cfg.get("derived_tasks", DATA_OPTIONS["multimnist_derived"]["derived_tasks"]))
+    names = tuple(cfg.get("derived_tasks", DERIVED_OPTIONS["derived_tasks"]))
     unknown = [n for n in names if n not in MULTIMNIST_DERIVED_LABELS]
     if unknown or not names or len(set(names)) != len(names):
         raise ValueError(f"data.derived_tasks {list(names)} (unknown: {unknown}): give distinct names from "
@@ -184,14 +186,29 @@ def load_multimnist_derived(cfg) -> Dataset:
     return from_arrays("multimnist_derived", splits, tasks, input_key="image")
 
 
-DATASETS = {"multimnist": load_multimnist, "multimnist_derived": load_multimnist_derived, "digits": load_digits,
-            "multimnist_one_task": load_multimnist_one_task, "multitab_bench": load_multitab_bench,
-            "pde_fisher": load_fisher, "pde_darcy": load_darcy}
+DATASETS = {
+    "multimnist": dict(load=load_multimnist),
+    "multimnist_derived": dict(load=load_multimnist_derived, options=DERIVED_OPTIONS),
+    "multimnist_one_task": dict(load=load_multimnist_one_task, options=ONE_TASK_OPTIONS),
+    "digits": dict(load=load_digits),
+    "multitab_bench": dict(load=multitab_bench.load_multitab_bench, options=multitab_bench.OPTIONS,
+                           rules=multitab_bench.RULES),
+    "pde_fisher": dict(load=load_fisher),
+    "pde_darcy": dict(load=load_darcy),
+    "wiki": dict(load=wiki.load_wiki, options=wiki.OPTIONS, rules=wiki.RULES),
+}
+
+
+def dataset_options(name: str) -> tuple[dict, dict]:
+    """``({key: default}, {key: Rule})`` that dataset ``name`` declares for ``config.data`` (empty for a
+    name not in ``DATASETS``)."""
+    entry = DATASETS.get(name, {})
+    return dict(entry.get("options", {})), dict(entry.get("rules", {}))
 
 
 def get_dataset(cfg) -> Dataset:
     """Loads ``cfg.name`` from DATASETS, keeps only ``cfg.tasks`` if given, caches in memory if asked."""
-    dataset = lookup(DATASETS, cfg.name, "dataset")(cfg)
+    dataset = lookup(DATASETS, cfg.name, "dataset")["load"](cfg)
     if cfg.get("tasks"):
         dataset = dataset.select_tasks(list(cfg.tasks))
     if cfg.get("cache_in_memory", False):

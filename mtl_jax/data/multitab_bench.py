@@ -26,8 +26,14 @@ from typing import Sequence
 import numpy as np
 
 from mtl_jax import tasks as T
-from mtl_jax.config import DATA_OPTIONS
+from mtl_jax.config import COUNT, NONNEG, Rule
 from mtl_jax.data.sources import Dataset, from_arrays
+
+# The ``config.data`` keys of this dataset (``--config.data.<key>=...`` when ``data.name`` is
+# 'multitab_bench'), with their defaults: ``make_multitab_bench``'s knobs (``kinds`` None: every second
+# task classification), and the rules ``mtl_jax.config.check_config`` checks them by.
+OPTIONS = dict(num_features=16, num_tasks=3, correlation=0.5, degrees=None, noise=0.01, kinds=None, num_classes=2)
+RULES = {"num_features": COUNT, "num_tasks": COUNT, "noise": NONNEG, "num_classes": Rule("int", 2)}
 
 
 def task_weights(num_tasks: int, num_features: int, correlation: float, rng: np.random.Generator) -> np.ndarray:
@@ -108,10 +114,10 @@ def make_multitab_bench(num_train: int = 8000, num_test: int = 2000, num_feature
 
 def load_multitab_bench(cfg) -> Dataset:
     """DATASETS['multitab_bench']: ``cfg.num_train`` / ``cfg.num_test`` / ``cfg.seed``, and the generator's
-    knobs (``mtl_jax.config.DATA_OPTIONS['multitab_bench']``: ``num_features``, ``num_tasks``,
-    ``correlation``, ``degrees``, ``noise``, ``kinds``, ``num_classes``); the defaults are 16 features and three tasks of degrees
-    1, 2, 3 with correlation 0.5, task_0 and task_2 regression, task_1 binary classification."""
-    knobs = {key: cfg.get(key, default) for key, default in DATA_OPTIONS["multitab_bench"].items()}
+    knobs (``OPTIONS``: ``num_features``, ``num_tasks``, ``correlation``, ``degrees``, ``noise``, ``kinds``,
+    ``num_classes``); the defaults are 16 features and three tasks of degrees 1, 2, 3 with correlation
+    0.5, task_0 and task_2 regression, task_1 binary classification."""
+    knobs = {key: cfg.get(key, default) for key, default in OPTIONS.items()}
     num_tasks = int(knobs["num_tasks"])
     options = dict(num_features=int(knobs["num_features"]), num_tasks=num_tasks, correlation=float(knobs["correlation"]),
                    degrees=knobs["degrees"], noise=knobs["noise"], num_classes=int(knobs["num_classes"]),

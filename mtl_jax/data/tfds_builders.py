@@ -15,6 +15,12 @@ import tensorflow_datasets as tfds
 Arrays = Mapping[str, np.ndarray]
 
 
+def default_data_dir() -> str:
+    """Where prepared datasets go when ``config.data.data_dir`` is empty: ``$MTL_JAX_DATA_DIR``, else
+    ``~/tensorflow_datasets``."""
+    return os.environ.get("MTL_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+
+
 class ArrayDictBuilder(tfds.core.GeneratorBasedBuilder):
     """Writes ``{split: {key: array}}`` (from ``generate()``) as a tfds dataset in array_record format.
 
