@@ -248,7 +248,7 @@ def export(params: Mapping, renames: Sequence[Rename], *, dtype: Any = None) -> 
                                       f"[{_shown(absent)}]", missing=absent)
     out = {}
     for r in renames:
-        array = np.ascontiguousarray(r.transform.inverse(np.asarray(leaves[r.target])))
+        array = np.array(r.transform.inverse(np.asarray(leaves[r.target])), order="C", copy=True)
         out[r.source] = array if dtype is None else array.astype(dtype, copy=False)
     return out
 
