@@ -72,7 +72,12 @@ def make_optimizers(config, task_names: Sequence[str], total_steps: int) -> dict
 
 
 def map_groups(fn, optimizers: Mapping, *trees: Mapping) -> dict:
-    """Applies ``fn(tx, *subtrees)`` to every group ('shared' and each head); returns the same structure."""
+    """Applies ``fn(tx, *subtrees)`` to every group ('shared' and each head); returns the same structure.
+
+    One optimiser state per group, each over its own subtree, rather than ``optax.partition``, whose
+    state holds every group's moments over the whole parameter tree with ``MaskedNode`` placeholders:
+    (K + 1) times the pytree nodes, which every jitted step's dispatch flattens and every checkpoint's
+    metadata records (measured in docs/development/layout.md)."""
     out = {"shared": fn(optimizers["shared"], *(t["shared"] for t in trees)), "heads": {}}
     for task, tx in optimizers["heads"].items():
         out["heads"][task] = fn(tx, *(t["heads"][task] for t in trees))

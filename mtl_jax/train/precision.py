@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.registry import lookup
 from mtl_jax.train.sharding import key_path_str
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -35,9 +36,7 @@ class Precision(NamedTuple):
 
 def precision_policy(name: str = "float32", keep_float32: str = "") -> Precision:
     """The policy for ``config.precision`` (a key of ``DTYPES``)."""
-    if name not in DTYPES:
-        raise ValueError(f"unknown precision '{name}'; valid: {sorted(DTYPES)}")
-    return Precision(DTYPES[name], keep_float32)
+    return Precision(lookup(DTYPES, name, "precision"), keep_float32)
 
 
 def cast_params(policy: Precision, params):

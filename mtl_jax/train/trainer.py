@@ -19,6 +19,8 @@ from mtl_jax.config import check_against_dataset, check_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
 from mtl_jax.models import build_model, check_input, remat_compiler_options
+from mtl_jax.models.pretrained.registry import load_pretrained
+from mtl_jax.models.pretrained.weights import fill_trunks
 from mtl_jax.train import checkpoint as ckpt
 from mtl_jax.train.methods import get_method, with_num_params
 from mtl_jax.train.optim import make_optimizers, map_groups
@@ -54,10 +56,16 @@ def _distributed_initialized() -> bool:
     return distributed.global_state.client is not None
 
 
-def init_state(model, optimizers, method, tasks, sample_input, seed: int) -> TrainState:
-    """A fresh TrainState (pure: jit it with out_shardings to create it sharded)."""
+def init_state(model, optimizers, method, tasks, sample_input, seed: int, pretrained=None,
+               pretrained_name: str = "") -> TrainState:
+    """A fresh TrainState (pure: jit it with out_shardings to create it sharded). ``pretrained``: the
+    trunk's pretrained variables (``{'params': ..., 'batch_stats'?: ...}``), put into every copy of the
+    trunk under ``'shared'`` (``models/pretrained/weights.fill_trunks``); ``pretrained_name`` names them
+    in errors."""
     params_key, dropout_key, step_key = jax.random.split(jax.random.key(seed), 3)
     variables = dict(model.init({"params": params_key, "dropout": dropout_key}, sample_input, train=False))
+    if pretrained is not None:
+        variables = fill_trunks(variables, pretrained, f"model.pretrained '{pretrained_name}'")
     params = variables.pop("params")
     metric_sums = {t.name: {m: jnp.zeros((), jnp.float32) for m in t.metrics} for t in tasks}
     return TrainState(
@@ -149,7 +157,9 @@ def build_experiment(config, dataset=None) -> Experiment:
     check_input(config.model, sample.shape[1:], dataset.input_key)
     method = build_method(config.method, model, sample, len(tasks))
 
-    init_fn = lambda: init_state(model, optimizers, method, tasks, sample, config.seed)
+    pretrained_name = config.model.get("pretrained", "")
+    init_fn = lambda pretrained=None: init_state(model, optimizers, method, tasks, sample, config.seed, pretrained,
+                                                 pretrained_name)
     abstract = abstract_init(init_fn, config.model.name, dataset, sample)
     state_shardings = train_state_shardings(abstract, optimizers, mesh, config.sharding.rules,
                                             fsdp=config.sharding.get("fsdp", False))
@@ -166,8 +176,18 @@ def build_experiment(config, dataset=None) -> Experiment:
                         out_shardings=replicated(mesh))
     return Experiment(dataset=dataset, model=model, optimizers=optimizers, method=method, mesh=mesh, steps=steps,
                       abstract_state=abstract, state_shardings=state_shardings, data_sharding=data_sharding,
-                      init=jax.jit(init_fn, out_shardings=state_shardings), train_step=train_step,
+                      init=with_pretrained(jax.jit(init_fn, out_shardings=state_shardings), pretrained_name),
+                      train_step=train_step,
                       eval_step=eval_step)
+
+
+def with_pretrained(init: Callable, pretrained_name: str) -> Callable:
+    """``init()`` (the jitted ``init_state``) given the trunk weights ``pretrained_name`` names
+    (``models/pretrained``), read when the state is first created (not on resume); ``init`` as is
+    when the name is empty."""
+    if not pretrained_name:
+        return init
+    return lambda: init(load_pretrained(pretrained_name))
 
 
 def load_baselines(config, tasks) -> dict | None:
