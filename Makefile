@@ -24,10 +24,18 @@ test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 bench: install
-	$(PY) benchmarks/step_time.py
+	$(PY) -m benchmarks.step_time
 
 baselines: install
-	$(PY) experiments/single_task_baselines.py --config=$(CONFIG)
+	$(PY) -m experiments.single_task_baselines --config=$(CONFIG)
+
+.PHONY: docs plots
+
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site
+
+plots: install
+	$(PY) -m mtl_jax.plot --docs
 
 clean:
 	rm -rf $(VENV) runs

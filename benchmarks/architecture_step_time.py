@@ -1,9 +1,9 @@
 """Train-step time of every architecture config, in one sitting (rounds interleaved across them).
 
-    python benchmarks/architecture_step_time.py                     # every config of experiments/architectures.py
-    python benchmarks/architecture_step_time.py --archs=hps,mmoe --steps 10 --rounds 3
+    python -m benchmarks.architecture_step_time                     # every config of experiments.architectures
+    python -m benchmarks.architecture_step_time --archs=hps,mmoe --steps 10 --rounds 3
 
-Each architecture is built as ``experiments/architectures.py`` trains it (its config, the same budget
+Each architecture is built as ``python -m experiments.architectures`` trains it (its config, the same budget
 overrides: MultiMNIST 10k pairs at batch 64, other families their own data), on one device; its jitted
 ``train_step`` runs ``--steps`` steps on one fixed batch per round, the rounds interleaved over the
 architectures so that a change of machine load hits them alike. Prints JSON and a table of the median
@@ -18,19 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from architectures import discover_entries, family_budget, select, warmup_cap  # noqa: E402
-from step_time import first_batch, time_steps  # noqa: E402
-
+from benchmarks.step_time import first_batch, time_steps  # noqa: E402
+from experiments.architectures import discover_entries, family_budget, select, warmup_cap  # noqa: E402
 from mtl_jax.config import load_config  # noqa: E402
 from mtl_jax.train.trainer import build_experiment  # noqa: E402
 

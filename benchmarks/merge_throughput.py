@@ -1,9 +1,9 @@
 """Merge throughput and peak memory on CPU: ours (in-memory jitted, streaming) vs FusionBench,
 MergeKit and a plain numpy read-all-inputs/write-one-output pass (the I/O floor).
 
-    python benchmarks/merge_throughput.py                    # T=8 task vectors of a ~100M model
-    python benchmarks/merge_throughput.py --params 5e6       # quick run
-    python benchmarks/merge_throughput.py --rounds 5 --impls floor,ours_stream   # ours vs floor only
+    python -m benchmarks.merge_throughput                    # T=8 task vectors of a ~100M model
+    python -m benchmarks.merge_throughput --params 5e6       # quick run
+    python -m benchmarks.merge_throughput --rounds 5 --impls floor,ours_stream   # ours vs floor only
 
 Inputs: a ViT-B-like list of fp32 matrices (12 blocks of qkv/proj/fc1/fc2 + biases + LayerNorms,
 patch/position embeddings, and a token embedding that tops the count up to ``--params``),
@@ -289,7 +289,7 @@ def run_child(cmd: list[str], rss_limit: int, timeout: float) -> dict:
 
 
 def command(impl: str, method: str, d: str, num_tasks: int, out: str, budget: int) -> list[str] | None:
-    me = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--method", method, "--dir", d,
+    me = [sys.executable, "-m", "benchmarks.merge_throughput", "--worker", impl, "--method", method, "--dir", d,
           "--tasks", str(num_tasks), "--out", out, "--budget", str(budget)]
     if impl in ("floor", "floor_mmap", "ours_mem", "ours_stream"):
         return me

@@ -1,6 +1,6 @@
 """Step time of every MTL method's full jitted train step vs our EW step, the VJP floor and TorchJD.
 
-    python benchmarks/method_step_time.py [--methods all] [--tasks 2,10,40] [--rounds 5,5,3]
+    python -m benchmarks.method_step_time [--methods all] [--tasks 2,10,40] [--rounds 5,5,3]
 
 Measures, on CPU, for K tasks on one model (mtl_jax's ``hps``: trunk 'mlp' 784-512-512 ReLU,
 one 'linear' 10-class head per task; one fixed batch of 256 random inputs and labels):
@@ -57,33 +57,29 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks.torch_peer import ROOT, TorchPeer
+from mtl_jax.config import load_config
+from mtl_jax.data import from_arrays
+from mtl_jax.data.pipeline import to_global
+from mtl_jax.host_memory import ENV_VAR, glibc_tunables, reuse_freed_memory
+from mtl_jax.tasks import classification
+from mtl_jax.train.forward import make_representation_forward
+from mtl_jax.train.gradients.layerwise import gramian
+from mtl_jax.train.gradients.representation import representation_losses_and_vjp
+from mtl_jax.train.losses import task_loss_fn
+from mtl_jax.train.methods import METHODS, Method, MethodInputs
+from mtl_jax.train.sharding import replicated
+from mtl_jax.train.step import make_train_step
+from mtl_jax.train.trainer import build_experiment
 
-from mtl_jax.config import load_config  # noqa: E402
-from mtl_jax.data import from_arrays  # noqa: E402
-from mtl_jax.data.pipeline import to_global  # noqa: E402
-from mtl_jax.host_memory import ENV_VAR, glibc_tunables, reuse_freed_memory  # noqa: E402
-from mtl_jax.tasks import classification  # noqa: E402
-from mtl_jax.train.losses import task_loss_fn  # noqa: E402
-from mtl_jax.train.methods import METHODS, Method, MethodInputs  # noqa: E402
-from mtl_jax.train.sharding import replicated  # noqa: E402
-from mtl_jax.train.forward import make_representation_forward  # noqa: E402
-from mtl_jax.train.gradients.layerwise import gramian  # noqa: E402
-from mtl_jax.train.gradients.representation import representation_losses_and_vjp  # noqa: E402
-from mtl_jax.train.step import make_train_step  # noqa: E402
-from mtl_jax.train.trainer import build_experiment  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 BATCH_SIZE = 256
 IN_FEATURES = 784
 NUM_CLASSES = 10
@@ -205,29 +201,6 @@ class JaxImpl:
         if self.donates:
             jax.block_until_ready(self.carry)
         return (time.perf_counter() - start) / n
-
-
-class TorchPeer:
-    """The long-lived torch subprocess (``benchmarks/peers/torchjd_step.py --serve``)."""
-
-    def __init__(self, python: str, threads: int, env: dict | None = None):
-        self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "peers", "torchjd_step.py"), "--serve", "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"torch peer exited (code {self.proc.poll()}) on {cmd}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
 
 
 def steps_for(seconds_per_step: float, target_ms: float, min_steps: int) -> int:
@@ -480,7 +453,7 @@ def main():
     if not args.no_torch and not use_torch:
         print(f"no peers venv at {args.torch_python}: TorchJD not timed (see the docstring to create it)",
               file=sys.stderr)
-    peer = TorchPeer(args.torch_python, args.threads, peer_env) if use_torch else None
+    peer = TorchPeer("torchjd_step.py", args.torch_python, args.threads, peer_env) if use_torch else None
     start = time.perf_counter()
     try:
         results = []

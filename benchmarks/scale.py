@@ -1,9 +1,9 @@
 """Pod-scale memory and step time: a ViT-B/16 MTL model (K = 5 linear heads) on 8 devices,
 {replicated, FSDP} x {fp32, bf16} x {no remat, remat}.
 
-    python benchmarks/scale.py                                    # memory at ViT-B/16, time at ViT-Ti/16
-    python benchmarks/scale.py --time-size vit_b16 --batch 8      # time at full size too (slow, ~12 GB RAM)
-    python benchmarks/scale.py --memory-size tiny --time-size tiny --rounds 1   # a smoke run (~1 min)
+    python -m benchmarks.scale                                    # memory at ViT-B/16, time at ViT-Ti/16
+    python -m benchmarks.scale --time-size vit_b16 --batch 8      # time at full size too (slow, ~12 GB RAM)
+    python -m benchmarks.scale --memory-size tiny --time-size tiny --rounds 1   # a smoke run (~1 min)
 
 Every configuration is one ``build_experiment`` (hard parameter sharing: ``trunks.ViT`` + 5 linear
 heads of 10 classes, Adam, ``--method``) on a mesh of ``--devices`` (fake CPU devices unless
@@ -43,12 +43,12 @@ if __name__ == "__main__":  # run as the benchmark: 8 fake CPU devices (imported
     if os.environ["JAX_PLATFORMS"] == "cpu" and "--xla_force_host_platform_device_count" not in os.environ.get(
             "XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import mtl_jax.train.trainer as trainer  # noqa: E402
+from experiments.common import argv_or_sys, command_line  # noqa: E402
 from mtl_jax import tasks as T  # noqa: E402
 from mtl_jax.config import check_config, default_config  # noqa: E402
 from mtl_jax.data import from_arrays  # noqa: E402
@@ -254,7 +254,7 @@ def main(argv=None) -> None:
             ms = 1e3 * statistics.median(seconds[row["column"]])
             row["time"] = {"step_ms": ms, "images_per_s": args.batch / ms * 1e3, "rounds_ms": [
                 round(1e3 * t, 1) for t in seconds[row["column"]]], "applied": bool(timers[row["column"]].out["applied"])}
-    result = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": command_line("benchmarks.scale", argv_or_sys(argv)),
               "memory_size": {"name": args.memory_size, **SIZES[args.memory_size]},
               "time_size": None if args.time_size == "none" else {"name": args.time_size, **SIZES[args.time_size]},
               "tasks": NUM_TASKS, "method": args.method, "global_batch": args.batch, "memory_batch": memory_batch,

@@ -1,6 +1,6 @@
 """Step time of mtl_jax's train_step vs a hand-written single-loss optax step, side by side.
 
-    python benchmarks/step_time.py [--steps 50] [--rounds 7]
+    python -m benchmarks.step_time [--steps 50] [--rounds 7]
 
 Both steps train the same model on the same batch on one device: ours is the full MTL step
 (equal weighting, one optimiser state per task head, NaN/Inf guard, running metrics); the
@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from experiments.common import CONFIGS
+from mtl_jax.config import apply_overrides, load_config
+from mtl_jax.data.pipeline import to_global
+from mtl_jax.train.forward import make_task_losses
+from mtl_jax.train.trainer import build_experiment
 
-from mtl_jax.config import apply_overrides, load_config  # noqa: E402
-from mtl_jax.data.pipeline import to_global  # noqa: E402
-from mtl_jax.train.forward import make_task_losses  # noqa: E402
-from mtl_jax.train.trainer import build_experiment  # noqa: E402
-
-HERE = os.path.dirname(__file__)
 CASES = {
     "multimnist_lenet_b256": ("multimnist.py", ["batch_size=256", "data.num_train=2048", "data.num_test=256"]),
     "digits_mlp_b256": ("digits_mlp.py", ["batch_size=256"]),
@@ -78,7 +75,7 @@ def first_batch(exp, batch_size: int) -> dict:
 
 
 def bench_case(name, config_file, overrides, steps, rounds):
-    config = load_config(os.path.join(HERE, "..", "configs", config_file))
+    config = load_config(os.path.join(CONFIGS, config_file))
     apply_overrides(config, overrides + ["mesh.data=1", "mesh.model=1", "progress_bar=False"])
     exp = build_experiment(config)
     ds = exp.dataset

@@ -1,8 +1,8 @@
 """Every multi-task architecture with equal weighting, over seeds: accuracy, Δm%, parameters, FLOPs, speed.
 
-    python experiments/architectures.py                          # every architecture config, 3 seeds
-    python experiments/architectures.py --archs=hps,mmoe --seeds=0 --config.num_steps=50
-    python experiments/architectures.py --smoke --workdir=/tmp/a --out=/tmp/a/table   # seconds per run
+    python -m experiments.architectures                          # every architecture config, 3 seeds
+    python -m experiments.architectures --archs=hps,mmoe --seeds=0 --config.num_steps=50
+    python -m experiments.architectures --smoke --workdir=/tmp/a --out=/tmp/a/table   # seconds per run
 
 The architectures come from the config files present when it runs (``discover_entries``):
 ``configs/multimnist.py`` is ``hps`` (LeNet hard parameter sharing), every ``configs/multimnist_<x>.py``
@@ -10,7 +10,7 @@ is ``<x>`` (``vit``: HPS on a ViT trunk), and configs of other task families (``
 ``pde_*.py``) are entries of their own family. Every MultiMNIST architecture is compared with the
 single-task LeNet of configs/multimnist.py (one per digit, the usual Δm% reference, e.g. LibMTL's);
 another family's reference is its own config trained once per task (``config.data.tasks = (task,)``,
-as experiments/single_task_baselines.py does). Baselines are trained at the same budget and seeds
+as ``experiments.single_task_baselines`` does). Baselines are trained at the same budget and seeds
 as the multi-task runs. ``--config.key=value`` applies to every run; MultiMNIST runs additionally
 get ``MULTIMNIST_BUDGET`` (sized for the 2-core CPU machine), other families ``FAMILY_BUDGET``, unless
 ``--full`` or ``--smoke``; a config's lr warm-up longer than 10% of the shortened run is cut to 10%.
@@ -30,25 +30,19 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import time
 import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
+from experiments import common
+from experiments.common import CONFIGS, mean_std
+from mtl_jax.config import load_config
+from mtl_jax.data import get_dataset
+from mtl_jax.models import build_model
+from mtl_jax.models.flops import model_cost
+from mtl_jax.train.reporting import delta_m
 
-from multimnist_methods import mean_std, run  # noqa: E402
-
-from mtl_jax.config import load_config  # noqa: E402
-from mtl_jax.data import get_dataset  # noqa: E402
-from mtl_jax.models import build_model  # noqa: E402
-from mtl_jax.models.flops import model_cost  # noqa: E402
-from mtl_jax.train.reporting import delta_m  # noqa: E402
-
-CONFIGS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "configs"))
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MULTIMNIST_HPS = "multimnist.py"
 OTHER_FAMILIES = ("multitab_bench.py", "pde_*.py")  # file patterns under configs/; each file is its own family
 # MultiMNIST budget for the CPU run (2 cores shared with other jobs; MMoE / DSelect-k steps cost ~20x an
@@ -133,7 +127,7 @@ def train_once(spec: str, overrides: list, workdir: str) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     overrides = list(overrides) + warmup_cap(spec, overrides)
     start = time.perf_counter()
-    results = run(spec, overrides, workdir)
+    results = common.train_cached(spec, overrides, workdir)
     return {"results": results, "steps_per_sec": steps_per_sec(workdir), "seconds": time.perf_counter() - start}
 
 
@@ -273,10 +267,7 @@ def enable_compile_cache(path: str) -> None:
 
 def load_previous(out: str) -> dict:
     """The JSON an earlier run wrote to ``out``.json ({} if none)."""
-    if not os.path.exists(out + ".json"):
-        return {}
-    with open(out + ".json") as f:
-        return json.load(f)
+    return common.read_json(out + ".json", {})
 
 
 def reusable(family: dict, settings: dict) -> dict | None:
@@ -319,7 +310,7 @@ def render(dump: dict, command: str) -> list:
         lines += family_table(name, family["architectures"], family["tasks"], family["baselines"], caption) + [""]
     earlier = sorted({f.get("command") for f in dump.values() if f.get("command") not in (None, "", command)})
     reused = [f" Runs kept from `{c}` (same settings, --reuse / --report-only)." for c in earlier]
-    return lines + [f"Produced by: `{command}`." + "".join(reused)]
+    return lines + [common.footer(command) + "".join(reused)]
 
 
 def write_results(out: str, lines: list, dump: dict) -> None:
@@ -366,7 +357,7 @@ def rebaseline(previous: dict, entries: list, baseline_spec: str, workdir: str, 
         lines += [f"### {name}: stored runs against single-task {os.path.basename(baseline_spec)}", "",
                   f"Single-task baselines (same budget as the stored runs: {' '.join(family['overrides'])}; seeds "
                   f"{family['seeds']}): {base}.", ""] + rows + [""]
-    lines += [f"Produced by: `{command}`"]
+    lines += [common.footer(command)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -385,7 +376,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default="runs/architectures")
     parser.add_argument("--compile-cache", default="", help="jax persistent compilation cache directory: seeds "
                         "after the first reuse the compiled steps (default <workdir>/jax_cache; 'off' disables)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "architectures"))
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "architectures"))
     parser.add_argument("--report-only", action="store_true", help="--reuse and train nothing: the tables of "
                         "the runs in --out's JSON (e.g. after a stopped run), the others marked 'not run'")
     parser.add_argument("--reuse", action="store_true", help="keep the runs already in --out's JSON that have the "
@@ -395,16 +386,13 @@ def main(argv=None):
                         "in --rebaseline-out; nothing else is trained")
     parser.add_argument("--rebaseline-out", default="", help="where --rebaseline writes its .md / .json")
     args, rest = parser.parse_known_args(argv)
-    unknown_flags = [a for a in rest if not a.startswith("--config.")]
-    if unknown_flags:
-        raise SystemExit(f"unknown argument(s) {unknown_flags}; overrides look like --config.key=value")
-    user = [a[len("--config."):] for a in rest]
+    user = common.config_overrides(parser, rest)
     seeds = [int(s) for s in args.seeds.split(",")]
     entries = select(discover_entries(args.configs), args.archs)
     arg = "smoke" if args.smoke else ""
     if args.compile_cache != "off":
         enable_compile_cache(args.compile_cache or os.path.join(args.workdir, "jax_cache"))
-    command = " ".join(["python experiments/architectures.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = common.command_line(__spec__.name, common.argv_or_sys(argv))
     if args.rebaseline:
         if not args.rebaseline_out:
             raise SystemExit("--rebaseline needs --rebaseline-out (the stored --out tables stay as they are)")
@@ -436,7 +424,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

@@ -17,13 +17,12 @@ task preferences (Aich et al., ICCV 2023; ``mtl_jax.models.slimmable``, ``mtl_ja
 
 Writes experiments/results/controllable_mtl.md and .json. Run it under ``nice -n 10``::
 
-    nice -n 10 python experiments/controllable_mtl.py [--steps 1500] [--ablation]
+    nice -n 10 python -m experiments.controllable_mtl [--steps 1500] [--ablation]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import common
 from mtl_jax.config import load_config
 from mtl_jax.data import from_arrays, get_dataset
 from mtl_jax.data.pipeline import train_iterator
@@ -40,7 +40,6 @@ from mtl_jax.models import build_model
 from mtl_jax.models.slimmable import width_config
 from mtl_jax.train.slimmable import CIKDTrainer, make_config_evaluator, search_widths, width_config_flops
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 BUDGETS = (0.2, 0.35, 0.5, 0.75, 1.0)  # fractions of the full-width FLOPs
 PREFERENCES = ({"left": 0.5, "right": 0.5}, {"left": 0.8, "right": 0.2}, {"left": 0.2, "right": 0.8})
 
@@ -78,7 +77,7 @@ def mean_accuracy(result, tasks, prefs=None) -> float:
 
 
 def run(args) -> dict:
-    config = load_config(os.path.join(ROOT, "configs", "multimnist_slimmable.py"))
+    config = load_config(os.path.join(common.CONFIGS, "multimnist_slimmable.py"))
     config.data.num_train, config.data.num_test = args.num_train, args.num_test
     config.model.arch_kwargs.decoder_hidden = tuple(int(h) for h in args.decoder_hidden.split(","))
     dataset = split_validation(get_dataset(config.data), args.num_val, args.seed)
@@ -147,14 +146,17 @@ def preference_control(rows: list[dict], names) -> dict:
     return control
 
 
+def command_args(a: dict) -> list[str]:
+    """The command-line arguments that reproduce a run with settings ``a`` (``vars(args)``)."""
+    args = [f"--{k}={a[k]}" for k in ("steps", "batch_size", "num_train", "num_test", "num_val", "num_random",
+                                      "kd_weight")]
+    return args + (["--ablation"] if a["ablation"] else []) + (
+        [f"--decoder_hidden={a['decoder_hidden']}"] if a["decoder_hidden"] != "128" else [])
+
+
 def markdown(out) -> str:
     a = {"decoder_hidden": "128", **out["args"]}
-    decoder_arg = f" --decoder_hidden {a['decoder_hidden']}" if a["decoder_hidden"] != "128" else ""
-    lines = [f"# Controllable MTL on MultiMNIST (Aich et al., ICCV 2023)", "",
-             f"Command: `nice -n 10 python experiments/controllable_mtl.py --steps {a['steps']} --batch_size "
-             f"{a['batch_size']} --num_train {a['num_train']} --num_test {a['num_test']} --num_val {a['num_val']} "
-             f"--num_random {a['num_random']} --kd_weight {a['kd_weight']}{' --ablation' if a['ablation'] else ''}"
-             f"{decoder_arg}`", "",
+    lines = ["# Controllable MTL on MultiMNIST (Aich et al., ICCV 2023)", "",
              f"One slimmable network (configs/multimnist_slimmable.py: conv 20/40 encoder, digit decoders with "
              f"hidden layers of {a['decoder_hidden']} units, widths 0.25/0.5/0.75/1.0 = 64 configurations), trained once on "
              f"{a['num_train'] - a['num_val']} MultiMNIST pairs for {a['steps']} steps of batch {a['batch_size']} "
@@ -190,10 +192,11 @@ def markdown(out) -> str:
             lines.append(f"| {r['width']:g} | {r['flops'] / 1e6:.3f} ({100 * r['flops_frac']:.0f}%) | "
                          f"{100 * r['test']['left']:.2f} | {100 * r['test']['right']:.2f} |")
         lines.append("")
-    return "\n".join(lines)
+    lines.append(common.produced_by(__spec__.name, command_args(a)))
+    return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=128)
@@ -207,18 +210,15 @@ def main():
     parser.add_argument("--decoder_hidden", default="128",
                         help="comma-separated hidden layer sizes of each task decoder (the config's: 128)")
     parser.add_argument("--ablation", action="store_true", help="also train with kd_weight=0")
-    parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "controllable_mtl"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "controllable_mtl"))
+    args = parser.parse_args(argv)
     out = run(args)
-    with open(args.out + ".json", "w") as f:
-        json.dump(out, f, indent=1)
+    common.write_json(args.out + ".json", out, indent=1)
+    text = markdown(out)
     with open(args.out + ".md", "w") as f:
-        f.write(markdown(out))
-    print(markdown(out))
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

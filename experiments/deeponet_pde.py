@@ -1,6 +1,6 @@
 """MT-DeepONet vs single-task DeepONets on the Fisher-KPP and Darcy data (``mtl_jax.data.pde``).
 
-    nice -n 10 python experiments/deeponet_pde.py [--problems=fisher,darcy] [--seeds=0,1] [--steps=3000]
+    nice -n 10 python -m experiments.deeponet_pde [--problems=fisher,darcy] [--seeds=0,1] [--steps=3000]
 
 Same budget per task: every model trains ``--steps`` steps at the config's batch size; a
 multi-task record holds one instance of every task, so per step the MT model and each
@@ -12,30 +12,25 @@ L2 error per task, mean ± std over seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiments import common
+from mtl_jax.config import load_config
+from mtl_jax.data.pde import DARCY_GEOMETRIES, FISHER_FAMILIES
+from mtl_jax.train.trainer import train_and_evaluate
 
-from mtl_jax.config import load_config  # noqa: E402
-from mtl_jax.data.pde import DARCY_GEOMETRIES, FISHER_FAMILIES  # noqa: E402
-from mtl_jax.train.trainer import train_and_evaluate  # noqa: E402
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CONFIGS = {"fisher": "configs/pde_fisher.py", "darcy": "configs/pde_darcy.py"}
 TASKS = {"fisher": tuple(FISHER_FAMILIES), "darcy": tuple(DARCY_GEOMETRIES)}
 
 
 def run(config_path: str, task: str, seed: int, steps: int, workdir: str) -> dict:
     """{'rel_l2': {task: value}, 'params': count, 'seconds': wall} of one training run."""
-    spec = f"{os.path.join(ROOT, config_path)}" + (f":task={task}" if task else "")
+    spec = os.path.join(common.ROOT, config_path) + (f":task={task}" if task else "")
     config = load_config(spec, [f"num_steps={steps}", f"seed={seed}", f"data.seed={seed}",
                                 "checkpoint.enabled=False", "progress_bar=False"])
     start = time.perf_counter()
@@ -46,12 +41,8 @@ def run(config_path: str, task: str, seed: int, steps: int, workdir: str) -> dic
             "seconds": seconds}
 
 
-def summary(values) -> str:
-    values = np.asarray(values) * 100
-    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
-
-
 def main(argv=None):
+    argv = common.argv_or_sys(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default="fisher,darcy")
     parser.add_argument("--seeds", default="0,1")
@@ -73,10 +64,9 @@ def main(argv=None):
                 print(problem, seed, mt["rel_l2"], {t: v[-1]["rel_l2"][t] for t, v in entry["st"].items()}, flush=True)
             entry["tasks"] = tasks
             results[problem] = entry
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "deeponet_pde.json"), "w") as f:
-        json.dump({"steps": args.steps, "seeds": seeds, "results": results}, f, indent=2)
-    lines = [f"# MT-DeepONet vs single-task DeepONets: test relative L2 error (%)", "",
+    common.write_json(os.path.join(common.RESULTS, "deeponet_pde.json"),
+                      {"steps": args.steps, "seeds": seeds, "results": results}, indent=2)
+    lines = ["# MT-DeepONet vs single-task DeepONets: test relative L2 error (%)", "",
              f"{args.steps} steps per model, seeds {seeds} (mean ± std), lower is better.", ""]
     for problem, entry in results.items():
         mt_params = entry["mt"][0]["params"]
@@ -87,19 +77,14 @@ def main(argv=None):
                   f"{sum(np.mean([r['seconds'] for r in entry['st'][t]]) for t in entry['tasks']):.0f} s in all.", "",
                   "| task | MT-DeepONet | single-task DeepONet |", "|---|---|---|"]
         for t in entry["tasks"]:
-            lines.append(f"| {t} | {summary([r['rel_l2'][t] for r in entry['mt']])} | "
-                         f"{summary([r['rel_l2'][t] for r in entry['st'][t]])} |")
+            mt, st = ([r["rel_l2"][t] for r in runs] for runs in (entry["mt"], entry["st"][t]))
+            lines.append(f"| {t} | {common.mean_std(mt, scale=100, ddof=1)} | {common.mean_std(st, scale=100, ddof=1)} |")
         lines.append("")
-    command = "nice -n 10 python experiments/deeponet_pde.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines.append(f"Produced by: `{command.strip()}` (1-minute load average at the end: {os.getloadavg()[0]:.1f}; "
-                 f"wall times are on a shared machine).")
-    with open(os.path.join(RESULTS, "deeponet_pde.md"), "w") as f:
+    lines.append(common.produced_by(__spec__.name, argv, common.load_average_note() + "; wall times are on a shared machine"))
+    with open(os.path.join(common.RESULTS, "deeponet_pde.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

@@ -10,7 +10,7 @@ and the wall time of
   share > threshold, on the test images or, with ``--calibration_examples``, on training images),
   with its test accuracy and whether its predictions equal the single-task forward's.
 
-  python experiments/moe_inference_flops.py --config=configs/multimnist_mod_squad.py \\
+  python -m experiments.moe_inference_flops --config=configs/multimnist_mod_squad.py \\
       --config.num_steps=600 --config.data.num_train=8192 --config.data.num_test=1000
 
 Writes ``experiments/results/moe_inference_flops_<model>.{json,md}``.
@@ -19,7 +19,6 @@ Writes ``experiments/results/moe_inference_flops_<model>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -27,14 +26,12 @@ import time
 import jax
 import numpy as np
 
+from experiments import common
 from mtl_jax.config import load_config
 from mtl_jax.data.sources import read_all
 from mtl_jax.models.flops import abstract_variables, cost_flops, inference_flops, param_count
 from mtl_jax.models.moe_vit import expert_usage, extract_task_model, kept_experts
 from mtl_jax.train.trainer import train_and_evaluate
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
 
 def flops_and_seconds(fn, params, x, repeats: int) -> tuple[float, float]:
     """(XLA FLOPs of one call, median wall seconds over ``repeats`` calls after a warm-up)."""
@@ -142,10 +139,11 @@ def main(argv=None):
     parser.add_argument("--time_batch", type=int, default=0,
                         help="--flops_only: also time the forwards on a batch of this many random inputs "
                              "(random weights; median of --repeats)")
-    args, overrides = parser.parse_known_args(argv)
-    config = load_config(args.config, [o.removeprefix("--config.") for o in overrides])
+    args, rest = parser.parse_known_args(argv)
+    overrides = common.config_overrides(parser, rest)
+    config = load_config(args.config, overrides)
     if args.flops_only:
-        return flops_only(config, args, overrides)
+        return flops_only(config, args, rest)
     config.progress_bar = False
     config.checkpoint.enabled = False
     config.baselines = ""
@@ -172,25 +170,22 @@ def main(argv=None):
                f"{a.moe_every}, {len(dataset.tasks)} tasks, load balancing {a.get('load_balance_weight', 0)}, "
                f"task-expert MI loss {a.get('mi_weight', 0)}")
     name = config.model.name + (f"_{args.tag}" if args.tag else "")
-    os.makedirs(RESULTS, exist_ok=True)
-    record = {"config": args.config, "overrides": overrides, "setting": setting, "test": out["results"], **results}
-    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    command = "python experiments/moe_inference_flops.py " + " ".join(
-        [f"--config={args.config}", f"--thresholds={args.thresholds}", f"--repeats={args.repeats}",
-         f"--eval_examples={args.eval_examples}"]
-        + ([f"--calibration_examples={args.calibration_examples}"] if args.calibration_examples else [])
-        + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
-    table = markdown(name, setting, results, out["results"]) + f"\nProduced by: `{command}`\n"
-    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
+    record = {"config": args.config, "overrides": rest, "setting": setting, "test": out["results"], **results}
+    common.write_json(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.json"), record, indent=2)
+    command = ([f"--config={args.config}", f"--thresholds={args.thresholds}", f"--repeats={args.repeats}",
+                f"--eval_examples={args.eval_examples}"]
+               + ([f"--calibration_examples={args.calibration_examples}"] if args.calibration_examples else [])
+               + ([f"--tag={args.tag}"] if args.tag else []) + rest)  # every setting, defaults included
+    table = markdown(name, setting, results, out["results"]) + "\n" + common.produced_by(__spec__.name, command) + "\n"
+    with open(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
         f.write(table)
     print(table)
 
 
-def flops_only(config, args, overrides) -> dict:
+def flops_only(config, args, rest) -> dict:
     """``--flops_only``: the single-task / all-task FLOPs ratio of the configured architecture at any
     scale (e.g. M3ViT's own: ViT-S/16 on 512x512 images, 5 tasks), written to
-    ``moe_inference_flops_<model>_<tag>.{json,md}``."""
+    ``moe_inference_flops_<model>_<tag>.{json,md}``; ``rest``: the ``--config.*`` arguments as given."""
     from mtl_jax import tasks as T
     from mtl_jax.models import build_model
 
@@ -208,10 +203,9 @@ def flops_only(config, args, overrides) -> dict:
             lambda p, v: model.apply({"params": p}, v, tasks=(task,))[task], params, x, args.repeats)[1]
     a = config.model.arch_kwargs
     name = config.model.name + "_flops" + (f"_{args.tag}" if args.tag else "")
-    command = "python experiments/moe_inference_flops.py " + " ".join(
-        [f"--config={args.config}", f"--flops_only={args.flops_only}", f"--num_tasks={args.num_tasks}"]
-        + ([f"--time_batch={args.time_batch}", f"--repeats={args.repeats}"] if args.time_batch else [])
-        + ([f"--tag={args.tag}"] if args.tag else []) + overrides)
+    command = ([f"--config={args.config}", f"--flops_only={args.flops_only}", f"--num_tasks={args.num_tasks}"]
+               + ([f"--time_batch={args.time_batch}", f"--repeats={args.repeats}"] if args.time_batch else [])
+               + ([f"--tag={args.tag}"] if args.tag else []) + rest)
     seconds = counts.get("seconds", {})
     ms = lambda key: f"{1e3 * seconds[key]:.1f}" if key in seconds else ""
     lines = [f"### {config.model.name}: single-task vs all-task inference FLOPs, architecture only", "",
@@ -229,18 +223,14 @@ def flops_only(config, args, overrides) -> dict:
     if args.time_batch:
         lines += ["", f"ms / batch: median wall time of {args.repeats} calls on a batch of {args.time_batch} random "
                       "inputs (random weights), this shared 2-core CPU."]
-    table = "\n".join(lines) + f"\n\nProduced by: `{command}`\n"
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.json"), "w") as f:
-        json.dump({"config": args.config, "overrides": overrides, "input_shape": shape, **counts}, f, indent=2)
-    with open(os.path.join(RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
+    table = "\n".join(lines) + "\n\n" + common.produced_by(__spec__.name, command) + "\n"
+    common.write_json(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.json"),
+                      {"config": args.config, "overrides": rest, "input_shape": shape, **counts}, indent=2)
+    with open(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
         f.write(table)
     print(table)
     return counts
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

@@ -1,7 +1,7 @@
 """PAGCP channel pruning of the MultiMNIST HPS LeNet: accuracy vs FLOPs, against uniform L1 pruning.
 
-    nice -n 5 python experiments/pagcp_multimnist.py                   # 3 seeds, ~10 min on 2 CPU cores
-    python experiments/pagcp_multimnist.py --steps 30 --finetune_steps 10 --num_train 512 --seeds 0 --out /tmp/p
+    nice -n 5 python -m experiments.pagcp_multimnist                   # 3 seeds, ~10 min on 2 CPU cores
+    python -m experiments.pagcp_multimnist --steps 30 --finetune_steps 10 --num_train 512 --seeds 0 --out /tmp/p
 
 Per seed: the HPS LeNet of ``configs/multimnist.py`` (width 2, MLP heads) is trained on MultiMNIST
 pairs; PAGCP (``mtl_jax.models.pruning``, Ye et al. 2023) searches per-layer pruning ratios on
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -25,21 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-
-from mtl_jax.config import load_config  # noqa: E402
-from mtl_jax.data.multimnist import load_mnist_sources, make_multimnist, overlay_pairs  # noqa: E402
-from mtl_jax.models import build_model  # noqa: E402
-from mtl_jax.models.flops import model_cost  # noqa: E402
-from mtl_jax.models.pruning import (  # noqa: E402
+from experiments import common
+from mtl_jax.config import load_config
+from mtl_jax.data.multimnist import load_mnist_sources, make_multimnist, overlay_pairs
+from mtl_jax.models import build_model
+from mtl_jax.models.flops import model_cost
+from mtl_jax.models.pruning import (
     LENET_LAYERS, lenet_channels, lenet_keep, mask_hps_lenet, pagcp_search, slice_hps_lenet)
 
 TASKS = ("left", "right")
 
 
 def lenet_model(channels=()):
-    config = load_config("configs/multimnist.py")
+    config = load_config(os.path.join(common.CONFIGS, "multimnist.py"))
     config.model.trunk_kwargs.channels = tuple(channels)
     return build_model(config.model, [SimpleNamespace(name=t, num_outputs=10) for t in TASKS])
 
@@ -132,8 +129,7 @@ def run_seed(args, data, seed: int) -> dict:
 
 
 def fmt(values) -> str:
-    values = 100 * np.asarray(values, float)
-    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+    return common.mean_std(values, scale=100)
 
 
 def report(args, results: dict, wall: float, argv) -> str:
@@ -168,7 +164,7 @@ def report(args, results: dict, wall: float, argv) -> str:
         for name, log in results[s]["search"].items():
             lines.append(f"- seed {s}, {name}: order {list(log['order'])}, searched {log['searched']}, stopped by "
                          f"{log['stopped_by']}, final {log['ratios']}")
-    lines += ["", f"Produced by: `{' '.join(['python experiments/pagcp_multimnist.py', *argv])}`."]
+    lines += ["", common.produced_by(__spec__.name, argv)]
     return "\n".join(lines)
 
 
@@ -189,7 +185,7 @@ def main(argv=None):
                         "the compounded one over all layers), comma separated")
     p.add_argument("--topk", type=float, default=1.0, help="fraction of searched layers kept pruned")
     p.add_argument("--out", default="experiments/results/pagcp_multimnist")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = common.argv_or_sys(argv)
     args = p.parse_args(argv)
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.allowances = [tuple(float(v) for v in a.split(":")) for a in args.allowances.split(",")]
@@ -199,9 +195,8 @@ def main(argv=None):
     data = {"train": multi["train"], "test": multi["test"],
             "calibration": overlay_pairs(train_x, train_y, args.num_calibration, seed=99)}
     results = {int(s): run_seed(args, data, int(s)) for s in args.seeds.split(",")}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1, default=lambda v: np.asarray(v).tolist())
+    common.write_json(args.out + ".json", {"args": vars(args), "results": results}, indent=1,
+                      default=lambda v: np.asarray(v).tolist())
     table = report(args, results, time.time() - start, argv)
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
@@ -209,7 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

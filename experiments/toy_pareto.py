@@ -12,12 +12,13 @@ five Nash-MTL starts with Adam (lr 1e-3, 35k steps, as ``experiments/toy/trainer
 update direction is ``J^T w`` with the method's weights. ``lax.scan`` over steps, ``vmap`` over
 starts, one jit per method.
 
-  python experiments/toy_pareto.py [--steps 35000] [--out experiments/results/toy_pareto.png]
+  python -m experiments.toy_pareto [--steps 35000] [--out experiments/results/toy_pareto.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Sequence
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import common
 from mtl_jax.train.methods import MethodInputs, get_method, returns_direction, with_num_params
 from mtl_jax.train.methods import solvers
 
@@ -178,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=35000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default="experiments/results/toy_pareto.png")
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "toy_pareto.png"))
     args = parser.parse_args(argv)
     results = {}
     for name in args.methods.split(","):
@@ -198,7 +200,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

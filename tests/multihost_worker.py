@@ -23,7 +23,6 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
 os.environ["JAX_NUM_PROCESSES"] = num_processes
 os.environ["JAX_PROCESS_ID"] = process_id
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

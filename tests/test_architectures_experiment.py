@@ -1,4 +1,4 @@
-"""experiments/architectures.py end to end on a seconds-long stand-in, and the FLOPs helper.
+"""``python -m experiments.architectures`` end to end on a seconds-long stand-in, and the FLOPs helper.
 
 The stand-in configs directory has the file names the script discovers (``multimnist.py`` = HPS,
 ``multimnist_<arch>.py``, ``pde_<x>.py``) holding tiny scikit-learn digits configs (an MLP trunk,
@@ -7,22 +7,17 @@ two tasks: a few steps compile and run in seconds).
 
 import json
 import os
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from experiments import architectures as A
+from experiments.common import CONFIGS, train_cached
+from mtl_jax.models.flops import cost_flops, model_cost
 
-import architectures as A  # noqa: E402
-
-from mtl_jax.models.flops import cost_flops, model_cost  # noqa: E402
-
-DIGITS = os.path.abspath(os.path.join(ROOT, "configs", "digits_mlp.py"))
+DIGITS = os.path.join(CONFIGS, "digits_mlp.py")
 TINY = f'''
 from mtl_jax.config import load_config
 
@@ -136,18 +131,16 @@ def test_flops_of_a_dense_layer_and_cost_analysis_forms():
 
 
 def test_a_workdir_of_another_config_is_not_resumed(configs_dir, tmp_path):
-    """multimnist_methods.run: the same workdir with other overrides trains afresh (equal to a run in
+    """common.train_cached: the same workdir with other overrides trains afresh (equal to a run in
     a new workdir), not resumed from the other config's final checkpoint; the same overrides again
     read the saved results."""
-    from multimnist_methods import run
-
     spec = os.path.join(configs_dir, "multimnist.py")
     shared = str(tmp_path / "shared")
-    first = run(spec, ["optim.lr=0.001"], shared)
-    second = run(spec, ["optim.lr=0.05"], shared)
-    fresh = run(spec, ["optim.lr=0.05"], str(tmp_path / "fresh"))
+    first = train_cached(spec, ["optim.lr=0.001"], shared)
+    second = train_cached(spec, ["optim.lr=0.05"], shared)
+    fresh = train_cached(spec, ["optim.lr=0.05"], str(tmp_path / "fresh"))
     assert second == fresh and second != first
-    assert run(spec, ["optim.lr=0.05"], shared) == second
+    assert train_cached(spec, ["optim.lr=0.05"], shared) == second
 
 
 def test_rebaseline_recomputes_delta_m_of_stored_runs_against_another_reference(configs_dir, tmp_path, monkeypatch):

@@ -15,8 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA:CPU's executor does: above glibc's 64 MiB per-thread heap), and prints the minor page faults
 # of each round.
 ROUNDS = """
-import resource, sys, threading
-sys.path.insert(0, {root!r})
+import resource, threading
 from mtl_jax.host_memory import reuse_freed_memory
 print(reuse_freed_memory())
 import numpy as np
@@ -35,7 +34,7 @@ print(faults)
 
 def fault_rounds(mode: str):
     env = {**os.environ, host_memory.ENV_VAR: mode}
-    out = subprocess.run([sys.executable, "-c", ROUNDS.format(root=ROOT)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", ROUNDS], env=env, cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.split("\n")
     return out[0] == "True", ast.literal_eval(out[1])
 

@@ -1,17 +1,16 @@
-"""Smoke run of the ViT merging benchmark (experiments/merging/run.py) on its `:smoke` config."""
+"""Smoke run of the ViT merging benchmark (``python -m experiments.merging.run``) on its `:smoke` config."""
 
 import json
-import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-
-from experiments.merging import run as bench  # noqa: E402
-from experiments.merging import tasks as task_lib  # noqa: E402
-from mtl_jax.config import config_from_file  # noqa: E402
+from experiments.merging import run as bench
+from experiments.merging import tasks as task_lib
+from experiments.merging.statistics import backbone_grams, from_merge_space, to_merge_space
+from experiments.merging.training import frozen_heads
+from mtl_jax.config import config_from_file
+from mtl_jax.merging.tree import flatten_with_paths
+from mtl_jax.models.trunks import ViT
 
 METHODS = ("Greedy soup", "Task arithmetic", "TIES", "TALL-mask retrieval", "EMR")
 BASELINES = ("Pretrained (linear probe)", "Individual (fine-tuned)", "Multi-task trained")
@@ -45,17 +44,17 @@ def test_tasks_transform_real_digits():
 def test_merge_space_round_trip_and_attention_matrices():
     import jax
 
-    trunk = bench.ViT(patch_size=7, dim=16, depth=2, num_heads=2, mlp_dim=32)
+    trunk = ViT(patch_size=7, dim=16, depth=2, num_heads=2, mlp_dim=32)
     params = jax.jit(trunk.init)(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"]
-    space = bench.to_merge_space(params)
+    space = to_merge_space(params)
     att = space["shared"]["block_0"]["attention"]
     assert att["query"]["kernel"].shape == (16, 16) and att["query"]["bias"].shape == (16,)
     assert att["out"]["kernel"].shape == (16, 16)
-    back = bench.from_merge_space(space, params)
+    back = from_merge_space(space, params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
     # RegMean Grams are keyed by the merge-space kernel paths and match their input sizes.
-    grams = bench.regmean_grams(trunk, params, np.zeros((2, 28, 28, 1), np.float32))
-    flat = dict(bench.flatten_with_paths(space))
+    grams = backbone_grams(trunk, params, np.zeros((2, 28, 28, 1), np.float32))
+    flat = dict(flatten_with_paths(space))
     assert "shared/block_1/attention/out/kernel" in grams
     for path, g in grams.items():
         assert g.shape == (flat[path].shape[0],) * 2
@@ -112,7 +111,7 @@ def test_frozen_heads_train_only_the_backbone():
 
     params = {"shared": {"w": jnp.ones((3, 2))}, "heads": {"a": {"kernel": jnp.ones((2, 4))}, "b": {"kernel": jnp.ones((2,))}}}
     loss = lambda p: jnp.sum((p["shared"]["w"] @ p["heads"]["a"]["kernel"]) ** 2) + jnp.sum(p["heads"]["b"]["kernel"] ** 2)  # noqa: E731
-    tx = bench.frozen_heads(optax.adamw(0.1, weight_decay=0.5))
+    tx = frozen_heads(optax.adamw(0.1, weight_decay=0.5))
     state = tx.init(params)
     new = params
     for _ in range(3):
@@ -166,3 +165,33 @@ def test_scalearn_smoke_transfer_rows_and_cache(tmp_path):
     assert "| scalearn_uniform++ |" in out["table"] and "--config=smoke" in out["table"]
     again = scalearn.run(config, ["--config=smoke"])  # the seed's rows come from the cache
     assert again["results"][0]["scalearn"]["acc"] == rows["scalearn"]["acc"]
+
+
+def test_fisher_diagonal_and_regmean_grams_of_a_dense_layer():
+    """``mtl_jax.merging.fisher_regmean``'s statistics on one Dense layer: the Fisher is the mean of the
+    per-example squared gradients of log p(y_hat | x) (kernel gradient x_n (e_y - p_n)^T), the Gram is
+    X^T X keyed by the kernel path, summed over the calls of a layer applied twice."""
+    import flax.linen as nn
+    import jax
+
+    from mtl_jax.merging.fisher_regmean import fisher_diagonal, regmean_grams
+
+    model = nn.Dense(3)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    logits_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
+    key = jax.random.key(1)
+    fisher = fisher_diagonal(logits_fn, params, x, key)
+    logits = np.asarray(logits_fn(params, x))
+    labels = np.asarray(jax.random.categorical(key, logits))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    residual = np.eye(3)[labels] - probs  # [N, C]: d log p(y_n | x_n) / d logits
+    np.testing.assert_allclose(fisher["kernel"], np.mean((x[:, :, None] * residual[:, None, :]) ** 2, 0), rtol=1e-5)
+    np.testing.assert_allclose(fisher["bias"], np.mean(residual ** 2, 0), rtol=1e-5)
+
+    grams = regmean_grams(lambda: model.apply({"params": params}, x), prefix=("shared",))
+    assert list(grams) == ["shared/kernel"]
+    np.testing.assert_allclose(grams["shared/kernel"], x.T @ x, rtol=1e-5)
+    twice = regmean_grams(lambda: [model.apply({"params": params}, x) for _ in range(2)])
+    np.testing.assert_allclose(twice["kernel"], 2 * x.T @ x, rtol=1e-5)

@@ -255,9 +255,10 @@ def test_gpu_device_script_dry_run_on_cpu(tmp_path):
     MFU arithmetic runs without a GPU)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "device", "scale_gpu.py"), "--dry-run",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.device.scale_gpu", "--dry-run",
                           "--methods", "ew", "--precisions", "float32", "--peak-tflops", "1",
-                          "--json", str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=120)
+                          "--json", str(tmp_path / "out.json")], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "images/s" in out.stdout and "MFU" in out.stdout
     row = json.load(open(tmp_path / "out.json"))["rows"][0]

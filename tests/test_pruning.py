@@ -105,10 +105,7 @@ def test_sliced_lenet_computes_what_the_masked_one_does():
 
 def test_pagcp_experiment_smoke(tmp_path):
     import json
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from experiments import pagcp_multimnist
 
     out = str(tmp_path / "pagcp")

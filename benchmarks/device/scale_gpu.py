@@ -1,10 +1,10 @@
 """Throughput and model FLOPs utilisation (MFU) of the ViT-B/16 MTL train step on one GPU.
 
-    python benchmarks/device/scale_gpu.py                    # EW and UPGrad x fp32 and bf16, K = 5 heads
-    python benchmarks/device/scale_gpu.py --batch 128 --steps 20 --json scale_gpu.json
-    python benchmarks/device/scale_gpu.py --dry-run          # tiny ViT, 2 steps, any backend (checks the script)
+    python -m benchmarks.device.scale_gpu                    # EW and UPGrad x fp32 and bf16, K = 5 heads
+    python -m benchmarks.device.scale_gpu --batch 128 --steps 20 --json scale_gpu.json
+    python -m benchmarks.device.scale_gpu --dry-run          # tiny ViT, 2 steps, any backend (checks the script)
 
-The model is ``benchmarks/scale.py``'s (hard parameter sharing: ViT-B/16 trunk, 224 x 224 images =
+The model is ``benchmarks.scale``'s (hard parameter sharing: ViT-B/16 trunk, 224 x 224 images =
 196 tokens, 5 linear heads, Adam) on a one-device mesh; each (method, precision) is compiled, run
 ``--warmup`` steps, then ``--steps`` steps timed together (one ``block_until_ready`` at the end).
 Reported per configuration:
@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import scale  # noqa: E402  (benchmarks/scale.py: model sizes, configs, synthetic data, compile)
+from benchmarks import scale  # model sizes, configs, synthetic data, compile
+from experiments.common import argv_or_sys, command_line
 
 # device_kind substring -> dense peak FLOP/s (bf16, fp32, tf32), first match wins (vendor data sheets)
 PEAKS = (
@@ -138,7 +134,7 @@ def main(argv=None) -> None:
                                                  args.steps), peaks)
             rows.append(row)
             print(f"# {json.dumps(row)}", file=sys.stderr, flush=True)
-    result = {"command": "python benchmarks/device/scale_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": command_line("benchmarks.device.scale_gpu", argv_or_sys(argv)),
               "device_kind": device.device_kind, "platform": device.platform, "jax": jax.__version__,
               "size": {"name": args.size, **scale.SIZES[args.size]}, "tasks": scale.NUM_TASKS,
               "peaks": peaks, "wall_s": time.perf_counter() - began, "rows": rows}

@@ -1,6 +1,6 @@
-"""Peer merge driver, run by benchmarks/merge_throughput.py in the peers venv (.peers-merge-venv).
+"""Peer merge driver, run by ``python -m benchmarks.merge_throughput`` in the peers venv (.peers-merge-venv).
 
-``python merge_peer.py {fusionbench,mergekit} {ta,ties,dare,consensus} DIR T OUT`` loads
+``python benchmarks/peers/merge_peer.py {fusionbench,mergekit} {ta,ties,dare,consensus} DIR T OUT`` loads
 DIR/pretrained.safetensors and DIR/task_{t}.safetensors with safetensors.torch, merges with the
 peer's own in-memory API, writes OUT, and prints one JSON line: phase times (s), peak RSS of this
 process and its RSS after imports (bytes).
@@ -14,6 +14,7 @@ class in FusionBench) = its TALL helper ``generate_task_masks`` + count >= 2, as
 ``task_arithmetic``, ``ties``, ``dare_linear``; MergeKit has no Consensus method.
 """
 
+import importlib
 import json
 import resource
 import sys
@@ -88,10 +89,8 @@ def main(argv):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    if lib == "mergekit":
-        import mergekit.merge_methods
-    else:
-        import fusion_bench.utils.state_dict_arithmetic
+    # imported before base_rss is read: the RSS after imports includes the peer library
+    importlib.import_module("mergekit.merge_methods" if lib == "mergekit" else "fusion_bench.utils.state_dict_arithmetic")
     base_rss = rss_now()
     t0 = time.perf_counter()
     p0 = load_file(f"{d}/pretrained.safetensors")

@@ -1,4 +1,4 @@
-"""PyTorch peer of ``benchmarks/method_step_time.py``: TorchJD (and a cvxpy Nash-MTL) train steps.
+"""PyTorch peer of ``python -m benchmarks.method_step_time``: TorchJD (and a cvxpy Nash-MTL) train steps.
 
 Runs in the separate peers venv (``.peers-venv``: torch==2.13.0 CPU, ``torchjd[full]``, cvxpy)::
 

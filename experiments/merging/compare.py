@@ -1,6 +1,6 @@
 """Side-by-side table of several ViT merging benchmark runs (their ``.json`` outputs).
 
-``python experiments/merging/compare.py --runs LABEL=experiments/results/merging_vit.json,...
+``python -m experiments.merging.compare --runs LABEL=experiments/results/merging_vit.json,...
 --out experiments/results/merging_vit_ablations.md``: one row per method, one column per run, each
 cell the mean test accuracy over the 8 tasks (mean ± std over the run's seeds), then each run's
 mean off-diagonal task-vector cosine. Rows missing from a run are left blank.
@@ -9,16 +9,11 @@ mean off-diagonal task-vector cosine. Rows missing from a run are left blank.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
+import os
 
 import numpy as np
 
-
-def load_run(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+from experiments import common
 
 
 def method_names(runs: list[dict]) -> list[str]:
@@ -31,10 +26,8 @@ def method_names(runs: list[dict]) -> list[str]:
 
 
 def cell(run: dict, name: str) -> str:
-    means = [100 * np.mean(rows[name]["acc"]) for rows in run["results"].values() if name in rows]
-    if not means:
-        return ""
-    return f"{np.mean(means):.1f} ± {np.std(means):.1f}" if len(means) > 1 else f"{means[0]:.1f}"
+    means = [np.mean(rows[name]["acc"]) for rows in run["results"].values() if name in rows]
+    return common.mean_std(means, scale=100, digits=1) if means else ""
 
 
 def mean_cosine(run: dict) -> str:
@@ -56,6 +49,7 @@ def comparison_table(labels: list[str], runs: list[dict]) -> str:
 
 
 def main(argv=None):
+    argv = common.argv_or_sys(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", required=True, help="comma-separated LABEL=path.json")
     parser.add_argument("--out", default="", help="also write the table (markdown) here")
@@ -65,9 +59,11 @@ def main(argv=None):
     bad = [p[0] for p in pairs if len(p) != 2]
     if bad:
         parser.error(f"--runs entries must be LABEL=path.json; got {bad}")
-    labels, runs = [p[0] for p in pairs], [load_run(p[1]) for p in pairs]
-    command = shlex.join(["python", "experiments/merging/compare.py"] + list(sys.argv[1:] if argv is None else argv))
-    text = f"# {args.title}\n\nCommand: `{command}`\n\n" + comparison_table(labels, runs) + "\n"
+    missing = [p[1] for p in pairs if not os.path.isfile(p[1])]
+    if missing:
+        parser.error(f"--runs: no such file {missing}")
+    labels, runs = [p[0] for p in pairs], [common.read_json(p[1]) for p in pairs]
+    text = f"# {args.title}\n\n" + comparison_table(labels, runs) + "\n\n" + common.produced_by(__spec__.name, argv) + "\n"
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
@@ -75,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

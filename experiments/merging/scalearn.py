@@ -1,11 +1,11 @@
 """ScaLearn two-stage transfer on the merging benchmark's 8 real-digit tasks and pretrained ViT.
 
-    nice -n 5 python experiments/merging/scalearn.py                                    # 8 tasks, 3 seeds, ~27 min
-    python experiments/merging/scalearn.py --config=configs/merge/vit_benchmark.py:smoke  # seconds
+    nice -n 5 python -m experiments.merging.scalearn                                    # 8 tasks, 3 seeds, ~27 min
+    python -m experiments.merging.scalearn --config=configs/merge/vit_benchmark.py:smoke  # seconds
 
 Frohmann et al., "ScaLearn: Simple and Highly Parameter-Efficient Task Transfer by Learning to
 Scale" (arXiv 2310.01217), at CPU scale: the merging benchmark's rotation-pretrained trunk
-(``experiments/merging/run.py``, same cache) stays frozen. Stage 1: per task, one bottleneck adapter
+(``experiments.merging.training.pretrained_trunk``, same cache) stays frozen. Stage 1: per task, one bottleneck adapter
 in every block plus its head (from the task's linear probe) is trained (the "Adapter" row, the
 paper's single-task adapter baseline). Stage 2, per target task: all 8 adapters (the target's own
 included, as in the paper) are frozen in every block and only omega + the target head are trained
@@ -18,9 +18,7 @@ recipe), adapter, ScaLearn variants. Writes ``config.scalearn.out`` + ``.md`` / 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import sys
 import time
 
 import jax
@@ -28,18 +26,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-sys.path.insert(0, ROOT)
-
-from experiments.merging import run as bench  # noqa: E402
-from experiments.merging import tasks as task_lib  # noqa: E402
-from mtl_jax.merging import fit_scalearn, init_omega, stack_source_adapters  # noqa: E402
-from mtl_jax.merging.scalearn import ADAPTER_KEY  # noqa: E402
-from mtl_jax.merging.tree import flatten_with_paths, replace_flat  # noqa: E402
-from mtl_jax.models.adapters import adapter_hidden  # noqa: E402
-from mtl_jax.models.trunks import ViT  # noqa: E402
-from mtl_jax.train.losses import cross_entropy  # noqa: E402
-from mtl_jax.train.optim import make_optimizer  # noqa: E402
+from experiments import common
+from experiments.merging.report import markdown_table
+from experiments.merging.run import CONFIG
+from experiments.merging.statistics import accuracy
+from experiments.merging.training import (
+    EvalSet,
+    eval_set,
+    finetune,
+    head_logits,
+    linear_probe,
+    make_step,
+    run_steps,
+    sampler,
+    setup,
+    single_task_loss,
+)
+from mtl_jax.merging import fit_scalearn, init_omega, stack_source_adapters
+from mtl_jax.merging.scalearn import ADAPTER_KEY
+from mtl_jax.merging.tree import flatten_with_paths, replace_flat
+from mtl_jax.models.adapters import adapter_hidden
+from mtl_jax.models.trunks import ViT
+from mtl_jax.train.losses import cross_entropy
+from mtl_jax.train.optim import make_optimizer
 
 LEAVE_OUT = "ScaLearn (target adapter left out)"
 
@@ -62,23 +71,23 @@ def adapters_and_heads_only(tx: optax.GradientTransformation) -> optax.GradientT
 @functools.partial(jax.jit, static_argnums=0)
 def composed_predictions(model: ViT, params, omega, head, x):
     """argmax class of x [B, 28, 28, 1] under the adapter model with scales omega -> [B]."""
-    return jnp.argmax(bench.head_logits(head, model.apply({"params": params}, x, omega=omega)), -1)
+    return jnp.argmax(head_logits(head, model.apply({"params": params}, x, omega=omega)), -1)
 
 
-def composed_accuracy(model, params, omega, head, data: bench.EvalSet) -> float:
+def composed_accuracy(model, params, omega, head, data: EvalSet) -> float:
     preds = np.concatenate([np.asarray(composed_predictions(model, params, omega, head, xb)) for xb in data.x])
     return float(np.mean(preds[: len(data.y)] == data.y))
 
 
 def train_adapter(config, step_tx, model1, pretrained, head, task, seed: int):
     """Stage 1: the task's adapter + head on the frozen trunk, from (pretrained, probe head). The adapter's
-    init draw is the seed's, the same for every task (as the fine-tuning heads' fixed key in run.py)."""
+    init draw is the seed's, the same for every task (as the fine-tuning heads' fixed key in training.finetune)."""
     x, y = task.splits["train"]
     init = model1.init(jax.random.key(seed), x[:1])["params"]
     shared = replace_flat(init, dict(flatten_with_paths(pretrained)))
     step, tx = step_tx
-    params, _ = bench.run_steps(step, tx, {"shared": shared, "heads": {"task": head}}, config.scalearn.adapter.steps,
-                                bench.sampler(x, y, config.scalearn.adapter.batch_size), seed)
+    params, _ = run_steps(step, tx, {"shared": shared, "heads": {"task": head}}, config.scalearn.adapter.steps,
+                                sampler(x, y, config.scalearn.adapter.batch_size), seed)
     return params["shared"], params["heads"]["task"]
 
 
@@ -89,11 +98,11 @@ def transfer(config, sources, head, task, variant: str, seed: int) -> tuple[floa
     stacked = stack_source_adapters(sources)
     x, y = task.splits["train"]
     xs, ys = jnp.asarray(x), jnp.asarray(y)
-    val = bench.eval_set(*task.splits["val"], config.eval_batch)
+    val = eval_set(*task.splits["val"], config.eval_batch)
 
     def loss(omega, head, key, stacked, xs, ys):
         idx = jax.random.randint(key, (cfg.batch_size,), 0, xs.shape[0])
-        logits = bench.head_logits(head, model.apply({"params": stacked}, xs[idx], omega=omega))
+        logits = head_logits(head, model.apply({"params": stacked}, xs[idx], omega=omega))
         return jnp.mean(cross_entropy(logits, ys[idx]))
 
     key_init, key_fit = jax.random.split(jax.random.key(seed))
@@ -101,7 +110,7 @@ def transfer(config, sources, head, task, variant: str, seed: int) -> tuple[floa
     result = fit_scalearn(loss, omega0, head, steps=cfg.steps, lr=cfg.lr, dropout=cfg.dropout,
                           validate=lambda o, h: composed_accuracy(model, stacked, o, h, val),
                           eval_every=cfg.eval_every, key=key_fit, args=(stacked, xs, ys))
-    test = bench.eval_set(*task.splits["test"], config.eval_batch)
+    test = eval_set(*task.splits["test"], config.eval_batch)
     omega = np.asarray(result.omega)
     info = {"transfer_params": result.num_transfer_params, "loss_first": float(result.history[:10].mean()),
             "loss_last": float(result.history[-10:].mean()), "omega_mean": float(omega.mean()),
@@ -115,20 +124,20 @@ def run_seed(config, trainers, trunk, pretrained, tasks, seed: int) -> dict:
     cfg = config.scalearn
     model1 = adapter_vit(config, 1)
     adapter_tx = adapters_and_heads_only(make_optimizer(cfg.adapter.optim, cfg.adapter.steps))
-    adapter_step = (bench.make_step(bench.single_task_loss(model1), adapter_tx), adapter_tx)
+    adapter_step = (make_step(single_task_loss(model1), adapter_tx), adapter_tx)
     rows = {name: {"acc": []} for name in ("Linear probe", "Fine-tuning (full)", "Adapter")}
     sources, heads = [], []
     for task in tasks:
-        test = bench.eval_set(*task.splits["test"], config.eval_batch)
-        probe = bench.linear_probe(config, trainers, trunk, pretrained, task, seed)
-        rows["Linear probe"]["acc"].append(bench.accuracy(trunk, pretrained, probe, test))
-        tuned = bench.finetune(config, trainers, pretrained, probe, task, seed)
-        rows["Fine-tuning (full)"]["acc"].append(bench.accuracy(trunk, tuned["shared"], tuned["heads"][task.name], test))
+        test = eval_set(*task.splits["test"], config.eval_batch)
+        probe = linear_probe(config, trainers, trunk, pretrained, task, seed)
+        rows["Linear probe"]["acc"].append(accuracy(trunk, pretrained, probe, test))
+        tuned = finetune(config, trainers, pretrained, probe, task, seed)
+        rows["Fine-tuning (full)"]["acc"].append(accuracy(trunk, tuned["shared"], tuned["heads"][task.name], test))
         shared, head = train_adapter(config, adapter_step, model1, pretrained, probe, task, seed)
         rows["Adapter"]["acc"].append(composed_accuracy(model1, shared, jnp.ones((1, 1, 1)), head, test))
         sources.append(shared)
         heads.append(probe)
-        bench.log(f"seed {seed} {task.name}: probe {rows['Linear probe']['acc'][-1]:.3f} "
+        common.log(f"seed {seed} {task.name}: probe {rows['Linear probe']['acc'][-1]:.3f} "
                   f"fine-tuned {rows['Fine-tuning (full)']['acc'][-1]:.3f} adapter {rows['Adapter']['acc'][-1]:.3f}")
     runs = [(v, v, None) for v in cfg.variants] + ([(LEAVE_OUT, "scalearn", "out")] if cfg.leave_target_out else [])
     for row, variant, mode in runs:
@@ -138,7 +147,7 @@ def run_seed(config, trainers, trunk, pretrained, tasks, seed: int) -> dict:
             acc, info = transfer(config, pool, heads[t], task, variant, seed)
             rows[row]["acc"].append(acc)
             rows[row]["info"].append(info)
-        bench.log(f"seed {seed} {row}: mean {np.mean(rows[row]['acc']):.3f}")
+        common.log(f"seed {seed} {row}: mean {np.mean(rows[row]['acc']):.3f}")
     return rows
 
 
@@ -162,49 +171,34 @@ def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float, 
         + ", ".join(f"{row} {n}" for row, n in params.items())
         + f". Full fine-tuning: the merging benchmark's individual recipe ({config.finetune.steps} steps). "
         f"Wall time of this invocation: {wall / 60:.1f} min.", "",
-        bench.markdown_table(results, names, "acc"), "",
-        f"Produced by: `{' '.join(['python experiments/merging/scalearn.py', *argv])}`.",
+        markdown_table(results, names, "acc"), "",
+        common.produced_by(__spec__.name, argv),
     ]
     table = "\n".join(lines)
     with open(cfg.out + ".md", "w") as f:
         f.write(table + "\n")
-    with open(cfg.out + ".json", "w") as f:
-        json.dump({"tasks": names, "results": {str(s): r for s, r in results.items()}, "argv": list(argv)}, f,
-                  indent=1, default=float)
+    common.write_json(cfg.out + ".json", {"tasks": names, "results": {str(s): r for s, r in results.items()},
+                                          "argv": list(argv)}, indent=1, default=float)
     return table
 
 
 def run(config, argv=()) -> dict:
     start = time.time()
-    sources = task_lib.load_sources(task_lib.sources_of(config.tasks), config.data_seed)
-    tasks = task_lib.build_tasks(config.tasks, sources, config.data_seed, config.max_train, config.max_eval)
-    trunk = ViT(**config.model)
-    trainers = bench.build_trainers(config, trunk)
-    pretrained, pretrain_log, _ = bench.pretrained_trunk(config, trunk, sources, tasks)
+    tasks, trunk, trainers, pretrained, pretrain_log, _ = setup(config)
     os.makedirs(os.path.dirname(os.path.abspath(config.scalearn.out)), exist_ok=True)
     results = {}
     for seed in config.seeds:
-        path = os.path.join(config.scalearn.workdir, bench.settings_hash(config.to_dict(), seed) + ".json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[seed] = json.load(f)
-            continue
-        results[seed] = run_seed(config, trainers, trunk, pretrained, tasks, seed)
-        os.makedirs(config.scalearn.workdir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results[seed], f, default=float)
+        path = os.path.join(config.scalearn.workdir, common.settings_hash(config.to_dict(), seed) + ".json")
+        results[seed] = common.cached_json(path, lambda: run_seed(config, trainers, trunk, pretrained, tasks, seed))
     table = write_report(config, results, tasks, pretrain_log, time.time() - start, argv)
     return {"results": results, "tasks": [t.name for t in tasks], "table": table}
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    config = bench.parse_config(argv, __doc__.splitlines()[0])
+    argv = common.argv_or_sys(argv)
+    config = common.parse_config_file(argv, __doc__.splitlines()[0], CONFIG)
     print(run(config, argv)["table"])
 
 
 if __name__ == "__main__":
-    from mtl_jax.host_memory import reuse_freed_memory
-
-    reuse_freed_memory()  # as `mtl-jax train`: before JAX starts its CPU threads
-    main()
+    common.run_main(main)

@@ -1,16 +1,17 @@
-"""Data-statistics merging: Fisher merging and RegMean (statistics are inputs here; computing them
-from data is the caller's job).
+"""Data-statistics merging: Fisher merging and RegMean, and the statistics they take.
 
 * Fisher merging: Matena & Raffel, "Merging Models with Fisher Weighting", NeurIPS 2022
-  (Fisher-weighted average with the diagonal Fisher).
+  (Fisher-weighted average with the diagonal Fisher, :func:`fisher_diagonal`).
 * RegMean: Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models",
-  ICLR 2023: closed-form least squares per linear layer, off-diagonal Gram entries scaled by alpha.
+  ICLR 2023: closed-form least squares per linear layer, off-diagonal Gram entries scaled by alpha
+  (the Gram matrices of the layers' inputs: :func:`regmean_grams`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,53 @@ from mtl_jax.merging.tree import (
     model_list,
     replicate_if_explicit,
 )
+
+
+def fisher_diagonal(logits_fn: Callable[[Params, jax.Array], jax.Array], params: Params, x: jax.Array,
+                    key: jax.Array) -> Params:
+    """Diagonal Fisher of ``params`` (Matena & Raffel 2022, Sec. 2): the mean over the N examples of
+    ``x`` of the squared gradient of ``log p(y_hat | x_n)``, with ``y_hat ~ p(. | x_n)`` sampled from
+    the model (one sample per example: an unbiased estimate of the expectation over labels).
+
+    logits_fn: ``(params, x [B, ...]) -> logits [B, C]``; x: [N, ...]. Returns one tree shaped like
+    ``params`` (the ``fishers`` entry of :func:`fisher_merging` for this model). The per-example
+    gradients are vmapped: memory N x the parameters.
+    """
+    labels = jax.random.categorical(key, logits_fn(params, x))
+
+    def log_likelihood(p, xi, yi):
+        return jax.nn.log_softmax(logits_fn(p, xi[None]))[0, yi]
+
+    grads = jax.vmap(jax.grad(log_likelihood), in_axes=(None, 0, 0))(params, x, labels)
+    return jax.tree_util.tree_map(lambda g: jnp.mean(g * g, axis=0), grads)
+
+
+def regmean_grams(apply_fn: Callable[[], Any], prefix: Sequence[str] = ()) -> dict[str, jax.Array]:
+    """RegMean Gram matrices (Jin et al. 2023, Sec. 3.2) of the flax linen model run by ``apply_fn()``
+    (e.g. ``lambda: model.apply({"params": params}, x)``): ``G = X^T X`` of the inputs X of every
+    ``nn.Dense`` / ``nn.DenseGeneral`` call, summed over examples and tokens (and over the calls of a
+    layer applied more than once), keyed by ``'/'.join(prefix + module path + ('kernel',))``: the
+    ``grams`` entry of :func:`regmean_merging` for this model. A DenseGeneral contracting k axes has
+    its last k input axes flattened (attention ``out``: (H, Dh) -> H*Dh), matching its kernel viewed
+    as (d_in, d_out). Other layers (convolutions, embeddings) get none: RegMean averages them.
+    """
+    grams = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
+            axis = module.axis if isinstance(module, nn.DenseGeneral) else -1
+            num_axes = len(axis) if isinstance(axis, tuple) else 1
+            inputs = args[0]
+            flat = inputs.reshape(-1, int(np.prod(inputs.shape[inputs.ndim - num_axes:])))
+            path = "/".join(tuple(prefix) + tuple(module.path) + ("kernel",))
+            gram = flat.T @ flat
+            grams[path] = grams[path] + gram if path in grams else gram
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        apply_fn()
+    return grams
 
 
 def _f32(x):

@@ -1,4 +1,4 @@
-"""Qualitative claims of the CAGrad / Nash-MTL toy problem (experiments/toy_pareto.py).
+"""Qualitative claims of the CAGrad / Nash-MTL toy problem (``experiments.toy_pareto``).
 
 Setting of the Nash-MTL repo: L1 scaled by 0.1, five starts, Adam lr 1e-3, 35k steps. Observed
 here (see the report / figure): LS reaches the front from 4 of 5 starts but always at the same
@@ -7,16 +7,10 @@ bargaining (Nash-MTL without its norm clip, = FairGrad alpha=1) reaches the fron
 starts, at spread-out points; MGDA also reaches it from all starts (slow test).
 """
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "toy_pareto.py"
-_SPEC = importlib.util.spec_from_file_location("toy_pareto", _PATH)
-toy = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(toy)
+from experiments import toy_pareto as toy
 
 PLATEAU_START = 2  # (9, 9)
 

@@ -1,0 +1,1 @@
+"""Benchmarks that need an accelerator (``python -m benchmarks.device.<name>``)."""
