@@ -14,7 +14,7 @@ each fault is a host round trip. ``reuse_freed_memory`` sets (``mallopt``, proce
   come from the heap, and freed ones stay in it for the next step.
 
 The cost is that the process keeps its high-water mark of freed memory instead of returning it to
-the system (peak use is unchanged). Measured in ``benchmarks/method_step_time.py --host-malloc``.
+the system (peak use is unchanged). Measured by ``python -m benchmarks.method_step_time --host-malloc``.
 It only affects threads that had not allocated yet, so call it before JAX creates its CPU client
 (before the first computation); ``mtl-jax train`` calls it first thing. Set the environment
 variable ``MTL_JAX_HOST_MALLOC=system`` to keep the C library's defaults. A no-op (returns False)

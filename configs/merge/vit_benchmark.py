@@ -1,7 +1,7 @@
 """Real-data ViT merging benchmark (experiments/merging/run.py): a 4-block ViT pretrained by
 rotation prediction on the union of the digit images, fine-tuned on 8 tasks, merged by every method.
 
-``python experiments/merging/run.py --config=configs/merge/vit_benchmark.py[:smoke]``; override any
+``python -m experiments.merging.run --config=configs/merge/vit_benchmark.py[:smoke]``; override any
 key with ``--config.a.b=value``. ``:smoke`` is a seconds-long run on two small tasks (tests use it).
 Sizes were picked to fit ~25 CPU-minutes for 3 seeds on a 2-core machine.
 """
@@ -79,7 +79,7 @@ def get_config(arg=None):
         # units at dim 64: at lr 2e-3 that adapter reached 66.3% on mnist (seed 0) against the probe's 64.7% and full
         # fine-tuning's 83.1%. mnist test accuracy on a trunk pretrained on the mnist images alone (probe 66.8, full
         # fine-tuning 85.9): reduction / lr 4 / 2e-3 72.1, 16 / 1e-2 72.6, 4 / 1e-2 79.6, 4 / 2e-2 79.7, 2 / 1e-2 81.3.
-        # (python experiments/merging/scalearn.py --config.tasks="('mnist','mnist_rot90')" --config.seeds='(0,)'
+        # (python -m experiments.merging.scalearn --config.tasks="('mnist','mnist_rot90')" --config.seeds='(0,)'
         #  --config.scalearn.variants='()' --config.scalearn.leave_target_out=False
         #  --config.scalearn.adapter.optim.lr=LR --config.scalearn.adapter_reduction=R, the "adapter" log line.)
         adapter_reduction=2,

@@ -196,7 +196,7 @@ def load_baselines(config, tasks) -> dict | None:
         return None
     if not os.path.exists(config.baselines):
         raise FileNotFoundError(f"config.baselines: '{config.baselines}' does not exist (make it with "
-                                f"experiments/single_task_baselines.py, or set --config.baselines='')")
+                                f"python -m experiments.single_task_baselines, or set --config.baselines='')")
     with open(config.baselines) as f:
         baselines = json.load(f)
     missing = [f"{t.name}/{t.metrics[0]}" for t in tasks if t.metrics[0] not in baselines.get(t.name, {})]
