@@ -22,7 +22,7 @@ from mtl_jax.models.heads import LinearHead
 from mtl_jax.models.moe_layers import (SparseMoE, capacity, load_balancing_loss, task_expert_entropy,
                                        top_k_routing)
 from mtl_jax.models.moe_vit import M3ViT, ModSquad, expert_usage, extract_task_model, kept_experts
-from mtl_jax.train.forward import batch_metrics, make_forward, make_task_losses, metric_sums
+from mtl_jax.train.forward import batch_metrics, make_forward, metric_sums
 from mtl_jax.train.trainer import build_experiment, evaluate
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")

@@ -36,6 +36,7 @@ from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors
 from mtl_jax.merging.threshold import topk_trim
 from mtl_jax.merging.ties import elect_sign
 from mtl_jax.merging.tree import LayerIndexFn, Models, Params, check_compatible, model_list, replace_flat, select_flat
+from mtl_jax.registry import lookup
 
 Objective = Callable[[Params, jax.Array], jax.Array]
 Validate = Callable[[Params], float]
@@ -77,8 +78,7 @@ def coefficient_groups(
     ``"task"``: every leaf in group 0 (G = 1). ``"layer"``: see the module docstring; ids follow
     the first appearance of a group in ``paths`` order.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; valid: {list(GRANULARITIES)}")
+    lookup(GRANULARITIES, granularity, "granularity")
     if granularity == "task":
         return {p: 0 for p in paths}, 1
     ids: dict[Any, int] = {}

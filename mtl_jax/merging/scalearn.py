@@ -41,6 +41,7 @@ import optax
 
 from mtl_jax.merging.learned import minimise
 from mtl_jax.merging.tree import Params, check_compatible, flatten_with_paths
+from mtl_jax.registry import lookup
 
 # name -> (one omega shared by all layers, one scale per feature)
 VARIANTS = {
@@ -63,9 +64,7 @@ class ScaLearnResult(NamedTuple):
 
 
 def variant_flags(variant: str) -> tuple[bool, bool]:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ScaLearn variant {variant!r}; valid: {sorted(VARIANTS)}")
-    return VARIANTS[variant]
+    return lookup(VARIANTS, variant, "ScaLearn variant")
 
 
 def omega_shape(variant: str, depth: int, num_sources: int, dim: int) -> tuple[int, int, int]:

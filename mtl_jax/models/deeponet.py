@@ -23,7 +23,7 @@ every task's ``num_outputs``.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

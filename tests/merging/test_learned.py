@@ -320,7 +320,7 @@ def test_per_leaf_task_arithmetic_and_errors(rng):
     bad = dict(lam, heads={"cls": {"kernel": jnp.ones((2,)), "bias": jnp.ones((3,))}})
     with pytest.raises(ValueError, match=r"shape mismatch at 'heads/cls/kernel'.*\(3,\).*\(2,\)"):
         task_arithmetic(p0, fts, bad)
-    with pytest.raises(ValueError, match=r"unknown granularity 'block'.*\['task', 'layer'\]"):
+    with pytest.raises(ValueError, match=r"unknown granularity 'block'.*\['layer', 'task'\]"):
         adamerging(p0, fts, _linear(weights), granularity="block", steps=1)
     with pytest.raises(ValueError, match=r"no leaf selected by select='encoder/.\*'"):
         atlas(p0, fts, _linear(weights), steps=1, select="encoder/.*")

@@ -77,7 +77,7 @@ def test_variant_shapes_init_and_transfer_parameter_counts():
     assert int(np.prod(shapes["scalearn_uniform++"])) == 8  # the abstract's "8 transfer parameters"
     omega = np.asarray(init_omega(jax.random.key(0), "scalearn", 12, 8, 768))
     assert abs(omega.mean() - 2.0 / 8) < 1e-4 and abs(omega.std() - 1e-3) < 1e-4
-    with pytest.raises(ValueError, match=r"unknown ScaLearn variant 'scalearn\+'.*scalearn_uniform\+\+"):
+    with pytest.raises(ValueError, match=r"unknown ScaLearn variant .scalearn\+.*scalearn_uniform\+\+"):
         omega_shape("scalearn+", 12, 8, 768)
 
 

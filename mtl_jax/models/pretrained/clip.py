@@ -45,6 +45,7 @@ from mtl_jax.checkpoints import CONV2D, IDENTITY, LINEAR, Rename, load_into, rea
 from mtl_jax.models.pretrained.transformer import (
     block_renames, check_image_shape, encoder_blocks, fused_layout, init_template, layer_norm, norm_renames,
     pixel_values)
+from mtl_jax.registry import lookup
 
 CLIP_LAYOUTS = ("open_clip", "hf")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,8 +115,7 @@ class CLIPConfig:
 
 
 def _check_layout(layout: str) -> None:
-    if layout not in CLIP_LAYOUTS:
-        raise ValueError(f"unknown CLIP checkpoint layout {layout!r}; valid: {list(CLIP_LAYOUTS)}")
+    lookup(CLIP_LAYOUTS, layout, "CLIP checkpoint layout")
 
 
 def for_layout(config: CLIPConfig, layout: str) -> CLIPConfig:

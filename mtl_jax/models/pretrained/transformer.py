@@ -32,6 +32,7 @@ import numpy as np
 from mtl_jax.checkpoints import IDENTITY, LINEAR, Rename
 from mtl_jax.models.blocks import as_float
 from mtl_jax.models.trunks import remat_block
+from mtl_jax.registry import lookup
 
 
 def quick_gelu(x):
@@ -48,9 +49,7 @@ ACTIVATIONS: dict[str, Callable] = {
 
 def activation(name: str) -> Callable:
     """The activation called ``name`` (a key of :data:`ACTIVATIONS`)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    return lookup(ACTIVATIONS, name, "activation")
 
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
@@ -170,8 +169,7 @@ def block_renames(layout: str, source: str, target: tuple) -> list[Rename]:
     """One :class:`EncoderBlock`'s renames: checkpoint module ``source`` (e.g.
     ``"encoder.layer.3"``) in ``layout`` (a key of :data:`BLOCK_LAYOUTS`) -> our block at ``target``
     (e.g. ``("block_3",)``). Fused layouts (timm, open_clip) need ``fused_qkv`` blocks."""
-    if layout not in BLOCK_LAYOUTS:
-        raise ValueError(f"unknown block layout {layout!r}; valid: {sorted(BLOCK_LAYOUTS)}")
+    lookup(BLOCK_LAYOUTS, layout, "block layout")
     renames = []
     for ours, theirs in BLOCK_LAYOUTS[layout].items():
         module, weight, bias = (theirs, "weight", "bias") if isinstance(theirs, str) else theirs

@@ -33,6 +33,7 @@ from mtl_jax.checkpoints import CONV2D, IDENTITY, Rename, load_into, read_checkp
 from mtl_jax.models.pretrained.transformer import (
     block_renames, check_image_shape, dense_renames, encoder_blocks, init_template, layer_norm, norm_renames,
     pixel_values)
+from mtl_jax.registry import lookup
 
 VIT_LAYOUTS = ("hf", "timm")
 
@@ -67,8 +68,7 @@ class ViTConfig:
 
 
 def _check_layout(layout: str) -> None:
-    if layout not in VIT_LAYOUTS:
-        raise ValueError(f"unknown ViT checkpoint layout {layout!r}; valid: {list(VIT_LAYOUTS)}")
+    lookup(VIT_LAYOUTS, layout, "ViT checkpoint layout")
 
 
 def _layout_fields(layout: str, pooler: bool) -> dict:

@@ -8,6 +8,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import jax
 
+from mtl_jax.registry import lookup
 from mtl_jax.train.sharding import key_path_str
 
 
@@ -85,8 +86,7 @@ def gradient_options(jacobian, method, model=None, sample_input=None) -> Gradien
     that is '', ``last_shared_layer(model, sample_input)``."""
     get = (lambda name, default: jacobian.get(name, default)) if jacobian is not None else (lambda _, d: d)
     mode = get("gramian_mode", "layerwise")
-    if mode not in GRAMIAN_MODES:
-        raise ValueError(f"unknown jacobian.gramian_mode '{mode}'; valid: {list(GRAMIAN_MODES)}")
+    lookup(GRAMIAN_MODES, mode, "jacobian.gramian_mode")
     last_shared = None
     if "last_shared_gramian" in method.wants:
         pattern = get("last_shared", "")
