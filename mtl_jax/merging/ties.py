@@ -15,6 +15,7 @@ from mtl_jax.merging.arithmetic import task_arithmetic_vector
 from mtl_jax.merging.task_vectors import apply_task_vector, stacked_task_vectors, tree_sum_tasks
 from mtl_jax.merging.threshold import num_kept, topk_trim
 from mtl_jax.merging.tree import Models, Params
+from mtl_jax.registry import lookup
 
 
 def _summed_signs(stacked_tau: Params) -> Params:
@@ -106,8 +107,7 @@ BASES = ("ta", "ties")
 
 def check_base(base: str, method: str) -> None:
     """ValueError unless ``base`` (the multi-task vector ``method`` works on) is "ta" or "ties"."""
-    if base not in BASES:
-        raise ValueError(f"unknown {method} base {base!r}; valid: 'ta', 'ties'")
+    lookup(BASES, base, f"{method} base")
 
 
 def multitask_vector(stacked_tau: Params, base: str, top_k: float) -> Params:
@@ -191,8 +191,7 @@ class DareHParams(NamedTuple):
     def validated(cls, key: jax.Array, p: float, combine: str, lam: Optional[float | jax.Array]) -> "DareHParams":
         """ValueError unless ``combine`` is "ta" or "ties" and ``p`` is in [0, 1); ``lam=None``
         becomes 0.3 ("ta", as task arithmetic) or 1.0 ("ties")."""
-        if combine not in ("ta", "ties"):
-            raise ValueError(f"unknown DARE combine {combine!r}; valid: 'ta', 'ties'")
+        lookup(BASES, combine, "DARE combine")
         _check_drop_rate(p)
         return cls(key, p, combine, (0.3 if combine == "ta" else 1.0) if lam is None else lam)
 

@@ -103,10 +103,10 @@ def test_hyperparameters_are_checked_against_the_method(tmp_path):
 
 
 @pytest.mark.parametrize("method,fn,hparams,message", [
-    ("consensus", consensus_merging, dict(base="nope"), "^unknown consensus base 'nope'; valid: 'ta', 'ties'$"),
-    ("lines", lines_merging, dict(base="nope"), "^unknown LiNeS base 'nope'; valid: 'ta', 'ties'$"),
+    ("consensus", consensus_merging, dict(base="nope"), r"^unknown consensus base 'nope'; valid names: \['ta', 'ties'\]$"),
+    ("lines", lines_merging, dict(base="nope"), r"^unknown LiNeS base 'nope'; valid names: \['ta', 'ties'\]$"),
     ("dare", dare_merging, dict(p=1.0), r"^DARE drop rate must be in \[0, 1\), got 1.0$"),
-    ("dare", dare_merging, dict(combine="nope"), "^unknown DARE combine 'nope'; valid: 'ta', 'ties'$"),
+    ("dare", dare_merging, dict(combine="nope"), r"^unknown DARE combine 'nope'; valid names: \['ta', 'ties'\]$"),
     ("ties", ties_merging, dict(top_k=1.5), r"^top-k fraction must be in \[0, 1\], got 1.5$"),
 ])
 def test_hyperparameter_values_are_checked_by_the_in_memory_check(tmp_path, method, fn, hparams, message):
