@@ -63,7 +63,8 @@ def default_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.data = ConfigDict(dict(name="multimnist", num_train=60_000, num_test=10_000, seed=0, data_dir="",
-                             tasks=(), cache_in_memory=True))
+                             tasks=(), cache_in_memory=True, max_examples=0,  # > 0: every split cut to its first N
+                             frozen_features=""))  # a pretrained trunk run frozen on the inputs (data/frozen_features.py)
     c.model = ConfigDict(dict(name="hps", trunk="lenet", trunk_kwargs=ConfigDict(), head="mlp",
                               head_kwargs=ConfigDict(dict(hidden=(50,))), arch_kwargs=ConfigDict(),
                               pretrained=""))  # pretrained trunk weights (mtl_jax.models.pretrained.registry)
@@ -200,6 +201,8 @@ SCHEMA = {
     "seed": SEED,
     "data.num_train": COUNT, "data.num_test": COUNT, "data.seed": SEED, "data.cache_in_memory": BOOL,
     "model.pretrained": Rule("choice", choices=PRETRAINED_TRUNKS, what="pretrained trunk"),
+    "data.max_examples": NONNEG_INT,
+    "data.frozen_features": Rule("choice", choices=PRETRAINED_TRUNKS, what="pretrained trunk"),
     "sharpness.kind": Rule("choice", choices=SHARPNESS_KINDS, what="sharpness kind"), "sharpness.rho": NONNEG,
     "sharpness.adaptive": BOOL, "sharpness.eta": NONNEG,
     "jacobian.level": Rule("choice", choices=JACOBIAN_LEVELS, what="jacobian level"), "jacobian.chunk": NONNEG_INT,

@@ -15,6 +15,7 @@ import numpy as np
 from mtl_jax import tasks as T
 from mtl_jax.data import multimnist, multitab_bench, wiki
 from mtl_jax.data.pde import load_darcy, load_fisher
+from mtl_jax.data.frozen_features import with_frozen_features
 from mtl_jax.data.sources import Dataset, from_arrays, read_all
 from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, default_data_dir, prepare
 from mtl_jax.registry import lookup
@@ -207,10 +208,17 @@ def dataset_options(name: str) -> tuple[dict, dict]:
 
 
 def get_dataset(cfg) -> Dataset:
-    """Loads ``cfg.name`` from DATASETS, keeps only ``cfg.tasks`` if given, caches in memory if asked."""
+    """Loads ``cfg.name`` from DATASETS, keeps only ``cfg.tasks`` if given and the first
+    ``cfg.max_examples`` of every split if > 0, replaces the inputs by a
+    frozen pretrained trunk's features if ``cfg.frozen_features`` names one (``frozen_features.py``),
+    caches in memory if asked."""
     dataset = lookup(DATASETS, cfg.name, "dataset")["load"](cfg)
     if cfg.get("tasks"):
         dataset = dataset.select_tasks(list(cfg.tasks))
+    if cfg.get("max_examples"):
+        dataset = dataset.first(int(cfg.max_examples))
+    if cfg.get("frozen_features"):
+        dataset = with_frozen_features(dataset, cfg.frozen_features, cfg.get("data_dir") or default_data_dir())
     if cfg.get("cache_in_memory", False):
         dataset = dataset.cached()
     return dataset

@@ -74,6 +74,17 @@ class Dataset:
             raise ValueError(f"unknown task(s) {unknown} for dataset '{self.name}'; valid: {list(self.task_names)}")
         return dataclasses.replace(self, tasks=tuple(t for t in self.tasks if t.name in names))
 
+    def first(self, n: int) -> "Dataset":
+        """The same dataset with every split cut to its first ``n`` examples (read into memory)."""
+        def head(source):
+            rows = list(range(min(n, len(source))))
+            if isinstance(source, ArraySource):
+                return ArraySource({k: v[: len(rows)] for k, v in source.arrays.items()})
+            records = source.__getitems__(rows) if hasattr(source, "__getitems__") else [source[i] for i in rows]
+            return ArraySource({k: np.stack([r[k] for r in records]) for k in records[0]})
+
+        return dataclasses.replace(self, splits={k: head(v) for k, v in self.splits.items()})
+
     def cached(self) -> "Dataset":
         """The same dataset with every split read into memory once (fast random access)."""
         return dataclasses.replace(self, splits={k: ArraySource(read_all(v)) for k, v in self.splits.items()})

@@ -18,7 +18,9 @@ from mtl_jax.models.deeponet import build_deeponet
 from mtl_jax.models.heads import HEADS
 from mtl_jax.models.multitab import build_multitab
 from mtl_jax.models.multitask import HardParameterSharing
-from mtl_jax.models.trunks import TRUNKS, remat_compiler_options
+from mtl_jax.models.pretrained.backbones import IMAGE_BACKBONES
+from mtl_jax.models.trunk_registry import TRUNKS
+from mtl_jax.models.trunks import remat_compiler_options
 
 
 def _build(registry: Mapping[str, type], name: str, kwargs: Mapping, what: str, **fixed) -> nn.Module:
@@ -74,7 +76,7 @@ def with_remat(cfg):
 
 
 # Encoders that convolve or cut patches: their per-example input must be an image [H, W, C].
-IMAGE_TRUNKS = ("lenet", "vit")
+IMAGE_TRUNKS = ("lenet", "vit") + IMAGE_BACKBONES
 IMAGE_MODELS = ("slimmable", "m3vit", "mod_squad")
 OWN_ENCODER = IMAGE_MODELS + ("multitab", "deeponet")  # models that do not read cfg.trunk
 

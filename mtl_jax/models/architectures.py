@@ -43,7 +43,7 @@ from mtl_jax.models.mtan import MTAN
 from mtl_jax.models.slimmable import SlimmableMTL
 from mtl_jax.models.staged import STAGED_TRUNKS
 from mtl_jax.models.taskexpert import TaskExpert
-from mtl_jax.models.trunks import TRUNKS
+from mtl_jax.models.trunk_registry import TRUNKS
 from mtl_jax.models.unifork import UniFork
 
 

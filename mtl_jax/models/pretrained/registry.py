@@ -26,9 +26,10 @@ def _minilm_l6() -> Mapping:
 
 
 def _efficientnet_lite0() -> Mapping:
-    from mtl_jax.models.pretrained.efficientnet_lite import load_efficientnet_lite0_trunk
+    from mtl_jax.models.pretrained.efficientnet_lite import load_efficientnet_lite0
 
-    return load_efficientnet_lite0_trunk()
+    _, variables = load_efficientnet_lite0(num_classes=0)
+    return variables
 
 
 PRETRAINED = {"minilm_l6": Pretrained("bert", _minilm_l6),
