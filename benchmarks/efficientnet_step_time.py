@@ -36,43 +36,17 @@ Peers venv setup (once)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
+from benchmarks.torch_peer import ROOT, print_json, start_peer
 from mtl_jax.host_memory import ENV_VAR, glibc_tunables, reuse_freed_memory
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 NUM_CLASSES = 1000
 TARGET = 1.2
-
-
-class TorchPeer:
-    """The long-lived torch subprocess (``benchmarks/peers/efficientnet_torch_step.py --serve``)."""
-
-    def __init__(self, python: str, threads: int, env: dict | None = None):
-        self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "peers", "efficientnet_torch_step.py"), "--serve", "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"torch peer exited (code {self.proc.poll()}) on {cmd}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=120)
 
 
 def make_jax_step(batch_size: int, image_size: int, lr: float, weight_decay: float, depthwise: str, seed: int):
@@ -161,12 +135,9 @@ def main():
     compile_s = time.perf_counter() - compile_start
 
     peer, torch_info = None, {}
-    use_torch = not args.no_torch and os.path.exists(args.torch_python)
-    if not args.no_torch and not use_torch:
-        print(f"no peers venv at {args.torch_python}: torch not timed", file=sys.stderr)
     try:
-        if use_torch:
-            peer = TorchPeer(args.torch_python, args.threads, peer_env)
+        peer = start_peer("efficientnet_torch_step.py", args, peer_env, stderr=None, quit_timeout=120)
+        if peer is not None:
             torch_info = peer.ask(cmd="setup", batch_size=args.batch, image_size=args.image_size,
                                   formats=args.formats.split(","), lr=args.lr, weight_decay=args.weight_decay,
                                   seed=args.seed, warmup=1)
@@ -207,11 +178,7 @@ def main():
            "meets_target": (ms[best] / ms["ours"] >= TARGET) if best else None,
            "host_malloc": "reuse" if host_malloc else "system", "load_average": os.getloadavg(),
            "wall_s": time.perf_counter() - start}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    print_json(out, args.json_out)
     print(f"\n### EfficientNet-Lite0 train step, batch {args.batch}, {args.image_size}x{args.image_size}, "
           f"{os.cpu_count()} CPU cores (median of {args.rounds} rounds x {args.steps} steps; load average "
           f"{out['load_average'][0]:.1f})\n")

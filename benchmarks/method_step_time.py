@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import platform
 import statistics
@@ -65,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.torch_peer import ROOT, TorchPeer
+from benchmarks.torch_peer import ROOT, print_json, start_peer
 from mtl_jax.config import load_config
 from mtl_jax.data import from_arrays
 from mtl_jax.data.pipeline import to_global
@@ -449,11 +448,7 @@ def main():
     rounds = (rounds * len(tasks))[:len(tasks)] if len(rounds) == 1 else rounds
     if len(rounds) != len(tasks):
         parser.error(f"--rounds: give one value or {len(tasks)} (one per --tasks entry)")
-    use_torch = not args.no_torch and os.path.exists(args.torch_python)
-    if not args.no_torch and not use_torch:
-        print(f"no peers venv at {args.torch_python}: TorchJD not timed (see the docstring to create it)",
-              file=sys.stderr)
-    peer = TorchPeer("torchjd_step.py", args.torch_python, args.threads, peer_env) if use_torch else None
+    peer = start_peer("torchjd_step.py", args, peer_env, not_timed="TorchJD not timed (see the docstring to create it)")
     start = time.perf_counter()
     try:
         results = []
@@ -470,11 +465,7 @@ def main():
            "host_malloc": args.host_malloc if host_malloc_applied or args.host_malloc == "system" else "system (not glibc)",
            "load_average": os.getloadavg(), "wall_s": time.perf_counter() - start,
            "results": results}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    print_json(out, args.json_out)
     print_tables(results)
 
 

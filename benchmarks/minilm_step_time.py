@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
@@ -43,11 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.torch_peer import ROOT, print_json, start_peer
 from mtl_jax.host_memory import glibc_tunables, reuse_freed_memory
 from mtl_jax.models.pretrained.bert import BertConfig, load_minilm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 TARGET = 1.2
 LR, WEIGHT_DECAY = 1e-4, 0.01
 
@@ -76,29 +72,6 @@ def make_step(module, tx):
         return (optax.apply_updates(params, updates), opt_state), loss
 
     return jax.jit(step, donate_argnums=0)
-
-
-class TorchPeer:
-    """The long-lived torch subprocess (``benchmarks/peers/minilm_torch_step.py --serve``)."""
-
-    def __init__(self, python: str, threads: int, env: dict | None = None):
-        self.proc = subprocess.Popen(
-            [python, os.path.join(HERE, "peers", "minilm_torch_step.py"), "--serve", "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"torch peer exited (code {self.proc.poll()}) on {cmd['cmd']}")
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
 
 
 def print_table(out: dict) -> None:
@@ -155,10 +128,7 @@ def main():
         jax.block_until_ready((state, out))
         return (time.perf_counter() - start) / n, (time.process_time() - cpu_start) / n
 
-    use_torch = not args.no_torch and os.path.exists(args.torch_python)
-    if not args.no_torch and not use_torch:
-        print(f"no peers venv at {args.torch_python}: torch not timed", file=sys.stderr)
-    peer = TorchPeer(args.torch_python, args.threads, peer_env) if use_torch else None
+    peer = start_peer("minilm_torch_step.py", args, peer_env, stderr=None)
     load_average = os.getloadavg()
     times = {"ours": [], "torch": []}
     cpu_times = {"ours": [], "torch": []}
@@ -197,11 +167,7 @@ def main():
            if times["torch"] else None,
            "meets_target": bool(torch_ms and torch_ms / ours_ms >= TARGET),
            "load_average": load_average, "load_average_after": os.getloadavg()}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
+    print_json(out, args.json_out)
     print_table(out)
 
 

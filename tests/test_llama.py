@@ -9,7 +9,6 @@ templates' shapes, which must be the set the reference script recorded.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,42 +16,18 @@ import numpy as np
 import pytest
 
 from fixtures.pretrained.deterministic_weights import deterministic_state_dict
-from mtl_jax.checkpoints import CheckpointMismatchError, export, flatten, load_into, write_safetensors
+from fixtures.pretrained.reference_files import load_fixture
+from mtl_jax.checkpoints import CheckpointMismatchError, export, load_into, source_shapes, write_safetensors
 from mtl_jax.models.pretrained.llama import Llama, LlamaConfig, llama_renames, llama_template, llama_tiny, load_llama
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "pretrained")
 SCRIPT = "cd tests && ../.peers-venv/bin/python -m fixtures.pretrained.make_llama_reference"
 TOLERANCE = 1e-4
 CASES = ("mha", "gqa", "mqa_bias")
 
 
-def _fixture(name: str):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} is missing: run `{SCRIPT}`")
-    if name.endswith(".npz"):
-        with np.load(path) as data:
-            return dict(data)
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return _fixture("llama_reference.npz"), _fixture("llama_reference.json")["models"]
-
-
-def source_shapes(template, renames) -> dict[str, list[int]]:
-    """``{checkpoint name: shape}`` the renames read into ``template`` (each transform's inverse
-    applied to a small probe whose distinct axis sizes reveal the axis permutation)."""
-    leaves = flatten(template)
-    shapes = {}
-    for r in renames:
-        shape = tuple(leaves[r.target].shape)
-        probe = (2, 3, 5, 7, 11, 13)[: len(shape)]
-        permuted = r.transform.inverse(np.zeros(probe, np.float32)).shape
-        shapes[r.source] = [shape[probe.index(s)] for s in permuted]
-    return shapes
+    return load_fixture("llama_reference.npz", SCRIPT), load_fixture("llama_reference.json", SCRIPT)["models"]
 
 
 def _loaded(config: LlamaConfig):
@@ -125,7 +100,7 @@ def test_export_round_trip_is_bit_exact_and_mismatches_raise(tied):
 
 @pytest.mark.parametrize("name, expected", [("llama_2_7b", 6_738_415_616), ("llama_3_2_1b", 1_235_814_400)])
 def test_real_size_names_shapes_and_counts(name, expected):
-    manifest = _fixture("llama_manifests.json")["models"][name]
+    manifest = load_fixture("llama_manifests.json", SCRIPT)["models"][name]
     config = LlamaConfig.from_hf_config(manifest["config"])
     template = llama_template(config)  # eval_shape: nothing allocated
     names = dict(manifest["names"])

@@ -7,55 +7,28 @@ venv); weights are regenerated here with ``deterministic_state_dict`` from our r
 our templates' shapes, which must be the set the reference script recorded.
 """
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fixtures.pretrained.deterministic_weights import deterministic_state_dict
-from mtl_jax.checkpoints import CheckpointMismatchError, export, flatten, load_into, write_safetensors
+from fixtures.pretrained.reference_files import load_fixture
+from mtl_jax.checkpoints import (
+    CheckpointMismatchError, export, flatten, load_into, source_shapes, write_safetensors)
 from mtl_jax.models.pretrained.clip import (
     CLIP, CLIPImageEncoder, clip_renames, clip_template, clip_tiny, clip_vit_b32, load_clip, load_clip_image_encoder,
     zero_shot_head)
 from mtl_jax.models.pretrained.transformer import fuse_qkv, split_qkv
 from mtl_jax.models.pretrained.vit import ViT, load_vit, vit_b16, vit_renames, vit_template, vit_tiny
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "pretrained")
 SCRIPT = "cd tests && ../.peers-venv/bin/python -m fixtures.pretrained.make_vit_clip_reference"
 TOLERANCE = 1e-4
 
 
-def _fixture(name: str):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} is missing: run `{SCRIPT}`")
-    if name.endswith(".npz"):
-        with np.load(path) as data:
-            return dict(data)
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return _fixture("vit_clip_reference.npz"), _fixture("vit_clip_reference.json")["models"]
-
-
-def source_shapes(template, renames) -> dict[str, list[int]]:
-    """``{checkpoint name: shape}`` the renames read into ``template`` (shapes only: each
-    transform's inverse is applied to a small probe whose distinct axis sizes reveal the axis
-    permutation)."""
-    leaves = flatten(template)
-    shapes = {}
-    for r in renames:
-        shape = tuple(leaves[r.target].shape)
-        probe = (2, 3, 5, 7, 11, 13)[: len(shape)]
-        permuted = r.transform.inverse(np.zeros(probe, np.float32)).shape
-        shapes[r.source] = [shape[probe.index(s)] for s in permuted]
-    return shapes
+    return load_fixture("vit_clip_reference.npz", SCRIPT), load_fixture("vit_clip_reference.json", SCRIPT)["models"]
 
 
 # name -> (our config, renames, template) of each tiny reference model.
@@ -189,7 +162,7 @@ def _real_size(name: str):
 
 @pytest.mark.parametrize("name", CASES)
 def test_real_size_names_shapes_and_counts(name):
-    manifests = _fixture("vit_clip_manifests.json")["models"]
+    manifests = load_fixture("vit_clip_manifests.json", SCRIPT)["models"]
     renames, template, expected = _real_size(name)  # eval_shape: nothing allocated
     assert source_shapes(template, renames) == manifests[name]["names"]
     assert _count(template) == manifests[name]["num_parameters"] == expected

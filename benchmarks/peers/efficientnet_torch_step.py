@@ -18,16 +18,15 @@ input in ``torch.channels_last`` memory format, oneDNN's preferred layout on CPU
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from efficientnet_lite_pytorch import EfficientNet
+
+from serve import build_runners, median_ms, parse_peer_args, peer_parser, serve
 
 FORMATS = ("contiguous", "channels_last")
 
@@ -71,43 +70,33 @@ class Runner:
 
 
 def setup(cmd: dict) -> tuple[dict, dict]:
+    """``(runners, skipped)`` of the ``setup`` command: a warmed-up Runner per memory format."""
     x, y = make_batch(cmd["batch_size"], cmd["image_size"], 1000, cmd.get("seed", 0))
-    runners, skipped = {}, {}
-    for memory_format in cmd["formats"]:
-        try:
-            runner = Runner(memory_format, x, y, cmd["lr"], cmd["weight_decay"], cmd.get("seed", 0))
-            for _ in range(cmd.get("warmup", 1)):
-                runner.step()
-            runners[memory_format] = runner
-        except Exception as e:  # a format that fails to build or run is reported, not fatal
-            skipped[memory_format] = f"{type(e).__name__}: {e}"
-    return runners, skipped
+    return build_runners(cmd["formats"], lambda memory_format: Runner(
+        memory_format, x, y, cmd["lr"], cmd["weight_decay"], cmd.get("seed", 0)), cmd.get("warmup", 1))
 
 
-def serve() -> None:
+def handlers() -> dict:
+    """The ``setup`` and ``time`` commands of ``serve``, sharing the runners built by ``setup``."""
     runners: dict[str, Runner] = {}
     default_threads = torch.get_num_threads()
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "setup":
-            runners, skipped = setup(cmd)
-            reply = {"ok": True, "formats": list(runners), "skipped": skipped, "torch": torch.__version__,
-                     "threads": torch.get_num_threads()}
-        elif cmd["cmd"] == "time":
-            torch.set_num_threads(cmd.get("threads", default_threads))
-            wall, cpu = runners[cmd["format"]].time(cmd["steps"])
-            reply = {"format": cmd["format"], "sec_per_step": wall, "cpu_sec_per_step": cpu}
-        elif cmd["cmd"] == "quit":
-            return
-        else:
-            reply = {"error": f"unknown command {cmd['cmd']!r}"}
-        print(json.dumps(reply), flush=True)
+
+    def on_setup(cmd: dict) -> dict:
+        nonlocal runners
+        runners, skipped = setup(cmd)
+        return {"ok": True, "formats": list(runners), "skipped": skipped, "torch": torch.__version__,
+                "threads": torch.get_num_threads()}
+
+    def on_time(cmd: dict) -> dict:
+        torch.set_num_threads(cmd.get("threads", default_threads))
+        wall, cpu = runners[cmd["format"]].time(cmd["steps"])
+        return {"format": cmd["format"], "sec_per_step": wall, "cpu_sec_per_step": cpu}
+
+    return {"setup": on_setup, "time": on_time}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", action="store_true", help="JSON-lines command loop on stdin/stdout")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--formats", default=",".join(FORMATS))
@@ -116,20 +105,14 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
+    args = parse_peer_args(parser)
     if args.serve:
-        serve()
+        serve(handlers())
         return
     runners, skipped = setup({"batch_size": args.batch, "image_size": args.image_size, "formats": args.formats.split(","),
                               "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed})
-    times = {name: [] for name in runners}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            times[name].append(runner.time(args.steps)[0])
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "ms": {name: 1e3 * statistics.median(t) for name, t in times.items()}, "skipped": skipped},
+    ms = median_ms(runners, args.rounds, args.steps, seconds=lambda wall_cpu: wall_cpu[0])
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "ms": ms, "skipped": skipped},
                      indent=2))
 
 

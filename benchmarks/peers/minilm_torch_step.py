@@ -21,16 +21,15 @@ JAX encoder's dropout is 0), which changes nothing else in BERT.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from serve import parse_peer_args, peer_parser, serve
 
 
 def minilm_folder() -> str:
@@ -68,37 +67,31 @@ class Step:
         return loss.item()
 
 
-def serve() -> None:
+def handlers() -> dict:
+    """The ``setup`` and ``time`` commands of ``serve``, sharing the step built by ``setup``."""
     step = None
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "quit":
-            break
-        if cmd["cmd"] == "setup":
-            step = Step(cmd["ids"], cmd["labels"], cmd["head_kernel"], cmd["head_bias"], cmd["lr"],
-                        cmd["weight_decay"])
-            reply = {"first_loss": step(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-        elif cmd["cmd"] == "time":
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(cmd["steps"]):
-                step()
-            reply = {"s_per_step": (time.perf_counter() - start) / cmd["steps"],
-                     "cpu_s_per_step": (time.process_time() - cpu_start) / cmd["steps"]}
-        else:
-            reply = {"error": f"unknown command {cmd['cmd']!r}"}
-        print(json.dumps(reply), flush=True)
+
+    def on_setup(cmd: dict) -> dict:
+        nonlocal step
+        step = Step(cmd["ids"], cmd["labels"], cmd["head_kernel"], cmd["head_bias"], cmd["lr"], cmd["weight_decay"])
+        return {"first_loss": step(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def on_time(cmd: dict) -> dict:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(cmd["steps"]):
+            step()
+        return {"s_per_step": (time.perf_counter() - start) / cmd["steps"],
+                "cpu_s_per_step": (time.process_time() - cpu_start) / cmd["steps"]}
+
+    return {"setup": on_setup, "time": on_time}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", action="store_true", help="JSON-lines command loop on stdin/stdout")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
+    parser = peer_parser(__doc__.splitlines()[0])
+    args = parse_peer_args(parser)
     if not args.serve:
         parser.error("run by benchmarks/minilm_step_time.py with --serve")
-    serve()
+    serve(handlers())
 
 
 if __name__ == "__main__":

@@ -33,10 +33,7 @@ Implementations (the keys are mtl_jax method names where there is a counterpart)
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import sys
 import time
 
 import numpy as np
@@ -47,6 +44,8 @@ from torch import nn
 from torchjd import aggregation as A
 from torchjd import scalarization as S
 from torchjd.autojac import jac_to_grad, mtl_backward
+
+from serve import build_runners, median_ms, parse_peer_args, peer_parser, serve
 
 HIDDEN = (512, 512)
 NUM_CLASSES = 10
@@ -230,61 +229,43 @@ def load_batch(path: str | None, num_tasks: int, batch_size: int, seed: int):
 
 
 def setup(impls, x, y, seed: int, warmup: int):
-    runners, skipped = {}, {}
-    for impl in impls:
-        try:
-            runner = Runner(impl, x, y, seed)
-            for _ in range(warmup):
-                runner.step()
-            runners[impl] = runner
-        except Exception as e:  # a peer that fails to build or run is reported, not fatal
-            skipped[impl] = f"{type(e).__name__}: {e}"
-    return runners, skipped
+    """``(runners, skipped)``: a warmed-up Runner per implementation."""
+    return build_runners(impls, lambda impl: Runner(impl, x, y, seed), warmup)
 
 
-def serve(threads: int) -> None:
+def handlers() -> dict:
+    """The ``setup`` and ``time`` commands of ``serve``, sharing the runners built by ``setup``."""
     runners: dict[str, Runner] = {}
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd["cmd"] == "setup":
-            x, y = load_batch(cmd.get("batch"), cmd["num_tasks"], 256, cmd.get("seed", 0))
-            runners, skipped = setup(cmd["impls"], x, y, cmd.get("seed", 0), cmd.get("warmup", 2))
-            reply = {"ok": True, "impls": list(runners), "skipped": skipped, "torch": torch.__version__,
-                     "threads": torch.get_num_threads()}
-        elif cmd["cmd"] == "time":
-            reply = {"impl": cmd["impl"], "sec_per_step": runners[cmd["impl"]].time(cmd["steps"])}
-        elif cmd["cmd"] == "quit":
-            return
-        else:
-            reply = {"error": f"unknown command {cmd['cmd']!r}"}
-        print(json.dumps(reply), flush=True)
+
+    def on_setup(cmd: dict) -> dict:
+        nonlocal runners
+        x, y = load_batch(cmd.get("batch"), cmd["num_tasks"], 256, cmd.get("seed", 0))
+        runners, skipped = setup(cmd["impls"], x, y, cmd.get("seed", 0), cmd.get("warmup", 2))
+        return {"ok": True, "impls": list(runners), "skipped": skipped, "torch": torch.__version__,
+                "threads": torch.get_num_threads()}
+
+    def on_time(cmd: dict) -> dict:
+        return {"impl": cmd["impl"], "sec_per_step": runners[cmd["impl"]].time(cmd["steps"])}
+
+    return {"setup": on_setup, "time": on_time}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", action="store_true", help="JSON-lines command loop on stdin/stdout")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = peer_parser(__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", default=None, help=".npz with x [B, 784] float32 and y [B, K] int")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
+    args = parse_peer_args(parser)
     if args.serve:
-        serve(args.threads)
+        serve(handlers())
         return
     x, y = load_batch(args.batch, args.tasks, 256, args.seed)
     runners, skipped = setup(args.impls.split(","), x, y, args.seed, 2)
-    times = {impl: [] for impl in runners}
-    for _ in range(args.rounds):
-        for impl, runner in runners.items():
-            times[impl].append(runner.time(args.steps))
     print(json.dumps({"num_tasks": args.tasks, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "ms": {impl: 1e3 * statistics.median(t) for impl, t in times.items()},
-                      "skipped": skipped}, indent=2))
+                      "ms": median_ms(runners, args.rounds, args.steps), "skipped": skipped}, indent=2))
 
 
 if __name__ == "__main__":

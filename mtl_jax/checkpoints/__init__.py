@@ -11,8 +11,8 @@ from mtl_jax.checkpoints.formats import (
     CheckpointFormatError, checkpoint_format, read_checkpoint, read_safetensors, write_safetensors)
 from mtl_jax.checkpoints.layout import (
     CONV2D, DEPTHWISE_CONV2D, IDENTITY, LINEAR, CheckpointMismatchError, Rename, Transform, export,
-    flatten, load_into)
+    flatten, load_into, source_shapes)
 
 __all__ = ["CONV2D", "DEPTHWISE_CONV2D", "IDENTITY", "LINEAR", "CheckpointFormatError",
            "CheckpointMismatchError", "Rename", "Transform", "checkpoint_format", "export", "flatten",
-           "load_into", "read_checkpoint", "read_safetensors", "write_safetensors"]
+           "load_into", "read_checkpoint", "read_safetensors", "source_shapes", "write_safetensors"]

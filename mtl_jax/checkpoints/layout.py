@@ -253,5 +253,20 @@ def export(params: Mapping, renames: Sequence[Rename], *, dtype: Any = None) -> 
     return out
 
 
+def source_shapes(template: Mapping, renames: Sequence[Rename]) -> dict[str, list[int]]:
+    """``{source name: shape}`` (in ``renames`` order) of the checkpoint that ``renames`` read into
+    ``template`` (params or a ``jax.ShapeDtypeStruct`` tree), without building it: each transform's
+    inverse is applied to a small zero probe whose distinct axis sizes reveal its axis permutation,
+    so transforms must permute axes (IDENTITY, LINEAR, CONV2D, DEPTHWISE_CONV2D), not reshape."""
+    leaves = flatten(template)
+    shapes = {}
+    for r in renames:
+        shape = tuple(leaves[r.target].shape)
+        probe = (2, 3, 5, 7, 11, 13)[: len(shape)]
+        permuted = r.transform.inverse(np.zeros(probe, np.float32)).shape
+        shapes[r.source] = [shape[probe.index(s)] for s in permuted]
+    return shapes
+
+
 __all__ = ["CONV2D", "DEPTHWISE_CONV2D", "IDENTITY", "LINEAR", "CheckpointMismatchError", "Rename",
-           "Transform", "export", "flatten", "load_into"]
+           "Transform", "export", "flatten", "load_into", "source_shapes"]

@@ -43,8 +43,7 @@ import numpy as np
 
 from mtl_jax.checkpoints import CONV2D, IDENTITY, LINEAR, Rename, load_into, read_checkpoint
 from mtl_jax.models.pretrained.transformer import (
-    block_renames, check_image_shape, encoder_blocks, fused_layout, init_template, layer_norm, norm_renames,
-    pixel_values)
+    block_renames, encoder_blocks, fused_layout, init_template, layer_norm, norm_renames, patch_tokens)
 from mtl_jax.registry import lookup
 
 CLIP_LAYOUTS = ("open_clip", "hf")
@@ -153,11 +152,7 @@ class CLIPImageEncoder(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_tokens: bool = False):
         c = self.config
-        check_image_shape(x, c.image_size)
-        x = pixel_values(x, c.pixel_mean, c.pixel_std)
-        p = c.patch_size
-        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=False, name="patch_embed")(x)
-        x = x.reshape(x.shape[0], -1, c.width)
+        x = patch_tokens(x, c.image_size, c.patch_size, c.width, c.pixel_mean, c.pixel_std, use_bias=False)
         cls = self.param("cls_token", nn.initializers.normal(c.width ** -0.5), (c.width,))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, c.width)), x], axis=1)
         x = x + self.param("pos_embed", nn.initializers.normal(c.width ** -0.5), (c.num_patches + 1, c.width))

@@ -131,6 +131,20 @@ def check_image_shape(x, image_size: int, channels: int = 3) -> None:
         raise ValueError(f"expected images [B, {image_size}, {image_size}, {channels}], got shape {tuple(x.shape)}")
 
 
+def patch_tokens(x, image_size: int, patch_size: int, width: int, mean: Sequence[float], std: Sequence[float],
+                 use_bias: bool = True):
+    """Images [B, image_size, image_size, 3] (uint8 or floating in [0, 1]) -> patch embeddings
+    [B, (image_size / patch_size)^2, width], row by row: ``check_image_shape``, ``pixel_values``,
+    then one ``patch_size`` x ``patch_size`` stride-``patch_size`` convolution named ``patch_embed``
+    (ViT, Dosovitskiy et al. 2021). Call it inside a module's ``nn.compact`` method: the
+    convolution is that module's submodule."""
+    check_image_shape(x, image_size)
+    x = pixel_values(x, mean, std)
+    p = patch_size
+    x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", use_bias=use_bias, name="patch_embed")(x)
+    return x.reshape(x.shape[0], -1, width)
+
+
 # Checkpoint module names of one block per layout: our module -> the layout's module, or
 # (module, weight name, bias name) where those are not 'weight' / 'bias'.
 BLOCK_LAYOUTS: dict[str, dict[str, str | tuple[str, str, str]]] = {
@@ -228,4 +242,4 @@ def fuse_qkv(params: Mapping) -> dict:
 
 __all__ = ["ACTIVATIONS", "BLOCK_LAYOUTS", "EncoderBlock", "SelfAttention", "activation", "block_renames",
            "check_image_shape", "dense_renames", "encoder_blocks", "fuse_qkv", "fused_layout", "init_template",
-           "layer_norm", "norm_renames", "pixel_values", "quick_gelu", "split_qkv"]
+           "layer_norm", "norm_renames", "patch_tokens", "pixel_values", "quick_gelu", "split_qkv"]

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 
 from mtl_jax.checkpoints import CONV2D, IDENTITY, Rename, load_into, read_checkpoint
 from mtl_jax.models.pretrained.transformer import (
-    block_renames, check_image_shape, dense_renames, encoder_blocks, init_template, layer_norm, norm_renames,
-    pixel_values)
+    block_renames, dense_renames, encoder_blocks, init_template, layer_norm, norm_renames, patch_tokens)
 from mtl_jax.registry import lookup
 
 VIT_LAYOUTS = ("hf", "timm")
@@ -107,11 +106,7 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_tokens: bool = False):
         c = self.config
-        check_image_shape(x, c.image_size)
-        x = pixel_values(x, c.pixel_mean, c.pixel_std)
-        p = c.patch_size
-        x = nn.Conv(c.hidden, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(x)
-        x = x.reshape(x.shape[0], -1, c.hidden)
+        x = patch_tokens(x, c.image_size, c.patch_size, c.hidden, c.pixel_mean, c.pixel_std)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c.hidden))
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.hidden)).astype(x.dtype), x], axis=1)
         x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, c.num_patches + 1, c.hidden))
