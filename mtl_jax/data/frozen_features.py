@@ -27,11 +27,12 @@ from mtl_jax.data.sources import Dataset, from_arrays, read_all
 FEATURES_KEY = "features"
 
 
-def inputs_digest(dataset: Dataset, name: str) -> str:
-    """SHA-256 (hex) of ``name`` and every split's name, input shape, dtype and bytes."""
+def inputs_digest(inputs_by_split: dict, name: str) -> str:
+    """SHA-256 (hex) of ``name`` and every split's name, input shape, dtype and bytes
+    (``inputs_by_split``: ``{split: inputs [N, ...]}``)."""
     digest = hashlib.sha256(name.encode())
-    for split in sorted(dataset.splits):
-        inputs = np.ascontiguousarray(read_all(dataset.splits[split])[dataset.input_key])
+    for split in sorted(inputs_by_split):
+        inputs = np.ascontiguousarray(inputs_by_split[split])
         digest.update(f"{split}:{inputs.shape}:{inputs.dtype}".encode())
         digest.update(inputs.tobytes())
     return digest.hexdigest()
@@ -70,18 +71,16 @@ def with_frozen_features(dataset: Dataset, name: str, data_dir: str, batch_size:
     """``dataset`` with its input replaced by the frozen trunk ``name``'s features (module docstring)."""
     from mtl_jax.models.pretrained.registry import pretrained_trunk
 
-    path = os.path.join(data_dir, "frozen_features", f"{name}-{inputs_digest(dataset, name)[:16]}.npz")
+    arrays = {split: dict(read_all(source)) for split, source in dataset.splits.items()}
+    inputs = {split: a.pop(dataset.input_key) for split, a in arrays.items()}
+    path = os.path.join(data_dir, "frozen_features", f"{name}-{inputs_digest(inputs, name)[:16]}.npz")
     if os.path.exists(path):
         with np.load(path) as cached:
             features = {split: cached[split] for split in cached.files}
     else:
         module, variables = pretrained_trunk(name)
-        apply_fn = jax.jit(lambda x: module.apply(variables, x, train=False))
-        features = {split: encode(apply_fn, read_all(source)[dataset.input_key], batch_size)
-                    for split, source in dataset.splits.items()}
+        apply = jax.jit(lambda v, x: module.apply(v, x, train=False))  # weights an argument, not a constant
+        features = {split: encode(lambda x: apply(variables, x), x, batch_size) for split, x in inputs.items()}
         _save_atomic(path, features)
-    splits = {}
-    for split, source in dataset.splits.items():
-        arrays = {k: v for k, v in read_all(source).items() if k != dataset.input_key}
-        splits[split] = {FEATURES_KEY: features[split], **arrays}
+    splits = {split: {FEATURES_KEY: features[split], **a} for split, a in arrays.items()}
     return from_arrays(f"{dataset.name}+{name}", splits, dataset.tasks, input_key=FEATURES_KEY)
