@@ -22,6 +22,12 @@ time for that method; ``RSS / (in+2)`` = peak RSS / (inputs + 2 models).
 Methods: TA (lam 0.3), TIES (top 20% over the whole model, lam 1; MergeKit trims per tensor),
 DARE (p 0.9, lam 0.3), Consensus TA (k 2, TALL lambda 0.4, lam 0.3; MergeKit has none).
 Prints one JSON document, then a table of times, peak RSS and ratios.
+
+MergeKit YAML mode (``mtl-jax merge --mergekit-yaml`` vs ``mergekit-yaml`` in ``.peers-venv``,
+TinyLlama-like bf16 models, base + 2 fine-tuned, ties / task_arithmetic / linear; each run a fresh
+process, wall time and its own peak RSS from ``wait4``; rounds interleave ours and MergeKit)::
+
+    python -m benchmarks.merge_throughput --mergekit-yaml --params 1.1e9 --rounds 2 --dir /tmp/mk_bench
 """
 
 from __future__ import annotations
@@ -337,6 +343,131 @@ def table(results: dict, model_bytes: int, num_tasks: int) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ MergeKit YAML comparison
+
+MK_METHODS = ("ties", "task_arithmetic", "linear")
+MK_YAML = {
+    "ties": "merge_method: ties\nbase_model: {d}/m0\nmodels:\n  - model: {d}/m1\n    parameters: {{density: 0.2, weight: 0.6}}\n"
+            "  - model: {d}/m2\n    parameters: {{density: 0.3, weight: 0.4}}\nparameters: {{normalize: true}}\ndtype: bfloat16\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {d}/m0\nmodels:\n  - model: {d}/m1\n    parameters: {{weight: 0.5}}\n"
+                       "  - model: {d}/m2\n    parameters: {{weight: [0.2, 0.8]}}\ndtype: bfloat16\n",
+    "linear": "merge_method: linear\nmodels:\n  - model: {d}/m0\n    parameters: {{weight: 0.2}}\n  - model: {d}/m1\n"
+              "    parameters: {{weight: 0.4}}\n  - model: {d}/m2\n    parameters: {{weight: 0.4}}\ndtype: bfloat16\n",
+}
+
+
+def llama_shapes(num_params: float, hidden: int = 2048, mlp: int = 5632, vocab: int = 32000, kv: int = 256) -> tuple[dict, dict]:
+    """TinyLlama-1.1B-like shapes (hidden 2048, MLP 5632, 4 key/value heads of 64, vocabulary
+    32000, untied head) with as many layers as fit ``num_params`` (at least 1); and its config.json."""
+    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * mlp + 2 * hidden
+    layers = max(1, round((num_params - 2 * vocab * hidden - hidden) / per_layer))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "self_attn.q_proj.weight": (hidden, hidden),
+                       p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.v_proj.weight": (kv, hidden),
+                       p + "self_attn.o_proj.weight": (hidden, hidden), p + "post_attention_layernorm.weight": (hidden,),
+                       p + "mlp.gate_proj.weight": (mlp, hidden), p + "mlp.up_proj.weight": (mlp, hidden),
+                       p + "mlp.down_proj.weight": (hidden, mlp)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": mlp,
+              "num_attention_heads": hidden // 64, "num_key_value_heads": kv // 64, "num_hidden_layers": layers,
+              "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16", "hidden_act": "silu"}
+    return shapes, config
+
+
+def write_llama_folders(d: str, num_params: float, num_models: int = 3, seed: int = 0) -> int:
+    """``d/m0`` (random, scale 0.02) and ``d/m{k}`` = m0 + N(0, 1e-3) offsets, bf16, one
+    ``model.safetensors`` each, tensor by tensor. Returns the parameter count."""
+    from mtl_jax.merging.mergekit.methods import BF16
+    from mtl_jax.merging.streaming import LeafSpec, SafetensorsWriter
+
+    shapes, config = llama_shapes(num_params)
+    names = list(shapes)
+    for k in range(num_models):
+        folder = os.path.join(d, f"m{k}")
+        if os.path.exists(os.path.join(folder, "model.safetensors")):
+            continue
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        writer = SafetensorsWriter(os.path.join(folder, "model.safetensors"), [LeafSpec(n, shapes[n], BF16) for n in names])
+        for i, n in enumerate(names):
+            x = np.random.default_rng([seed, i, 0]).standard_normal(shapes[n], dtype=np.float32) * np.float32(0.02)
+            if k:
+                x += np.random.default_rng([seed, i, k]).standard_normal(shapes[n], dtype=np.float32) * np.float32(1e-3)
+            writer.write(n, x.astype(BF16))
+        writer.close()
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def run_measured(cmd: list[str], timeout: float) -> dict:
+    """Run ``cmd``; its wall time and its own peak RSS (``wait4``'s ``ru_maxrss``)."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - start > timeout:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            return {"error": f"killed: over {timeout:.0f} s"}
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace").strip()
+    if proc.returncode:
+        return {"error": f"exit {proc.returncode}: {err.splitlines()[-1] if err else ''}", "wall_s": wall}
+    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def mergekit_yaml_compare(args) -> None:
+    """Ours (``mtl-jax merge --mergekit-yaml``) vs ``mergekit-yaml`` (.peers-venv, its lazy
+    safetensors loader, CPU) on 3 bf16 Llama-layout models, interleaved per round."""
+    d = args.dir or tempfile.mkdtemp(prefix="mergekit_bench_")
+    os.makedirs(d, exist_ok=True)
+    mergekit = os.path.join(REPO, ".peers-venv", "bin", "mergekit-yaml")
+    try:
+        t = time.perf_counter()
+        params = write_llama_folders(d, args.params)
+        print(f"inputs in {d}: 3 x {params / 1e9:.2f}B params bf16 ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        runs: dict = {}
+        for _ in range(args.rounds):
+            for m in args.methods.split(","):
+                y = os.path.join(d, f"{m}.yml")
+                with open(y, "w") as f:
+                    f.write(MK_YAML[m].format(d=d))
+                for impl in args.impls.split(","):
+                    out = os.path.join(d, f"out_{impl}_{m}")
+                    shutil.rmtree(out, ignore_errors=True)
+                    cmd = ([sys.executable, "-m", "mtl_jax.main", "merge", "--mergekit-yaml", y, out] if impl == "ours"
+                           else [mergekit, y, out])
+                    res = run_measured(cmd, args.timeout)
+                    runs.setdefault(m, {}).setdefault(impl, []).append(res)
+                    print(f"{impl:8s} {m:16s} {json.dumps(res)}", file=sys.stderr)
+                    shutil.rmtree(out, ignore_errors=True)
+        results = {"config": {"params": params, "inputs": 3, "dtype": "bfloat16", "cpus": os.cpu_count(),
+                              "loadavg_end": os.getloadavg()}, "runs": runs}
+        print(json.dumps(results, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        print(f"{'method':16s} {'impl':8s} {'wall s (each round)':28s} {'peak RSS GiB':>12s} {'mergekit/ours':>13s}")
+        for m, by in runs.items():
+            med = {i: float(np.median([r["wall_s"] for r in rs if "error" not in r] or [np.nan])) for i, rs in by.items()}
+            for impl, rs in by.items():
+                walls = " ".join(f"{r['wall_s']:.1f}" if "error" not in r else "err" for r in rs)
+                rss = max((r.get("peak_rss", 0) for r in rs), default=0) / 2**30
+                ratio = med.get("mergekit", np.nan) / med["ours"] if impl == "ours" and "ours" in med else np.nan
+                print(f"{m:16s} {impl:8s} {walls:28s} {rss:12.2f} {ratio:13.2f}")
+    finally:
+        if not args.dir:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, default=100e6, help="parameters per model (default 100M)")
@@ -353,7 +484,16 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--mergekit-yaml", action="store_true",
+                    help="compare `mtl-jax merge --mergekit-yaml` with `mergekit-yaml` on 3 bf16 Llama-layout models of "
+                         "--params each (default methods ties,task_arithmetic,linear; impls ours,mergekit)")
     args = ap.parse_args(argv)
+    if args.mergekit_yaml:
+        if args.methods == ",".join(METHODS):
+            args.methods = ",".join(MK_METHODS)
+        if args.impls == ",".join(IMPLS):
+            args.impls = "ours,mergekit"
+        return mergekit_yaml_compare(args)
     if args.worker == "floor":
         return worker_floor(args.dir, args.tasks, args.out)
     if args.worker == "floor_mmap":

@@ -1,5 +1,7 @@
 """``mtl-jax merge --config configs/merge/<file>.py[:arg] [--config.key=value ...] [--overwrite]``.
 
+(``mtl-jax merge --mergekit-yaml FILE OUT_DIR``: a MergeKit YAML, :mod:`mtl_jax.merging.mergekit.run`.)
+
 The config (``get_config(arg) -> ConfigDict``) names the inputs, the method and the output:
 
 * ``pretrained``: a ``.safetensors`` file or an orbax checkpoint dir; ``finetuned``: a tuple of
@@ -219,6 +221,10 @@ def main(argv: list[str]) -> None:
     argv = list(argv)
     if argv and argv[0] == "merge":
         argv = argv[1:]
+    if any(a == "--mergekit-yaml" or a.startswith("--mergekit-yaml=") for a in argv):
+        from mtl_jax.merging.mergekit.run import main as mergekit_main
+
+        return mergekit_main(argv)
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     parser = argparse.ArgumentParser(prog="mtl-jax merge", description=__doc__.splitlines()[0])
