@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.models.moe_layers import AUX_LOSS
+from mtl_jax.train.dense_metrics import Accumulated
 from mtl_jax.train.losses import task_loss_fn, task_metric_fns
 from mtl_jax.train.precision import FLOAT32, Precision, cast_input, cast_params, to_float32
 
@@ -90,34 +91,40 @@ def make_forward(model, tasks: Sequence, input_key: str, precision: Precision = 
     return forward
 
 
-def _task_metrics(task, pred, labels) -> tuple[dict, jax.Array]:
-    """``({metric: per-example values [B]}, weight [B])``: weight 1 on the examples labelled for the
-    task (``labelled``), 0 on the others (whose values are computed on a dummy label 0)."""
-    mask = labelled(task, labels)
-    weight = jnp.ones(labels.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-    labels = labels if mask is None else jnp.where(mask, labels, 0)
+def _task_metrics(task, pred, labels, mask) -> tuple[dict, jax.Array]:
+    """``({metric: sum}, count)`` over the examples with ``mask`` [B] 1 that are labelled for the task
+    (``labelled``): a per-example metric's sum of values, an accumulated metric's ``stats``
+    (``dense_metrics.Accumulated``); ``count`` is how many examples counted (float32)."""
+    is_labelled = labelled(task, labels)
+    weight = mask if is_labelled is None else mask * is_labelled.astype(jnp.float32)
+    labels = labels if is_labelled is None else jnp.where(is_labelled, labels, 0)  # dummy 0 where unlabelled
     pred = jax.lax.stop_gradient(pred)
-    return {metric: fn(pred, labels) for metric, fn in task_metric_fns(task).items()}, weight
+    sums = {metric: fn.stats(pred, labels, weight) if isinstance(fn, Accumulated) else (fn(pred, labels) * weight).sum()
+            for metric, fn in task_metric_fns(task).items()}
+    return sums, weight.sum()
 
 
 def batch_metrics(tasks: Sequence, preds, batch) -> dict:
-    """``{task: {metric: mean over the batch's examples labelled for the task}}`` (0 when none are)."""
+    """``{task: {metric: value on the batch's examples labelled for the task}}``: a per-example metric's
+    mean (0 when none are labelled), an accumulated metric finalised on the batch's statistics."""
     out = {}
     for t in tasks:
-        values, weight = _task_metrics(t, preds[t.name], batch[t.label_key])
-        out[t.name] = {m: (v * weight).sum() / jnp.maximum(weight.sum(), 1.0) for m, v in values.items()}
+        labels = batch[t.label_key]
+        sums, count = _task_metrics(t, preds[t.name], labels, jnp.ones(labels.shape[:1], jnp.float32))
+        fns = task_metric_fns(t)
+        out[t.name] = {m: fns[m].finalize(v) if isinstance(fns[m], Accumulated) else v / jnp.maximum(count, 1.0)
+                       for m, v in sums.items()}
     return out
 
 
 def metric_sums(tasks: Sequence, preds, batch, mask) -> tuple[dict, dict]:
     """``({task: {metric: sum}}, {task: count})`` over the examples that are real (``mask`` [B], 0 on
-    padding) and labelled for the task: a split's mean is the sum of sums over the sum of counts."""
+    padding) and labelled for the task: a per-example metric's sum of values, an accumulated metric's
+    summed statistics (a pytree). Summed over the batches of a split, a per-example metric's mean is
+    its sum over the count, an accumulated one is ``finalize(sum)`` (``dense_metrics.finalize_sums``)."""
     sums, counts = {}, {}
     for t in tasks:
-        values, weight = _task_metrics(t, preds[t.name], batch[t.label_key])
-        weight = weight * mask
-        sums[t.name] = {m: (v * weight).sum() for m, v in values.items()}
-        counts[t.name] = weight.sum()
+        sums[t.name], counts[t.name] = _task_metrics(t, preds[t.name], batch[t.label_key], mask)
     return sums, counts
 
 

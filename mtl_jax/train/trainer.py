@@ -22,6 +22,8 @@ from mtl_jax.models import build_model, check_input, remat_compiler_options
 from mtl_jax.models.pretrained.registry import load_pretrained
 from mtl_jax.models.pretrained.weights import fill_trunks
 from mtl_jax.train import checkpoint as ckpt
+from mtl_jax.train.dense_metrics import finalize_sums
+from mtl_jax.train.losses import task_metric_fns
 from mtl_jax.train.methods import get_method, with_num_params
 from mtl_jax.train.optim import make_optimizers, map_groups
 from mtl_jax.train.reporting import MetricWriter, delta_m, flatten_metrics, results_table
@@ -84,8 +86,10 @@ def total_steps(config, num_train: int) -> int:
 
 
 def evaluate(eval_step, state, dataset, split: str, batch_size: int, sharding) -> dict:
-    """``{task: {metric: mean over the split's examples labelled for the task}}`` (``eval_step``
-    returns per-task sums and counts, :func:`mtl_jax.train.step.metric_sums`)."""
+    """``{task: {metric: value over the split's examples labelled for the task}}``: ``eval_step``
+    returns per-task sums and counts (:func:`mtl_jax.train.forward.metric_sums`), summed over the
+    batches; a per-example metric is the sum over the count, an accumulated one (mIoU, F1, ...) its
+    ``finalize`` of the summed statistics (``dense_metrics.finalize_sums``)."""
     keys = [dataset.input_key] + [t.label_key for t in dataset.tasks]
     totals = None
     for batch in eval_batches(dataset.splits[split], keys=keys, global_batch_size=batch_size):
@@ -95,7 +99,9 @@ def evaluate(eval_step, state, dataset, split: str, batch_size: int, sharding) -
     empty = [name for name, n in counts.items() if n == 0]
     if empty:
         raise ValueError(f"split '{split}' has no example labelled for task(s) {empty}")
-    return {name: {m: float(v) / float(counts[name]) for m, v in metrics.items()} for name, metrics in sums.items()}
+    fns = {t.name: task_metric_fns(t) for t in dataset.tasks}
+    return {name: {m: finalize_sums(fns[name][m], v, counts[name]) for m, v in metrics.items()}
+            for name, metrics in sums.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +197,8 @@ def with_pretrained(init: Callable, pretrained_name: str) -> Callable:
 
 
 def load_baselines(config, tasks) -> dict | None:
-    """The single-task results ``config.baselines`` points at, checked to cover every task's main metric."""
+    """The single-task results ``config.baselines`` points at, checked to cover every metric Delta-m%
+    averages (``TaskSpec.delta_m_metrics``: the main metric, every metric of a dense task)."""
     if not config.baselines:
         return None
     if not os.path.exists(config.baselines):
@@ -199,7 +206,7 @@ def load_baselines(config, tasks) -> dict | None:
                                 f"python -m experiments.single_task_baselines, or set --config.baselines='')")
     with open(config.baselines) as f:
         baselines = json.load(f)
-    missing = [f"{t.name}/{t.metrics[0]}" for t in tasks if t.metrics[0] not in baselines.get(t.name, {})]
+    missing = [f"{t.name}/{m}" for t in tasks for m in t.delta_m_metrics if m not in baselines.get(t.name, {})]
     if missing:
         raise ValueError(f"config.baselines '{config.baselines}' lacks {missing}")
     return baselines
