@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from mtl_jax import tasks as T
-from mtl_jax.data import multimnist, multitab_bench, wiki
+from mtl_jax.data import celeba, mtan_npy, multimnist, multitab_bench, office, qm9, rendered_scenes, wiki
 from mtl_jax.data.pde import load_darcy, load_fisher
 from mtl_jax.data.frozen_features import with_frozen_features
 from mtl_jax.data.sources import Dataset, from_arrays, read_all
@@ -197,6 +197,16 @@ DATASETS = {
     "pde_fisher": dict(load=load_fisher),
     "pde_darcy": dict(load=load_darcy),
     "wiki": dict(load=wiki.load_wiki, options=wiki.OPTIONS, rules=wiki.RULES),
+    # the standard MTL benchmarks, read from the user's copy in data.manual_dir
+    "nyuv2": dict(load=mtan_npy.load_nyuv2, options=mtan_npy.NYUV2_OPTIONS, rules=mtan_npy.NYUV2_RULES),
+    "cityscapes": dict(load=mtan_npy.load_cityscapes, options=mtan_npy.CITYSCAPES_OPTIONS,
+                       rules=mtan_npy.CITYSCAPES_RULES),
+    "celeba": dict(load=celeba.load_celeba, options=celeba.OPTIONS, rules=celeba.RULES),
+    "qm9": dict(load=qm9.load_qm9, options=qm9.OPTIONS, rules=qm9.RULES),
+    "office31": dict(load=office.load_office31, options=office.OPTIONS, rules=office.RULES),
+    "office_home": dict(load=office.load_office_home, options=office.OPTIONS, rules=office.RULES),
+    "rendered_scenes": dict(load=rendered_scenes.load_rendered_scenes, options=rendered_scenes.OPTIONS,
+                            rules=rendered_scenes.RULES),
 }
 
 
