@@ -84,7 +84,8 @@ def default_config() -> ConfigDict:
     # Rep-MTL saliency regularisers (mtl_jax.train.rep_mtl); off while both weights are 0.
     c.rep_mtl = ConfigDict(dict(tsr_weight=0.0, csa_weight=0.0, temperature=0.5))
     c.optim = ConfigDict(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, nesterov=False,
-                              weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip_norm=0.0))
+                              weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip_norm=0.0,
+                              decay_every=0, decay_factor=0.5))
     c.head_optim = ConfigDict()  # {task: {field: value}} overrides of ``optim`` for that head
     c.batch_size = 256
     # Micro-batches per step (gradient accumulation with MTL semantics: per-task gradient rows summed over
@@ -164,7 +165,7 @@ def smoke(config: ConfigDict) -> ConfigDict:
 # its module (``mtl_jax.data.datasets.DATASETS``). The choice lists mirror the registries of
 # mtl_jax.train.optim / step / flat_minima (which import jax; tests/test_config_cli.py checks they agree).
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "step")
 SHARPNESS_KINDS = ("", "sam", "fmtl", "fmtl_a")
 JACOBIAN_LEVELS = ("params", "representation")
 GRAMIAN_MODES = ("materialize", "vjp_jvp", "layerwise")
@@ -194,7 +195,7 @@ OPTIM_SCHEMA = {
     "name": Rule("choice", choices=OPTIMIZERS, what="optimiser"),
     "lr": NONNEG, "b1": FRACTION, "b2": FRACTION, "eps": POSITIVE, "momentum": FRACTION, "nesterov": BOOL,
     "weight_decay": NONNEG, "schedule": Rule("choice", choices=SCHEDULES, what="schedule"),
-    "warmup_steps": NONNEG_INT, "grad_clip_norm": NONNEG,
+    "warmup_steps": NONNEG_INT, "grad_clip_norm": NONNEG, "decay_every": NONNEG_INT, "decay_factor": POSITIVE,
 }
 
 SCHEMA = {

@@ -30,7 +30,7 @@ BAD_VALUES = [
     ("optim.eps=0", "optim.eps"), ("optim.weight_decay=-1", "optim.weight_decay"),
     ("optim.grad_clip_norm=-1", "optim.grad_clip_norm"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
     ("optim.warmup_steps=2.5", "optim.warmup_steps"), ("optim.momentum=1", "optim.momentum"),
-    ("optim.name='lamb'", "optim.name"), ("optim.schedule='step'", "optim.schedule"),
+    ("optim.name='lamb'", "optim.name"), ("optim.schedule='steps'", "optim.schedule"), ("optim.decay_factor=0", "optim.decay_factor"),
     ("sharpness.rho=-0.1", "sharpness.rho"), ("sharpness.kind='asam'", "sharpness.kind"),
     ("mesh.data=0", "mesh.data"), ("mesh.data=-2", "mesh.data"), ("mesh.model=0", "mesh.model"),
     ("mesh.expert=0", "mesh.expert"),
@@ -104,8 +104,21 @@ def test_choice_lists_match_the_registries():
         optim.make_optimizer(cfg, 10)
     cfg.schedule = "no_such_schedule"
     with pytest.raises(ValueError, match=r"unknown schedule 'no_such_schedule'; valid names: \['constant', 'cosine', "
-                                         r"'linear'\]"):
+                                         r"'linear', 'step'\]"):
         optim.make_optimizer(cfg, 10)
+
+
+def test_step_schedule_is_torch_step_lr():
+    """'step': lr * decay_factor ** floor(step / decay_every) (torch StepLR); decay_every 0 = half the run."""
+    from mtl_jax.train import optim
+
+    cfg = default_config().optim
+    cfg.update(dict(lr=1e-4, schedule="step", decay_every=100, decay_factor=0.5))
+    lr = optim._schedule(cfg, 1000)
+    assert [float(lr(s)) for s in (0, 99, 100, 199, 200)] == pytest.approx([1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
+    cfg.decay_every = 0
+    lr = optim._schedule(cfg, 400)
+    assert float(lr(199)) == pytest.approx(1e-4) and float(lr(200)) == pytest.approx(5e-5)
 
 
 def test_parse_arg_refuses_unknown_keys_and_types_values():

@@ -33,7 +33,7 @@ the original units (MAE of the standardised target times its std; homo, lumo, zp
 in meV in its tables): :func:`target_stats` returns the mean / std to convert with.
 
 Split (Nash-MTL ``trainer.py``): after a random permutation of the kept molecules, test = the first
-``num_test`` (10,000), validation = the next ``num_validation`` (10,000), train = the rest (110,831).
+``num_test`` (the common ``data.num_test``, default 10,000), validation = the next ``num_validation`` (10,000), train = the rest (110,831).
 Nash-MTL permutes with ``QM9(...).shuffle()`` (``torch.randperm`` under its seed, drawn after the
 model's initialisation consumed the generator), which numpy cannot reproduce: here the permutation
 is ``np.random.default_rng(split_seed).permutation``, the same sizes. Statistics: ``target_stats='train'``
@@ -72,8 +72,8 @@ TASK_NAMES = tuple(COLUMNS[i] for i in TARGET_IDX)
 ATOM_TYPES = {"H": 0, "C": 1, "N": 2, "O": 3, "F": 4}
 UNCHARACTERIZED_HEADER_LINES = 9
 
-OPTIONS = dict(manual_dir="", split_seed=0, num_test=10_000, num_validation=10_000, target_stats="train")
-RULES = {"split_seed": Rule("int", 0, 2**32 - 1), "num_test": Rule("int", 1), "num_validation": Rule("int", 1),
+OPTIONS = dict(manual_dir="", split_seed=0, num_validation=10_000, target_stats="train")
+RULES = {"split_seed": Rule("int", 0, 2**32 - 1), "num_validation": Rule("int", 1),
          "target_stats": Rule("choice", choices=("train", "all"), what="target statistics")}
 
 
@@ -183,6 +183,7 @@ def qm9_split(kept: np.ndarray, seed: int, num_test: int, num_validation: int) -
 def _prepare(cfg):
     """(options, files, splits, targets [N, 19], stats) shared by :func:`load_qm9` and :func:`target_stats`."""
     o = read_options(cfg, OPTIONS, RULES)
+    o["num_test"] = int(cfg.get("num_test", 10_000))  # the common data.num_test key
     sdf, csv, skip_path = qm9_files(manual_dir(cfg, "qm9"))
     y = read_targets(csv)
     skip = read_skip(skip_path)

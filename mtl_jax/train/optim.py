@@ -23,6 +23,10 @@ def _schedule(cfg, total_steps: int):
         "constant": lambda: optax.constant_schedule(cfg.lr),
         "cosine": lambda: optax.cosine_decay_schedule(cfg.lr, decay_steps),
         "linear": lambda: optax.linear_schedule(cfg.lr, 0.0, decay_steps),
+        # torch's StepLR: lr * decay_factor ** floor(step / decay_every) (MTAN / Nash-MTL / LibMTL: x0.5 after
+        # 100 of 200 epochs); decay_every = 0: half of the decay steps.
+        "step": lambda: optax.exponential_decay(cfg.lr, int(cfg.get("decay_every", 0)) or max(decay_steps // 2, 1),
+                                                float(cfg.get("decay_factor", 0.5)), staircase=True),
     }
     main = lookup(schedules, name, "schedule")()
     if warmup:
@@ -40,7 +44,8 @@ OPTIMIZERS = {
 
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """``cfg``: name, lr, schedule, warmup_steps, grad_clip_norm (0 = off), weight_decay (adamw), ..."""
+    """``cfg``: name, lr, schedule, warmup_steps, grad_clip_norm (0 = off), weight_decay (adamw),
+    decay_every / decay_factor ('step' schedule), ..."""
     tx = lookup(OPTIMIZERS, cfg.name, "optimiser")(cfg, _schedule(cfg, total_steps))
     clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
