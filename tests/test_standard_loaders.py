@@ -136,6 +136,30 @@ def test_augment_is_mtans_random_scale_crop_and_flip():
     np.testing.assert_array_equal(flipped["normal"], normal[:, ::-1] * np.array([-1, 1, 1], np.float32))
 
 
+def test_augment_option_reaches_the_training_stream_only(tmp_path):
+    """data.augment=True: the training stream applies mtan_npy.augment, deterministically per seed and
+    position; evaluation batches read the files unchanged."""
+    from mtl_jax.data.pipeline import eval_batches, train_dataset
+
+    root = mtan.write_nyuv2(tmp_path / "nyuv2", dtype=np.float32)
+    plain = get_dataset(data_config(tmp_path, "nyuv2", root, height=12, width=16))
+    augmented = get_dataset(data_config(tmp_path, "nyuv2", root, height=12, width=16, augment=True))
+    assert plain.augment is None and augmented.augment is mtan_npy.augment
+    keys = ["image", "segmentation", "depth", "normal"]
+    stream = lambda ds, seed: train_dataset(ds.splits["train"], keys=keys, global_batch_size=3, seed=seed,
+                                            augment=ds.augment)
+    first = [stream(augmented, 0)[i] for i in range(4)]
+    again = [stream(augmented, 0)[i] for i in range(4)]
+    unaugmented = [stream(plain, 0)[i] for i in range(4)]
+    for a, b in zip(first, again):
+        for key in keys:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert any(not np.array_equal(a["image"], u["image"]) for a, u in zip(first, unaugmented))
+    assert all(a[k].shape == u[k].shape and a[k].dtype == u[k].dtype for a, u in zip(first, unaugmented) for k in keys)
+    evaluated = next(eval_batches(augmented.splits["test"], keys=keys, global_batch_size=2))
+    np.testing.assert_array_equal(evaluated["image"], read_all(plain.splits["test"])["image"][:2])
+
+
 # ---------------------------------------------------------------- CelebA
 
 @pytest.mark.parametrize("official_layout", [False, True])

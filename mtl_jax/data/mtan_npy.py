@@ -79,9 +79,11 @@ def cityscapes_layout(root: str, num_classes: int) -> Layout:
 
 
 # The ``config.data`` keys of each dataset, with their defaults, and their rules.
-NYUV2_OPTIONS = dict(manual_dir="", height=288, width=384)
-CITYSCAPES_OPTIONS = dict(manual_dir="", num_classes=7, height=128, width=256)
-NYUV2_RULES = {"height": Rule("int", 1), "width": Rule("int", 1)}
+# augment: MTAN's training augmentation (:func:`augment`), which the MTAN / Nash-MTL / FAMO protocol uses
+# for every method (LibMTL's ``--aug``).
+NYUV2_OPTIONS = dict(manual_dir="", height=288, width=384, augment=False)
+CITYSCAPES_OPTIONS = dict(manual_dir="", num_classes=7, height=128, width=256, augment=False)
+NYUV2_RULES = {"height": Rule("int", 1), "width": Rule("int", 1), "augment": Rule("bool")}
 CITYSCAPES_RULES = {**NYUV2_RULES, "num_classes": Rule("choice", choices=(7, 19), what="Cityscapes class count")}
 
 
@@ -137,8 +139,10 @@ def dense_tasks(layout: Layout) -> tuple:
     return tuple(tasks + ([T.normal("normal")] if "normal" in layout.folders else []))
 
 
-def load_mtan_npy(root: str, layout: Layout, height: int, width: int, data_dir: str) -> Dataset:
-    """The dataset of ``layout`` at ``root`` (module docstring), prepared once under ``data_dir``."""
+def load_mtan_npy(root: str, layout: Layout, height: int, width: int, data_dir: str,
+                  train_augment: bool = False) -> Dataset:
+    """The dataset of ``layout`` at ``root`` (module docstring), prepared once under ``data_dir``;
+    ``train_augment``: training examples go through :func:`augment`."""
     counts = {split: example_count(root, folder, layout) for split, folder in SPLIT_FOLDERS.items()}
     files = [os.path.join(root, folder, name, f"{i}.npy") for split, folder in SPLIT_FOLDERS.items()
              for name, _ in layout.folders.values() for i in range(counts[split])]
@@ -154,14 +158,16 @@ def load_mtan_npy(root: str, layout: Layout, height: int, width: int, data_dir: 
         features=record_features(layout, height, width),
         examples={split: examples(split) for split in SPLIT_FOLDERS},
         description=__doc__, data_dir=data_dir)
-    return Dataset(name=layout.name, tasks=dense_tasks(layout), splits=prepared_sources(builder), input_key="image")
+    return Dataset(name=layout.name, tasks=dense_tasks(layout), splits=prepared_sources(builder), input_key="image",
+                   augment=augment if train_augment else None)
 
 
 def load_nyuv2(cfg) -> Dataset:
     """NYUv2 (MTAN preprocessing) from ``cfg.manual_dir``; ``cfg.height`` / ``cfg.width`` the files'
     resolution (288 x 384)."""
     o = read_options(cfg, NYUV2_OPTIONS, NYUV2_RULES)
-    return load_mtan_npy(manual_dir(cfg, "nyuv2"), nyuv2_layout(), o["height"], o["width"], data_dir_of(cfg))
+    return load_mtan_npy(manual_dir(cfg, "nyuv2"), nyuv2_layout(), o["height"], o["width"], data_dir_of(cfg),
+                         o["augment"])
 
 
 def load_cityscapes(cfg) -> Dataset:
@@ -169,7 +175,8 @@ def load_cityscapes(cfg) -> Dataset:
     ``cfg.height`` / ``cfg.width`` the files' resolution (128 x 256)."""
     o = read_options(cfg, CITYSCAPES_OPTIONS, CITYSCAPES_RULES)
     root = manual_dir(cfg, "cityscapes")
-    return load_mtan_npy(root, cityscapes_layout(root, o["num_classes"]), o["height"], o["width"], data_dir_of(cfg))
+    return load_mtan_npy(root, cityscapes_layout(root, o["num_classes"]), o["height"], o["width"], data_dir_of(cfg),
+                         o["augment"])
 
 
 # ---- augmentation (MTAN create_dataset.py RandomScaleCrop + horizontal flip) ----

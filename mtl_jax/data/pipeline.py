@@ -3,7 +3,7 @@ and placement of host-local batches on the device mesh."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import grain
 import jax
@@ -21,22 +21,27 @@ def _select(keys: Sequence[str]):
     return lambda record: {k: np.asarray(record[k]) for k in keys}
 
 
-def train_dataset(source, *, keys: Sequence[str], global_batch_size: int, seed: int) -> grain.MapDataset:
+def train_dataset(source, *, keys: Sequence[str], global_batch_size: int, seed: int,
+                  augment: Optional[Callable] = None) -> grain.MapDataset:
     """Infinite, reshuffled-every-epoch stream of this host's share of each global batch.
 
     Element ``i`` of the result is the host-local part of global batch ``i`` (random access, so the
-    stream position is a single integer that checkpoints exactly).
+    stream position is a single integer that checkpoints exactly). ``augment(record, rng) -> record``
+    (optional) runs on every example with an rng that grain derives from ``seed`` and the example's
+    stream position, so an augmented stream resumes exactly too.
     """
     local = _host_batch_size(global_batch_size)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    ds = ds[jax.process_index()::jax.process_count()]
-    return ds.map(_select(keys)).batch(local, drop_remainder=True)
+    ds = ds[jax.process_index()::jax.process_count()].map(_select(keys))
+    if augment is not None:
+        ds = ds.random_map(lambda record, rng: _select(keys)(augment(record, rng)))
+    return ds.batch(local, drop_remainder=True)
 
 
 def train_iterator(source, *, keys: Sequence[str], global_batch_size: int, seed: int,
-                   prefetch: int = 4, threads: int = 2):
+                   prefetch: int = 4, threads: int = 2, augment: Optional[Callable] = None):
     """A grain ``DatasetIterator`` (``get_state()`` / ``set_state()`` for checkpoints) over train_dataset."""
-    ds = train_dataset(source, keys=keys, global_batch_size=global_batch_size, seed=seed)
+    ds = train_dataset(source, keys=keys, global_batch_size=global_batch_size, seed=seed, augment=augment)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
 
 

@@ -44,13 +44,16 @@ class Dataset:
     """A multi-task dataset: named splits of random-access sources and the tasks they label.
 
     Every record is a dict holding ``input_key`` (the model input) and one target per task
-    (``task.label_key``).
+    (``task.label_key``). ``augment``: an optional training augmentation ``fn(record, rng:
+    np.random.Generator) -> record`` (grain's ``random_map`` shape), applied to each training example
+    after it is drawn (deterministic per seed and stream position); evaluation never sees it.
     """
 
     name: str
     tasks: tuple[TaskSpec, ...]
     splits: Mapping[str, Any]
     input_key: str = "image"
+    augment: Any = None
 
     def __post_init__(self):
         names = [t.name for t in self.tasks]

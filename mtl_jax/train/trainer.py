@@ -249,7 +249,7 @@ def _train_and_evaluate(config, workdir: str, dataset, on_step) -> dict:
     for text in warnings:
         _warn(text)
     data_iter = train_iterator(dataset.splits["train"], keys=keys, global_batch_size=config.batch_size,
-                               seed=config.seed)
+                               seed=config.seed, augment=dataset.augment)
     leaf_paths = [path for path, _ in guarded_leaves(exp.abstract_state)]
     manager = ckpt.make_manager(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     writer = MetricWriter(workdir)
