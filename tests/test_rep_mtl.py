@@ -293,3 +293,132 @@ def test_with_make_representation_forward_on_a_hard_parameter_sharing_model():
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     assert np.isfinite(float(aux["tsr"])) and np.isfinite(float(aux["csa"]))
     assert 0.0 <= float(aux["tsr"]) <= math.log(2) + 1e-6
+
+
+# ---- spatial representations: a dense model with batch statistics ------------------------------
+
+def dense_problem(valid="both", batch=4, size=6, head_norm=True):
+    """A conv trunk with BatchNorm -> z [B, H, W, 5] and two depth heads (1x1 conv, BatchNorm unless not
+    ``head_norm``, 1x1 conv).
+
+    ``valid``: 'both' (every pixel labelled for both tasks) or 'halves' (task 0's depth valid on the
+    left half only, task 1's on the right half: each position's saliency belongs to one task).
+    """
+    import flax.linen as nn
+
+    from mtl_jax.models import HardParameterSharing
+    from mtl_jax.tasks import depth
+
+    class Trunk(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(6, (3, 3), name="conv_0")(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
+            return jnp.tanh(nn.Conv(5, (1, 1), name="conv_1")(x))
+
+    class PixelHead(nn.Module):
+        num_outputs: int
+
+        @nn.compact
+        def __call__(self, z, train=False):
+            z = nn.Conv(4, (1, 1), name="conv_0")(z)
+            if head_norm:
+                z = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(z)
+            z = jnp.tanh(z)
+            return nn.Conv(self.num_outputs, (1, 1), name="out")(z)
+
+    tasks = (depth("near"), depth("far"))
+    model = HardParameterSharing(trunk=Trunk(), heads={t.name: PixelHead(1) for t in tasks})
+    kx, k0, k1 = jax.random.split(jax.random.key(21), 3)
+    x = jax.random.normal(kx, (batch, size, size, 3))
+    targets = [jax.random.uniform(k, (batch, size, size, 1), minval=0.5, maxval=2.0) for k in (k0, k1)]
+    if valid == "halves":
+        left = (jnp.arange(size) < size // 2)[None, None, :, None]
+        targets = [jnp.where(left, targets[0], 0.0), jnp.where(left, 0.0, targets[1])]
+    variables = model.init(jax.random.key(22), x)
+    batch_ = {"image": x, "near": targets[0], "far": targets[1]}
+    return model, tasks, variables["params"], {"batch_stats": variables["batch_stats"]}, batch_
+
+
+def test_task_distribution_map_has_the_spatial_shape_of_the_representation():
+    s = jax.random.normal(jax.random.key(3), (3, 2, 4, 5, 6))
+    maps = rep_mtl.task_distribution_map(s)
+    assert maps.shape == (3, 2, 4, 5)
+    np.testing.assert_allclose(maps.sum(axis=0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(maps.reshape(3, 2, 20), rep_mtl.task_distribution(s), rtol=0)
+
+
+def test_tsr_on_a_dense_model_reads_which_task_owns_each_pixel():
+    """Spatial saliency dL_t/dz [T, B, H, W, C] of a dense model: with depth labels on disjoint halves
+    (1x1 heads without batch statistics, which would couple the pixels), every pixel's saliency is one
+    task's, so TSR is ~0; on shared pixels it is not."""
+    from mtl_jax.train.gradients.rep_mtl import make_stateful_representation_forward
+
+    values = {}
+    for valid in ("halves", "both"):
+        model, tasks, params, state, batch = dense_problem(valid, head_norm=False)
+        encode, decode = make_stateful_representation_forward(model, tasks, "image")
+        key = jax.random.key(0)
+
+        def run(p):
+            z, st = encode(p["shared"], state, batch, key, True)
+            saliency = rep_mtl.task_saliency(lambda zz: decode(p["heads"], st, zz, batch, key, True)[0], z)
+            return saliency, rep_mtl.rep_mtl_regularizer(saliency)[1]
+
+        saliency, aux = jax.jit(run)(params)
+        assert saliency.shape == (2, 4, 6, 6, 5)
+        values[valid] = float(aux["tsr_normalized"])
+        if valid == "halves":  # task 0's saliency vanishes on the right half, task 1's on the left
+            assert float(jnp.abs(saliency[0, :, :, 3:]).max()) == 0.0
+            assert float(jnp.abs(saliency[1, :, :, :3]).max()) == 0.0
+    assert values["halves"] < 1e-4, values
+    assert values["both"] > 0.2, values
+
+
+def test_rep_mtl_step_on_a_dense_model_with_batch_statistics():
+    """``rep_mtl_model_gradients`` on a spatial representation with BatchNorm in trunk and heads: the
+    gradient of ``sum_t L_t + R(S)`` (written here with the model's stages and mutable batch_stats),
+    and the batch statistics of the whole model's training forward."""
+    from ml_collections import ConfigDict
+
+    from mtl_jax.train.gradients.base import StepContext
+    from mtl_jax.train.gradients.rep_mtl import rep_mtl_model_gradients
+    from mtl_jax.train.methods import get_method
+
+    model, tasks, params, state, batch = dense_problem("both")
+    cfg = ConfigDict(dict(tsr_weight=0.7, csa_weight=1.3, temperature=0.5))
+    method = get_method("ew")
+    key = jax.random.key(5)
+    strategy = rep_mtl_model_gradients(method, cfg, model, tasks, "image")
+    ctx = StepContext(params, state, batch, key, method.init(2), jnp.zeros((), jnp.int32), jax.random.key(6))
+    out = jax.jit(strategy)(ctx)
+
+    from mtl_jax.train.forward import make_task_losses
+
+    task_losses = make_task_losses(tasks)
+    enc_key, dec_key = jax.random.split(key)
+
+    def total(p):
+        z, st = model.apply({"params": {"shared": p["shared"]}, **state}, batch["image"], True, stage="trunk",
+                            mutable=["batch_stats"], rngs={"dropout": enc_key})
+        st = {**state, **st}
+
+        def losses(zz):
+            preds, _ = model.apply({"params": {"heads": p["heads"]}, **st}, zz, True, stage="heads",
+                                   mutable=["batch_stats"], rngs={"dropout": dec_key})
+            return task_losses(preds, batch)
+
+        reg, aux = rep_mtl.rep_mtl_loss(losses, z, tsr_weight=0.7, csa_weight=1.3, temperature=0.5)
+        return jnp.sum(aux["losses"]) + reg, aux["losses"]
+
+    (_, losses), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+    np.testing.assert_allclose(out.losses, losses, rtol=1e-6)
+    np.testing.assert_allclose(out.weights, [1.0, 1.0])
+    for a, b in zip(jax.tree.leaves(out.grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    _, whole = model.apply({"params": params, **state}, batch["image"], True, mutable=["batch_stats"])
+    assert jax.tree.structure(out.model_state) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(out.model_state), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(out.model_state),
+                                                               jax.tree.leaves(state)))

@@ -27,6 +27,11 @@ P = prod(spatial) positions (P = 1 for a vector representation [B, C]; tokens [B
   negatives (B x (B-1) pairs), as in Fig. 2. The printed Eq. 9 shows one t; we average over t (the
   figure's B x T positive pairs). As printed, the positive is not in the denominator, so L_csa can be
   negative. With B = 1 there is no negative and L_csa = 0.
+* Spatial representations (the paper's NYUv2 / Cityscapes setting, the shared decoder feature map
+  [B, H, W, C]): Eqs. 4-6 run at every pixel, so TSR asks each position's saliency to be owned by few
+  tasks; Eqs. 7-9 compare each sample's position-aggregated affinities. Positions where no task's loss
+  depends on z (e.g. invalid pixels under 1x1 heads) have S = 0: their distribution is uniform
+  (entropy log T, through ``eps``) and contributes a constant without gradient.
 * Eq. 10: ``L = sum_t L_t + lambda_tsr L_tsr + lambda_csa L_csa``; gradients flow through S (double
   backprop) into the heads and the trunk.
 
@@ -100,6 +105,12 @@ def task_distribution(saliency: jax.Array, eps: float = DEFAULT_EPS) -> jax.Arra
     channel_mean = jnp.mean(positions_by_channels(saliency), axis=-1)  # Eq. 4
     magnitude = jnp.abs(channel_mean) + eps
     return magnitude / jnp.sum(magnitude, axis=0, keepdims=True)  # Eq. 5
+
+
+def task_distribution_map(saliency: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+    """``P`` [T, B, *spatial]: Eq. 5's task distribution at every position of a spatial saliency
+    [T, B, *spatial, C] (the per-pixel task-saliency maps the paper visualises on NYUv2)."""
+    return task_distribution(saliency, eps).reshape(saliency.shape[:-1])
 
 
 def tsr_loss(distribution: jax.Array) -> jax.Array:

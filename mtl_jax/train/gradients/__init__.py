@@ -27,7 +27,7 @@ from mtl_jax.train.gradients.accumulate import accumulate
 from mtl_jax.train.gradients.base import Linearization, StepContext, Strategy, TaskGradients
 from mtl_jax.train.gradients.options import GRAMIAN_MODES, GradientOptions, gradient_options
 from mtl_jax.train.gradients.params import make_linearize, make_split_of, params_level
-from mtl_jax.train.gradients.rep_mtl import rep_mtl_gradients
+from mtl_jax.train.gradients.rep_mtl import rep_mtl_model_gradients
 from mtl_jax.train.gradients.representation import representation_level
 from mtl_jax.train.gradients.sharpness import fmtl, sam
 from mtl_jax.train.precision import FLOAT32, Precision
@@ -113,7 +113,7 @@ def make_gradients(model, tasks: Sequence, method, input_key: str, sharpness=Non
         return accumulate(method, make_forward(model, tasks, input_key, precision), micro_batches, names,
                           options.last_shared)
     if use_rep_mtl:
-        return rep_mtl_gradients(method, rep_mtl_cfg, *make_representation_forward(model, tasks, input_key, precision))
+        return rep_mtl_model_gradients(method, rep_mtl_cfg, model, tasks, input_key, precision)
     if rep_level:
         return representation_level(method, *make_representation_forward(model, tasks, input_key, precision), names)
 
