@@ -186,7 +186,9 @@ SLOW_CONFIGS = {"multimnist_m3vit.py", "multimnist_mod_squad.py", "multimnist_ta
                 "multimnist_unifork.py", "multimnist_mmoe.py", "multimnist_dselect_k.py", "multimnist_mtan.py",
                 "multimnist_cgc.py", "multimnist_ple.py", "multimnist_cross_stitch.py", "multimnist_vit.py",
                 "multitab_bench.py", "pde_darcy.py", "multimnist_ltb.py",
-                "multimnist.py"}  # trained for 80 steps by test_multimnist_learns_both_tasks; :smoke parsing by test_every_config_loads
+                "multimnist.py",  # trained for 80 steps by test_multimnist_learns_both_tasks
+                # the same MTAN-SegNet as nyuv2_mtan.py's smoke run (one smoke run per dense model)
+                "cityscapes_mtan.py", "rendered_scenes_mtan.py"}  # :smoke parsing by test_every_config_loads
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])

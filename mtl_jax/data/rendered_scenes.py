@@ -12,15 +12,16 @@ so example ``index`` of a split is a pure function of ``(seed, split, index)``):
   are rectangles in those planes: same geometry as the plane, their own class and appearance.
 * 3 to 8 objects standing on the floor, footprints not overlapping, most of them in front of the camera:
   furniture built from yawed boxes (bed = base + pillow; table = top + 4 legs; chair = seat + back + 4
-  legs; cabinet; sofa = base + back + 2 arms), balls (spheres, resting on the floor or lifted on
-  nothing: a ball floats in 1 of 4 scenes) and cylinders (vertical: bins, stools, pillars).
-* Pinhole camera inside the room, at least 0.5 m from walls and objects, 1.0-1.8 m high, yaw within
-  50 degrees of the direction to the room's centre, pitch -30..0 degrees (roughly horizontal or down),
-  roll -4..+4 degrees, horizontal field of view 55-70 degrees (NYUv2's Kinect: about 58), principal point at the image centre.
+  legs; cabinet; sofa = base + back + 2 arms), balls (spheres on the floor; a quarter of them float
+  0.2-1 m above it) and cylinders (vertical: bins, stools, pillars).
+* Pinhole camera inside the room, at least 0.5 m from the walls and 0.35 m from any object's footprint,
+  1.0-1.8 m high, yaw within 50 degrees of the direction to the room's centre, pitch -30..0 degrees
+  (roughly horizontal or down), roll -4..+4 degrees, horizontal field of view 55-70 degrees (NYUv2's
+  Kinect: about 58), principal point at the image centre.
 * Lighting: ambient + one point light near the ceiling + a second light in 3 of 5 scenes (a point light,
   or a directional one), Lambertian, with shadows cast by the objects (shadow rays); windows glow.
   Albedo: a colour per object / wall, each with a procedural solid texture (plain, stripes, checks or
-  fine noise-free grain) in two colours drawn from the same palette for every class, so colour alone
+  a wavy grain) in two colours drawn from the same palette for every class, so colour alone
   does not tell the class. Gamma 2.2, 8-bit quantised like a photograph.
 
 Records (``dense_interface.md``): ``image`` float32 [H, W, 3] in [0, 1]; ``segmentation`` int64 [H, W] in
@@ -214,7 +215,8 @@ def make_scene(seed: int, index: int, split: str = "train") -> Scene:
                 x, z = camera[0] + dist * np.sin(angle), camera[2] + dist * np.cos(angle)
             else:
                 x, z = rng.uniform(0, room[0]), rng.uniform(0, room[2])
-            inside = footprint + 0.02 <= x <= room[0] - footprint - 0.02 and footprint + 0.02 <= z <= room[2] - footprint - 0.02
+            margin = footprint + 0.02
+            inside = margin <= x <= room[0] - margin and margin <= z <= room[2] - margin
             if inside and all(np.hypot(x - px, z - pz) > footprint + pr + 0.05 for px, pz, pr in placed):
                 break
         else:
@@ -480,7 +482,8 @@ def render(scene: Scene, height: int, width: int) -> dict:
     wall_u = np.where(plane < 4, point[:, 2], point[:, 0])
     for d_index, (where, u0, u1, v0, v1, kind) in enumerate(scene.decals):
         if where == 4:
-            inside = on_room & (plane == 0) & (point[:, 0] >= u0) & (point[:, 0] <= u1) & (point[:, 2] >= v0) & (point[:, 2] <= v1)
+            inside = (on_room & (plane == 0) & (point[:, 0] >= u0) & (point[:, 0] <= u1)
+                      & (point[:, 2] >= v0) & (point[:, 2] <= v1))
         else:
             inside = (on_room & (plane == 2 + int(where)) & (wall_u >= u0) & (wall_u <= u1)
                       & (point[:, 1] >= v0) & (point[:, 1] <= v1))

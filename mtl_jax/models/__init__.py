@@ -15,10 +15,13 @@ from mtl_jax.registry import lookup
 
 from mtl_jax.models.architectures import ARCHITECTURES
 from mtl_jax.models.deeponet import build_deeponet
+from mtl_jax.models.dense_resnet import DENSE_RESNET_MODELS
+from mtl_jax.models.graph import build_graph_model
 from mtl_jax.models.heads import HEADS
 from mtl_jax.models.multitab import build_multitab
 from mtl_jax.models.multitask import HardParameterSharing
 from mtl_jax.models.pretrained.backbones import IMAGE_BACKBONES
+from mtl_jax.models.segnet import SEGNET_MODELS
 from mtl_jax.models.trunk_registry import TRUNKS
 from mtl_jax.models.trunks import remat_compiler_options
 
@@ -42,7 +45,9 @@ def build_hps(cfg, tasks: Sequence) -> nn.Module:
     return HardParameterSharing(trunk=trunk, heads=heads)
 
 
-MODELS = {"hps": build_hps, **ARCHITECTURES, "multitab": build_multitab, "deeponet": build_deeponet}
+MODELS = {"hps": build_hps, **ARCHITECTURES, "multitab": build_multitab, "deeponet": build_deeponet,
+          "mpnn": build_graph_model, "gin": build_graph_model, **SEGNET_MODELS,
+          **DENSE_RESNET_MODELS}
 
 
 # Models whose shared encoder is a ``TRUNKS`` module run as is (its ``remat`` field is honoured).
@@ -77,8 +82,8 @@ def with_remat(cfg):
 
 # Encoders that convolve or cut patches: their per-example input must be an image [H, W, C].
 IMAGE_TRUNKS = ("lenet", "vit") + IMAGE_BACKBONES
-IMAGE_MODELS = ("slimmable", "m3vit", "mod_squad")
-OWN_ENCODER = IMAGE_MODELS + ("multitab", "deeponet")  # models that do not read cfg.trunk
+IMAGE_MODELS = ("slimmable", "m3vit", "mod_squad") + tuple(SEGNET_MODELS) + tuple(DENSE_RESNET_MODELS)
+OWN_ENCODER = IMAGE_MODELS + ("multitab", "deeponet", "mpnn", "gin")  # models that do not read cfg.trunk
 
 
 def check_input(cfg, example_shape: Sequence[int], input_key: str = "image") -> None:

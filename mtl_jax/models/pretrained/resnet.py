@@ -54,31 +54,38 @@ def batch_norm(train: bool, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
-def conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    """torchvision's bias-free conv with padding ``kernel // 2`` on each side."""
-    pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), use_bias=False,
-                   name=name)
+def conv(features: int, kernel: int, stride: int, name: str, dilation: int = 1) -> nn.Conv:
+    """torchvision's bias-free conv with padding ``dilation * (kernel // 2)`` on each side."""
+    pad = dilation * (kernel // 2)
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                   kernel_dilation=dilation, use_bias=False, name=name)
 
 
 class ResidualBlock(nn.Module):
     """torchvision's ``BasicBlock`` (3x3 -> 3x3, ``block='basic'``) or ``Bottleneck`` (1x1 -> 3x3 strided
     -> 1x1 to 4 ``planes``, ``block='bottleneck'``), each conv followed by BN, ReLU after all but the
-    last; ReLU(branch + shortcut). x [B, H, W, C] -> [B, H / stride, W / stride, planes * expansion]."""
+    last; ReLU(branch + shortcut). x [B, H, W, C] -> [B, H / stride, W / stride, planes * expansion].
+
+    ``dilation``: of the 3x3 convs; ``entry_dilation``: of the 3x3 conv that carries the stride
+    (basic: conv1, bottleneck: conv2; 0: ``dilation``); LibMTL's ``resnet_dilated`` output stride 8
+    removes the strides of stages 3 and 4 and dilates their convs (see ``ResNet.output_stride``)."""
 
     planes: int
     stride: int = 1
     block: str = "basic"
+    dilation: int = 1
+    entry_dilation: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         out_features = self.planes * EXPANSION[self.block]
+        entry = self.entry_dilation or self.dilation
         if self.block == "basic":
-            y = nn.relu(batch_norm(train, "bn1")(conv(self.planes, 3, self.stride, "conv1")(x)))
-            y = batch_norm(train, "bn2")(conv(self.planes, 3, 1, "conv2")(y))
+            y = nn.relu(batch_norm(train, "bn1")(conv(self.planes, 3, self.stride, "conv1", entry)(x)))
+            y = batch_norm(train, "bn2")(conv(self.planes, 3, 1, "conv2", self.dilation)(y))
         else:
             y = nn.relu(batch_norm(train, "bn1")(conv(self.planes, 1, 1, "conv1")(x)))
-            y = nn.relu(batch_norm(train, "bn2")(conv(self.planes, 3, self.stride, "conv2")(y)))
+            y = nn.relu(batch_norm(train, "bn2")(conv(self.planes, 3, self.stride, "conv2", entry)(y)))
             y = batch_norm(train, "bn3")(conv(out_features, 1, 1, "conv3")(y))
         if self.stride != 1 or x.shape[-1] != out_features:
             x = batch_norm(train, "downsample_bn")(conv(out_features, 1, self.stride, "downsample_conv")(x))
@@ -92,7 +99,14 @@ class ResNet(nn.Module):
     BatchNorm running statistics live in ``batch_stats`` (updated when ``train``).
 
     ``stage_sizes``: blocks per stage (ResNet-18: (2, 2, 2, 2), ResNet-50: (3, 4, 6, 3)); ``block``:
-    'basic' or 'bottleneck'. ``remat``: every residual block runs under ``nn.remat``."""
+    'basic' or 'bottleneck'. ``remat``: every residual block runs under ``nn.remat``.
+
+    ``output_stride`` 32 (torchvision), 16 or 8: the feature map's stride. Below 32 the last stage (16)
+    or the last two (8) keep their input resolution: their first block has stride 1 and dilation
+    1 in the conv that carried the stride, their other 3x3 convs dilation 2 (stage 3 at 8, stage 4 at
+    16) or 4 (stage 4 at 8), as LibMTL's ``ResnetDilated`` (``LibMTL/model/resnet_dilated.py``,
+    ``_nostride_dilate``) makes of a torchvision ResNet; parameter names and shapes are unchanged, so
+    torchvision weights load as they are."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     block: str = "basic"
@@ -100,6 +114,7 @@ class ResNet(nn.Module):
     input_mean: Sequence[float] = IMAGENET_MEAN
     input_std: Sequence[float] = IMAGENET_STD
     remat: bool = False
+    output_stride: int = 32
 
     def setup(self):
         if self.block not in EXPANSION:
@@ -109,7 +124,10 @@ class ResNet(nn.Module):
         self.conv1 = conv(64, 7, 2, "conv1")
         self.bn1 = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
         block = remat_block(ResidualBlock, self.remat)
-        self.blocks = [block(planes, 2 if s > 0 and b == 0 else 1, self.block, name=f"layer{s + 1}_{b}")
+        dilations = stage_dilations(self.output_stride, len(self.stage_sizes))
+        self.blocks = [block(planes, 2 if s > 0 and b == 0 and dilations[s] == 1 else 1, self.block,
+                             dilation=dilations[s], entry_dilation=max(dilations[s] // 2, 1) if b == 0 else 0,
+                             name=f"layer{s + 1}_{b}")
                        for s, (size, planes) in enumerate(zip(self.stage_sizes, STAGE_PLANES)) for b in range(size)]
         if self.num_classes:
             self.fc = nn.Dense(self.num_classes)
@@ -132,6 +150,16 @@ class ResNet(nn.Module):
         if not self.num_classes:
             raise ValueError("ResNet.logits needs num_classes > 0 (the model has no fc classifier)")
         return self.fc(self(x, train))
+
+
+OUTPUT_STRIDES = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
+
+
+def stage_dilations(output_stride: int, num_stages: int = 4) -> tuple[int, ...]:
+    """Each stage's dilation for ``output_stride`` (1: the stage strides as torchvision's)."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"ResNet output_stride must be one of {sorted(OUTPUT_STRIDES)}, got {output_stride}")
+    return OUTPUT_STRIDES[output_stride][:num_stages]
 
 
 def resnet18(num_classes: int = 0, **kwargs) -> ResNet:
