@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import op_profile
 from benchmarks.torch_peer import ROOT, print_json, start_peer
 from mtl_jax.config import load_config
 from mtl_jax.data import from_arrays
@@ -71,6 +72,7 @@ from mtl_jax.data.pipeline import to_global
 from mtl_jax.host_memory import ENV_VAR, glibc_tunables, reuse_freed_memory
 from mtl_jax.tasks import classification
 from mtl_jax.train.forward import make_representation_forward
+from mtl_jax.train.gradients import layerwise
 from mtl_jax.train.gradients.layerwise import gramian
 from mtl_jax.train.gradients.representation import representation_losses_and_vjp
 from mtl_jax.train.losses import task_loss_fn
@@ -81,6 +83,7 @@ from mtl_jax.train.trainer import build_experiment
 
 BATCH_SIZE = 256
 IN_FEATURES = 784
+TRUNK = (512, 512)
 NUM_CLASSES = 10
 # Our method -> the TorchJD implementation timed against it (benchmarks/peers/torchjd_step.py keys).
 TORCHJD = {m: m for m in ("ew", "uw", "dwa", "rlw", "gls", "imtl_l", "famo", "stch", "excess_mtl", "mgda",
@@ -88,6 +91,30 @@ TORCHJD = {m: m for m in ("ew", "uw", "dwa", "rlw", "gls", "imtl_l", "famo", "st
                           "dualproj", "fairgrad", "config", "sdmgrad", "modo", "graddrop")}
 TORCH_EXTRAS = ("torch_sum", "jd_mean")  # references without an mtl_jax method of their own
 LOSS_TARGET, FLOOR_TARGET, NASH_TARGET = 1.10, 1.3, 3.0
+FLOP_FLOOR_TARGET, TORCHJD_TARGETS = 1.5, {10: 1.6, 40: 2.0}  # exact Gramian methods
+EXACT_GRAMIAN = ("upgrad", "mgda", "dualproj", "nash_mtl", "cagrad", "imtl_g", "aligned_mtl")
+
+
+def gramian_step_flops(num_tasks: int, batch: int = BATCH_SIZE, dims=(IN_FEATURES,) + TRUNK,
+                       classes: int = NUM_CLASSES) -> dict:
+    """FLOPs of the layer-wise Gramian step on the benchmark's model (MLP ``dims`` + K linear heads),
+    each piece at its least: the forward; the heads' backward once (the per-task representation
+    gradients ``Z_k`` and the head kernels); the per-task cotangents sent back through the trunk (one
+    [K*B, o] x [o, i] GEMM per layer but the first); per layer the Gramian by the cheaper route of
+    ``layerwise.contraction_flops`` (kernel and bias: input width + 1); ``J^T w`` from the same
+    cotangents (``sum_k w_k D_k`` and ``X^T`` of it). Optimiser updates and losses are elementwise:
+    not counted."""
+    layers = list(zip(dims[:-1], dims[1:]))
+    rep, heads = dims[-1], num_tasks * classes
+    gram = sum(min(layerwise.contraction_flops(batch, batch, i + 1, num_tasks, num_tasks, o).values())
+               for i, o in layers)
+    out = {"forward": 2 * batch * (sum(i * o for i, o in layers) + rep * heads),
+           "heads_backward": 2 * 2 * batch * rep * heads,
+           "cotangent_gemms": 2 * num_tasks * batch * sum(i * o for i, o in layers[1:]),
+           "gramian": 2 * gram,
+           "combine": 2 * sum(num_tasks * batch * o + batch * i * o for i, o in layers)}
+    out["total"] = sum(out.values())
+    return out
 
 
 def make_dataset(num_tasks: int, seed: int):
@@ -206,6 +233,55 @@ def steps_for(seconds_per_step: float, target_ms: float, min_steps: int) -> int:
     return max(min_steps, min(100, int(round(target_ms / 1e3 / max(seconds_per_step, 1e-6)))))
 
 
+def best_ms(fn, *args, reps: int = 5) -> float:
+    """Best of ``reps`` timed calls of ``fn(*args)`` (after one warm-up call), in ms."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
+
+
+def time_contractions(num_tasks: int, seed: int = 0) -> list:
+    """Both routes of ``layerwise.rows_gramian`` (kernel + bias) on each trunk layer of the benchmark
+    at K tasks: FLOPs (``contraction_flops``), best time, and the route the FLOP rule picks."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, o in zip((IN_FEATURES,) + TRUNK[:-1], TRUNK):
+        x = jnp.asarray(rng.random((BATCH_SIZE, i), dtype=np.float32))
+        d = jnp.asarray(rng.standard_normal((BATCH_SIZE, num_tasks, o), dtype=np.float32))
+        flops = layerwise.contraction_flops(BATCH_SIZE, BATCH_SIZE, i + 1, num_tasks, num_tasks, o)
+        row = {"layer": f"{i}x{o}", "chosen": layerwise.choose_contraction(BATCH_SIZE, BATCH_SIZE, i + 1, num_tasks,
+                                                                           num_tasks, o)}
+        for route in layerwise.CONTRACTIONS:
+            fn = jax.jit(lambda a, b, r=route: layerwise.rows_gramian(a, b, route=r, bias=True))
+            row[route] = {"gflop": 2 * flops[route] / 1e9, "ms": best_ms(fn, x, d)}
+        row["fastest"] = min(layerwise.CONTRACTIONS, key=lambda r: row[r]["ms"])
+        out.append(row)
+    return out
+
+
+def profile_steps(experiments, jax_impls, args, num_tasks: int, gemm_rate: float) -> dict:
+    """``op_profile`` of the train step of each ``--profile-methods`` entry timed here (a fresh carry,
+    3 traced steps), with XLA's copy rate as the byte peak and ``gemm_rate`` as the FLOP peak; plus
+    the contraction routes (``time_contractions``)."""
+    copy_rate = op_profile.copy_rate()
+    out = {"peak_gflops": gemm_rate / 1e9, "peak_gbytes": copy_rate / 1e9, "steps": {},
+           "contractions": time_contractions(num_tasks, args.seed)}
+    for name in args.profile_methods.split(","):
+        if name not in experiments:
+            continue
+        exp = experiments[name]
+        rows, summary = op_profile.profile_ops(exp.train_step, (exp.init(), jax_impls[name].batch), steps=3,
+                                               carries=True)
+        out["steps"][name] = {"summary": summary,
+                              "table": op_profile.format_table(rows, summary, gemm_rate, copy_rate, args.profile_top),
+                              "by_kind": op_profile.time_by_kind(rows)}
+    return out
+
+
 def time_pieces(methods, experiments, floor, params, batch, num_tasks: int, reps: int) -> dict:
     """Per Gramian method: ``update`` alone on this batch's Gramian; plus Gramian + combination."""
     losses, jac = floor(params, batch)
@@ -261,6 +337,12 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
     jax_impls["floor_heads_once"] = JaxImpl(make_floor_heads_once(ew_exp.model, dataset.tasks, dataset.input_key),
                                             params, jax_impls["ew"].batch, donates=False)
     jax_impls["floor_heads_once"].run(1)
+    # XLA's rate on the step's largest GEMM ([K*B, 512] x [512, 512], the per-task cotangents through
+    # the second layer), timed in the same rounds as the steps: the FLOP floor's denominator.
+    gemm_a = jnp.ones((num_tasks * BATCH_SIZE, TRUNK[1]), jnp.float32) / TRUNK[1]
+    gemm_b = jnp.ones((TRUNK[1], TRUNK[0]), jnp.float32)
+    jax_impls["gemm"] = JaxImpl(jax.jit(jnp.dot), gemm_a, gemm_b, donates=False)
+    jax_impls["gemm"].run(1)
     for needs in ("gramian", "jacobian"):  # the step's own cost of each path, solver excluded
         if any(experiments[m].method.needs == needs for m in methods):
             jax_impls[f"trivial_{needs}"] = JaxImpl(trivial_step(ew_exp, dataset, make_config("ew"), needs),
@@ -284,7 +366,7 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
         return peer.ask(cmd="time", impl=name, steps=n)["sec_per_step"]
 
     # Calibrate steps per round from one timed step of each implementation.
-    order = [("jax", "ew"), ("jax", "floor"), ("jax", "floor_heads_once")]
+    order = [("jax", "ew"), ("jax", "floor"), ("jax", "floor_heads_once"), ("jax", "gemm")]
     order += [("torch", t) for t in TORCH_EXTRAS if t in torch_impls]
     order += [("jax", n) for n in ("trivial_gramian", "trivial_jacobian") if n in jax_impls]
     for name in methods:
@@ -296,7 +378,7 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
             order.append(("torch", "nash_mtl_cvxpy"))
     steps = {key: steps_for(run(*key, 1), args.target_ms, args.min_steps) for key in order}
     samples = {key: [] for key in order}
-    ends, core = order[:3], order[3:]
+    ends, core = order[:4], order[4:]
     for r in range(num_rounds):
         for key in ends + (core if r % 2 == 0 else core[::-1]) + ends:
             samples[key].append(run(*key, steps[key]))
@@ -306,6 +388,9 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
     pieces = time_pieces(methods, experiments, floor, params, jax_impls["ew"].batch, num_tasks,
                          reps=max(3, num_rounds)) if args.pieces else {}
     ew, fl = ms["jax:ew"], ms["jax:floor"]
+    gemm_rate = 2.0 * num_tasks * BATCH_SIZE * TRUNK[1] * TRUNK[0] / (ms["jax:gemm"] / 1e3)
+    flops = gramian_step_flops(num_tasks)
+    flop_floor_ms = 1e3 * flops["total"] / gemm_rate
     rows = []
     for name in methods:
         method = experiments[name].method
@@ -329,8 +414,16 @@ def bench_k(num_tasks, num_rounds, methods, args, peer):
             row["meets_nash_target"] = row["cvxpy_over_ours"] >= NASH_TARGET
         if pieces.get(f"update_ms/{name}") is not None:
             row["update_alone_ms"] = pieces[f"update_ms/{name}"]
+        if method.needs == "gramian" and "@" not in name:
+            row["vs_flop_floor"] = ours / flop_floor_ms
+        if name in EXACT_GRAMIAN and jd and num_tasks in TORCHJD_TARGETS:
+            row["meets_issue_targets"] = (row["torchjd_over_ours"] >= TORCHJD_TARGETS[num_tasks]
+                                          and row.get("vs_flop_floor", float("inf")) <= FLOP_FLOOR_TARGET)
         rows.append(row)
+    profiles = profile_steps(experiments, jax_impls, args, num_tasks, gemm_rate) if args.profile else {}
     return {"num_tasks": num_tasks, "rounds": num_rounds, "ew_ms": ew, "floor_ms": fl,
+            "gemm_gflops": gemm_rate / 1e9, "gramian_gflop": {k: v / 1e9 for k, v in flops.items()},
+            "flop_floor_ms": flop_floor_ms, "profiles": profiles,
             "floor_heads_once_ms": ms["jax:floor_heads_once"], "ms": ms, "rows": rows, "pieces": pieces,
             "torch_skipped": torch_info.get("skipped", {}), "torch_version": torch_info.get("torch"),
             "torch_threads": torch_info.get("threads"),
@@ -381,19 +474,29 @@ def print_tables(results) -> None:
             print(f"Timed in {len(res['groups'])} groups, each row against its own group's EW / floor: EW "
                   + ", ".join(f"{g['ew_ms']:.2f}" for g in res["groups"]) + " ms; floor "
                   + ", ".join(f"{g['floor_ms']:.2f}" for g in res["groups"]) + " ms.\n")
+        flops = res["gramian_gflop"]
+        print(f"FLOP floor of the layer-wise Gramian step: {flops['total']:.2f} GFLOP ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in flops.items() if k != "total")
+              + f") at {res['gemm_gflops']:.0f} GFLOP/s (XLA's [{k * BATCH_SIZE}, {TRUNK[1]}] x [{TRUNK[1]}, {TRUNK[0]}] "
+              f"matmul, timed in the same rounds) = {res['flop_floor_ms']:.2f} ms")
         for needs in ("gramian", "jacobian"):
             if f"jax:trivial_{needs}" in ms:
                 t = ms[f"jax:trivial_{needs}"]
                 print(f"Our step on the '{needs}' path with a free solver: {t:.2f} ms = {t / res['floor_ms']:.2f}x floor")
         print()
         print("| method | needs | ours (ms) | / EW | / floor | target | met | TorchJD (ms) | TorchJD / ours | "
-              "update alone (ms) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "/ FLOP floor | issue 32 targets | update alone (ms) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["rows"]:
             met = "yes" if r["meets_target"] else "NO"
+            issue = {None: "-", True: "met", False: "NO"}[r.get("meets_issue_targets")]
             print(f"| {r['method']} | {r['needs']} | {r['ours_ms']:.2f} | {r['vs_ew']:.2f} | {fmt(r['vs_floor'])} | "
                   f"{r['target']} | {met} | {fmt(r['torchjd_ms'])} | {fmt(r['torchjd_over_ours'])} | "
-                  f"{fmt(r.get('update_alone_ms'), '.3f')} |")
+                  f"{fmt(r.get('vs_flop_floor'))} | {issue} | {fmt(r.get('update_alone_ms'), '.3f')} |")
+        if k in TORCHJD_TARGETS:
+            print(f"\nIssue 32 targets for the exact Gramian methods at K = {k}: TorchJD / ours >= "
+                  f"{TORCHJD_TARGETS[k]} and ours / FLOP floor <= {FLOP_FLOOR_TARGET}.")
+        print_profiles(res.get("profiles") or {}, k)
         for r in res["rows"]:
             if "nash_cvxpy_ms" in r:
                 print(f"\nNash-MTL: ours {r['ours_ms']:.2f} ms vs cvxpy-per-step original {r['nash_cvxpy_ms']:.2f} ms "
@@ -403,6 +506,31 @@ def print_tables(results) -> None:
             print(f"\nGramian + weighted combination alone: {res['pieces']['gramian_and_combine_ms']:.2f} ms")
         if res["torch_skipped"]:
             print(f"\nTorch implementations that failed: {res['torch_skipped']}")
+
+
+def print_profiles(profiles: dict, num_tasks: int) -> None:
+    """The ``--profile`` tables of one K: per step, time by op kind and the top ops; the contraction routes."""
+    for name, prof in profiles.get("steps", {}).items():
+        summary = prof["summary"]
+        print(f"\n#### Op profile: {name}, K = {num_tasks} (wall {summary['step_ms']:.2f} ms per step, ops "
+              f"{summary['ops_ms']:.2f} ms summed over both threads, {summary['num_ops']} ops; XLA's FLOP count "
+              f"{summary['flops'] / 1e9:.2f} GFLOP; peaks: {profiles['peak_gflops']:.0f} GFLOP/s, "
+              f"{profiles['peak_gbytes']:.1f} GB/s)\n")
+        print("| kind | ops | ms | % | GFLOP | MB |\n|---|---|---|---|---|---|")
+        total = max(summary["ops_ms"], 1e-9)
+        for kind, v in sorted(prof["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
+            print(f"| {kind} | {v['ops']} | {v['ms']:.2f} | {100 * v['ms'] / total:.1f} | {v['gflop']:.3f} | "
+                  f"{v['mb']:.1f} |")
+        print()
+        print(prof["table"])
+    if profiles.get("contractions"):
+        print(f"\n#### Layer-wise Gramian routes at K = {num_tasks} (kernel + bias, best of 5)\n")
+        print("| layer | input_gram GFLOP | input_gram ms | explicit_rows GFLOP | explicit_rows ms | FLOP rule picks "
+              "| fastest |\n|---|---|---|---|---|---|---|")
+        for r in profiles["contractions"]:
+            a, b = r[layerwise.INPUT_GRAM], r[layerwise.EXPLICIT_ROWS]
+            print(f"| {r['layer']} | {a['gflop']:.3f} | {a['ms']:.2f} | {b['gflop']:.3f} | {b['ms']:.2f} | "
+                  f"{r['chosen']} | {r['fastest']} |")
 
 
 def main():
@@ -421,6 +549,11 @@ def main():
                         help="time at most this many methods per group, each group against its own EW and floor "
                              "(0: all at once; K = 40 with every method needs ~10 to stay under 65530 mappings)")
     parser.add_argument("--json-out", default="", help="also write the JSON here")
+    parser.add_argument("--profile", action="store_true",
+                        help="per K, an op-by-op profile (benchmarks/op_profile.py) of the --profile-methods steps "
+                             "and the timing of both layer-wise Gramian routes")
+    parser.add_argument("--profile-methods", default="ew,upgrad", help="methods profiled with --profile")
+    parser.add_argument("--profile-top", type=int, default=20, help="ops listed per profile table")
     parser.add_argument("--vjp-jvp", default="upgrad,mgda",
                         help=f"Gramian methods also timed with jacobian.gramian_mode='vjp_jvp' (as '<name>{VARIANT}')")
     parser.add_argument("--materialize", default="upgrad,mgda",

@@ -48,8 +48,7 @@ def get_config(arg=None):
         config.data.num_test, config.data.num_validation = 2, 2  # the fixture holds 9 molecules
         config.batch_size = 4
         config.eval_batch_size = 4
-        config.num_steps = 6
-        config.log_every = 2
-        config.checkpoint.every = 3
+        config.mesh.data = 1
+        config.log_every = 5
         config.model.arch_kwargs.update(dict(dim=16))
     return config

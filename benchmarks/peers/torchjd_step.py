@@ -4,7 +4,8 @@ Runs in the separate peers venv (``.peers-venv``: torch==2.13.0 CPU, ``torchjd[f
 
     .peers-venv/bin/python benchmarks/peers/torchjd_step.py --tasks 10 --impls upgrad,mgda,nash_mtl_cvxpy
 
-prints ``{impl: median ms per step}`` as JSON. ``method_step_time.py`` starts it with ``--serve``
+prints ``{impl: median ms per step}`` as JSON (``--device cuda``: on the GPU, synchronised around each
+timed run; the ``setup`` command takes ``device`` too). ``method_step_time.py`` starts it with ``--serve``
 instead and drives it with one JSON command per line on stdin (``setup``, ``time``, ``quit``), so
 that its rounds alternate with the JAX steps of the same run; each reply is one JSON line.
 
@@ -163,15 +164,18 @@ class CvxpyNashMTL:
 class Runner:
     """One implementation's model, optimiser and step on a fixed batch."""
 
-    def __init__(self, impl: str, x: torch.Tensor, y: torch.Tensor, seed: int):
+    def __init__(self, impl: str, x: torch.Tensor, y: torch.Tensor, seed: int, device: str = "cpu"):
         torch.manual_seed(seed)
-        self.impl, self.x, self.y = impl, x, y
+        self.device = torch.device(device)
+        self.impl, self.x, self.y = impl, x.to(self.device), y.to(self.device)
         num_tasks = y.shape[1]
-        self.model = HPS(x.shape[1], num_tasks)
+        self.model = HPS(x.shape[1], num_tasks).to(self.device)
         params = list(self.model.parameters())
         self.scalarizer = self.aggregator = self.nash = None
         if impl in SCALARIZERS:
             self.scalarizer = SCALARIZERS[impl](num_tasks)
+            if isinstance(self.scalarizer, nn.Module):
+                self.scalarizer.to(self.device)
             if impl in ("uw", "imtl_l"):  # their log-variances / log-scales train with the model
                 params += list(self.scalarizer.parameters())
         elif impl in AGGREGATORS:
@@ -192,7 +196,7 @@ class Runner:
             shared = list(self.model.trunk.parameters())
             grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
                                  for loss in losses])
-            alpha = torch.from_numpy(self.nash.weights(grads))
+            alpha = torch.from_numpy(self.nash.weights(grads)).to(self.device)
             sum(loss * alpha[i] for i, loss in enumerate(losses)).backward()
             torch.nn.utils.clip_grad_norm_(shared, 1.0)
         elif self.scalarizer is None:
@@ -210,11 +214,17 @@ class Runner:
         self.steps += 1
 
     def time(self, steps: int) -> float:
-        """Seconds per step over ``steps`` steps."""
+        """Seconds per step over ``steps`` steps (the device synchronised before and after)."""
+        self.sync()
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
+        self.sync()
         return (time.perf_counter() - start) / steps
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def load_batch(path: str | None, num_tasks: int, batch_size: int, seed: int):
@@ -228,9 +238,9 @@ def load_batch(path: str | None, num_tasks: int, batch_size: int, seed: int):
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
 
 
-def setup(impls, x, y, seed: int, warmup: int):
-    """``(runners, skipped)``: a warmed-up Runner per implementation."""
-    return build_runners(impls, lambda impl: Runner(impl, x, y, seed), warmup)
+def setup(impls, x, y, seed: int, warmup: int, device: str = "cpu"):
+    """``(runners, skipped)``: a warmed-up Runner per implementation on ``device``."""
+    return build_runners(impls, lambda impl: Runner(impl, x, y, seed, device), warmup)
 
 
 def handlers() -> dict:
@@ -240,9 +250,11 @@ def handlers() -> dict:
     def on_setup(cmd: dict) -> dict:
         nonlocal runners
         x, y = load_batch(cmd.get("batch"), cmd["num_tasks"], 256, cmd.get("seed", 0))
-        runners, skipped = setup(cmd["impls"], x, y, cmd.get("seed", 0), cmd.get("warmup", 2))
+        device = cmd.get("device", "cpu")
+        runners, skipped = setup(cmd["impls"], x, y, cmd.get("seed", 0), cmd.get("warmup", 2), device)
         return {"ok": True, "impls": list(runners), "skipped": skipped, "torch": torch.__version__,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "device": device,
+                "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}
 
     def on_time(cmd: dict) -> dict:
         return {"impl": cmd["impl"], "sec_per_step": runners[cmd["impl"]].time(cmd["steps"])}
@@ -258,12 +270,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", default=None, help=".npz with x [B, 784] float32 and y [B, K] int")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0, ...")
     args = parse_peer_args(parser)
     if args.serve:
         serve(handlers())
         return
     x, y = load_batch(args.batch, args.tasks, 256, args.seed)
-    runners, skipped = setup(args.impls.split(","), x, y, args.seed, 2)
+    runners, skipped = setup(args.impls.split(","), x, y, args.seed, 2, args.device)
     print(json.dumps({"num_tasks": args.tasks, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "ms": median_ms(runners, args.rounds, args.steps), "skipped": skipped}, indent=2))
 

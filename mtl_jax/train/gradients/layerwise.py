@@ -94,35 +94,112 @@ def gramian(jacobian_tree, other_tree=None) -> jax.Array:
                for a, b in zip(jax.tree.leaves(jacobian_tree), jax.tree.leaves(other)))
 
 
-def dense_gramian(inputs, cotangents, other_inputs=None, other_cotangents=None) -> jax.Array:
+INPUT_GRAM, EXPLICIT_ROWS = "input_gram", "explicit_rows"
+CONTRACTIONS = (INPUT_GRAM, EXPLICIT_ROWS)
+
+
+def contraction_flops(rows: int, other_rows: int, in_dim: int, num: int, other_num: int, out_dim: int) -> dict:
+    """Multiply-adds of ``<X^T D_k, Y^T E_l>`` for ``X`` [R, i], ``D`` [K, R, o], ``Y`` [R', i],
+    ``E`` [K', R', o] by each route: ``input_gram`` (``X Y^T`` [R, R'], ``(X Y^T) E`` [R, K', o], then
+    the K x K' contraction over R and o) and ``explicit_rows`` (``X^T D`` [i, K, o], ``Y^T E``, then the
+    K x K' contraction over i and o)."""
+    return {INPUT_GRAM: rows * other_rows * (in_dim + other_num * out_dim) + num * other_num * rows * out_dim,
+            EXPLICIT_ROWS: (num * rows + other_num * other_rows) * in_dim * out_dim + num * other_num * in_dim * out_dim}
+
+
+def choose_contraction(rows: int, other_rows: int, in_dim: int, num: int, other_num: int, out_dim: int) -> str:
+    """The route of ``contraction_flops`` with fewer multiply-adds (``input_gram`` on a tie). On
+    XLA:CPU both routes run as GEMMs of similar shape at a similar rate (measured by
+    ``benchmarks/method_step_time.py --profile``, which times both on the benchmark's layers), so the
+    FLOP count orders them."""
+    flops = contraction_flops(rows, other_rows, in_dim, num, other_num, out_dim)
+    return INPUT_GRAM if flops[INPUT_GRAM] <= flops[EXPLICIT_ROWS] else EXPLICIT_ROWS
+
+
+def by_row(cotangents: jax.Array) -> jax.Array:
+    """[K, R, o] -> [R, K, o] in fp32: the layout every contraction here reads, so that ``X^T D`` and
+    ``(X Y^T) E`` are single GEMMs over ``[R, K * o]`` and the K x K' contraction a batched product
+    over R. XLA fuses the transpose into the elementwise op that produced the cotangents."""
+    return jnp.moveaxis(cotangents.astype(jnp.float32), 0, 1)
+
+
+def weighted_rows(rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum_k w_k rows[:, k]`` [R, o] of ``rows`` [R, K, o] (``by_row``): a batched GEMV over R that
+    reads the rows in their layout (as a plain ``tensordot`` over K, XLA copies them K-minor first)."""
+    w = jnp.broadcast_to(weights.astype(rows.dtype), (rows.shape[0], 1, rows.shape[1]))
+    return jax.lax.dot_general(w, rows, (((2,), (1,)), ((0,), (0,))))[:, 0]
+
+
+def _times_rows(matrix: jax.Array, rows: jax.Array) -> jax.Array:
+    """``matrix`` [N, R] times ``rows`` [R, K, o] -> [N, K, o]: one GEMM over ``rows`` viewed as [R, K * o].
+    Every product here reads the rows as the same 3-d array, so XLA writes the row-major layout once
+    (a 2-d view for one consumer and 3-d for another made it write the transposing fusion twice)."""
+    return jax.lax.dot_general(matrix, rows, (((1,), (0,)), ((), ())))
+
+
+def _row_products(left: jax.Array, right: jax.Array) -> jax.Array:
+    """``sum_r left[r] right[r]^T`` [K, K'] of ``left`` [N, K, o] and ``right`` [N, K', o]: one batched
+    GEMM over N (XLA:CPU fuses it with the GEMM that produced ``right``)."""
+    return jax.lax.dot_general(left, right, (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
+
+
+def dense_gramian(inputs, cotangents, other_inputs=None, other_cotangents=None, route: str | None = None,
+                  kernel: bool = True, bias: bool = False) -> jax.Array:
     """[K, K'] matrix of ``<X^T D_k, Y^T E_l>`` (eq. 1; ``Y = X``, ``E = D`` by default) for
-    ``X`` [R, i], ``D`` [K, R, o], ``Y`` [R', i], ``E`` [K', R', o], in fp32: through ``X Y^T`` when
-    that takes fewer multiply-adds than the explicit rows ``X^T D_k``."""
+    ``X`` [R, i], ``D`` [K, R, o], ``Y`` [R', i], ``E`` [K', R', o]: ``rows_gramian`` of the
+    cotangents read row-major (``by_row``)."""
+    e = None if other_cotangents is None else by_row(other_cotangents)
+    return rows_gramian(inputs, by_row(cotangents), other_inputs, e, route, kernel, bias)
+
+
+def rows_gramian(inputs, rows, other_inputs=None, other_rows=None, route: str | None = None, kernel: bool = True,
+                 bias: bool = False) -> jax.Array:
+    """[K, K'] matrix of ``<X^T D_k, Y^T E_l>`` in fp32 from row-major cotangents ``rows`` [R, K, o]
+    (``D`` with its task axis second) and ``other_rows`` [R', K', o] (``E``; ``Y = X``, ``E = D`` by
+    default), by ``route`` (``choose_contraction`` when None):
+
+    * ``input_gram``: ``sum_r D[r] ((X Y^T) E)[r]^T``, i.e. ``(X Y^T) E`` as one GEMM over
+      ``E`` viewed as [R', K' * o], then a batched product over R (XLA:CPU fuses both into one
+      kernel with ``X Y^T``: no [R, K', o] intermediate is written);
+    * ``explicit_rows``: ``sum_i (X^T D)[i] (Y^T E)[i]^T`` with ``X^T D`` one GEMM [i, K * o].
+
+    No [K, R, o] array is transposed or copied: every product reads the rows in their layout.
+    ``bias``: the bias rows ``1^T D_k`` are included as a column of ones appended to ``X`` and ``Y``
+    (``X Y^T + 1``: no pass of their own over D); ``kernel=False``: the bias rows only.
+    """
+    symmetric = other_inputs is None and other_rows is None
     x = inputs.astype(jnp.float32)
-    d = cotangents.astype(jnp.float32)
+    d = rows.astype(jnp.float32)
     y = x if other_inputs is None else other_inputs.astype(jnp.float32)
-    e = d if other_cotangents is None else other_cotangents.astype(jnp.float32)
-    (num, rows, out_dim), (other_num, other_rows, _) = d.shape, e.shape
-    in_dim = x.shape[1]
-    by_input_gram = rows * other_rows * (in_dim + other_num * out_dim) + num * other_num * rows * out_dim
-    by_explicit_rows = (num + other_num) * rows * in_dim * out_dim + num * other_num * in_dim * out_dim
-    if by_input_gram <= by_explicit_rows:
-        ye = jnp.einsum("rs,kso->kro", x @ y.T, e)  # [K', R, o]
-        return d.reshape(num, -1) @ ye.reshape(other_num, -1).T
-    flat = lambda a, b: jnp.einsum("ri,kro->kio", a, b).reshape(b.shape[0], -1)
-    return flat(x, d) @ flat(y, e).T
+    e = d if other_rows is None else other_rows.astype(jnp.float32)
+    (num_rows, num, out_dim), (other_num_rows, other_num, _) = d.shape, e.shape
+    if not kernel:
+        x, y = x[:, :0], y[:, :0]
+    in_dim = x.shape[1] + bias
+    route = route or choose_contraction(num_rows, other_num_rows, in_dim, num, other_num, out_dim)
+    if route not in CONTRACTIONS:
+        raise ValueError(f"unknown contraction route {route!r}; valid: {list(CONTRACTIONS)}")
+    if route == INPUT_GRAM:
+        gram = x @ y.T + (1.0 if bias else 0.0)  # [R, R']
+        return _row_products(d, _times_rows(gram, e))
+    if bias:
+        x = jnp.concatenate([x, jnp.ones((num_rows, 1), x.dtype)], axis=1)
+        y = jnp.concatenate([y, jnp.ones((other_num_rows, 1), y.dtype)], axis=1)
+    left = _times_rows(x.T, d)  # [i, K, o]
+    return _row_products(left, left if symmetric else _times_rows(y.T, e))
 
 
 def layerwise_gramian(rows: LayerRows, other: LayerRows | None = None) -> jax.Array:
     """``G[k, l] = <g_k, h_l>`` summed over the shared leaves, from ``LayerRows`` of the g's and
     (cross Gramian) of the h's; ``other=None``: the symmetric Gramian of the g's."""
+    symmetric = other is None
     other = rows if other is None else other
     total = gramian(rows.rest, other.rest)
     for (x, d, kernel, bias), (y, e, _, _) in zip(rows.dense, other.dense):
-        if kernel is not None:
-            total = total + dense_gramian(x, d, y, e)
-        if bias is not None:
-            total = total + d.sum(axis=1).astype(jnp.float32) @ e.sum(axis=1).astype(jnp.float32).T
+        if kernel is None and bias is None:
+            continue
+        parts = dict(kernel=kernel is not None, bias=bias is not None)
+        total = total + (rows_gramian(x, d, **parts) if symmetric else rows_gramian(x, d, y, e, **parts))
     return total
 
 
@@ -177,14 +254,19 @@ def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda
             p_cot, tap_cot = vjp(c)
             return [g for i, g in enumerate(jax.tree.leaves(shared_of(p_cot))) if i not in covered], tap_cot
 
-        rest, tap_rows = jax.lax.map(rows, cotangents, batch_size=chunk) if chunk else jax.vmap(rows)(cotangents)
         num = jax.tree.leaves(cotangents)[0].shape[0]
+        if chunk:
+            rest, tap_rows = jax.lax.map(rows, cotangents, batch_size=chunk)
+            tap_rows = {key: jnp.moveaxis(t, 0, -2) for key, t in tap_rows.items()}
+        else:  # the task axis next to the features: the taps' cotangents come out row-major, [..., K, o]
+            axes = jax.tree.map(lambda c: 1 if c.ndim > 1 else 0, cotangents)
+            moved = jax.tree.map(lambda c: jnp.moveaxis(c, 0, 1) if c.ndim > 1 else c, cotangents)
+            rest, tap_rows = jax.vmap(rows, in_axes=(axes,), out_axes=(0, -2))(moved)
         dense = []
         for kernel in kernels:
             group = [(c, x) for c, x in zip(calls, inputs) if c.kernel == kernel]
             x = jnp.concatenate([xi.reshape(-1, xi.shape[-1]) for _, xi in group])
-            d = jnp.concatenate([tap_rows[c.key].reshape(num, -1, tap_rows[c.key].shape[-1]) for c, _ in group],
-                                axis=1)
+            d = jnp.concatenate([tap_rows[c.key].reshape(-1, num, tap_rows[c.key].shape[-1]) for c, _ in group])
             dense.append((x, d, kernel, group[0][0].bias))
         return LayerRows(rest, dense, uncovered, treedef)
 
@@ -192,13 +274,17 @@ def vjp_and_layerwise_gramian(fn: Callable, params, shared_of: Callable = lambda
 
 
 def combine_rows(rows: LayerRows, weights: jax.Array, shared_gradient):
-    """``sum_k w_k g_k`` on the covered leaves from the rows (``X^T (sum_k w_k D_k)``, bias
-    ``1^T sum_k w_k D_k``), the other leaves taken from ``shared_gradient`` (the same combination
-    by a VJP, of which XLA then keeps only the uncovered leaves). Returns a tree like it."""
+    """``sum_k w_k g_k`` from the rows the Gramian was made of: the covered leaves as ``X^T (sum_k
+    w_k D_k)`` (bias ``1^T sum_k w_k D_k``), the uncovered ones as ``sum_k w_k`` of their explicit
+    rows; ``shared_gradient`` (a tree like the result, e.g. a VJP with ``w`` as cotangent, of which
+    XLA then computes nothing) gives the structure and dtypes. Returns a tree like it."""
     leaves, treedef = jax.tree.flatten(shared_gradient)
     leaves = list(leaves)
+    w = weights.astype(jnp.float32)
+    for row, index in zip(rows.rest, rows.rest_leaves):
+        leaves[index] = jnp.tensordot(w.astype(row.dtype), row, axes=1).astype(leaves[index].dtype)
     for x, d, kernel, bias in rows.dense:
-        weighted = jnp.tensordot(weights.astype(jnp.float32), d.astype(jnp.float32), axes=1)  # [R, o]
+        weighted = weighted_rows(d.astype(jnp.float32), w)  # [R, o]
         if kernel is not None:
             grad = x.astype(jnp.float32).T @ weighted
             leaves[kernel] = grad.reshape(leaves[kernel].shape).astype(leaves[kernel].dtype)

@@ -38,17 +38,21 @@ def make_linearize(forward, names: Sequence[str], by_jvp: bool, by_layer: bool, 
     """``linearize(params, model_state, batch, key, split) -> Linearization`` of the training forward:
     a JVP too when the Gramian is built by JVPs (``by_jvp``), the layer-wise rows when it is built
     layer by layer (``by_layer``); with ``split`` (``make_split_of``) the heads are differentiated once
-    (``representation_losses_and_vjp``). ``precision``: the policy ``forward`` casts with."""
+    (``representation_losses_and_vjp``). ``precision``: the policy ``forward`` casts with. ``rows=False``
+    skips the layer-wise rows (a method fed the cross Gramian of half batches reads none: its ``J^T w``
+    is one VJP)."""
 
-    def linearization(params, model_state, batch, key, split) -> Linearization:
+    def linearization(params, model_state, batch, key, split, rows: bool = True) -> Linearization:
         fn = lambda p: forward(p, model_state, batch, key, True)
+        by_layer_here = by_layer and rows
         if split is not None:
-            lin = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp, by_layer, chunk, precision)
+            lin = representation_losses_and_vjp(*split, params, batch, key, names, by_jvp, by_layer_here, chunk,
+                                                precision)
             return lin._replace(model_state=model_state)
         if by_jvp:
             losses, vjp_fn, jvp_fn, (preds, new_state) = linearize(fn, params, has_aux=True)
             return Linearization(losses, vjp_fn, jvp_fn, None, preds, new_state)
-        if by_layer:
+        if by_layer_here:
             losses, vjp_fn, rows_fn, (preds, new_state) = layerwise_gramian.vjp_and_layerwise_gramian(
                 fn, params, lambda p: p["shared"], has_aux=True, prepare=lambda p: cast_params(precision, p))
             rows = rows_fn(jnp.eye(losses.shape[0], dtype=losses.dtype), chunk)
@@ -62,11 +66,13 @@ def make_linearize(forward, names: Sequence[str], by_jvp: bool, by_layer: bool, 
 def params_level(method, options: GradientOptions, forward, linearization, split_of, names: Sequence[str],
                  double_sampling: bool, precision: Precision = FLOAT32) -> Strategy:
     """The plain step's strategy: one linearisation of the forward, the cross Gramian of the batch's
-    two halves when the method wants it (``double_sampling``), then ``task_gradients``."""
+    two halves when the method wants it (``double_sampling``; the whole batch's layer-wise rows are then
+    not formed: the method reads the cross Gramian and its ``J^T w`` is one VJP), then
+    ``task_gradients``."""
 
     def gradients(ctx: StepContext) -> TaskGradients:
         split = split_of(ctx.params, ctx.model_state, ctx.batch)
-        lin = linearization(ctx.params, ctx.model_state, ctx.batch, ctx.key, split)
+        lin = linearization(ctx.params, ctx.model_state, ctx.batch, ctx.key, split, rows=not double_sampling)
         cross = (cross_gramian_of_halves(forward, ctx.params, ctx.model_state, ctx.batch, ctx.key, lin.losses.shape[0],
                                          options, split, names, precision) if double_sampling else None)
         grads, weights, method_state = task_gradients(method, lin.losses, lin.vjp_fn, ctx.method_state, ctx.step,
