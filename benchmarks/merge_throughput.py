@@ -4,6 +4,7 @@ MergeKit and a plain numpy read-all-inputs/write-one-output pass (the I/O floor)
     python -m benchmarks.merge_throughput                    # T=8 task vectors of a ~100M model
     python -m benchmarks.merge_throughput --params 5e6       # quick run
     python -m benchmarks.merge_throughput --rounds 5 --impls floor,ours_stream   # ours vs floor only
+    python -m benchmarks.merge_throughput --impls floor,floor_mmap,ours_stream,mergekit --methods ta,ties,dare,consensus --profile
 
 Inputs: a ViT-B-like list of fp32 matrices (12 blocks of qkv/proj/fc1/fc2 + biases + LayerNorms,
 patch/position embeddings, and a token embedding that tops the count up to ``--params``),
@@ -23,11 +24,17 @@ Methods: TA (lam 0.3), TIES (top 20% over the whole model, lam 1; MergeKit trims
 DARE (p 0.9, lam 0.3), Consensus TA (k 2, TALL lambda 0.4, lam 0.3; MergeKit has none).
 Prints one JSON document, then a table of times, peak RSS and ratios.
 
+CPU seconds (user + system, all threads) are reported beside wall times: on a shared machine
+they are the steadier measure; ``--profile`` adds a per-pass table of our streaming merges (wall,
+kernel and writer-wait seconds per pass, against floor_mmap), run in this process.
+
 MergeKit YAML mode (``mtl-jax merge --mergekit-yaml`` vs ``mergekit-yaml`` in ``.peers-venv``,
 TinyLlama-like bf16 models, base + 2 fine-tuned, ties / task_arithmetic / linear; each run a fresh
-process, wall time and its own peak RSS from ``wait4``; rounds interleave ours and MergeKit)::
+process, wall and CPU time and its own peak RSS from ``wait4``; rounds interleave the floor (read
+every input file, write one), ours and MergeKit; ``--profile``: seconds in our statistics passes,
+output passes and writer waits)::
 
-    python -m benchmarks.merge_throughput --mergekit-yaml --params 1.1e9 --rounds 2 --dir /tmp/mk_bench
+    python -m benchmarks.merge_throughput --mergekit-yaml --params 1.1e9 --rounds 2 --dir /tmp/mk_bench --profile
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_PY = os.path.join(REPO, ".peers-merge-venv", "bin", "python")
+PEER_PY = next((p for p in (os.path.join(REPO, v, "bin", "python") for v in (".peers-merge-venv", ".peers-venv"))
+                if os.path.exists(p)), os.path.join(REPO, ".peers-venv", "bin", "python"))  # mergekit is in both
 PEER_DRIVER = os.path.join(REPO, "benchmarks", "peers", "merge_peer.py")
 METHODS = ("ta", "ties", "dare", "consensus")
 IMPLS = ("floor", "floor_mmap", "ours_mem", "ours_stream", "fusionbench", "mergekit")
@@ -118,9 +126,17 @@ def _rss_now() -> int:
     return 0
 
 
-def _report(t0, t1, t2, t3, base):
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _report(t0, t1, t2, t3, base, cpu0=0.0):
+    """One JSON line: phase times, CPU seconds of the timed part (user + system, all threads;
+    steadier than wall time on a loaded machine), peak and base RSS."""
     print(json.dumps({"load_s": t1 - t0, "merge_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "base_rss": base}))
+                      "cpu_s": _cpu_s() - cpu0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "base_rss": base}))
 
 
 def worker_floor(d: str, num_tasks: int, out: str) -> None:
@@ -130,7 +146,7 @@ def worker_floor(d: str, num_tasks: int, out: str) -> None:
 
     paths = [f"{d}/pretrained.safetensors"] + [f"{d}/task_{t}.safetensors" for t in range(num_tasks)]
     base = _rss_now()
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     with open(paths[0], "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header_raw = f.read(n)
@@ -151,7 +167,7 @@ def worker_floor(d: str, num_tasks: int, out: str) -> None:
     for f in files:
         f.close()
     t1 = time.perf_counter()
-    _report(t0, t1, t1, t1, base)
+    _report(t0, t1, t1, t1, base, cpu0)
 
 
 def worker_floor_mmap(d: str, num_tasks: int, out: str) -> None:
@@ -161,7 +177,7 @@ def worker_floor_mmap(d: str, num_tasks: int, out: str) -> None:
     from mtl_jax.merging.streaming import CHUNK, SafetensorsReader
 
     base = _rss_now()
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     readers = [SafetensorsReader(f"{d}/pretrained.safetensors")] + [
         SafetensorsReader(f"{d}/task_{t}.safetensors") for t in range(num_tasks)]
     names = sorted(readers[0].specs)
@@ -182,7 +198,7 @@ def worker_floor_mmap(d: str, num_tasks: int, out: str) -> None:
     for r in readers:
         r.close()
     t1 = time.perf_counter()
-    _report(t0, t1, t1, t1, base)
+    _report(t0, t1, t1, t1, base, cpu0)
 
 
 def _ours_fn(method: str):
@@ -239,12 +255,64 @@ def worker_ours_stream(method: str, d: str, num_tasks: int, out: str, budget: in
 
     name, _, hp = _ours_fn(method)
     base = _rss_now()
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     stats = stream_merge(f"{d}/pretrained.safetensors", [f"{d}/task_{t}.safetensors" for t in range(num_tasks)],
                          out, name, memory_budget=budget or None, **hp)
     t1 = time.perf_counter()
-    _report(t0, t0, t1, t1, base)
+    _report(t0, t0, t1, t1, base, cpu0)
     print(json.dumps({"passes": stats["passes"], "groups": stats["num_groups"]}))
+
+
+# ------------------------------------------------------------------------- per-pass profiles
+
+
+def profile_streaming(d: str, num_tasks: int, methods: list[str], budget: int) -> list[dict]:
+    """In this process: floor_mmap once, then each streaming merge with
+    ``mtl_jax.merging.streaming.passes.PASS_LOG`` on; one row per pass (wall, kernel seconds summed
+    over the worker threads, time the pass waited for the writer), and the merge's total wall and
+    CPU seconds."""
+    import contextlib
+    import io
+
+    from mtl_jax.merging.streaming import passes, stream_merge
+
+    out = os.path.join(d, "profile_out.safetensors")
+    rows = []
+    warm_page_cache(d, num_tasks)
+    with contextlib.redirect_stdout(io.StringIO()) as captured:
+        worker_floor_mmap(d, num_tasks, out)
+    floor = json.loads(captured.getvalue().splitlines()[0])
+    rows.append({"method": "floor_mmap", "pass": "(all)", "leaves": 0, "wall_s": floor["total_s"], "kernel_s": float("nan"),
+                 "write_wait_s": float("nan"), "cpu_s": floor["cpu_s"]})
+    for m in methods:
+        name, _, hp = _ours_fn(m)
+        warm_page_cache(d, num_tasks)
+        passes.PASS_LOG = []
+        cpu0, t0 = _cpu_s(), time.perf_counter()
+        try:
+            stream_merge(f"{d}/pretrained.safetensors", [f"{d}/task_{t}.safetensors" for t in range(num_tasks)], out, name,
+                         memory_budget=budget or None, overwrite=True, **hp)
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+            log, passes.PASS_LOG = passes.PASS_LOG, None
+        finally:
+            passes.PASS_LOG = None
+            if os.path.exists(out):
+                os.remove(out)
+        rows += [dict(r, method=m, cpu_s=float("nan")) for r in log]
+        rows.append({"method": m, "pass": "(total)", "leaves": 0, "wall_s": wall, "kernel_s": sum(r["kernel_s"] for r in log),
+                     "write_wait_s": sum(r["write_wait_s"] for r in log), "cpu_s": cpu})
+    return rows
+
+
+def profile_table(rows: list[dict]) -> str:
+    floor = next((r["wall_s"] for r in rows if r["method"] == "floor_mmap"), float("nan"))
+    lines = ["per-pass profile (one process; kernel s = time in the numpy kernels summed over worker threads; write wait = "
+             "time the pass waited for the output writer; x fl_mmap = wall / floor_mmap wall)",
+             f"{'method':10s} {'pass':28s} {'leaves':>6s} {'wall s':>7s} {'kernel s':>8s} {'write wait':>10s} {'cpu s':>6s} {'x fl_mmap':>9s}"]
+    for r in rows:
+        lines.append(f"{r['method']:10s} {r['pass']:28s} {r['leaves']:6d} {r['wall_s']:7.2f} {r['kernel_s']:8.2f} "
+                     f"{r['write_wait_s']:10.2f} {r['cpu_s']:6.2f} {r['wall_s'] / floor:9.2f}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -310,7 +378,7 @@ def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return dict(runs[0], rounds=len(runs))
-    med = {k: float(np.median([r[k] for r in ok])) for k in ("total_s", "merge_s", "peak_rss", "base_rss")}
+    med = {k: float(np.median([r.get(k, np.nan) for r in ok])) for k in ("total_s", "merge_s", "cpu_s", "peak_rss", "base_rss")}
     return dict(med, rounds=len(ok), totals_s=[round(r["total_s"], 3) for r in ok],
                 **{k: ok[0][k] for k in ("passes", "groups") if k in ok[0]})
 
@@ -322,11 +390,15 @@ def table(results: dict, model_bytes: int, num_tasks: int) -> str:
     mm = results.get("floor_mmap", {}).get("-", {})
     mm_s = mm.get("total_s", float("nan"))
     budget = (num_tasks + 3) * model_bytes  # inputs + 2 models
+    mm_cpu = mm.get("cpu_s", float("nan"))
+    cfg = results.get("config", {})
     lines = [f"model {model_bytes / 2**20:.0f} MiB fp32, T={num_tasks}, inputs {(num_tasks + 1) * model_bytes / 2**30:.2f} GiB; "
-             f"floor (read all + write one) {floor_s:.2f} s (median of {floor.get('rounds', 0)}); "
-             f"floor_mmap (mapped inputs, one add per input entry) {mm_s:.2f} s (median of {mm.get('rounds', 0)})",
-             f"{'method':10s} {'impl':12s} {'rounds':>6s} {'total s':>8s} {'peak GiB':>8s} {'x floor':>8s} {'x fl_mmap':>9s} "
-             f"{'peer/ours':>9s} {'RSS/(in+2)':>10s}"]
+             f"load average {cfg.get('loadavg_start', ['?'])[0]} -> {cfg.get('loadavg_end', ['?'])[0]} on {cfg.get('cpus')} cpus",
+             f"floor (read all + write one) {floor_s:.2f} s, cpu {floor.get('cpu_s', float('nan')):.2f} s "
+             f"(median of {floor.get('rounds', 0)}); floor_mmap (mapped inputs, one add per input entry) {mm_s:.2f} s, "
+             f"cpu {mm_cpu:.2f} s (median of {mm.get('rounds', 0)})",
+             f"{'method':10s} {'impl':12s} {'rounds':>6s} {'total s':>8s} {'cpu s':>7s} {'peak GiB':>8s} {'x floor':>8s} "
+             f"{'x fl_mmap':>9s} {'cpu x mm':>8s} {'peer/ours':>9s} {'RSS/(in+2)':>10s}"]
     for m in METHODS:
         ours = results.get("ours_stream", {}).get(m, {})
         for impl in IMPLS[2:]:
@@ -338,8 +410,9 @@ def table(results: dict, model_bytes: int, num_tasks: int) -> str:
                 continue
             tot = r["total_s"]
             vs_ours = f"{tot / ours['total_s']:9.2f}" if impl != "ours_stream" and ours.get("total_s") else f"{'-':>9s}"
-            lines.append(f"{m:10s} {impl:12s} {r.get('rounds', 1):6d} {tot:8.2f} {gib(r['peak_rss']):>8s} "
-                         f"{tot / floor_s:8.2f} {tot / mm_s:9.2f} {vs_ours} {r['peak_rss'] / budget:10.2f}")
+            cpu = r.get("cpu_s", float("nan"))
+            lines.append(f"{m:10s} {impl:12s} {r.get('rounds', 1):6d} {tot:8.2f} {cpu:7.2f} {gib(r['peak_rss']):>8s} "
+                         f"{tot / floor_s:8.2f} {tot / mm_s:9.2f} {cpu / mm_cpu:8.2f} {vs_ours} {r['peak_rss'] / budget:10.2f}")
     return "\n".join(lines)
 
 
@@ -421,7 +494,41 @@ def run_measured(cmd: list[str], timeout: float) -> dict:
     err = proc.stderr.read().decode(errors="replace").strip()
     if proc.returncode:
         return {"error": f"exit {proc.returncode}: {err.splitlines()[-1] if err else ''}", "wall_s": wall}
-    return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def worker_floor_files(paths: list[str], out: str) -> None:
+    """The I/O floor of a merge of whole files: read every input once (16 MiB ``readinto``s) and
+    write the first one's bytes as the output."""
+    buf = np.empty(16 << 20, np.uint8)
+    with open(out, "wb") as fo:
+        for i, path in enumerate(paths):
+            with open(path, "rb", buffering=0) as f:
+                while got := f.readinto(memoryview(buf)):
+                    if i == 0:
+                        fo.write(memoryview(buf)[:got])
+
+
+def profile_mergekit(yaml_paths: dict[str, str], d: str) -> list[dict]:
+    """In this process, each YAML through ``run_mergekit_yaml`` with
+    ``mtl_jax.merging.mergekit.methods.PHASE_SECONDS`` on: seconds in the statistics passes, the
+    output passes and waiting for the writer, and the total wall / CPU seconds."""
+    from mtl_jax.merging.mergekit import methods as mk_methods
+    from mtl_jax.merging.mergekit import run_mergekit_yaml
+
+    rows = []
+    for m, y in yaml_paths.items():
+        out = os.path.join(d, f"profile_out_{m}")
+        shutil.rmtree(out, ignore_errors=True)
+        mk_methods.PHASE_SECONDS = {}
+        cpu0, t0 = _cpu_s(), time.perf_counter()
+        try:
+            run_mergekit_yaml(y, out)
+            rows.append(dict(mk_methods.PHASE_SECONDS, method=m, wall_s=time.perf_counter() - t0, cpu_s=_cpu_s() - cpu0))
+        finally:
+            mk_methods.PHASE_SECONDS = None
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
 
 
 def mergekit_yaml_compare(args) -> None:
@@ -433,6 +540,7 @@ def mergekit_yaml_compare(args) -> None:
     try:
         t = time.perf_counter()
         params = write_llama_folders(d, args.params)
+        load_start = os.getloadavg()
         print(f"inputs in {d}: 3 x {params / 1e9:.2f}B params bf16 ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
         runs: dict = {}
         for _ in range(args.rounds):
@@ -443,26 +551,47 @@ def mergekit_yaml_compare(args) -> None:
                 for impl in args.impls.split(","):
                     out = os.path.join(d, f"out_{impl}_{m}")
                     shutil.rmtree(out, ignore_errors=True)
-                    cmd = ([sys.executable, "-m", "mtl_jax.main", "merge", "--mergekit-yaml", y, out] if impl == "ours"
-                           else [mergekit, y, out])
+                    inputs = [os.path.join(d, f"m{k}", "model.safetensors") for k in range(3)]
+                    cmd = {"ours": [sys.executable, "-m", "mtl_jax.main", "merge", "--mergekit-yaml", y, out],
+                           "floor": [sys.executable, "-m", "benchmarks.merge_throughput", "--worker", "floor_files",
+                                     "--out", out, "--dir", ",".join(inputs)]}.get(impl, [mergekit, y, out])
                     res = run_measured(cmd, args.timeout)
                     runs.setdefault(m, {}).setdefault(impl, []).append(res)
                     print(f"{impl:8s} {m:16s} {json.dumps(res)}", file=sys.stderr)
+                    if os.path.isfile(out):
+                        os.remove(out)
                     shutil.rmtree(out, ignore_errors=True)
         results = {"config": {"params": params, "inputs": 3, "dtype": "bfloat16", "cpus": os.cpu_count(),
-                              "loadavg_end": os.getloadavg()}, "runs": runs}
+                              "loadavg_start": load_start, "loadavg_end": os.getloadavg()}, "runs": runs}
+        if args.profile:
+            results["profile"] = profile_mergekit({m: os.path.join(d, f"{m}.yml") for m in args.methods.split(",")}, d)
         print(json.dumps(results, indent=1))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
-        print(f"{'method':16s} {'impl':8s} {'wall s (each round)':28s} {'peak RSS GiB':>12s} {'mergekit/ours':>13s}")
+        print(f"{params / 1e9:.2f}B params x 3 inputs, bf16; load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} cpus; medians over rounds; x floor = wall / the floor's (read all inputs, write one)")
+        print(f"{'method':16s} {'impl':8s} {'wall s (each round)':24s} {'cpu s':>7s} {'peak RSS GiB':>12s} {'x floor':>8s} "
+              f"{'mergekit/ours':>13s} {'cpu ratio':>9s}")
         for m, by in runs.items():
-            med = {i: float(np.median([r["wall_s"] for r in rs if "error" not in r] or [np.nan])) for i, rs in by.items()}
+            med = {i: {k: float(np.median([r[k] for r in rs if "error" not in r] or [np.nan])) for k in ("wall_s", "cpu_s")}
+                   for i, rs in by.items()}
+            floor = med.get("floor", {}).get("wall_s", np.nan)
             for impl, rs in by.items():
                 walls = " ".join(f"{r['wall_s']:.1f}" if "error" not in r else "err" for r in rs)
                 rss = max((r.get("peak_rss", 0) for r in rs), default=0) / 2**30
-                ratio = med.get("mergekit", np.nan) / med["ours"] if impl == "ours" and "ours" in med else np.nan
-                print(f"{m:16s} {impl:8s} {walls:28s} {rss:12.2f} {ratio:13.2f}")
+                mk, ours = med.get("mergekit", {}), med.get("ours", {})
+                ratio = mk.get("wall_s", np.nan) / ours["wall_s"] if impl == "ours" and ours else np.nan
+                cpu_ratio = mk.get("cpu_s", np.nan) / ours["cpu_s"] if impl == "ours" and ours else np.nan
+                print(f"{m:16s} {impl:8s} {walls:24s} {med[impl]['cpu_s']:7.1f} {rss:12.2f} {med[impl]['wall_s'] / floor:8.2f} "
+                      f"{ratio:13.2f} {cpu_ratio:9.2f}")
+        if args.profile:
+            print("per-phase profile of ours (one process): stats = sparsification statistics passes, output = output "
+                  "passes, write wait = waiting for the writer")
+            print(f"{'method':16s} {'wall s':>7s} {'cpu s':>6s} {'stats s':>7s} {'output s':>8s} {'write wait':>10s}")
+            for r in results["profile"]:
+                print(f"{r['method']:16s} {r['wall_s']:7.2f} {r['cpu_s']:6.2f} {r.get('stats', 0):7.2f} {r.get('output', 0):8.2f} "
+                      f"{r.get('write_wait', 0):10.2f}")
     finally:
         if not args.dir:
             shutil.rmtree(d, ignore_errors=True)
@@ -481,6 +610,9 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--dir", default="", help="reuse/keep input files here (default: a temp dir, removed)")
     ap.add_argument("--json", default="", help="also write the results JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the runs, a per-pass profile of our merges in this process (streaming: each pass's wall, "
+                         "kernel and write-wait seconds; --mergekit-yaml: stats / output / write-wait seconds)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -492,10 +624,12 @@ def main(argv=None) -> None:
         if args.methods == ",".join(METHODS):
             args.methods = ",".join(MK_METHODS)
         if args.impls == ",".join(IMPLS):
-            args.impls = "ours,mergekit"
+            args.impls = "floor,ours,mergekit"
         return mergekit_yaml_compare(args)
     if args.worker == "floor":
         return worker_floor(args.dir, args.tasks, args.out)
+    if args.worker == "floor_files":
+        return worker_floor_files(args.dir.split(","), args.out)
     if args.worker == "floor_mmap":
         return worker_floor_mmap(args.dir, args.tasks, args.out)
     if args.worker == "ours_mem":
@@ -546,6 +680,13 @@ def main(argv=None) -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
         print(table(results, model_bytes, args.tasks))
+        if args.profile:
+            rows = profile_streaming(d, args.tasks, [m for m in args.methods.split(",")], args.budget)
+            results["profile"] = rows
+            print(profile_table(rows))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
     finally:
         if not args.dir:
             shutil.rmtree(d, ignore_errors=True)

@@ -11,7 +11,7 @@ Modules, one concern each:
   slerp, model_stock, passthrough: MergeKit's arithmetic over flat chunks.
 * :mod:`.run`: the merge into a temporary sibling folder renamed into place, and the command.
 
-Docs: ``docs/merging_mergekit.md`` (supported keys, differences from MergeKit, benchmark).
+Docs: ``docs/guides/merging_mergekit.md`` (supported keys, differences from MergeKit, benchmark).
 """
 
 from mtl_jax.merging.mergekit.config import MergeConfig, evaluate_setting, parse_config

@@ -24,6 +24,12 @@ Each method follows ``mergekit/merge_methods/`` (0.1.5) operation for operation:
   ``t mean_i w_i + (1 - t) w_0``; float32 (rounding at the end only).
 * ``passthrough``: the single input, times ``scale`` if given.
 
+Speed: elementwise passes run over ``BLOCK``-entry blocks of the ``CHUNK``-entry chunks in reused
+buffers, on ``THREADS`` worker threads; bfloat16 rounding is done on the float32 bit patterns
+(:meth:`Precision.round_`, equal to the cast); the TIES / breadcrumbs cut of a bfloat16 tensor comes
+from counts of |d|'s bit patterns (:meth:`RankWindow.from_bf16_counts`). Results do not depend on
+the blocks or threads (``docs/development/merge_speed.md``).
+
 Ties in ``|d|`` at a TIES / breadcrumbs cut are broken by position (lower flat index first);
 MergeKit's ``torch.argsort`` leaves their order unspecified. DARE masks come from numpy's
 PCG64 seeded by (seed, tensor name, input, chunk): the keep fraction and the L1 rescaling are
@@ -32,8 +38,10 @@ MergeKit's, the masks differ by design.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import time
 import zlib
 from typing import Any, Callable, Optional
 
@@ -42,7 +50,9 @@ import numpy as np
 
 from mtl_jax.errors import UsageError
 
-CHUNK = 1 << 20  # entries per chunk of the elementwise passes
+CHUNK = 1 << 20  # entries per chunk: the unit of the DARE keep masks and of the float64 L1 sums
+BLOCK = 1 << 16  # entries per block inside a chunk: the working buffers stay in the L2 cache
+THREADS = 2  # worker threads of the blocked passes (numpy releases the GIL in its loops)
 MISSING = object()
 BF16 = np.dtype(ml_dtypes.bfloat16)
 NUMPY_DTYPES = {"bfloat16": BF16, "float16": np.dtype(np.float16), "float32": np.dtype(np.float32),
@@ -177,10 +187,111 @@ class Precision:
         """A python float as a 0-d tensor of the working dtype, in compute precision."""
         return self.compute.type(np.asarray(v, self.compute).astype(self.work))
 
+    def load_into(self, x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """:meth:`load` of a block into ``out`` (compute dtype, ``len(x)`` entries); a float32 input
+        in float32 work is returned as is (read-only). bfloat16 -> float32 is a 16-bit shift of the
+        bit pattern (exact, as the cast); float32 -> bfloat16 work is :meth:`round_` of a copy."""
+        if x.dtype == self.work == self.compute:
+            return x
+        if x.dtype == BF16 and self.work == BF16:
+            np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+            return out
+        if x.dtype == np.float32 and self.work == BF16:
+            np.copyto(out, x)
+            return self.round_(out, scratch)
+        np.copyto(out, x if x.dtype == self.work else x.astype(self.work), casting="unsafe")
+        return out
 
-def spans(n: int):
-    for s in range(0, n, CHUNK):
-        yield s, min(n, s + CHUNK)
+    def round_(self, x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """:meth:`r` in place (``scratch``: uint32, ``len(x)`` entries). bfloat16: round to nearest
+        even on the float32 bit pattern (``bits + 0x7FFF + lsb``, low half cleared; equal to the
+        cast for every non-NaN float32, checked over all 2**32 patterns); a block holding a NaN
+        uses the cast."""
+        if not self.half or not x.size:
+            return x
+        if self.work != BF16 or np.isnan(np.max(x)):
+            np.copyto(x, x.astype(self.work), casting="unsafe")
+            return x
+        bits, lsb = x.view(np.uint32), scratch[: x.size]
+        np.right_shift(bits, 16, out=lsb)
+        np.bitwise_and(lsb, 1, out=lsb)
+        np.add(bits, 0x7FFF, out=bits)
+        np.add(bits, lsb, out=bits)
+        np.bitwise_and(bits, 0xFFFF0000, out=bits)
+        return x
+
+    def store(self, value: np.ndarray, out: np.ndarray, scratch: np.ndarray, rounded: bool) -> None:
+        """``out[...] = value.astype(work)`` (then numpy's cast to ``out``'s dtype); ``rounded``:
+        ``value`` already holds working-dtype values (:meth:`round_`), so a bfloat16 output takes
+        the high halves of the bit patterns (exact)."""
+        if self.work == BF16 and out.dtype == BF16:
+            if not rounded:
+                value = self.round_(value, scratch)
+            np.right_shift(value.view(np.uint32), 16, out=out.view(np.uint16), casting="unsafe")
+        elif self.half:
+            out[...] = value if rounded and out.dtype == self.compute else value.astype(self.work)
+        else:
+            out[...] = value
+
+
+def spans(n: int, size: int = CHUNK):
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+class Buffers:
+    """Reusable block buffers of one worker: ``f[k]`` compute-dtype (BLOCK,), ``u`` uint32 scratch,
+    ``b[k]`` bool (BLOCK,)."""
+
+    def __init__(self, compute: np.dtype, num_float: int, num_bool: int = 2):
+        self.f = [np.empty(BLOCK, compute) for _ in range(num_float)]
+        self.u = np.empty(BLOCK, np.uint32)
+        self.b = [np.empty(BLOCK, np.bool_) for _ in range(num_bool)]
+
+
+_POOL: list = []
+
+# Seconds per phase ("stats": the sparsification statistics passes, "output": the output passes;
+# run.py adds "write_wait"), accumulated only while this is a dict (benchmarks/merge_throughput.py).
+PHASE_SECONDS: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if PHASE_SECONDS is not None:
+            PHASE_SECONDS[name] = PHASE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+
+
+def _pool():
+    import concurrent.futures
+
+    if not _POOL:
+        _POOL.append(concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="mergekit-block"))
+    return _POOL[0]
+
+
+def run_chunks(n: int, work: Callable[[int, int, int, Buffers], Any], make_buffers: Callable[[], Buffers],
+               parallel: bool = True) -> list:
+    """``work(c, s, e, bufs)`` for every chunk ``c = [s, e)`` of ``range(n)``, on ``THREADS``
+    workers (contiguous runs of chunks; each worker its own :class:`Buffers`) or in order on the
+    caller's thread (``parallel=False``, or a single chunk). Returns the results in chunk order."""
+    chunks = list(spans(n))
+    if not parallel or THREADS < 2 or len(chunks) < 2:
+        bufs = make_buffers()
+        return [work(c, s, e, bufs) for c, (s, e) in enumerate(chunks)]
+    k = min(THREADS, len(chunks))
+    runs = [list(range(j * len(chunks) // k, (j + 1) * len(chunks) // k)) for j in range(k)]
+
+    def run(idx):
+        bufs = make_buffers()
+        return [work(c, *chunks[c], bufs) for c in idx]
+
+    futures = [_pool().submit(run, idx) for idx in runs]
+    return [r for f in futures for r in f.result()]
 
 
 # ----------------------------------------------------------------------------- sparsification
@@ -206,13 +317,48 @@ class RankWindow:
         self.kept_sum = float(np.sum(a[lo:hi], dtype=np.float64))
         # occurrence windows [jlo, jhi) inside the groups of entries equal to vlo / vhi
         below_lo, eq_lo = int(np.count_nonzero(a < self.vlo)), int(np.count_nonzero(a == self.vlo))
+        below_hi = int(np.count_nonzero(a < self.vhi)) if self.vlo != self.vhi else below_lo
+        self._set_groups(lo, hi, below_lo, eq_lo, below_hi)
+
+    def _set_groups(self, lo: int, hi: int, below_lo: int, eq_lo: int, below_hi: int) -> None:
         if self.vlo == self.vhi:
             self.groups = {float(self.vlo): [lo - below_lo, hi - below_lo, 0]}
         else:
-            below_hi = int(np.count_nonzero(a < self.vhi))
             self.groups = {float(self.vlo): [lo - below_lo, eq_lo, 0], float(self.vhi): [0, hi - below_hi, 0]}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    @classmethod
+    def from_bf16_counts(cls, chunk_counts: list, lo: int, hi: int) -> "RankWindow":
+        """The same window from ``counts[v]``, the number of entries whose value has the bfloat16
+        bit pattern ``v`` (non-negative, finite or inf, no NaN; 65536 bins): the ascending order
+        of such values is the order of their patterns, so the cut values and the counts below
+        them are read off the cumulative counts (no partition, no copy of the entries).
+        ``chunk_counts``: those counts per CHUNK of the entries, in order; they also give
+        :attr:`chunk_seen`, so that chunks may be masked in any order. ``kept_sum`` /
+        ``total_sum`` are not available (None)."""
+        self = cls.__new__(cls)
+        counts = np.sum(chunk_counts, axis=0)
+        n = int(counts.sum())
+        self.empty, self.all = hi <= lo, lo <= 0 and hi >= n
+        self.total_sum = self.kept_sum = None
+        if self.empty or self.all:
+            self.chunk_seen = [{} for _ in chunk_counts]
+            return self
+        upto = np.cumsum(counts)  # upto[v]: entries with pattern <= v
+        vlo, vhi = (int(np.searchsorted(upto, r, side="right")) for r in (lo, hi - 1))
+        as_f32 = lambda v: np.array([v << 16], np.uint32).view(np.float32)[0]
+        self.vlo, self.vhi = as_f32(vlo), as_f32(vhi)
+        below = lambda v: int(upto[v - 1]) if v else 0
+        self._set_groups(lo, hi, below(vlo), int(counts[vlo]), below(vhi))
+        self.chunk_seen, seen = [], {float(self.vlo): 0, float(self.vhi): 0}
+        for c in chunk_counts:
+            self.chunk_seen.append(dict(seen))
+            seen = {float(self.vlo): seen[float(self.vlo)] + int(c[vlo]), float(self.vhi): seen[float(self.vhi)] + int(c[vhi])}
+        return self
+
+    def __call__(self, x: np.ndarray, seen: Optional[dict] = None) -> np.ndarray:
+        """Keep-mask of the next entries ``x``. ``seen``: ``{cut value: entries equal to it before
+        x}`` (updated), for callers that start at a known position (:attr:`chunk_seen`); default:
+        the window's own count, for calls in order from the first entry."""
         if self.empty:
             return np.zeros(x.shape, bool)
         if self.all:
@@ -221,10 +367,16 @@ class RankWindow:
         for v, g in self.groups.items():
             idx = np.flatnonzero(x == v)
             if idx.size:
-                j = g[2] + np.arange(idx.size)
+                before = g[2] if seen is None else seen[v]
+                j = before + np.arange(idx.size)
                 keep[idx[(j >= g[0]) & (j < g[1])]] = True
-                g[2] += idx.size
+                if seen is None:
+                    g[2] += idx.size
+                else:
+                    seen[v] += idx.size
         return keep
+
+    chunk_seen: Optional[list] = None  # per CHUNK of the entries: {cut value: equal entries before it}
 
 
 def dare_keep(seed: int, name: str, input_index: int, chunk: int, size: int, density: float) -> np.ndarray:
@@ -235,10 +387,12 @@ def dare_keep(seed: int, name: str, input_index: int, chunk: int, size: int, den
 
 @dataclasses.dataclass
 class Sparsifier:
-    """How one non-base input's delta is sparsified in the output pass: ``mask(i_chunk, absd)``
-    (None: keep all), ``zero`` (drop everything), ``scale`` (L1 rescale factor or None)."""
+    """How one non-base input's delta is sparsified in the output pass: ``random(chunk, size)``
+    (a chunk's keep mask) or ``window`` (:class:`RankWindow` over ``|d|``, called block by block
+    in order); neither: keep all. ``zero`` (drop everything), ``scale`` (L1 rescale factor or None)."""
 
-    mask: Optional[Callable[[int, np.ndarray], np.ndarray]] = None
+    random: Optional[Callable[[int, int], np.ndarray]] = None
+    window: Optional[RankWindow] = None
     zero: bool = False
     scale: Optional[float] = None
 
@@ -289,16 +443,30 @@ def _store(job: TensorJob, s: int, e: int, value: np.ndarray) -> None:
 
 
 def _linear(job: TensorJob) -> None:
+    """``sum_i w_i x_i`` (``/ sum_i w_i``) accumulated in compute precision from 0, one rounding
+    to the working dtype at the end (MergeKit's ``linear``), block by block."""
     prec = job.prec
     w = np.asarray([p["weight"] for p in job.per_input], prec.compute)
     denom = np.sum(w) if job.shared["normalize"] else None
-    for s, e in spans(job.out.size):
-        acc = np.zeros(e - s, prec.compute)
-        for x, wi in zip(job.inputs, w):
-            acc += prec.load(x[s:e]) * wi
-        if denom is not None:
-            acc /= denom
-        job.out[s:e] = acc.astype(prec.work)
+
+    def work(c, s, e, bufs):
+        acc, x, t = bufs.f
+        for bs, be in spans(e - s, BLOCK):
+            m = be - bs
+            for j, (inp, wi) in enumerate(zip(job.inputs, w)):
+                v = prec.load_into(inp[s + bs : s + be], x[:m], bufs.u)
+                if j == 0:
+                    np.multiply(v, wi, out=t[:m])
+                    np.add(t[:m], 0, out=acc[:m])  # 0 + x_0 w_0, as the zero-initialised sum
+                else:
+                    np.multiply(v, wi, out=t[:m])
+                    acc[:m] += t[:m]
+            if denom is not None:
+                acc[:m] /= denom
+            prec.store(acc[:m], job.out[s + bs : s + be], bufs.u, rounded=False)
+
+    with phase("output"):
+        run_chunks(job.out.size, work, lambda: Buffers(prec.compute, 3))
 
 
 def _passthrough(job: TensorJob) -> None:
@@ -306,6 +474,15 @@ def _passthrough(job: TensorJob) -> None:
     for s, e in spans(job.out.size):
         x = job.prec.load(job.inputs[0][s:e])
         _store(job, s, e, x if scale is None else job.prec.r(x * scale))
+
+
+def _delta_block(prec: Precision, x: np.ndarray, base: np.ndarray, out: np.ndarray, bufs: Buffers) -> np.ndarray:
+    """``r(load(x) - load(base))`` of one block into ``out``."""
+    m = len(x)
+    b = prec.load_into(base, bufs.f[-1][:m], bufs.u)
+    v = prec.load_into(x, out, bufs.u)
+    np.subtract(v, b, out=out)
+    return prec.round_(out, bufs.u)
 
 
 def _sparsifier(spec: MethodSpec, job: TensorJob, i: int, params: dict[str, Any], rescale: bool) -> Sparsifier:
@@ -316,13 +493,24 @@ def _sparsifier(spec: MethodSpec, job: TensorJob, i: int, params: dict[str, Any]
         return Sparsifier()
     base, x = job.inputs[job.base], job.inputs[i]
     if spec.sparsify == "random":
+        keep = lambda c, size: dare_keep(job.seed, job.name, i, c, size, density)
+
+        def sums(c, s, e, bufs):  # float64 sums over the whole chunk, as before the blocks
+            d = bufs.chunk[: e - s]
+            for bs, be in spans(e - s, BLOCK):
+                np.abs(_delta_block(prec, x[s + bs : s + be], base[s + bs : s + be], d[bs:be], bufs), out=d[bs:be])
+            return float(np.sum(d, dtype=np.float64)), float(np.sum(d[keep(c, e - s)], dtype=np.float64))
+
+        def chunk_buffers():
+            bufs = Buffers(prec.compute, 1)
+            bufs.chunk = np.empty(min(CHUNK, n), prec.compute)
+            return bufs
+
         before = after = 0.0
-        for c, (s, e) in enumerate(spans(n)):
-            d = np.abs(prec.r(prec.load(x[s:e]) - prec.load(base[s:e])))
-            before += float(np.sum(d, dtype=np.float64))
-            after += float(np.sum(d[dare_keep(job.seed, job.name, i, c, e - s, density)], dtype=np.float64))
-        mask = lambda c, absd: dare_keep(job.seed, job.name, i, c, absd.size, density)
-        return Sparsifier(mask, scale=_l1_scale(prec, before, after) if rescale else None)
+        for b_, a_ in run_chunks(n, sums, chunk_buffers):
+            before += b_
+            after += a_
+        return Sparsifier(random=keep, scale=_l1_scale(prec, before, after) if rescale else None)
     if spec.sparsify == "magnitude":
         if density <= 0 or n == 0:
             return Sparsifier(zero=True)
@@ -332,16 +520,39 @@ def _sparsifier(spec: MethodSpec, job: TensorJob, i: int, params: dict[str, Any]
         target, top = int(density * n), int(params["gamma"] * n)
         lo = max(0, n - target - top)
         hi = lo + target
+    if n and not rescale and prec.work == BF16:  # |d| is a bfloat16 value: count its patterns
+        def count(c, s, e, bufs):
+            pattern = bufs.chunk[: e - s]
+            for bs, be in spans(e - s, BLOCK):
+                d = _delta_block(prec, x[s + bs : s + be], base[s + bs : s + be], bufs.f[0][: be - bs], bufs)
+                np.abs(d, out=d)
+                np.right_shift(d.view(np.uint32), 16, out=pattern[bs:be], casting="unsafe")
+            return np.bincount(pattern, minlength=1 << 16)
+
+        def chunk_buffers():
+            bufs = Buffers(prec.compute, 2)
+            bufs.chunk = np.empty(min(CHUNK, n), np.uint16)
+            return bufs
+
+        chunk_counts = run_chunks(n, count, chunk_buffers)
+        if not any(c[0x7F81:].any() for c in chunk_counts):  # no NaN (ranks above inf, never compares equal)
+            return Sparsifier(window=RankWindow.from_bf16_counts(chunk_counts, lo, hi))
     a = np.empty(n, np.float32)
-    for s, e in spans(n):
-        a[s:e] = np.abs(prec.r(prec.load(x[s:e]) - prec.load(base[s:e])))
-    window = RankWindow(a, lo, hi)
-    del a
+
+    def fill(c, s, e, bufs):
+        for bs, be in spans(e - s, BLOCK):
+            d = _delta_block(prec, x[s + bs : s + be], base[s + bs : s + be], bufs.f[0][: be - bs], bufs)
+            np.abs(d, out=a[s + bs : s + be])
+
+    run_chunks(n, fill, lambda: Buffers(prec.compute, 2))
+    window = RankWindow(a, lo, hi)  # partitions (destroys) a; keeps only its cut values
     scale = _l1_scale(prec, window.total_sum, window.kept_sum) if rescale else None
-    return Sparsifier(lambda c, absd: window(absd), scale=scale)
+    return Sparsifier(window=window, scale=scale)
 
 
 def _gta(spec: MethodSpec, job: TensorJob) -> None:
+    """The generalized task arithmetic family (see the module docstring), block by block; every
+    elementwise result rounded to the working dtype (:meth:`Precision.round_`)."""
     prec = job.prec
     others = [i for i in range(len(job.inputs)) if i != job.base]
     base = job.inputs[job.base]
@@ -350,43 +561,100 @@ def _gta(spec: MethodSpec, job: TensorJob) -> None:
             _store(job, s, e, prec.load(base[s:e]))
         return
     rescale = job.shared["rescale"]
-    sparse = {i: _sparsifier(spec, job, i, job.per_input[i], rescale) for i in others}
+    with phase("stats"):
+        sparse = {i: _sparsifier(spec, job, i, job.per_input[i], rescale) for i in others}
     w = {i: prec.scalar(job.per_input[i]["weight"]) for i in others}
     lam, normalize = job.shared["lambda"], job.shared["normalize"]
+    lam_c = prec.compute.type(lam)
     wsum = prec.scalar(sum(w.values())) if not spec.consensus else None
     if wsum is not None and abs(wsum) < 1e-8:
         wsum = 1.0
-    for c, (s, e) in enumerate(spans(job.out.size)):
-        b = prec.load(base[s:e])
-        deltas = []
-        for i in others:
-            d = prec.r(prec.load(job.inputs[i][s:e]) - b)
-            sp = sparse[i]
-            if sp.zero:
-                d = np.zeros_like(d)
-            elif sp.mask is not None:
-                d = d * sp.mask(c, np.abs(d).astype(np.float32, copy=False))
-                if sp.scale is not None:
-                    d = prec.r(d * sp.scale)
-            deltas.append(prec.r(d * w[i]))
-        if spec.consensus:
-            majority = np.where(prec.r(np.sum(deltas, axis=0)) >= 0, 1.0, -1.0).astype(prec.compute)
-            mixed = np.zeros_like(b)
-            divisor = np.zeros_like(b)
-            for i, d in zip(others, deltas):
-                keep = np.sign(d) == majority
-                mixed += d * keep
-                divisor += w[i] * keep
-            mixed, divisor = prec.r(mixed), prec.r(divisor)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = prec.r(np.sum(deltas, axis=0))
-            divisor = wsum
-        if normalize:
-            mixed = prec.r(mixed / divisor)
-        if lam != 1:
-            mixed = prec.r(mixed * lam)
-        _store(job, s, e, prec.r(b + mixed))
+    k = len(others)
+    in_order = any(sparse[i].window is not None and sparse[i].window.chunk_seen is None for i in others)
+
+    def work(c, s, e, bufs):
+        deltas, (mixed, divisor, tmp, signs, majority, bb) = bufs.f[:k], bufs.f[k:]
+        keep_buf, eq = bufs.b
+        chunk_keep = {i: sparse[i].random(c, e - s) for i in others if sparse[i].random is not None}
+        seen = {i: dict(sparse[i].window.chunk_seen[c]) for i in others
+                if sparse[i].window is not None and sparse[i].window.chunk_seen is not None}
+        for bs, be in spans(e - s, BLOCK):
+            m, lo, hi = be - bs, s + bs, s + be
+            b = prec.load_into(base[lo:hi], bb[:m], bufs.u)
+            for j, i in enumerate(others):
+                d = deltas[j][:m]
+                v = prec.load_into(job.inputs[i][lo:hi], d, bufs.u)
+                np.subtract(v, b, out=d)
+                prec.round_(d, bufs.u)
+                sp = sparse[i]
+                if sp.zero:
+                    d.fill(0)
+                elif sp.random is not None or sp.window is not None:
+                    if sp.window is not None:
+                        absd = np.abs(d, out=tmp[:m]) if prec.compute == np.float32 else np.abs(d).astype(np.float32)
+                        mask = sp.window(absd, seen.get(i))
+                    else:
+                        mask = chunk_keep[i][bs:be]
+                    np.multiply(d, mask, out=d)
+                    if sp.scale is not None:
+                        np.multiply(d, sp.scale, out=d)
+                        prec.round_(d, bufs.u)
+                np.multiply(d, w[i], out=d)
+                prec.round_(d, bufs.u)
+            mix = mixed[:m]
+            if spec.consensus:
+                _sum_in_order([x[:m] for x in deltas], mix)
+                prec.round_(mix, bufs.u)
+                maj = majority[:m]
+                np.greater_equal(mix, 0, out=keep_buf[:m])
+                np.multiply(keep_buf[:m], 2, out=maj, casting="unsafe")
+                maj -= 1  # +1 where the summed delta is >= 0, else -1 (MergeKit: ties go to +)
+                div, t, kb = divisor[:m], tmp[:m], keep_buf[:m]
+                for j, i in enumerate(others):
+                    d = deltas[j][:m]
+                    np.sign(d, out=signs[:m])
+                    np.equal(signs[:m], maj, out=kb)
+                    np.multiply(d, kb, out=t)  # d * keep (NaN stays NaN, as the torch product)
+                    if j == 0:
+                        np.add(t, 0, out=mix)  # 0 + ..., as the zero-initialised sums
+                    else:
+                        mix += t
+                    np.multiply(kb, w[i], out=t)
+                    if j == 0:
+                        np.add(t, 0, out=div)
+                    else:
+                        div += t
+                prec.round_(mix, bufs.u)
+                prec.round_(div, bufs.u)
+                np.equal(div, 0, out=eq[:m])
+                div[eq[:m]] = 1
+                den = div
+            else:
+                _sum_in_order([x[:m] for x in deltas], mix)
+                prec.round_(mix, bufs.u)
+                den = wsum
+            if normalize:
+                np.divide(mix, den, out=mix)
+                prec.round_(mix, bufs.u)
+            if lam != 1:
+                np.multiply(mix, lam_c, out=mix)
+                prec.round_(mix, bufs.u)
+            np.add(b, mix, out=mix)
+            prec.round_(mix, bufs.u)
+            prec.store(mix, job.out[lo:hi], bufs.u, rounded=True)
+
+    # a RankWindow without per-chunk counts resolves ties at its cut in order: chunks in order
+    with phase("output"):
+        run_chunks(job.out.size, work, lambda: Buffers(prec.compute, k + 6), parallel=not in_order)
+
+
+def _sum_in_order(xs: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """``np.sum(xs, axis=0)`` into ``out``: 0 + the first row, then each next one added in order
+    (numpy's reduction starts from its identity, so all -0.0 rows sum to +0.0)."""
+    np.add(xs[0], 0, out=out)
+    for x in xs[1:]:
+        out += x
+    return out
 
 
 def _slerp(job: TensorJob, dot_threshold: float = 0.9995, eps: float = 1e-8) -> None:
@@ -458,5 +726,5 @@ def _model_stock(job: TensorJob) -> None:
         job.out[s:e] = (t * avg + (1 - t) * b).astype(prec.work)
 
 
-__all__ = ["CHUNK", "METHODS", "MethodSpec", "NUMPY_DTYPES", "Param", "Precision", "RankWindow", "TensorJob", "dare_keep",
+__all__ = ["BLOCK", "CHUNK", "METHODS", "MethodSpec", "NUMPY_DTYPES", "Param", "Precision", "RankWindow", "TensorJob", "dare_keep",
            "merge_tensor", "method_spec", "promoted_dtype"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from mtl_jax.errors import UsageError
 from mtl_jax.merging.mergekit.config import parse_config
-from mtl_jax.merging.mergekit.methods import Precision, TensorJob, merge_tensor
+from mtl_jax.merging.mergekit.methods import Precision, TensorJob, merge_tensor, phase
 from mtl_jax.merging.mergekit.model_folder import TOKENIZER_FILES, ModelFolder
 from mtl_jax.merging.mergekit.plan import MergePlan, OutputTensor, _open_models, build_plan
 from mtl_jax.merging.output_safety import MARKER_FILE, check_output, commit, discard, fsync_tree, temp_sibling
@@ -92,8 +92,9 @@ def _merge_into(plan: MergePlan, models: dict[str, ModelFolder], folder: str, ma
                     del views, job
                     for m, n in t.inputs:
                         models[m].release(n)
-                    while pending:  # the previous tensor is written while this one merges
-                        pending.pop(0).result()
+                    with phase("write_wait"):
+                        while pending:  # the previous tensor is written while this one merges
+                            pending.pop(0).result()
                     pending.append(io.submit(writer.write, t.name, out.reshape(t.shape)))
                     weight_map[t.name] = name
                     total += t.nbytes

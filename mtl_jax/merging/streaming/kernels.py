@@ -100,7 +100,11 @@ def sign_into(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray
 
 
 def store(out: np.ndarray, s: int, e: int, value: np.ndarray) -> None:
-    np.copyto(out[s:e], value, casting="unsafe")
+    """``out[s:e] = value`` (cast to ``out``'s dtype); nothing to do where ``value`` was computed
+    in place (:func:`fp32_slot`)."""
+    target = out[s:e]
+    if value.dtype != target.dtype or value.__array_interface__["data"][0] != target.__array_interface__["data"][0]:
+        np.copyto(target, value, casting="unsafe")
 
 
 def fp32_slot(ws: Workspace, out: np.ndarray, s: int, e: int) -> np.ndarray:
@@ -113,12 +117,16 @@ def task_arithmetic_kernel(lam: np.ndarray) -> Callable:
     lam: fp32 (T,)."""
 
     def kernel(ws, index, p0, fts, out, s, e):
-        p, tau = ws.task_vectors(p0, fts, s, e, check=False)
+        p = ws.f32(p0, 0, s, e)
+        row = ws.tau[0, : e - s]  # one task vector at a time: the chunk's buffers stay in the L2 cache
         acc = fp32_slot(ws, out, s, e)
-        np.multiply(tau[0], lam[0], out=acc)
-        for t in range(1, len(fts)):
-            tau[t] *= lam[t]
-            acc += tau[t]
+        for t, f in enumerate(fts):
+            np.subtract(ws.f32(f, t + 1, s, e), p, out=row)
+            if t == 0:
+                np.multiply(row, lam[0], out=acc)
+            else:
+                row *= lam[t]
+                acc += row
         acc += p
         ws.check(p0, fts, s, e, acc)  # lam_t * (NaN or inf) is NaN or inf for any lam_t
         store(out, s, e, acc)
@@ -158,13 +166,21 @@ def dare_ta_kernel(key: jax.Array, p: float, lam: np.ndarray) -> Callable:
     scale = np.float32(1.0 - p)
 
     def kernel(ws, index, p0, fts, out, s, e):
-        keep = np.asarray(_dare_keep_chunk(key, np.uint32(index), np.uint32(s), len(fts), p))[:, : e - s]
-        p_, tau = ws.task_vectors(p0, fts, s, e)
-        np.divide(tau, scale, out=tau)
-        np.multiply(tau, lam[:, None], out=tau)
-        dropped = masked(tau, keep, ws.work[:, : e - s])
+        n = e - s
+        keep = np.asarray(_dare_keep_chunk(key, np.uint32(index), np.uint32(s), len(fts), p))[:, :n]
+        p_ = ws.f32(p0, 0, s, e)
+        row, dropped = ws.tau[0, :n], ws.work[0, :n]  # one task at a time: the buffers stay in cache
         acc = fp32_slot(ws, out, s, e)
-        np.sum(dropped, axis=0, out=acc)
+        for t, f in enumerate(fts):
+            np.subtract(ws.f32(f, t + 1, s, e), p_, out=row)
+            ws.check(p0, fts, s, e, row)
+            row /= scale
+            row *= lam[t]
+            masked(row, keep[t], dropped)
+            if t == 0:
+                np.add(dropped, 0, out=acc)  # 0 + ...: np.sum over tasks starts from its identity
+            else:
+                acc += dropped
         acc += p_
         store(out, s, e, acc)
 

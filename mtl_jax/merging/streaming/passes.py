@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
@@ -16,6 +17,17 @@ from tqdm.auto import tqdm
 
 from mtl_jax.merging.streaming.kernels import Workspace, spans
 from mtl_jax.merging.streaming.planning import Stream
+
+
+# Per-pass timings, recorded only while this is a list (benchmarks/merge_throughput.py --profile):
+# {"pass", "leaves", "wall_s", "kernel_s" (summed over workers), "write_wait_s"}.
+PASS_LOG: Optional[list] = None
+
+
+def _record(desc: str, leaves: int, start: float, kernel_s: float = 0.0, write_wait_s: float = 0.0) -> None:
+    if PASS_LOG is not None:
+        PASS_LOG.append({"pass": desc, "leaves": leaves, "wall_s": time.perf_counter() - start, "kernel_s": kernel_s,
+                         "write_wait_s": write_wait_s})
 
 
 def _flat_inputs(reader: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -31,7 +43,7 @@ def leaf_pass(stream: Stream, desc: str) -> Iterator[tuple[int, str, np.ndarray,
     stream.passes += 1
     readers = [stream.pretrained] + list(stream.finetuned)
     bar = tqdm(total=len(stream.names), desc=desc, unit="leaf", disable=not stream.progress, leave=False)
-    index = 0
+    index, start = 0, time.perf_counter()
     try:
         for g, group in enumerate(stream.groups):
             if g + 1 < len(stream.groups):
@@ -49,6 +61,7 @@ def leaf_pass(stream: Stream, desc: str) -> Iterator[tuple[int, str, np.ndarray,
                     r.release(n)
     finally:
         bar.close()
+        _record(desc, index, start)
 
 
 def _max_leaf_bytes(stream: Stream) -> int:
@@ -78,10 +91,15 @@ def chunk_pass(stream: Stream, desc: str, make_kernel: Callable[[], Callable], w
     arenas = [np.empty(max(_max_leaf_bytes(stream), 1) if writer is not None else 0, np.uint8) for _ in range(2)]
     pending: list[Optional[concurrent.futures.Future]] = [None, None]
 
+    kernel_s, write_wait_s = [0.0] * threads, 0.0
+    log_start = len(PASS_LOG) if PASS_LOG is not None else 0
+
     def run(i, index, p0, fts, out, chunks):
         spaces[i].leaf = index
+        t = time.perf_counter()
         for s, e in chunks:
             kernels[i](spaces[i], index, p0, fts, out, s, e)
+        kernel_s[i] += time.perf_counter() - t
 
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(threads)) if threads > 1 else None
@@ -92,7 +110,9 @@ def chunk_pass(stream: Stream, desc: str, make_kernel: Callable[[], Callable], w
             if writer is not None:
                 slot = index % 2
                 if pending[slot] is not None:
+                    t = time.perf_counter()
                     pending[slot].result()
+                    write_wait_s += time.perf_counter() - t
                 out = arenas[slot][: spec.nbytes].view(spec.dtype)
             chunks = list(spans(p0.size))
             runs = [chunks[i * len(chunks) // threads : (i + 1) * len(chunks) // threads] for i in range(threads)]
@@ -103,7 +123,12 @@ def chunk_pass(stream: Stream, desc: str, make_kernel: Callable[[], Callable], w
                     f.result()
             if io is not None:
                 pending[slot] = io.submit(writer.write, name, out.reshape(spec.shape))
+        t = time.perf_counter()
         for f in pending:
             if f is not None:
                 f.result()
+        last_write_s = time.perf_counter() - t  # after the leaf pass's own record
+    if PASS_LOG is not None and len(PASS_LOG) > log_start:  # the leaf_pass record of this pass
+        PASS_LOG[-1].update(kernel_s=sum(kernel_s), write_wait_s=write_wait_s + last_write_s)
+        PASS_LOG[-1]["wall_s"] += last_write_s
     return kernels
