@@ -123,8 +123,8 @@ class ManualDirBuilder(tfds.core.GeneratorBasedBuilder):
     ``data_dir/dataset_name/config_name/version``.
 
     Args:
-      dataset_name, config_name: name the prepared directory (put the options and a digest of the
-        source files into ``config_name``).
+      dataset_name: the prepared directory's dataset name.
+      config_name: its config name (put the options and a digest of the source files into it).
       features: ``{key: (shape, dtype)}`` of one example.
       examples: ``{split: () -> iterable of examples}``; called only when the dataset is not prepared.
     """
