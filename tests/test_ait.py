@@ -1,14 +1,25 @@
 """AiT's soft-token depth output (mtl_jax/models/ait.py): VQ straight-through gradients, soft-token
 decoding, mask augmentation, the tokenizer's fit, the depth head."""
 
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ml_collections import ConfigDict
+
+from mtl_jax import tasks as T
+from mtl_jax.checkpoints import CheckpointMismatchError
+from mtl_jax.config import apply_overrides, load_config
+from mtl_jax.data import from_arrays
 from mtl_jax.models import ait
+from mtl_jax.models import build_model
+from mtl_jax.models.moe_layers import AUX_LOSS
+from mtl_jax.train.trainer import train_and_evaluate
 
 TINY = dict(num_tokens=32, codebook_dim=16, hidden=8, downsample=4, num_res_blocks=1)
 
@@ -121,33 +132,77 @@ def test_vqvae_reconstructs_depth_maps_after_a_short_fit():
 
 
 def test_soft_token_depth_head_trains_through_the_soft_tokens(tiny_vqvae):
+    """Frozen: the tokenizer sits in the 'frozen' collection (no param, so no gradient or optimiser
+    update); unfrozen: it is a param and the depth loss reaches it."""
     _, tokenizer_params = tiny_vqvae
     tok = dict(num_tokens=32, codebook_dim=16, tokenizer_hidden=8, downsample=4, num_res_blocks=1)
     features = jax.random.normal(jax.random.key(5), (2, 16, 16, 6))
     target = jnp.asarray(depth_maps(2))
     for freeze in (True, False):
         head = ait.SoftTokenDepthHead(1, **tok, freeze_tokenizer=freeze, hidden=8)
-        params = head.init(jax.random.key(6), features)["params"]
-        params = ait.with_tokenizer(params, tokenizer_params)
+        variables = ait.with_tokenizer(head.init(jax.random.key(6), features), tokenizer_params)
+        assert ("tokenizer" in variables["params"]) != freeze and ("frozen" in variables) == freeze
+        rest = {k: v for k, v in variables.items() if k != "params"}
 
         def run(p):  # eager: compiling these small convolutions costs more than running them
-            out = head.apply({"params": p}, features)
-            logits = head.apply({"params": p}, features, logits_only=True)
+            out = head.apply({"params": p, **rest}, features)
+            logits = head.apply({"params": p, **rest}, features, logits_only=True)
             want = ait.DepthVQVAE(**TINY).apply({"params": tokenizer_params}, logits,
                                                  method=ait.DepthVQVAE.decode_soft)
-            grads = jax.grad(lambda q: jnp.mean(jnp.abs(head.apply({"params": q}, features) - target)))(p)
+            grads = jax.grad(lambda q: jnp.mean(jnp.abs(head.apply({"params": q, **rest}, features) - target)))(p)
             return out, logits, want, grads
 
-        out, logits, want, grads = run(params)
+        out, logits, want, grads = run(variables["params"])
         assert out.shape == (2, 16, 16, 1)
         assert logits.shape == (2, 4, 4, 32)
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
         assert float(jnp.abs(grads["token_logits"]["kernel"]).max()) > 0  # the task loss reaches the logits
-        decoder_grad = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["tokenizer"]))
-        assert (decoder_grad == 0.0) if freeze else (decoder_grad > 0.0)
+        if not freeze:
+            assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["tokenizer"])) > 0.0
     with pytest.raises(ValueError, match="do not match"):
-        ait.with_tokenizer(params, jax.eval_shape(ait.DepthVQVAE(**{**TINY, "num_tokens": 8}).init,
-                                                  jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"])
+        ait.with_tokenizer(variables, jax.eval_shape(ait.DepthVQVAE(**{**TINY, "num_tokens": 8}).init,
+                                                     jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"])
+    with pytest.raises(ValueError, match="no SoftTokenDepthHead tokenizer"):
+        ait.with_tokenizer({"params": {"out": {"kernel": jnp.zeros(2)}}}, tokenizer_params)
+
+
+def test_tokenizer_file_round_trip_and_errors(tiny_vqvae, tmp_path):
+    """save_tokenizer -> tokenizer_file: init puts the saved tokenizer in place (frozen or trained);
+    a tokenizer of other sizes or a missing file fails naming the file."""
+    _, tokenizer_params = tiny_vqvae
+    path = str(tmp_path / "tokenizer.safetensors")
+    ait.save_tokenizer(path, tokenizer_params)
+    features = jnp.zeros((1, 16, 16, 3))
+    tok = dict(num_tokens=32, codebook_dim=16, tokenizer_hidden=8, downsample=4, num_res_blocks=1, hidden=4)
+    for freeze, collection in ((True, "frozen"), (False, "params")):
+        head = ait.SoftTokenDepthHead(**tok, freeze_tokenizer=freeze, tokenizer_file=path)
+        loaded = head.init(jax.random.key(0), features)[collection]["tokenizer"]
+        jax.tree.map(np.testing.assert_array_equal, loaded, tokenizer_params)
+    other = ait.SoftTokenDepthHead(**{**tok, "codebook_dim": 8}, tokenizer_file=path)
+    with pytest.raises(CheckpointMismatchError, match="tokenizer.safetensors"):
+        other.init(jax.random.key(0), features)
+    with pytest.raises(ValueError, match="does not exist"):
+        ait.SoftTokenDepthHead(**tok, tokenizer_file=str(tmp_path / "absent.safetensors")).init(
+            jax.random.key(0), features)
+
+
+def test_token_loss_is_sown_as_the_depth_tasks_aux_loss(tiny_vqvae):
+    """With the target depth, the head sows weight * mean_b CE(logits, tokens(target)) at its task's
+    entry of a [num_tasks] vector (mtl_jax's aux-loss convention)."""
+    _, tokenizer_params = tiny_vqvae
+    tok = dict(num_tokens=32, codebook_dim=16, tokenizer_hidden=8, downsample=4, num_res_blocks=1, hidden=8)
+    head = ait.SoftTokenDepthHead(**tok, token_loss_weight=0.5, task_index=1, num_tasks=3)
+    features = jax.random.normal(jax.random.key(7), (2, 16, 16, 6))
+    target = jnp.asarray(depth_maps(2))
+    variables = ait.with_tokenizer(head.init(jax.random.key(8), features), tokenizer_params)
+    out, sown = head.apply(variables, features, depth_target=target, mutable=[AUX_LOSS])
+    logits = head.apply(variables, features, logits_only=True)
+    codes = ait.token_targets(ait.DepthVQVAE(**TINY), tokenizer_params, target)
+    want = 0.5 * float(ait.token_cross_entropy(logits, codes).mean())
+    (value,) = sown[AUX_LOSS]["token_cross_entropy"]
+    np.testing.assert_allclose(value, [0.0, want, 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(out, head.apply(variables, features))  # the prediction is unchanged
+    assert not head.apply(variables, features, mutable=[AUX_LOSS])[1]  # nothing without a target
 
 
 def test_token_targets_and_cross_entropy(tiny_vqvae):
@@ -161,3 +216,104 @@ def test_token_targets_and_cross_entropy(tiny_vqvae):
     np.testing.assert_allclose(ait.token_cross_entropy(uniform, codes), math.log(32), rtol=1e-6)
     target = jnp.array([[[[0.0], [3.0]], [[1.0], [0.0]]]])  # valid pixels 3 and 1: errors 4 and 0
     np.testing.assert_allclose(ait.mse_ignore_zero(jnp.ones((1, 2, 2, 1)), target), 2.0, rtol=1e-6)
+
+
+DENSE_TASKS = (T.segmentation("segmentation", 4), T.depth("depth"), T.normal("normal"))
+HEAD = dict(num_tokens=16, codebook_dim=8, tokenizer_hidden=4, downsample=4, num_res_blocks=0, hidden=8)
+MODELS_AT = {"segnet_split": ({"width": 0.0625}, (2, 32, 32, 3), ("heads", "depth")),
+             "mtan_segnet": ({"width": 0.0625}, (2, 32, 32, 3), ("heads", "depth", "pred")),
+             "resnet_aspp": ({"depth": 18, "aspp_features": 8}, (2, 32, 40, 3), ("heads", "depth", "soft_token"))}
+
+
+def dense_model(name, **arch_kwargs):
+    return build_model(ConfigDict({"name": name, "arch_kwargs": arch_kwargs}), DENSE_TASKS)
+
+
+def shapes(tree):
+    return jax.tree.map(lambda a: a.shape, tree)
+
+
+@pytest.mark.parametrize("name", list(MODELS_AT))
+def test_depth_head_option_of_the_dense_models(name):
+    """depth_head='ait' replaces only the depth task's prediction layer by the soft-token head (its
+    tokenizer in the 'frozen' collection); 'conv' is the default model; output shapes are kept."""
+    kwargs, shape, path = MODELS_AT[name]
+    x = jnp.zeros(shape)
+    init = lambda m: jax.eval_shape(lambda: m.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x))
+    conv, explicit = init(dense_model(name, **kwargs)), init(dense_model(name, **kwargs, depth_head="conv"))
+    assert shapes(conv) == shapes(explicit)
+    head_options = {**HEAD, "downsample": 8} if name == "resnet_aspp" else HEAD  # tokens at the output stride
+    model = dense_model(name, **kwargs, depth_head="ait", ait=head_options)
+    variables = init(model)
+    head = functools.reduce(lambda t, k: t[k], path, variables["params"])
+    assert {"predictor_conv", "token_logits"} <= set(head) and "tokenizer" not in head
+    tokenizer = functools.reduce(lambda t, k: t[k], path, variables["frozen"])["tokenizer"]
+    assert tokenizer["codebook"].shape == (16, 8)
+    assert list(variables["frozen"]["heads"]) == ["depth"]
+    for task in ("segmentation", "normal"):
+        assert shapes(variables["params"]["heads"][task]) == shapes(conv["params"]["heads"][task])
+    assert shapes(variables["params"]["shared"]) == shapes(conv["params"]["shared"])
+    out = jax.eval_shape(lambda v: model.apply(v, x), variables)
+    assert {t: o.shape for t, o in out.items()} == {"segmentation": shape[:3] + (4,), "depth": shape[:3] + (1,),
+                                                   "normal": shape[:3] + (3,)}
+
+
+def test_depth_head_option_errors(tmp_path):
+    with pytest.raises(ValueError, match="depth_head 'vq' unknown"):
+        dense_model("segnet_split", depth_head="vq")
+    with pytest.raises(ValueError, match="unknown arch_kwargs.ait option"):
+        dense_model("mtan_segnet", depth_head="ait", ait={"codebook_size": 8})
+    with pytest.raises(ValueError, match="depth_head is 'conv'"):
+        dense_model("resnet_aspp", ait={"tau": 2.0})
+    with pytest.raises(ValueError, match="does not exist"):
+        dense_model("segnet_split", depth_head="ait", ait={"tokenizer_file": str(tmp_path / "absent.safetensors")})
+    with pytest.raises(ValueError, match="needs a task of kind 'depth'"):
+        build_model(ConfigDict({"name": "segnet_split", "arch_kwargs": {"depth_head": "ait"}}), DENSE_TASKS[:1])
+    model = dense_model("segnet_split", width=0.0625, depth_head="ait", ait={**HEAD, "downsample": 64})
+    with pytest.raises(ValueError, match="token stride 64 must divide the depth map 32x32"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+
+
+def tiny_dense_dataset(n=2, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def split():
+        image = rng.uniform(size=(n, size, size, 3)).astype(np.float32)
+        normal = image - 0.5
+        return {"image": image, "segmentation": (image[..., 0] * 4).astype(np.int64),
+                "depth": (1.0 + image[..., 1:2]).astype(np.float32),
+                "normal": (normal / np.linalg.norm(normal, axis=-1, keepdims=True)).astype(np.float32)}
+
+    return from_arrays("tiny_dense", {"train": split(), "test": split()}, DENSE_TASKS)
+
+
+def test_segnet_split_with_the_ait_head_trains_with_its_tokenizer_frozen(tmp_path):
+    """segnet_split (width 1/16, 32x32) with depth_head='ait' and a saved tokenizer trains 2 steps of
+    AdamW with weight decay through train_and_evaluate: the tokenizer stays bit-identical to the file
+    (it is model state, not a param), the token predictor moves, depth comes out [B, 32, 32, 1]."""
+    tokenizer = ait.DepthVQVAE(16, 8, 4, 4, 0)
+    tokenizer_params = tokenizer.init(jax.random.key(3), jnp.zeros((1, 4, 4, 1)))["params"]
+    path = str(tmp_path / "tokenizer.safetensors")
+    ait.save_tokenizer(path, tokenizer_params)
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "digits_mlp.py"))
+    config.model = ConfigDict({"name": "segnet_split", "arch_kwargs": {
+        "width": 0.0625, "depth_head": "ait", "ait": {**HEAD, "tokenizer_file": path}}})
+    config.progress_bar = False
+    config = apply_overrides(config, ["num_steps=2", "batch_size=2", "eval_batch_size=2", "log_every=1", "mesh.data=1",
+                                      "optim.name='adamw'", "optim.weight_decay=0.1", "optim.lr=0.01",
+                                      "checkpoint.enabled=False", "baselines=''"])
+    dataset = tiny_dense_dataset()
+    token_kernels = []
+    record = lambda step, state: token_kernels.append(np.array(state.params["heads"]["depth"]["token_logits"]["kernel"]))
+    out = train_and_evaluate(config, str(tmp_path / "run"), dataset=dataset, on_step=record)
+    state = out["state"]
+    assert int(state.step) == 2 and len(token_kernels) == 2
+    frozen = state.model_state["frozen"]["heads"]["depth"]["tokenizer"]
+    jax.tree.map(np.testing.assert_array_equal, frozen, tokenizer_params)
+    assert "tokenizer" not in state.params["heads"]["depth"]
+    assert np.abs(token_kernels[1] - token_kernels[0]).max() > 0  # the token predictor trains
+    assert np.isfinite(out["results"]["depth"]["abs_err"])
+    model = build_model(config.model, DENSE_TASKS)
+    preds = jax.eval_shape(model.apply, {"params": state.params, **state.model_state},
+                           jnp.asarray(dataset.splits["test"].arrays["image"]))
+    assert preds["depth"].shape == (2, 32, 32, 1)

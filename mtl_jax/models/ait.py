@@ -27,27 +27,45 @@ frozen; the task model predicts token logits and the VQ-VAE decoder turns them i
   of the embedding of ``argmax l``; it is differentiable in the logits ``l``, so a loss on the decoded
   depth trains the token predictor (AiT adds this decoder loss to the token cross-entropy).
 
-:class:`SoftTokenDepthHead` is the depth head: the shared feature map [B, H, W, C] -> token logits
-[B, H/r, W/r, K] (conv3x3-ReLU, average pooling by r, conv1x1; AiT's task solver is an
+:class:`SoftTokenDepthHead` is the depth head: the feature map [B, h, w, C] -> token logits
+[B, H/r, W/r, K] (conv3x3-ReLU, average pooling to the token grid, conv1x1; AiT's task solver is an
 autoregressive / parallel transformer, not reproduced) -> soft-token decode -> depth [B, H, W, 1],
-so mtl_jax's depth task loss backpropagates through the soft tokens. The tokenizer's parameters
-live under the head (``heads/<task>/tokenizer``); with ``freeze_tokenizer`` (AiT's default) they get
-no gradient; :func:`with_tokenizer` puts pretrained ones (:func:`pretrain_vqvae`) in place. The
-token cross-entropy against the tokenizer's codes of the target depth (:func:`token_targets`,
-:func:`token_cross_entropy`) is available for a training loop that adds it; mtl_jax's depth task
-loss alone is AiT's decoder loss with L1 instead of SILog.
+so mtl_jax's depth task loss (AiT's decoder loss, with L1 instead of SILog) backpropagates through
+the soft tokens. The dense models take it as their depth head (:func:`soft_token_heads`)::
+
+    config.model.arch_kwargs = {"width": 0.25, "depth_head": "ait",          # default 'conv'
+                                "ait": {"num_tokens": 128, "downsample": 32, "tau": 1.0,
+                                        "freeze_tokenizer": True, "tokenizer_file": "tok.safetensors"}}
+
+(``segnet_split``: on the shared decoder output; ``mtan_segnet``: the depth task's ``pred`` over its
+attended features; ``resnet_aspp``: after the depth task's ASPP, tokens from the stride-8 features).
+A frozen tokenizer (AiT's setting) is not a parameter: its variables are in the ``frozen``
+collection (``frozen/heads/<task>/.../tokenizer``), which the trainer keeps in ``model_state``
+beside ``batch_stats``, so no optimiser, weight decay or gradient method changes it; unfrozen, it is
+``params/heads/<task>/.../tokenizer`` and trains with the head. Pretrained tokenizers
+(:func:`pretrain_vqvae`) go in through a file (:func:`save_tokenizer`, ``ait.tokenizer_file``, read at
+init) or :func:`with_tokenizer` on a model's variables. AiT's token cross-entropy against the
+tokenizer's codes of the target depth (:func:`token_targets`, :func:`token_cross_entropy`) is sown as
+the depth task's auxiliary loss when the head is given the target depth (``depth_target``; weight
+``token_loss_weight``); the trainer's forward does not pass targets to models, so in
+``train_and_evaluate`` the depth loss is the decoder loss alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+import os
+from typing import Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from mtl_jax.checkpoints import IDENTITY, Rename, export, flatten, load_into, read_checkpoint, write_safetensors
+from mtl_jax.models.moe_layers import sow_aux_loss
 
 COMMITMENT_COST = 0.25
 
@@ -265,15 +283,59 @@ def pretrain_vqvae(key: jax.Array, depth_maps, model: DepthVQVAE, steps: int = 1
     return VQVAETraining(params, np.asarray(losses), np.asarray(rec))
 
 
+FROZEN = "frozen"  # the variable collection of a frozen tokenizer (model_state: no optimiser reads it)
+DEPTH_HEADS = ("conv", "ait")
+HEAD_OPTIONS = ("num_tokens", "codebook_dim", "tokenizer_hidden", "downsample", "num_res_blocks", "freeze_tokenizer",
+                "tau", "hidden", "tokenizer_file", "token_loss_weight")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tokenizer_file(path: str, mtime_ns: int, size: int) -> dict:
+    del mtime_ns, size  # cache keys: a rewritten file is read again
+    return read_checkpoint(path)
+
+
+def tokenizer_renames(template: dict) -> list[Rename]:
+    """One Rename per leaf of a :class:`DepthVQVAE`'s params: file name = the '/'-joined path
+    (``encoder/down_0/kernel``, ``codebook``, ...), values as they are."""
+    return [Rename("/".join(path), path, IDENTITY) for path in flatten(template)]
+
+
+def save_tokenizer(path: str, params: dict, overwrite: bool = False) -> None:
+    """Writes a :class:`DepthVQVAE`'s ``params`` (e.g. :func:`pretrain_vqvae`'s) to the safetensors file
+    ``path`` (names as :func:`tokenizer_renames`), for ``arch_kwargs.ait.tokenizer_file``."""
+    write_safetensors(path, export(params, tokenizer_renames(params)), overwrite=overwrite)
+
+
+def load_tokenizer(path: str, template: dict) -> dict:
+    """The :class:`DepthVQVAE` params in ``path`` (written by :func:`save_tokenizer`), shaped like
+    ``template`` (params or their ``jax.eval_shape``); a CheckpointMismatchError names the file and
+    the missing, unexpected or mis-shaped tensors (a tokenizer of other sizes)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"AiT tokenizer_file {path!r} does not exist (write one with mtl_jax.models.ait.save_tokenizer)")
+    stat = os.stat(path)
+    state = _read_tokenizer_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    return load_into(template, state, tokenizer_renames(template), what=f"AiT tokenizer {path}")
+
+
 class SoftTokenDepthHead(nn.Module):
-    """Depth head through AiT's soft tokens: features [B, H, W, C] -> depth [B, H, W, 1] (H, W multiples
-    of the tokenizer's ``downsample``). ``num_outputs`` must be 1 (the mtl_jax head contract).
+    """Depth head through AiT's soft tokens: features [B, h, w, C] at ``feature_stride`` (h = H /
+    feature_stride) -> token logits [B, H/r, W/r, K] -> depth [B, H, W, 1]; H, W multiples of the
+    tokenizer's ``downsample`` r, r a multiple of ``feature_stride``. ``num_outputs`` must be 1.
 
     ``num_tokens``, ``codebook_dim``, ``tokenizer_hidden``, ``downsample``, ``num_res_blocks``: the
-    :class:`DepthVQVAE` (params ``tokenizer``) whose codebook and decoder turn token logits into depth;
-    ``freeze_tokenizer``: no gradient reaches its parameters (AiT trains the tokenizer first and
-    freezes it); ``tau``: the softmax sharpness; ``hidden``: channels of the token predictor.
-    ``logits_only``: return the token logits [B, H/r, W/r, K] instead.
+    :class:`DepthVQVAE` whose codebook and decoder turn token logits into depth. ``freeze_tokenizer``
+    (AiT's setting: the tokenizer is trained first, then fixed): its variables live in the ``frozen``
+    collection (``frozen/.../tokenizer``; the trainer keeps them in ``model_state``, so no optimiser,
+    weight decay or gradient method touches them); otherwise they are params ``.../tokenizer``,
+    trained with the head. ``tokenizer_file``: a safetensors file (:func:`save_tokenizer`) whose
+    tokenizer ``init`` puts in place (read when the model is initialised); '' = random. ``tau``: the
+    softmax sharpness; ``hidden``: channels of the token predictor.
+
+    AiT's token loss: with ``depth_target`` [B, H, W, 1] given and ``token_loss_weight`` > 0, the call
+    sows ``token_loss_weight * mean_b token_cross_entropy(logits, tokens(depth_target))`` into the
+    ``aux_loss`` collection, as entry ``task_index`` of a [``num_tasks``] vector (the task's own term).
+    ``logits_only``: return the token logits instead of depth.
     """
 
     num_outputs: int = 1
@@ -285,39 +347,109 @@ class SoftTokenDepthHead(nn.Module):
     freeze_tokenizer: bool = True
     tau: float = 1.0
     hidden: int = 64
+    tokenizer_file: str = ""
+    feature_stride: int = 1
+    token_loss_weight: float = 0.0
+    task_index: int = 0
+    num_tasks: int = 1
 
-    def tokenizer_module(self, name=None) -> DepthVQVAE:
+    def tokenizer_module(self) -> DepthVQVAE:
         return DepthVQVAE(self.num_tokens, self.codebook_dim, self.tokenizer_hidden, self.downsample,
-                          self.num_res_blocks, name=name)
+                          self.num_res_blocks)
+
+    def initial_tokenizer(self, key) -> dict:
+        """The tokenizer's params at init: ``tokenizer_file``'s, or a random :class:`DepthVQVAE`'s."""
+        r = self.downsample
+        init = lambda k: self.tokenizer_module().init(k, jnp.zeros((1, r, r, 1)))["params"]
+        if not self.tokenizer_file:
+            return init(key)
+        loaded = load_tokenizer(self.tokenizer_file, jax.eval_shape(init, key))
+        return jax.tree.map(jnp.asarray, loaded)
+
+    def tokenizer_params(self) -> dict:
+        if self.freeze_tokenizer:
+            tokenizer = self.variable(FROZEN, "tokenizer", lambda: self.initial_tokenizer(self.make_rng("params")))
+            return jax.tree.map(jax.lax.stop_gradient, tokenizer.value)
+        return self.param("tokenizer", self.initial_tokenizer)
 
     @nn.compact
-    def __call__(self, features, train: bool = False, logits_only: bool = False):
+    def __call__(self, features, train: bool = False, logits_only: bool = False, depth_target=None):
         if self.num_outputs != 1:
             raise ValueError(f"SoftTokenDepthHead predicts depth (1 output); got num_outputs={self.num_outputs}")
-        r = self.downsample
+        r, stride = self.downsample, self.feature_stride
+        height, width = features.shape[1] * stride, features.shape[2] * stride
+        if r % stride or height % r or width % r:
+            raise ValueError(f"AiT depth head: token stride {r} must divide the depth map {height}x{width} and be a "
+                             f"multiple of the feature stride {stride} (features {tuple(features.shape)})")
         y = nn.relu(nn.Conv(self.hidden, (3, 3), padding=1, name="predictor_conv")(features))
-        y = nn.avg_pool(y, (r, r), strides=(r, r))
+        y = nn.avg_pool(y, (r // stride, r // stride), strides=(r // stride, r // stride))
         logits = nn.Conv(self.num_tokens, (1, 1), name="token_logits")(y)
+        params = self.tokenizer_params()
         if logits_only:
             return logits
-        tokenizer = self.tokenizer_module(name="tokenizer")
-        if self.is_initializing():
-            tokenizer(jnp.zeros(features.shape[:3] + (1,), features.dtype))  # creates the encoder's params too
-        if not self.freeze_tokenizer:
-            return tokenizer.decode_soft(logits, self.tau)
-        frozen = jax.tree.map(jax.lax.stop_gradient, self.variables["params"]["tokenizer"])
-        return self.tokenizer_module().apply({"params": frozen}, logits, self.tau, method=DepthVQVAE.decode_soft)
+        tokenizer = self.tokenizer_module()
+        if depth_target is not None and self.token_loss_weight > 0:
+            codes = tokenizer.apply({"params": jax.lax.stop_gradient(params)}, depth_target.astype(logits.dtype),
+                                    method=DepthVQVAE.tokens)
+            loss = self.token_loss_weight * token_cross_entropy(logits, codes).mean()
+            sow_aux_loss(self, "token_cross_entropy", jax.nn.one_hot(self.task_index, self.num_tasks) * loss)
+        return tokenizer.apply({"params": params}, logits, self.tau, method=DepthVQVAE.decode_soft)
 
 
-def with_tokenizer(head_params: dict, tokenizer_params: dict) -> dict:
-    """``head_params`` of a :class:`SoftTokenDepthHead` with its ``tokenizer`` subtree replaced by
-    pretrained :class:`DepthVQVAE` params (shapes must agree)."""
-    old = head_params["tokenizer"]
-    if jax.tree.structure(old) != jax.tree.structure(tokenizer_params) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(tokenizer_params))):
-        raise ValueError("with_tokenizer: the pretrained tokenizer's parameters do not match the head's DepthVQVAE "
-                         "(num_tokens, codebook_dim, hidden, downsample, num_res_blocks)")
-    return {**head_params, "tokenizer": tokenizer_params}
+def with_tokenizer(variables: dict, tokenizer_params: dict) -> dict:
+    """``variables`` (a model's or a head's, any nesting; params or the ``frozen`` collection) with
+    every :class:`SoftTokenDepthHead`'s ``tokenizer`` subtree replaced by ``tokenizer_params``
+    (pretrained :class:`DepthVQVAE` params, e.g. :func:`pretrain_vqvae`'s or :func:`load_tokenizer`'s).
+    Raises when there is no tokenizer or the shapes differ."""
+    found = []
+
+    def replace(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        out = {}
+        for key, value in tree.items():
+            if key == "tokenizer" and isinstance(value, Mapping) and "codebook" in value:
+                if jax.tree.structure(value) != jax.tree.structure(tokenizer_params) or any(
+                        a.shape != b.shape for a, b in zip(jax.tree.leaves(value), jax.tree.leaves(tokenizer_params))):
+                    raise ValueError("with_tokenizer: the pretrained tokenizer's parameters do not match the head's "
+                                     "DepthVQVAE (num_tokens, codebook_dim, hidden, downsample, num_res_blocks)")
+                found.append(key)
+                out[key] = tokenizer_params
+            else:
+                out[key] = replace(value)
+        return out
+
+    out = replace(variables)
+    if not found:
+        raise ValueError("with_tokenizer: no SoftTokenDepthHead tokenizer in these variables")
+    return out
+
+
+def soft_token_heads(arch_kwargs: Mapping, tasks: Sequence, model: str, feature_stride: int = 1) -> dict:
+    """``{task: SoftTokenDepthHead}`` for the depth tasks when ``arch_kwargs['depth_head'] == 'ait'``
+    (options from ``arch_kwargs['ait']``, any of ``HEAD_OPTIONS``), ``{}`` for 'conv' (the model's own
+    head). ``feature_stride``: the resolution of the features the heads read (1 = the input's)."""
+    kind = arch_kwargs.get("depth_head", "conv")
+    options = dict(arch_kwargs.get("ait") or {})
+    if kind not in DEPTH_HEADS:
+        raise ValueError(f"{model}: arch_kwargs.depth_head {kind!r} unknown; valid: {list(DEPTH_HEADS)}")
+    if kind != "ait":
+        if options:
+            raise ValueError(f"{model}: arch_kwargs.ait is set but depth_head is {kind!r}; set depth_head='ait'")
+        return {}
+    unknown = [k for k in options if k not in HEAD_OPTIONS]
+    if unknown:
+        raise ValueError(f"{model}: unknown arch_kwargs.ait option(s) {unknown}; valid options: {list(HEAD_OPTIONS)}")
+    path = options.get("tokenizer_file", "")
+    if path and not os.path.isfile(path):
+        raise ValueError(f"{model}: arch_kwargs.ait.tokenizer_file {path!r} does not exist")
+    depth = [(k, t) for k, t in enumerate(tasks) if getattr(t, "kind", "") == "depth"]
+    if not depth:
+        raise ValueError(f"{model}: depth_head='ait' needs a task of kind 'depth'; tasks: "
+                         f"{[(t.name, getattr(t, 'kind', '')) for t in tasks]}")
+    return {t.name: SoftTokenDepthHead(t.num_outputs, **options, feature_stride=feature_stride, task_index=k,
+                                       num_tasks=len(tasks))
+            for k, t in depth}
 
 
 def token_targets(model: DepthVQVAE, params: dict, depth: jax.Array) -> jax.Array:

@@ -19,7 +19,9 @@ H and W must be multiples of 8. The shared parameters are a ``ResNet``'s with to
 unchanged: torchvision's ImageNet weights (``models.pretrained.resnet.load_resnet(path, 50,
 num_classes=0)``) are ``params['shared']`` / ``batch_stats['shared']`` as they are (``weights.fill_trunks``
 matches them too). Parameters ``{"shared": <ResNet>, "heads": {task: <DeepLabHead>}}``; BatchNorm statistics
-in ``batch_stats``; the head's dropout needs a 'dropout' rng in training.
+in ``batch_stats``; the head's dropout needs a 'dropout' rng in training. ``arch_kwargs.depth_head =
+'ait'`` replaces a depth task's DeepLabHead by :class:`ASPPSoftTokenHead` (ASPP, then AiT's soft-token
+head on the stride-8 features; options in ``arch_kwargs.ait``, see ``models/ait.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mtl_jax.models.ait import soft_token_heads
 from mtl_jax.models.multitask import HardParameterSharing
 from mtl_jax.models.pretrained.resnet import DEPTHS, EXPANSION, STAGE_PLANES, ResNet, batch_norm, conv
 from mtl_jax.models.segnet import check_image, dense_task_outputs, l2_normalize, resize_bilinear_align_corners
@@ -100,12 +103,28 @@ class DeepLabHead(nn.Module):
         return l2_normalize(y) if self.normalize else y
 
 
-ARCH_OPTIONS = ("depth", "output_stride", "aspp_rates", "aspp_features")
+class ASPPSoftTokenHead(nn.Module):
+    """AiT's depth output on the ASPP decoder: ASPP (as DeepLabHead's, ``aspp``) -> ``soft_token`` (an
+    ``ait.SoftTokenDepthHead`` whose ``feature_stride`` is the encoder's output stride: token logits
+    from the ASPP features, decoded to depth at the input size). [B, h, w, C] -> [B, h s, w s, 1]."""
+
+    soft_token: nn.Module
+    rates: Sequence[int] = ASPP_RATES
+    features: int = ASPP_FEATURES
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = ASPP(self.rates, self.features, name="aspp")(x, train)
+        return self.soft_token.clone(parent=self, name="soft_token")(y, train)
+
+
+ARCH_OPTIONS = ("depth", "output_stride", "aspp_rates", "aspp_features", "depth_head", "ait")
 
 
 def build_resnet_aspp(cfg, tasks: Sequence) -> nn.Module:
     """``resnet_aspp``: dilated ResNet + one DeepLabHead per task. arch_kwargs: depth=50 (18, 34, 50,
-    101, 152), output_stride=8 (8, 16, 32), aspp_rates=(12, 24, 36), aspp_features=256."""
+    101, 152), output_stride=8 (8, 16, 32), aspp_rates=(12, 24, 36), aspp_features=256,
+    depth_head='conv' | 'ait' (depth tasks get an ``ASPPSoftTokenHead``, options in ``ait``)."""
     kwargs = dict(cfg.get("arch_kwargs") or {})
     unknown = [k for k in kwargs if k not in ARCH_OPTIONS]
     if unknown:
@@ -116,8 +135,10 @@ def build_resnet_aspp(cfg, tasks: Sequence) -> nn.Module:
     stage_sizes, block = DEPTHS[depth]
     output_stride = kwargs.get("output_stride", 8)
     trunk = DilatedResNet(stage_sizes=stage_sizes, block=block, output_stride=output_stride)
-    heads = {name: DeepLabHead(n, normalize, output_stride, tuple(kwargs.get("aspp_rates", ASPP_RATES)),
-                               kwargs.get("aspp_features", ASPP_FEATURES))
+    rates, features = tuple(kwargs.get("aspp_rates", ASPP_RATES)), kwargs.get("aspp_features", ASPP_FEATURES)
+    ait_heads = soft_token_heads(kwargs, tasks, "resnet_aspp", feature_stride=output_stride)
+    heads = {name: ASPPSoftTokenHead(ait_heads[name], rates, features) if name in ait_heads
+             else DeepLabHead(n, normalize, output_stride, rates, features)
              for name, (n, normalize) in dense_task_outputs(tasks).items()}
     return HardParameterSharing(trunk=trunk, heads=heads)
 

@@ -42,6 +42,10 @@ method's task Jacobian here leaves them out, they get only their own task's grad
 BatchNorm: torch defaults (eps 1e-5, momentum 0.1), statistics in ``batch_stats``; a shared
 ``*_block_att`` block run once per task updates its running statistics once per task, in task order,
 as the official model does. Convolutions: Xavier-normal weights, zero biases (the official init).
+
+``arch_kwargs.depth_head = 'ait'`` (default 'conv', the official head) makes a depth task's prediction
+layer AiT's soft-token head (``ait.SoftTokenDepthHead``, options in ``arch_kwargs.ait``): in
+``segnet_split`` the task's head, in ``mtan_segnet`` its ``pred`` over the task's attended features.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.checkpoints import CONV2D, IDENTITY, Rename
+from mtl_jax.models.ait import soft_token_heads
 from mtl_jax.models.blocks import PerTask, as_float, sow_unless_init
 from mtl_jax.models.multitask import HardParameterSharing
 
@@ -267,16 +272,19 @@ class MTANSegNetShared(nn.Module):
 
 class MTANSegNetTask(nn.Module):
     """One task's parameters in MTAN-SegNet: ``encoder_att_{i}``, ``decoder_att_{i}`` (AttentionMask)
-    and ``pred`` (DensePredictionHead). ``part`` 'encoder_att' / 'decoder_att': the masked features
-    ``mask(inputs) * features`` (the mask sown as ``encoder_mask_{i}`` / ``decoder_mask_{i}``);
-    'pred': the prediction from ``inputs``."""
+    and ``pred`` (DensePredictionHead, or ``pred_head`` when given, e.g. AiT's soft-token depth head).
+    ``part`` 'encoder_att' / 'decoder_att': the masked features ``mask(inputs) * features`` (the mask
+    sown as ``encoder_mask_{i}`` / ``decoder_mask_{i}``); 'pred': the prediction from ``inputs``."""
 
     num_outputs: int
     normalize: bool = False
+    pred_head: nn.Module | None = None
 
     @nn.compact
     def __call__(self, part: str, inputs, features=None, train: bool = False, level: int = 0):
         if part == "pred":
+            if self.pred_head is not None:
+                return self.pred_head.clone(parent=self, name="pred")(inputs, train)
             return DensePredictionHead(self.num_outputs, self.normalize, name="pred")(inputs, train)
         if part not in ("encoder_att", "decoder_att"):
             raise ValueError(f"unknown MTAN-SegNet task part {part!r}")
@@ -288,17 +296,21 @@ class MTANSegNetTask(nn.Module):
 class MTANSegNet(nn.Module):
     """MTAN on SegNet (module docstring). x [B, H, W, 3] -> {task: [B, H, W, n_t]}.
 
-    ``tasks``: {task name: (num_outputs, normalize)}; ``width`` scales every level's channels."""
+    ``tasks``: {task name: (num_outputs, normalize)}; ``width`` scales every level's channels;
+    ``pred_heads``: {task name: module} replacing that task's ``pred`` (DensePredictionHead), reading
+    the task's attended features b_4."""
 
     tasks: Mapping[str, tuple]
     width: float = 1.0
+    pred_heads: Mapping[str, nn.Module] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         filters = segnet_filters(self.width)
         shared = MTANSegNetShared(filters, name="shared")
-        towers = PerTask({t: MTANSegNetTask(n, normalize, parent=None) for t, (n, normalize) in self.tasks.items()},
-                         name="heads")
+        pred_heads = self.pred_heads or {}
+        towers = PerTask({t: MTANSegNetTask(n, normalize, pred_heads.get(t), parent=None)
+                          for t, (n, normalize) in self.tasks.items()}, name="heads")
         names = list(self.tasks)
         g = shared("features", x, train)
         enc, unpooled, dec = g["encoder"], g["unpooled"], g["decoder"]
@@ -331,17 +343,25 @@ def _arch_kwargs(cfg, valid: Sequence[str], model: str) -> dict:
     return kwargs
 
 
+ARCH_OPTIONS = ("width", "depth_head", "ait")
+
+
 def build_segnet_split(cfg, tasks: Sequence) -> nn.Module:
-    """``segnet_split``: SegNet trunk + one DensePredictionHead per task (arch_kwargs: width=1.0)."""
-    kwargs = _arch_kwargs(cfg, ("width",), "segnet_split")
-    heads = {name: DensePredictionHead(n, normalize) for name, (n, normalize) in dense_task_outputs(tasks).items()}
-    return HardParameterSharing(trunk=SegNet(**kwargs), heads=heads)
+    """``segnet_split``: SegNet trunk + one DensePredictionHead per task. arch_kwargs: width=1.0,
+    depth_head='conv' | 'ait' (depth tasks get ``ait.SoftTokenDepthHead``, options in ``ait``)."""
+    kwargs = _arch_kwargs(cfg, ARCH_OPTIONS, "segnet_split")
+    ait_heads = soft_token_heads(kwargs, tasks, "segnet_split")
+    heads = {name: ait_heads[name] if name in ait_heads else DensePredictionHead(n, normalize)
+             for name, (n, normalize) in dense_task_outputs(tasks).items()}
+    return HardParameterSharing(trunk=SegNet(kwargs.get("width", 1.0)), heads=heads)
 
 
 def build_mtan_segnet(cfg, tasks: Sequence) -> nn.Module:
-    """``mtan_segnet``: MTAN-SegNet (arch_kwargs: width=1.0)."""
-    kwargs = _arch_kwargs(cfg, ("width",), "mtan_segnet")
-    return MTANSegNet(tasks=dense_task_outputs(tasks), **kwargs)
+    """``mtan_segnet``: MTAN-SegNet. arch_kwargs: width=1.0, depth_head='conv' | 'ait' (a depth task's
+    ``pred`` becomes ``ait.SoftTokenDepthHead`` over its attended features, options in ``ait``)."""
+    kwargs = _arch_kwargs(cfg, ARCH_OPTIONS, "mtan_segnet")
+    ait_heads = soft_token_heads(kwargs, tasks, "mtan_segnet")
+    return MTANSegNet(tasks=dense_task_outputs(tasks), width=kwargs.get("width", 1.0), pred_heads=ait_heads or None)
 
 
 SEGNET_MODELS = {"segnet_split": build_segnet_split, "mtan_segnet": build_mtan_segnet}
