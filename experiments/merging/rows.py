@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,17 @@ from mtl_jax.train.losses import cross_entropy
 
 BASELINES = ("Pretrained (linear probe)", "Individual (fine-tuned)", "Multi-task trained")
 PER_TASK_ROWS = ("TALL-mask retrieval", "EMR")  # one reconstructed model per task, not one merged model
+ADAMERGING_STEPS = 500  # the AdaMerging paper's optimisation steps (official code: epochs = 500)
+
+
+class RowHooks(NamedTuple):
+    """How the rows see a trunk: its merge space (``to_merge_space(trunk params) -> {"shared": ...}``,
+    inverted by reshaping to the trunk's shapes) and its Fisher / RegMean statistics
+    (``statistics(trunk, finetuned, heads, tasks, num_examples, seed)``, as
+    :func:`~experiments.merging.statistics.merge_statistics`). Defaults: the toy ViT's."""
+
+    to_merge_space: Callable = to_merge_space
+    statistics: Callable = merge_statistics
 
 
 def task_accuracies(ctx: Context, trees: Sequence, split: str) -> np.ndarray:
@@ -63,6 +74,19 @@ def traced_merge(fn: Callable, name: str, **fixed) -> Callable:
     return lambda p0, fts: (lambda v: jitted(p0, fts, jnp.float32(v)))
 
 
+def scaled_merge(fn: Callable, name: str, **fixed) -> Callable:
+    """For a method whose hyperparameter ``name`` only scales its merged task vector,
+    ``theta_0 + v * tau(fixed)`` (task arithmetic, TIES, DARE, Consensus, TSV-M, Iso-C / CTS):
+    ``(p0, fts) -> (v -> merged tree)`` computing ``tau`` once (one call of ``fn`` at ``v = 1``),
+    so a grid costs one merge, not one per value (TIES's global top-k and the SVD methods' SVDs
+    on a 22.7M-parameter model take minutes each on CPU)."""
+    unit = jax.jit(lambda p0, fts: fn(p0, fts, **fixed, **{name: 1.0}))
+    scale = jax.jit(lambda p0, one, v: jax.tree_util.tree_map(
+        lambda a, b: (a.astype(jnp.float32) + v * (b.astype(jnp.float32) - a.astype(jnp.float32))).astype(a.dtype),
+        p0, one))
+    return lambda p0, fts: (lambda one: (lambda v: scale(p0, one, jnp.float32(v))))(unit(p0, fts))
+
+
 def merge_methods(config, ctx: Context, stats: Callable[[], dict], seed: int) -> dict:
     """``{row name: merge() -> (hparams, tree)}`` for every entry of MERGE_METHODS that applies to
     T models (SLERP merges exactly two and is skipped). Grid hyperparameters are picked by
@@ -73,8 +97,16 @@ def merge_methods(config, ctx: Context, stats: Callable[[], dict], seed: int) ->
     dare_key = jax.random.key(1000 + seed)
 
     def grid(fn, name, values, **fixed):
-        merge = traced_merge(fn, name, **fixed)(p0, fts)
-        return lambda: (lambda best: ({name: best[0]}, best[1]))(select(ctx, merge, values))
+        def run():
+            merge = traced_merge(fn, name, **fixed)(p0, fts)
+            return (lambda best: ({name: best[0]}, best[1]))(select(ctx, merge, values))
+        return run
+
+    def scaled_grid(fn, name, values, **fixed):
+        def run():
+            merge = scaled_merge(fn, name, **fixed)(p0, fts)
+            return (lambda best: ({name: best[0]}, best[1]))(select(ctx, merge, values))
+        return run
 
     def fixed(fn, hparams=None, **kwargs):
         return lambda: (hparams or {}, jax.jit(lambda a, b: fn(a, b, **kwargs))(p0, fts))
@@ -86,14 +118,14 @@ def merge_methods(config, ctx: Context, stats: Callable[[], dict], seed: int) ->
     return {
         "Weight averaging": fixed(M.weight_average),
         "Greedy soup": greedy_soup,
-        "Task arithmetic": grid(M.task_arithmetic, "lam", c.ta_lambdas),
-        "TIES": grid(M.ties_merging, "lam", c.ties_lambdas, top_k=c.ties_top_k),
-        "DARE (TA)": grid(M.dare_merging, "lam", c.dare_lambdas, key=dare_key, p=c.dare_p, combine="ta"),
-        "Consensus TA": grid(M.consensus_merging, "lam", c.dare_lambdas, k=c.consensus_k, tall_lambda=c.tall_lambda),
+        "Task arithmetic": scaled_grid(M.task_arithmetic, "lam", c.ta_lambdas),
+        "TIES": scaled_grid(M.ties_merging, "lam", c.ties_lambdas, top_k=c.ties_top_k),
+        "DARE (TA)": scaled_grid(M.dare_merging, "lam", c.dare_lambdas, key=dare_key, p=c.dare_p, combine="ta"),
+        "Consensus TA": scaled_grid(M.consensus_merging, "lam", c.dare_lambdas, k=c.consensus_k, tall_lambda=c.tall_lambda),
         "LiNeS (TA)": grid(M.lines_merging, "beta", c.lines_betas, base="ta"),
-        "TSV-M": grid(M.tsv_merging, "alpha", c.svd_alphas),
-        "Iso-C": grid(M.iso_c_merging, "alpha", c.svd_alphas),
-        "Iso-CTS": grid(M.iso_cts_merging, "alpha", c.svd_alphas),
+        "TSV-M": scaled_grid(M.tsv_merging, "alpha", c.svd_alphas),
+        "Iso-C": scaled_grid(M.iso_c_merging, "alpha", c.svd_alphas),
+        "Iso-CTS": scaled_grid(M.iso_cts_merging, "alpha", c.svd_alphas),
         "Fisher": lambda: fixed(M.fisher_merging, fishers=stats()["fisher"])(),
         "RegMean": lambda: fixed(M.regmean_merging, {"alpha": c.regmean_alpha}, grams=stats()["grams"],
                                  alpha=c.regmean_alpha)(),
@@ -134,7 +166,8 @@ def learned_methods(config, ctx: Context, tasks, seed: int, ta_lambda: Callable[
     examples per task (disjoint from the first ``val_per_task`` used by ``validate``, which keeps
     the best coefficients by mean normalised validation accuracy). The "init = TA lambda" row starts
     layer-wise AdaMerging from ``ta_lambda()`` (task arithmetic's validated lambda) instead of the
-    paper's 0.3, which was TA's optimum for 8 CLIP tasks and is not here."""
+    paper's 0.3, which was TA's optimum for 8 CLIP tasks and is not here; the "lr x 500 / steps" row
+    scales Adam's lr so the coefficients can move as far as in the paper's 500 steps."""
     c = config.learned
     trunk, template, heads = ctx.trunk, ctx.template, ctx.heads
     num = len(heads)
@@ -172,35 +205,47 @@ def learned_methods(config, ctx: Context, tasks, seed: int, ta_lambda: Callable[
             start = ada["init"] if init is None else init()
             hparams = kw if init is None else {**kw, "init": start}
             return hparams, learned.adamerging(ctx.pretrained, ctx.finetuned, entropy_objective,
-                                               key=jax.random.key(seed), **{**ada, "init": start}, **kw).params
+                                               key=jax.random.key(seed), **{**ada, "init": start, **kw}).params
         return merge
+
+    def atlas(lr):
+        return lambda: ({"lr": lr}, learned.atlas(ctx.pretrained, ctx.finetuned, atlas_objective, lr=lr,
+                                                  weight_decay=c.atlas_weight_decay, steps=c.atlas_steps,
+                                                  validate=validate, eval_every=c.atlas_eval_every,
+                                                  key=jax.random.key(seed)).params)
 
     return {
         "AdaMerging (task-wise)": adamerging(granularity="task"),
         "AdaMerging (layer-wise)": adamerging(granularity="layer"),
         "AdaMerging++ (layer-wise)": adamerging(granularity="layer", plus_plus=True, top_k=c.top_k),
         "AdaMerging (layer-wise, init = TA lambda)": adamerging(init=ta_lambda, granularity="layer"),
-        "aTLAS": lambda: ({}, learned.atlas(ctx.pretrained, ctx.finetuned, atlas_objective, lr=c.atlas_lr,
-                                            weight_decay=c.atlas_weight_decay, steps=c.atlas_steps,
-                                            validate=validate, eval_every=c.atlas_eval_every,
-                                            key=jax.random.key(seed)).params),
+        # The paper's 500 Adam steps at lr 1e-3 let a coefficient travel up to 0.5; with fewer steps the same travel
+        # needs lr * 500 / steps.
+        "AdaMerging (layer-wise, lr x 500 / steps)": adamerging(granularity="layer", lr=c.lr * ADAMERGING_STEPS / c.steps),
+        "aTLAS": atlas(c.atlas_lr),
+        # aTLAS's coefficients start at 0 (official code: torch.zeros); its task-addition runs take 20 epochs over the
+        # validation sets (hundreds of steps), so with few steps at lr 1e-3 they barely leave the pretrained model.
+        "aTLAS (lr x 500 / steps)": atlas(c.atlas_lr * ADAMERGING_STEPS / c.atlas_steps),
         "Self Positioning": lambda: ({}, learned.self_positioning(ctx.pretrained, ctx.finetuned, atlas_objective,
                                                                   lr=c.sp_lr, steps=c.sp_steps,
                                                                   key=jax.random.key(seed)).params),
     }
 
 
-def run_seed(config, trainers, trunk, pretrained_shared, tasks, seed: int, cache_dir: str) -> dict:
+def run_seed(config, trainers, trunk, pretrained_shared, tasks, seed: int, cache_dir: str,
+             hooks: RowHooks = RowHooks()) -> dict:
     """Every row of the table for one seed: ``{row: {"acc": [T] test accuracies, "hparams", "seconds"}}``.
-    Rows are cached as JSON next to the seed's checkpoints (keyed by the merging settings) and the file
-    accumulates: a later run computes only the wanted rows it lacks (a new method, a ``methods`` subset)."""
+    Rows are cached as JSON next to the seed's checkpoints (keyed by the merging settings), written
+    after every row, and the file accumulates: a later (or interrupted and restarted) run computes
+    only the wanted rows it lacks (a new method, a ``methods`` subset)."""
     key = common.settings_hash(config.probe.to_dict(), config.finetune.to_dict(), seed)
     folder = os.path.join(cache_dir, f"seed{seed}-{key}" + ("-frozen-heads" if config.freeze_heads else ""))
     results_path = os.path.join(folder, "results-" + common.settings_hash(
         config.multitask.to_dict(), config.merge.to_dict(), config.learned.to_dict(), config.eval_batch,
         True) + ".json")  # True: a constant in the key, so the file names of stored results stay valid
     done = {k: v for k, v in common.read_json(results_path, {}).items() if not k.startswith("_")}
-    results = seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed, folder, done)
+    results = seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed, folder, done, hooks,
+                        save=lambda rows: common.write_json(results_path, {**done, **rows}, default=float))
     common.write_json(results_path, {**done, **results}, default=float)
     return results
 
@@ -232,9 +277,17 @@ def baseline_models(config, trainers, trunk, pretrained_shared, tasks, seed: int
     return probes, finetuned, mtl
 
 
-def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, folder: str, done: dict) -> dict:
+def row_json(hparams: dict, acc: np.ndarray, individual: np.ndarray, seconds: float) -> dict:
+    """One row as stored: test accuracies, accuracies normalised by the individual models', hyperparameters."""
+    return {"acc": acc.tolist(), "normalised": (acc / individual).tolist(), "hparams": hparams,
+            "seconds": round(seconds, 2)}
+
+
+def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, folder: str, done: dict,
+              hooks: RowHooks = RowHooks(), save: Optional[Callable[[dict], None]] = None) -> dict:
     """The rows of :func:`run_seed` (checkpoints cached under ``folder``); method rows already in
-    ``done`` (the JSON form) are reused, the baselines are always re-evaluated."""
+    ``done`` (the JSON form) are reused, the baselines are always re-evaluated. ``hooks``: the
+    trunk's merge space and statistics; ``save(rows so far)`` runs after every computed row."""
     rows, timings = {}, {}
     val = [eval_set(t.splits["val"][0][: config.merge.val_per_task], t.splits["val"][1][: config.merge.val_per_task],
                     config.eval_batch) for t in tasks]
@@ -250,14 +303,14 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
     for name in BASELINES:
         common.log(f"seed {seed} {name}: test accuracy {np.round(rows[name][1], 4).tolist()} (timings {timings})")
 
-    ctx = Context(trunk, pretrained_shared, to_merge_space(pretrained_shared),
-                  [to_merge_space(ft["shared"]) for ft in finetuned], heads, val, test,
+    ctx = Context(trunk, pretrained_shared, hooks.to_merge_space(pretrained_shared),
+                  [hooks.to_merge_space(ft["shared"]) for ft in finetuned], heads, val, test,
                   np.array([accuracy(trunk, ft["shared"], h, d) for ft, h, d in zip(finetuned, heads, val)]))
 
     @functools.cache
     def statistics():
         t0 = time.time()
-        out = merge_statistics(trunk, finetuned, heads, tasks, config.merge.stats_examples, seed)
+        out = hooks.statistics(trunk, finetuned, heads, tasks, config.merge.stats_examples, seed)
         timings["statistics"] = time.time() - t0
         return out
 
@@ -285,8 +338,10 @@ def seed_rows(config, trainers, trunk, pretrained_shared, tasks, seed: int, fold
         rows[name] = (hparams, out if name in PER_TASK_ROWS else merged_accuracies(ctx, out, "test"))
         timings[name] = time.time() - t0
         common.log(f"seed {seed} {name}: mean test accuracy {rows[name][1].mean():.4f} ({timings[name]:.1f} s)")
-    computed = {name: {"acc": acc.tolist(), "normalised": (acc / np.array(rows["Individual (fine-tuned)"][1])).tolist(),
-                       "hparams": hp, "seconds": round(timings.get(name, 0.0), 2)}
+        if save is not None:
+            save({n: row_json(hp, acc, rows["Individual (fine-tuned)"][1], timings.get(n, 0.0))
+                  for n, (hp, acc) in rows.items() if n not in BASELINES})
+    computed = {name: row_json(hp, acc, np.array(rows["Individual (fine-tuned)"][1]), timings.get(name, 0.0))
                 for name, (hp, acc) in rows.items()}
     reused = {name: done[name] for name in methods if name in wanted and name in done}
     return computed | reused | {"_timings": {k: round(v, 2) for k, v in timings.items()},

@@ -148,3 +148,101 @@ def pretext_images(sources: dict, seed: int = 0, max_images: int = 0) -> np.ndar
     shuffled by ``seed``; ``max_images`` > 0 keeps the first that many."""
     images = np.concatenate([s["train"][0] for s in sources.values()])
     return images[np.random.default_rng(seed).permutation(len(images))[: max_images or None]]
+
+
+# ----------------------------------------------------------------------- pretrained-trunk task suites
+
+WIKI_TASKS = ("topic", "core", "description_head", "nationality", "in_french", "mentions")
+MULTIMNIST_TASKS = ("left", "right", "sum", "difference", "max", "min", "product_last_digit")
+WIKI_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def _shuffled(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(len(y))
+    return x[order], y[order]
+
+
+def _cut(split: str, x: np.ndarray, y: np.ndarray, max_train: int, max_eval: int):
+    keep = max_train if split == "train" else max_eval
+    return (x[:keep], y[:keep]) if keep else (x, y)
+
+
+def mentions_buckets(values: np.ndarray, train_values: np.ndarray) -> np.ndarray:
+    """The wiki ``mentions`` regression target (standardised log(1 + count), [N, 1]) as 3 classes:
+    0 = mentioned in no other article (the smallest value), 1 / 2 = below / at or above the median
+    of the train split's mentioned articles. -> int32 [N]."""
+    values, train_values = values.reshape(-1), train_values.reshape(-1)
+    zero = train_values.min() + 1e-6
+    median = np.median(train_values[train_values > zero])
+    return np.where(values <= zero, 0, np.where(values < median, 1, 2)).astype(np.int32)
+
+
+def balanced(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping every example of the rarest class and as many (drawn by ``rng``) of each other."""
+    n = np.bincount(y).min()
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), n, replace=False) for c in np.unique(y)]))
+
+
+def wiki_tasks(names=WIKI_TASKS, max_len: int = 64, seed: int = 0, max_train: int = 0, max_eval: int = 0) -> list[Task]:
+    """The six Wikipedia vital-article tasks of ``mtl_jax.data.wiki`` (same articles, splits by title)
+    as classification tasks on MiniLM-L6 token ids (int32 [N, max_len]), each keeping only its
+    labelled articles: ``topic`` (11), ``description_head`` (24), ``nationality`` (12, People only),
+    ``in_french`` (2) as in the dataset; ``core`` (2) balanced per split (every level 1-3 article and
+    as many level-4 ones, drawn by ``seed``: the unbalanced task's majority class is 90%);
+    ``mentions`` (3) the regression target bucketed by :func:`mentions_buckets`. Each split is
+    shuffled by ``seed`` (prefixes mix classes); ``max_train`` / ``max_eval`` as :func:`build_tasks`."""
+    from mtl_jax.data import wiki
+
+    unknown = [n for n in names if n not in WIKI_TASKS]
+    if unknown:
+        raise ValueError(f"unknown wiki task(s) {unknown}; valid: {list(WIKI_TASKS)}")
+    articles, french = wiki.read_wiki(wiki.wiki_folder())
+    classes = wiki.wiki_classes(articles, 24, 12)
+    arrays = wiki.make_wiki_arrays(articles, french, classes, wiki.default_tokenizer_path(), max_len)
+    tasks = []
+    for i, name in enumerate(names):
+        rng = np.random.default_rng(1000 * seed + i)
+        splits = {}
+        for split, source in WIKI_SPLITS.items():
+            x, y = arrays[source]["tokens"].astype(np.int32), arrays[source][name]
+            if name == "mentions":
+                y = mentions_buckets(y, arrays["train"][name])
+            keep = balanced(y, rng) if name == "core" else np.flatnonzero(y >= 0)
+            splits[split] = _cut(split, *_shuffled(x[keep], y[keep].astype(np.int32), rng), max_train, max_eval)
+        num_classes = 3 if name == "mentions" else len(classes[name])
+        tasks.append(Task(name, num_classes, splits))
+    return tasks
+
+
+def multimnist_tasks(names=MULTIMNIST_TASKS, size: int = 48, num_train: int = 6000, num_val: int = 500,
+                     num_test: int = 1000, seed: int = 0, max_train: int = 0, max_eval: int = 0) -> list[Task]:
+    """MultiMNIST pairs (``mtl_jax.data.multimnist``: two real MNIST digits l, r overlaid) with the
+    labels of ``mtl_jax.data.datasets.MULTIMNIST_DERIVED_LABELS`` (left, right, l + r, |l - r|, max,
+    min, l * r mod 10), every task on the same images: uint8 RGB [N, size, size, 3] (the 28x28 pair
+    resized bilinearly, grey copied to the three channels; the EfficientNet trunk normalises uint8
+    input itself). Train and val pairs come from the 4,000 train source digits (val: the last
+    ``num_val`` pairs), test pairs from the 1,000 disjoint test digits."""
+    from mtl_jax.data.datasets import MULTIMNIST_DERIVED_LABELS
+    from mtl_jax.data.multimnist import make_multimnist
+
+    unknown = [n for n in names if n not in MULTIMNIST_DERIVED_LABELS]
+    if unknown:
+        raise ValueError(f"unknown MultiMNIST task(s) {unknown}; valid: {list(MULTIMNIST_DERIVED_LABELS)}")
+    pairs = make_multimnist(num_train + num_val, num_test, seed)
+    r = bilinear_resize_matrix(pairs["train"]["image"].shape[1], size).astype(np.float32)
+
+    def images(a):
+        x = np.einsum("ij,njk,lk->nil", r, a["image"][..., 0].astype(np.float32), r)
+        return np.repeat(np.clip(np.rint(x), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+    parts = {"train": (pairs["train"], slice(0, num_train)), "val": (pairs["train"], slice(num_train, None)),
+             "test": (pairs["test"], slice(None))}
+    data = {}
+    for split, (a, sl) in parts.items():
+        keep = max_train if split == "train" else max_eval
+        sl = slice(sl.start, (sl.start or 0) + keep) if keep else sl
+        data[split] = (images({"image": a["image"][sl]}), a["left"][sl], a["right"][sl])
+    return [Task(n, MULTIMNIST_DERIVED_LABELS[n][0],
+                 {split: (x, MULTIMNIST_DERIVED_LABELS[n][1](left, right).astype(np.int32))
+                  for split, (x, left, right) in data.items()})
+            for n in names]

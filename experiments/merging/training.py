@@ -8,10 +8,11 @@ jitted step; :func:`build_trainers` makes those steps once per run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -165,8 +166,11 @@ def pretrain(config, trunk, sources) -> tuple[dict, dict]:
 
 
 def linear_probe(config, trainers, trunk, shared, task, seed: int):
-    """Linear head on frozen pretrained features of the task's train split (full-batch Adam)."""
+    """Linear head on frozen pretrained features of the task's train split (full-batch Adam); with
+    ``config.probe.max_examples`` > 0, of its first that many examples."""
     x, y = task.splits["train"]
+    keep = config.probe.get("max_examples", 0)
+    x, y = (x[:keep], y[:keep]) if keep else (x, y)
     h = np.concatenate([np.asarray(features(trunk, shared, xb)) for xb in eval_set(x, y, config.eval_batch).x])[: len(y)]
     head = init_head(jax.random.key(seed), trunk.dim, task.num_classes)
     step, tx = trainers.probe
@@ -226,9 +230,9 @@ class Setup(NamedTuple):
     """What every experiment on the benchmark starts from (:func:`setup`)."""
 
     tasks: list  # task_lib.Task per config.tasks
-    trunk: ViT
+    trunk: Any  # ViT, or FrozenStatsTrunk for a real pretrained backbone
     trainers: Trainers
-    pretrained: dict  # the rotation-pretrained trunk params
+    pretrained: dict  # the rotation-pretrained (or loaded pretrained) trunk params
     pretrain_log: dict
     cache_dir: str  # the pretrained trunk's cache folder
 
@@ -241,3 +245,66 @@ def setup(config) -> Setup:
     trunk = ViT(**config.model)
     trainers = build_trainers(config, trunk)
     return Setup(tasks, trunk, trainers, *pretrained_trunk(config, trunk, sources, tasks))
+
+
+# ------------------------------------------------------------------------------ pretrained trunks
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenStatsTrunk:
+    """A pretrained backbone as the benchmark's trunk: ``apply({"params": p}, x) -> [B, dim]`` runs
+    ``module`` in inference mode (no dropout / drop connect; BatchNorm on its running statistics)
+    with the extra variable collections ``constants`` (EfficientNet's ``batch_stats``) held fixed,
+    so fine-tuning, merging and every statistic act on ``params`` alone (frozen BatchNorm statistics,
+    the usual recipe when fine-tuning on small batches). Hashed by identity: a static jit argument,
+    like the linen trunks."""
+
+    module: nn.Module
+    dim: int
+    constants: Any = None  # {collection: tree} or None
+
+    def apply(self, variables, x, **kwargs):
+        return self.module.apply({**variables, **(self.constants or {})}, x, **kwargs)
+
+    def init(self, key, x):
+        return self.module.init(key, x)
+
+
+PRETRAINED_BACKBONES = ("minilm_l6", "efficientnet_lite0", "bert_tiny_random")
+
+
+def load_backbone(name: str) -> tuple[FrozenStatsTrunk, dict]:
+    """(trunk, pretrained params) of ``name``: ``minilm_l6`` (all-MiniLM-L6-v2, mean-pooled, 384),
+    ``efficientnet_lite0`` (ImageNet EfficientNet-Lite0 without its classifier, pooled, 1280), or
+    ``bert_tiny_random`` (a 2-layer, 16-wide BERT on MiniLM's vocabulary, randomly initialised: tests)."""
+    if name == "bert_tiny_random":
+        from mtl_jax.models.pretrained.bert import BertEncoder
+
+        module = BertEncoder(hidden=16, layers=2, heads=2, intermediate=32, max_position=64)
+        return FrozenStatsTrunk(module, module.hidden), jax.jit(module.init)(
+            jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    if name == "minilm_l6":
+        from mtl_jax.models.pretrained.bert import load_minilm
+
+        module, params, _ = load_minilm()
+        return FrozenStatsTrunk(module, module.hidden), params
+    if name == "efficientnet_lite0":
+        from mtl_jax.models.pretrained.efficientnet_lite import HEAD_FEATURES, load_efficientnet_lite0
+
+        module, variables = load_efficientnet_lite0(num_classes=0)
+        variables = jax.device_put(variables)
+        return FrozenStatsTrunk(module, HEAD_FEATURES, {"batch_stats": variables["batch_stats"]}), variables["params"]
+    raise ValueError(f"unknown pretrained backbone {name!r}; valid: {list(PRETRAINED_BACKBONES)}")
+
+
+def pretrained_setup(config, tasks) -> Setup:
+    """:class:`Setup` for a real pretrained backbone ``config.backbone`` (:func:`load_backbone`) on
+    ``tasks``: no pretraining stage (the pretrain log records the backbone), the cache folder under
+    ``config.workdir`` keyed by the backbone and the tasks' sizes."""
+    trunk, params = load_backbone(config.backbone)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    key = common.settings_hash(config.backbone, [(t.name, t.num_classes) + tuple(
+        (s, len(y)) for s, (_, y) in t.splits.items()) for t in tasks], config.data_seed)
+    log = {"backbone": config.backbone, "parameters": num_params}
+    return Setup(tasks, trunk, build_trainers(config, trunk), params, log,
+                 os.path.join(config.workdir, f"{config.backbone}-{key}"))
