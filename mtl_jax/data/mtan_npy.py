@@ -132,9 +132,6 @@ def record_features(layout: Layout, height: int, width: int) -> dict:
 
 def dense_tasks(layout: Layout) -> tuple:
     """Segmentation (C classes), depth and (NYUv2) normal task specs with LibMTL's losses / metrics."""
-    for kind in ("segmentation", "depth", "normal"):
-        if not hasattr(T, kind):
-            raise NotImplementedError(f"mtl_jax.tasks has no '{kind}' task constructor yet (dense task kinds)")
     tasks = [T.segmentation("segmentation", layout.num_classes), T.depth("depth")]
     return tuple(tasks + ([T.normal("normal")] if "normal" in layout.folders else []))
 
