@@ -3,14 +3,18 @@ App. B and ``experiments/quantum_chemistry/trainer.py``), equal weighting.
 
 Protocol: targets ``[0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11]`` (mu, alpha, homo, lumo, r2, zpve,
 atomisation U0, U, H, G, cv) standardised with the training split's mean and std (the loader's
-job); test = first 10k molecules, val = next 10k, train = the rest; MPNN (NNConv + GRU, 3 steps,
-Set2Set 3 steps, dim 64) with one linear head per target; MSE loss per target; Adam lr 1e-3,
-batch 120, 300 epochs; metrics MAE per target (meV for the energies, Nash-MTL's ``multiply_indx``).
+job, ``data.target_stats``); test = first 10k molecules, val = next 10k, train = the rest; MPNN
+(NNConv + GRU, 3 steps, Set2Set 3 steps, dim 64) with one linear head per target; MSE loss per target;
+Adam lr 1e-3, batch 120, 300 epochs. Metrics: MAE (and MSE) per target of the *standardised* targets;
+Nash-MTL's table reports the MAE in the original units (meV for homo, lumo, zpve and the four
+energies, its ``multiply_indx``): multiply by the std of ``mtl_jax.data.qm9.target_stats(config.data)``
+(and by 1000 for meV). Delta-m% against baselines standardised the same way is the same in either
+unit (a ratio per target).
 
 Schedule: Nash-MTL uses ``ReduceLROnPlateau(mode='min', factor=0.7, patience=5, min_lr=1e-5)``
 stepped on the validation Delta-m every epoch. mtl_jax's schedules are functions of the step
-(``train/optim.py``: constant, cosine, linear), and the train step never sees validation metrics,
-so a plateau schedule has no input here. We use cosine decay from 1e-3 over the run: like the
+(``train/optim.py``), and the train step never sees validation metrics, so a plateau schedule has no
+input here. We use cosine decay from 1e-3 over the run: like the
 plateau schedule it is monotone and ends near 0 (the plateau one at its 1e-5 floor) after the
 loss has flattened; the rate at a given epoch differs. Nash-MTL also selects the test row at the
 best validation Delta-m (early stopping); here the run reports the last evaluation.

@@ -276,6 +276,18 @@ def test_delta_m_averages_all_nine_metrics_with_their_directions():
     assert f"Delta-m% vs single-task: {100 * -0.2 / 9:+.2f}" in table
 
 
+@pytest.mark.parametrize("bad", [0.0, float("nan"), None])
+def test_delta_m_refuses_a_zero_or_non_finite_baseline_in_one_line(bad):
+    """A baseline Delta-m% would divide by (e.g. an F1 of 0 for a rare CelebA attribute) is named."""
+    tasks = (T.binary("Bald"), T.binary("Smiling"))
+    results, baselines = {"Bald": {"f1": 0.1}, "Smiling": {"f1": 0.9}}, {"Bald": {"f1": bad}, "Smiling": {"f1": 0.8}}
+    with pytest.raises(ValueError, match=r"baselines \['Bald/f1 = .*'\] are not finite non-zero") as info:
+        delta_m(results, baselines, tasks)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"results lack \['Smiling/f1'\]"):
+        delta_m({"Bald": {"f1": 0.1}}, {"Bald": {"f1": 0.2}, "Smiling": {"f1": 0.8}}, tasks)
+
+
 def test_classification_delta_m_and_table_unchanged():
     tasks = (T.classification("a", 10), T.regression("b"))
     results, baselines = {"a": {"accuracy": 0.9, "loss": 0.3}, "b": {"mae": 0.5, "mse": 0.4}}, {

@@ -101,6 +101,22 @@ def test_mtan_bad_inputs_fail_in_one_line_naming_the_file(tmp_path):
     one_line_error(ValueError, r"train/label/2.npy: not a numeric .npy array", load, root)
 
 
+def test_unreadable_npy_files_fail_in_one_line_naming_the_file(tmp_path):
+    """An empty file (an interrupted copy), a truncated one and an .npz archive under a .npy name."""
+    from mtl_jax.data.manual_dir import load_npy
+
+    empty, truncated, archive = (str(tmp_path / name) for name in ("empty.npy", "truncated.npy", "archive.npy"))
+    open(empty, "wb").close()
+    np.save(truncated, np.zeros((8, 8), np.float32))
+    with open(truncated, "r+b") as f:
+        f.truncate(60)
+    with open(archive, "wb") as f:
+        np.savez(f, x=np.zeros(3))
+    one_line_error(ValueError, r"empty.npy: not a numeric .npy array \(EOFError", load_npy, empty)
+    one_line_error(ValueError, r"truncated.npy: not a numeric .npy array", load_npy, truncated)
+    one_line_error(ValueError, r"archive.npy: an .npz archive, not a .npy array", load_npy, archive)
+
+
 def test_augment_is_mtans_random_scale_crop_and_flip():
     class Draws:  # a np.random.Generator stand-in returning chosen draws
         def __init__(self, ints, uniform):
@@ -158,6 +174,26 @@ def test_augment_option_reaches_the_training_stream_only(tmp_path):
     assert all(a[k].shape == u[k].shape and a[k].dtype == u[k].dtype for a, u in zip(first, unaugmented) for k in keys)
     evaluated = next(eval_batches(augmented.splits["test"], keys=keys, global_batch_size=2))
     np.testing.assert_array_equal(evaluated["image"], read_all(plain.splits["test"])["image"][:2])
+
+
+@pytest.mark.parametrize("task", ["depth", "normal"])
+def test_augmented_single_task_stream_is_the_full_streams_task(tmp_path, task):
+    """A single-task baseline (data.tasks) with data.augment: the training records lack the other
+    tasks' keys, and the task's augmented arrays are those of the full record under the same draws."""
+    from mtl_jax.data.pipeline import train_dataset
+
+    root = mtan.write_nyuv2(tmp_path / "nyuv2", dtype=np.float32)
+    options = dict(height=12, width=16, augment=True)
+    full = get_dataset(data_config(tmp_path, "nyuv2", root, **options))
+    single = get_dataset(data_config(tmp_path, "nyuv2", root, tasks=(task,), **options))
+    stream = lambda ds, keys: train_dataset(ds.splits["train"], keys=keys, global_batch_size=3, seed=1,
+                                            augment=ds.augment)
+    for i in range(3):
+        one = stream(single, ["image", task])[i]
+        every = stream(full, ["image", "segmentation", "depth", "normal"])[i]
+        assert sorted(one) == sorted(["image", task])
+        for key in ("image", task):
+            np.testing.assert_array_equal(one[key], every[key])
 
 
 # ---------------------------------------------------------------- CelebA
@@ -270,6 +306,8 @@ def test_qm9_bonds_split_and_bad_inputs(tmp_path):
     assert sorted(np.concatenate(list(split.values())).tolist()) == kept.tolist() and len(split["train"]) == 5
     one_line_error(ValueError, r"9 molecules cannot hold num_test=5 \+ num_validation=4", get_dataset,
                    data_config(tmp_path, "qm9", root, num_test=5, num_validation=4))
+    one_line_error(ValueError, r"data.num_test \(0\) and data.num_validation \(2\) must be >= 1", get_dataset,
+                   data_config(tmp_path, "qm9", root, num_test=0, num_validation=2))
     csv = os.path.join(root, "gdb9.sdf.csv")
     lines = open(csv).read().split("\n")
     with open(csv, "w") as f:

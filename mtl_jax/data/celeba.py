@@ -96,7 +96,6 @@ def read_partition(path: str) -> dict[str, str]:
     return split_of
 
 
-
 def attribute_tasks(names) -> tuple:
     return tuple(T.binary(name) for name in names)
 

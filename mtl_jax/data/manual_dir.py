@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -65,12 +66,17 @@ def manual_dir(cfg, dataset: str) -> str:
 
 
 def load_npy(path: str) -> np.ndarray:
-    """The array in ``path`` (``.npy``), never unpickled: ValueError naming the file for anything else."""
+    """The array in ``path`` (``.npy``), never unpickled: ValueError naming the file for anything else
+    (an object array, a truncated or empty file, an ``.npz`` archive)."""
     require_file(path, "npy")
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle; a truncated file fails to reshape
-        raise ValueError(f"{path}: not a numeric .npy array ({e})") from None
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a numeric .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ValueError(f"{path}: an .npz archive, not a .npy array")
+    return array
 
 
 def _dtype_kinds_text(kinds: str) -> str:

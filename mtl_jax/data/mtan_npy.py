@@ -87,7 +87,6 @@ NYUV2_RULES = {"height": Rule("int", 1), "width": Rule("int", 1), "augment": Rul
 CITYSCAPES_RULES = {**NYUV2_RULES, "num_classes": Rule("choice", choices=(7, 19), what="Cityscapes class count")}
 
 
-
 def example_count(root: str, split_folder: str, layout: Layout) -> int:
     """n, the number of ``N.npy`` files of ``image/`` (named 0 .. n-1), after checking that every
     folder of ``layout`` holds the same names: FileNotFoundError naming the first missing file."""
@@ -212,7 +211,8 @@ def _nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
 def random_scale_crop(record: dict, rng: np.random.Generator, scales=SCALES) -> dict:
     """MTAN's RandomScaleCrop on one record: a scale ``sc`` drawn from ``scales``, a random crop of
     ``int(H / sc) x int(W / sc)`` resized back to H x W (image and normals bilinear with
-    align_corners=True, segmentation and depth nearest), depth divided by ``sc``."""
+    align_corners=True, segmentation and depth nearest), depth divided by ``sc``. Each of segmentation,
+    depth and normal is optional (a record of a task subset, e.g. a single-task baseline)."""
     height, width = record["image"].shape[:2]
     sc = scales[int(rng.integers(len(scales)))]
     h, w = int(height / sc), int(width / sc)
@@ -221,7 +221,8 @@ def random_scale_crop(record: dict, rng: np.random.Generator, scales=SCALES) -> 
     for key in ("image", "normal"):
         if key in record:
             out[key] = _bilinear_align_corners(record[key][i:i + h, j:j + w], height, width)
-    out["segmentation"] = _nearest(record["segmentation"][i:i + h, j:j + w], height, width)
+    if "segmentation" in record:
+        out["segmentation"] = _nearest(record["segmentation"][i:i + h, j:j + w], height, width)
     if "depth" in record:
         out["depth"] = _nearest(record["depth"][i:i + h, j:j + w], height, width) / np.float32(sc)
     return out

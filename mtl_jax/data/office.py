@@ -69,7 +69,6 @@ OPTIONS = dict(manual_dir="", image_size=224, split_lists="", split_seed=0)
 RULES = {"image_size": Rule("int", 1), "split_seed": Rule("int", 0, 2**32 - 1)}
 
 
-
 def domain_folder(root: str, domain: str) -> str:
     """``root/domain`` ('Real_World' may be on disk as 'Real World', the archive's name)."""
     path = os.path.join(root, domain)

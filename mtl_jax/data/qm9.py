@@ -168,10 +168,11 @@ def molecule_arrays(mol, path: str, index: int) -> tuple[np.ndarray, np.ndarray,
     return nodes, positions, bonds
 
 
-
 def qm9_split(kept: np.ndarray, seed: int, num_test: int, num_validation: int) -> dict:
     """{split: molecule indices}: a permutation of ``kept`` cut into test, validation, train (in that
-    order, Nash-MTL's); ValueError when nothing is left for train."""
+    order, Nash-MTL's); ValueError when a split would be empty."""
+    if num_test < 1 or num_validation < 1:
+        raise ValueError(f"QM9: data.num_test ({num_test}) and data.num_validation ({num_validation}) must be >= 1")
     if num_test + num_validation >= len(kept):
         raise ValueError(f"QM9: {len(kept)} molecules cannot hold num_test={num_test} + num_validation="
                          f"{num_validation} and a train split")

@@ -41,7 +41,6 @@ ceiling 1.9, ball 1.7, picture 0.9 (``class_frequencies``); each class is in 18-
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Mapping
 
 import numpy as np
@@ -568,38 +567,10 @@ def decode(record: Mapping[str, np.ndarray]) -> dict:
             "depth": np.asarray(record["depth"], np.float32), "normal": np.asarray(record["normal"], np.float32)}
 
 
-class DecodedSource:
-    """Random-access view of a stored split with every record passed through :func:`decode`."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index):
-        return decode(self.source[index])
-
-    def __getitems__(self, indices):
-        records = self.source.__getitems__(indices) if hasattr(self.source, "__getitems__") else [
-            self.source[i] for i in indices]
-        return [decode(r) for r in records]
-
-
 def class_frequencies(segmentation: np.ndarray) -> dict:
     """``{class name: fraction of pixels}`` of labels [..., H, W]."""
     counts = np.bincount(np.asarray(segmentation).reshape(-1).astype(np.int64), minlength=len(CLASSES))
     return {name: float(c) / max(counts.sum(), 1) for name, c in zip(CLASSES, counts)}
-
-
-def _options(cfg) -> dict:
-    from mtl_jax.config import describe, obeys
-
-    options = {key: cfg.get(key, default) for key, default in OPTIONS.items()}
-    for key, rule in RULES.items():
-        if not obeys(options[key], rule):
-            raise ValueError(f"data.{key} = {options[key]!r} is invalid: expected {describe(rule)}")
-    return options
 
 
 def rendered_scenes_tasks():
@@ -617,10 +588,11 @@ def load_rendered_scenes(cfg):
     """DATASETS['rendered_scenes']: ``cfg.num_train`` / ``cfg.num_test`` scenes of seed ``cfg.seed`` at
     ``cfg.height`` x ``cfg.width`` (``OPTIONS``), rendered once into a tfds array_record dataset under
     ``cfg.data_dir``; records decoded to the dense interface's dtypes."""
+    from mtl_jax.data.manual_dir import DecodedSource, data_dir_of, read_options
     from mtl_jax.data.sources import Dataset
-    from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, default_data_dir, prepare
+    from mtl_jax.data.tfds_builders import ArrayDictBuilder, data_sources, prepare
 
-    options = _options(cfg)
+    options = read_options(cfg, OPTIONS, RULES)
     num_train, num_test, seed = int(cfg.num_train), int(cfg.num_test), int(cfg.seed)
     if num_train < 1 or num_test < 1:
         raise ValueError(f"rendered_scenes: num_train ({num_train}) and num_test ({num_test}) must be >= 1")
@@ -630,15 +602,8 @@ def load_rendered_scenes(cfg):
         config_name=f"v{RENDERER_VERSION}_{height}x{width}_train{num_train}_test{num_test}_seed{seed}",
         generate=lambda: make_rendered_scenes(num_train, num_test, seed, height, width),
         description=__doc__,
-        data_dir=cfg.get("data_dir") or default_data_dir(),
+        data_dir=data_dir_of(cfg),
     )
-    splits = {split: DecodedSource(source) for split, source in data_sources(prepare(builder)).items()}
+    splits = {split: DecodedSource(source, decode) for split, source in data_sources(prepare(builder)).items()}
     return Dataset(name="rendered_scenes", tasks=rendered_scenes_tasks(), splits=splits, input_key="image")
 
-
-def timed_generation(count: int, height: int = 64, width: int = 96, seed: int = 0) -> float:
-    """Seconds per rendered example, averaged over ``count`` train examples (sizing the defaults)."""
-    start = time.perf_counter()
-    for i in range(count):
-        render_example(seed, i, "train", height, width)
-    return (time.perf_counter() - start) / count

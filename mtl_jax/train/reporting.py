@@ -44,13 +44,35 @@ def flatten_metrics(per_task: Mapping[str, Mapping[str, float]]) -> dict:
     return {f"{task}/{metric}": value for task, metrics in per_task.items() for metric, value in metrics.items()}
 
 
+def _finite_non_zero(value) -> bool:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and value != 0
+
+
+def check_baselines(baselines: Mapping, tasks: Sequence, what: str = "baselines") -> None:
+    """ValueError (one line, naming ``what`` and the entries) unless ``baselines`` holds every
+    ``task.delta_m_metrics`` entry as a finite, non-zero number (Delta-m% divides by each)."""
+    missing = [f"{t.name}/{m}" for t in tasks for m in t.delta_m_metrics if m not in baselines.get(t.name, {})]
+    if missing:
+        raise ValueError(f"Delta-m%: {what} lack {missing}")
+    unusable = [f"{t.name}/{m} = {baselines[t.name][m]!r}" for t in tasks for m in t.delta_m_metrics
+                if not _finite_non_zero(baselines[t.name][m])]
+    if unusable:
+        raise ValueError(f"Delta-m%: {what} {unusable} are not finite non-zero numbers; a change relative to "
+                         f"them is undefined")
+
+
 def delta_m_terms(results: Mapping, baselines: Mapping, tasks: Sequence) -> dict:
     """``{(task, metric): (-1)^h (M - M_b) / M_b}`` over each task's ``delta_m_metrics`` (h = 1 when
-    higher is better): the relative loss of each metric against the baseline."""
-    missing = [f"{t.name}/{m}" for t in tasks for m in t.delta_m_metrics
-               if m not in results.get(t.name, {}) or m not in baselines.get(t.name, {})]
+    higher is better): the relative loss of each metric against the baseline. ValueError naming the
+    entries when a result or baseline is missing, or a baseline is 0 or not finite."""
+    missing = [f"{t.name}/{m}" for t in tasks for m in t.delta_m_metrics if m not in results.get(t.name, {})]
     if missing:
-        raise ValueError(f"Delta-m%: results or baselines lack {missing}")
+        raise ValueError(f"Delta-m%: results lack {missing}")
+    check_baselines(baselines, tasks)
     terms = {}
     for t in tasks:
         for metric in t.delta_m_metrics:
