@@ -9,7 +9,7 @@ heads' losses), for the gradient strategies that differentiate the heads once.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,34 +133,48 @@ def has_representation(model) -> bool:
     return hasattr(model, "trunk") and hasattr(model, "heads")
 
 
+class Decode(NamedTuple):
+    """The heads of a trunk + heads model and their losses (``make_representation_forward``).
+
+    ``heads(head_params, z, key, train, per_task=False) -> predictions`` (``per_task``: ``z`` is
+    ``{task: z_t}`` and head t reads its own copy); ``losses(predictions, batch) -> [K]``. Called as
+    ``decode(head_params, z, batch, key, train, per_task=False) -> (losses [K], predictions)``.
+    """
+
+    heads: Callable
+    losses: Callable
+
+    def __call__(self, head_params, z, batch, key, train, per_task=False):
+        preds = self.heads(head_params, z, key, train, per_task)
+        return self.losses(preds, batch), preds
+
+
 def make_representation_forward(model, tasks: Sequence, input_key: str, precision: Precision = FLOAT32):
     """``(encode, decode)`` for representation-level gradients (LibMTL's ``rep_grad``, MGDA-UB).
 
-    ``encode(shared_params, batch, key, train) -> z`` is the trunk; ``decode(head_params, z, batch,
-    key, train, per_task=False) -> (losses [K], predictions)`` the heads (``per_task``: z is
-    ``{task: z_t}``, head t reads its own copy). Both run the model's own ``stage``s, so with the
-    same key their dropout masks are those of the whole model's forward. Needs a
+    ``encode(shared_params, batch, key, train) -> z`` is the trunk; ``decode`` a :class:`Decode`: the
+    heads (``decode.heads``) and their losses (``decode.losses``), callable as ``decode(head_params, z,
+    batch, key, train, per_task=False) -> (losses [K], predictions)``. Both run the model's own
+    ``stage``s, so with the same key their dropout masks are those of the whole model's forward. Needs a
     hard-parameter-sharing model (one shared representation) without mutable state. ``precision`` as
     in ``make_forward`` (``z`` stays in the compute dtype).
     """
     if not has_representation(model):
         raise ValueError(f"representation-level gradients need a model with one shared representation (trunk + "
                          f"heads, e.g. 'hps'); got {type(model).__name__}")
-    task_losses = make_task_losses(tasks)
 
     def encode(shared_params, batch, key, train):
         shared_params = cast_params(precision, {"shared": shared_params})["shared"]
         return model.apply({"params": {"shared": shared_params}}, cast_input(precision, batch[input_key]), train,
                            stage="trunk", rngs={"dropout": key})
 
-    def decode(head_params, z, batch, key, train, per_task=False):
+    def heads(head_params, z, key, train, per_task=False):
         head_params = cast_params(precision, {"heads": head_params})["heads"]
         preds = model.apply({"params": {"heads": head_params}}, z, train, stage="heads", per_task=per_task,
                             rngs={"dropout": key})
-        preds = to_float32(preds) if precision.mixed else preds
-        return task_losses(preds, batch), preds
+        return to_float32(preds) if precision.mixed else preds
 
-    return encode, decode
+    return encode, Decode(heads, make_task_losses(tasks))
 
 
 def sows_aux_loss(model, params, batch, input_key: str) -> bool:

@@ -23,9 +23,19 @@ from mtl_jax.registry import lookup
 from mtl_jax.train import dense_metrics
 
 
+def integer_label_cross_entropy(logits, labels):
+    """Softmax cross-entropy ``logsumexp(logits) - logits[label]`` over the last axis; logits [..., C],
+    integer labels [...] in [0, C). optax's ``softmax_cross_entropy_with_integer_labels`` with the label
+    logit picked by a one-hot select instead of ``take_along_axis``: the same values, and a gradient that
+    is an elementwise select instead of a scatter-add."""
+    logits = logits.astype(jnp.float32)
+    picked = labels.astype(jnp.int32)[..., None] == jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(picked, logits, 0.0), axis=-1)
+
+
 def cross_entropy(logits, labels):
     """Softmax cross-entropy; logits [B, C], integer labels [B]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32))
+    return integer_label_cross_entropy(logits, labels)
 
 
 def _per_example(x):
@@ -50,7 +60,7 @@ def pixel_cross_entropy_sums(logits, labels):
     num_classes = logits.shape[-1]
     labels = labels.reshape(logits.shape[:-1]).astype(jnp.int32)
     valid = (labels >= 0) & (labels < num_classes)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+    ce = integer_label_cross_entropy(logits, jnp.where(valid, labels, 0))
     return _per_example_sum(jnp.where(valid, ce, 0.0)), _per_example_sum(valid.astype(jnp.float32))
 
 

@@ -315,6 +315,46 @@ def test_representation_vjp_equals_the_whole_forward_vjp_and_runs_each_head_back
     assert flops(by_representation) < 0.3 * flops(whole)
 
 
+def test_one_layer_heads_read_z_once_with_the_copies_routes_results():
+    """For linear heads ``heads_once`` runs the heads on the one ``z`` (their kernels' gradients one
+    GEMM over it) and takes ``Z_t`` from the heads' VJP on per-task copies: the losses, predictions,
+    head gradients and ``Z`` equal those of the copies route (one VJP of the heads on K copies of z,
+    what it does for deeper heads), and no product reads the [K, B, D] copies (the copies route's
+    forward and kernel gradients both do)."""
+    from mtl_jax.models.heads import LinearHead
+    from mtl_jax.models.multitask import HardParameterSharing
+    from mtl_jax.models.trunks import MLP
+    from mtl_jax.train.gradients import representation
+
+    tasks = [T.classification(f"t{k}", 5) for k in range(12)]
+    model = HardParameterSharing(trunk=MLP(features=(64,)), heads={t.name: LinearHead(num_outputs=5) for t in tasks})
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(32, 6)), jnp.float32),
+             **{t.label_key: jnp.asarray(rng.integers(0, 5, 32), jnp.int32) for t in tasks}}
+    params = model.init(jax.random.key(0), batch["x"])["params"]
+    names = [t.name for t in tasks]
+    encode, decode = make_representation_forward(model, tasks, "x")
+    assert representation.one_layer_heads(params["heads"])
+    assert not representation.one_layer_heads({"a": {"dense_0": {"kernel": jnp.ones((2, 2))},
+                                                     "out": {"kernel": jnp.ones((2, 2))}}})
+
+    def heads(p, one_layer):
+        z = encode(p["shared"], batch, jax.random.key(1), True)
+        original = representation.one_layer_heads
+        representation.one_layer_heads = lambda _: one_layer  # the route, fixed at trace time
+        try:
+            return representation.heads_once(decode, p["heads"], z, batch, jax.random.key(2), names)
+        finally:
+            representation.one_layer_heads = original
+
+    fast, copies = jax.jit(lambda p: heads(p, True)), jax.jit(lambda p: heads(p, False))
+    for a, b in zip(jax.tree.leaves(copies(params)), jax.tree.leaves(fast(params))):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    reads_copies = lambda fn: [line for line in fn.lower(params).as_text().splitlines()
+                               if "dot_general" in line and "tensor<12x32x64xf32>" in line.split("->")[0].split(" : ")[-1]]
+    assert len(reads_copies(copies)) == 2 and not reads_copies(fast), (reads_copies(copies), reads_copies(fast))
+
+
 def test_representation_jvp_and_its_vjp_jvp_gramian_skip_the_heads():
     """With ``with_jvp`` the split forward's ``jvp_fn`` equals ``jax.jvp`` of the whole training
     forward (a random tangent of every parameter), the Gramian built column by column as

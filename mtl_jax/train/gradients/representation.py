@@ -8,6 +8,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mtl_jax.train.gradients import layerwise as layerwise_gramian
 from mtl_jax.train.gradients.base import Linearization, StepContext, TaskGradients
@@ -16,18 +17,44 @@ from mtl_jax.train.gradients.jacobian import linearize
 from mtl_jax.train.precision import FLOAT32, Precision, cast_params
 
 
+def one_layer_heads(head_params) -> bool:
+    """Whether every head's parameters are one Dense layer's (a ``kernel`` [D, C], optionally a ``bias``)."""
+    for params in head_params.values():
+        flat = traverse_util.flatten_dict(params)
+        kernels = [path for path in flat if path[-1] == "kernel"]
+        if len(kernels) != 1 or jnp.ndim(flat[kernels[0]]) != 2:
+            return False
+        if any(path[:-1] != kernels[0][:-1] or path[-1] not in ("kernel", "bias") for path in flat):
+            return False
+    return True
+
+
 def heads_once(decode, head_params, z, batch, key, names: Sequence[str]):
     """``(losses [K], predictions, head_rows, Z)`` with every head differentiated once.
 
-    Head t reads its own copy z_t of the representation ``z``, so one VJP with cotangent ones
-    gives ``head_rows = {t: d L_t / d head_t}`` and ``Z_t = d L_t / dz`` stacked as ``Z``
-    (leaves [K, ...z]); exact, since L_t depends on head t only. A vmapped VJP with one-hot
-    cotangents would send each ``e_k`` back through all K heads (K^2 head backward passes).
+    ``decode``: a ``forward.Decode``. Head t reads its own copy z_t of the representation ``z``, so one
+    VJP with cotangent ones gives ``head_rows = {t: d L_t / d head_t}`` and ``Z_t = d L_t / dz``
+    stacked as ``Z`` (leaves [K, ...z]); exact, since L_t depends on head t only. A vmapped VJP with
+    one-hot cotangents would send each ``e_k`` back through all K heads (K^2 head backward passes).
+
+    One-layer heads (``one_layer_heads``) run on the one ``z`` instead: the losses' VJP gives each
+    head's output cotangent ``dL_t / dy_t``, ``head_rows`` is the heads' VJP with them (the kernels'
+    gradients read z once: one GEMM [D, B] x [B, K C] for stacked heads, not K products with the copies),
+    and ``Z_t = (dL_t / dy_t) W_t^T`` the VJP of the heads on the copies with the same cotangents (no
+    forward on the copies: a linear layer's input cotangent does not read its input).
     """
     copies = {t: z for t in names}
-    losses, decode_vjp, preds = jax.vjp(lambda hp, zs: decode(hp, zs, batch, key, True, per_task=True),
-                                        head_params, copies, has_aux=True)
-    head_rows, z_rows = decode_vjp(jnp.ones_like(losses))
+    if not one_layer_heads(head_params):
+        losses, decode_vjp, preds = jax.vjp(lambda hp, zs: decode(hp, zs, batch, key, True, per_task=True),
+                                            head_params, copies, has_aux=True)
+        head_rows, z_rows = decode_vjp(jnp.ones_like(losses))
+    else:
+        preds, heads_vjp = jax.vjp(lambda hp: decode.heads(hp, z, key, True), head_params)
+        losses, losses_vjp = jax.vjp(lambda p: decode.losses(p, batch), preds)
+        (pred_cotangents,) = losses_vjp(jnp.ones_like(losses))
+        (head_rows,) = heads_vjp(pred_cotangents)
+        _, copies_vjp = jax.vjp(lambda zs: decode.heads(head_params, zs, key, True, per_task=True), copies)
+        (z_rows,) = copies_vjp(pred_cotangents)
     stacked_z = jax.tree.map(lambda *rows: jnp.stack(rows), *[z_rows[t] for t in names])
     return losses, preds, head_rows, stacked_z
 
