@@ -317,3 +317,40 @@ def test_segnet_split_with_the_ait_head_trains_with_its_tokenizer_frozen(tmp_pat
     preds = jax.eval_shape(model.apply, {"params": state.params, **state.model_state},
                            jnp.asarray(dataset.splits["test"].arrays["image"]))
     assert preds["depth"].shape == (2, 32, 32, 1)
+
+
+def test_dense_models_hand_the_depth_label_to_the_ait_head_for_the_token_loss(tiny_vqvae):
+    """``ASPPSoftTokenHead(y, train, depth_target=...)`` and ``MTANSegNet(x, train, targets=...)`` pass the
+    depth label to the soft-token head: the token loss is sown at the depth task's entry (the head's
+    own value), predictions are unchanged, and without a target nothing is sown."""
+    from mtl_jax.models.dense_resnet import ASPP, ASPPSoftTokenHead
+    from mtl_jax.models.segnet import MTANSegNet
+
+    _, tokenizer_params = tiny_vqvae
+    tok = dict(num_tokens=32, codebook_dim=16, tokenizer_hidden=8, downsample=4, num_res_blocks=1, hidden=4)
+    target = jnp.asarray(depth_maps(1))
+    soft = ait.SoftTokenDepthHead(**tok, token_loss_weight=0.5, feature_stride=4)
+    aspp = ASPPSoftTokenHead(soft, (1,), 4)
+    y = jax.random.uniform(jax.random.key(9), (1, 4, 4, 3))
+    with jax.disable_jit():  # eager: these small convolutions compile slower than they run
+        variables = ait.with_tokenizer(aspp.init(jax.random.key(10), y), tokenizer_params)
+        plain, state = aspp.apply(variables, y, mutable=[AUX_LOSS])
+        out, sown = aspp.apply(variables, y, depth_target=target, mutable=[AUX_LOSS])
+        features = ASPP((1,), 4).apply({c: v["aspp"] for c, v in variables.items() if "aspp" in v}, y)
+        head_vars = {c: v["soft_token"] for c, v in variables.items() if "soft_token" in v}
+        _, want = soft.apply(head_vars, features, depth_target=target, mutable=[AUX_LOSS])
+    assert not state
+    np.testing.assert_array_equal(out, plain)
+    (value,) = sown[AUX_LOSS]["soft_token"]["token_cross_entropy"]
+    np.testing.assert_allclose(value, want[AUX_LOSS]["token_cross_entropy"][0], rtol=1e-6)
+    assert float(value[0]) > 0.0
+    # MTAN: traced only (the MTAN forward compiles slowly); the token loss is sown for the depth task alone
+    head = ait.SoftTokenDepthHead(**tok, token_loss_weight=0.5, task_index=1, num_tasks=2)
+    mtan = MTANSegNet({"segmentation": (4, False), "depth": (1, False)}, width=0.0625, pred_heads={"depth": head})
+    x, depth = jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 32, 32, 1))
+    variables = jax.eval_shape(lambda: mtan.init(jax.random.key(0), x))
+    run = lambda v, **kw: jax.eval_shape(lambda v_, kw_: mtan.apply(v_, x, mutable=[AUX_LOSS], **kw_), v, kw)
+    assert not run(variables)[1]
+    out, sown = run(variables, targets={"depth": depth, "segmentation": jnp.zeros((1, 32, 32), jnp.int32)})
+    assert sown[AUX_LOSS]["heads"]["depth"]["pred"]["token_cross_entropy"][0].shape == (2,)
+    assert {t: o.shape for t, o in out.items()} == {"segmentation": (1, 32, 32, 4), "depth": (1, 32, 32, 1)}

@@ -193,6 +193,21 @@ def test_dilated_resnet_keeps_torchvision_parameters():
     assert features.shape == (1, 8, 8, 512)
 
 
+def test_dilated_resnet_matches_libmtl_resnet_dilated():
+    """``ResNet(output_stride=8 / 16)`` against LibMTL's ``ResnetDilated(resnet18(), 8 / 16)`` with the same
+    weights (``fixtures/pretrained/make_dilated_resnet_reference.py``): stage 3 dilated 2 (its first
+    block's strided conv 1), stage 4 dilated 4 (first block 2) at 8; stage 4 dilated 2 (first block 1) at 16."""
+    from fixtures.pretrained.make_dilated_resnet_reference import OUT as DILATED, reference_input, resnet18_shapes
+    from mtl_jax.models.pretrained.resnet import load_resnet
+
+    ref = np.load(DILATED)
+    state = deterministic_state_dict(resnet18_shapes())
+    for stride in (8, 16):
+        module, variables = load_resnet(state, 18, num_classes=0, output_stride=stride)
+        features = jax.jit(lambda v, x: module.apply(v, x, method=ResNet.feature_map))(variables, reference_input())
+        np.testing.assert_allclose(features, ref[f"features_os{stride}"], atol=2e-4, rtol=1e-4)
+
+
 def test_bad_input_and_options():
     with pytest.raises(ValueError, match="multiples of 32"):
         model("mtan_segnet", width=0.0625).init(jax.random.key(0), jnp.zeros((1, 32, 48, 3)))

@@ -47,8 +47,10 @@ beside ``batch_stats``, so no optimiser, weight decay or gradient method changes
 init) or :func:`with_tokenizer` on a model's variables. AiT's token cross-entropy against the
 tokenizer's codes of the target depth (:func:`token_targets`, :func:`token_cross_entropy`) is sown as
 the depth task's auxiliary loss when the head is given the target depth (``depth_target``; weight
-``token_loss_weight``); the trainer's forward does not pass targets to models, so in
-``train_and_evaluate`` the depth loss is the decoder loss alone.
+``token_loss_weight``): ``MTANSegNet(x, train, targets={task: label})`` and
+``dense_resnet.ASPPSoftTokenHead(y, train, depth_target=...)`` hand it on. The trainer's forward
+(``train/forward.py``) passes no targets to models, so in ``train_and_evaluate`` the depth loss is the
+decoder loss alone.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class Column(nn.Module):
     """One task's copy of a staged trunk, run stage by stage: ``column(level, x, train)`` applies
     stage ``level`` (parameters ``stage_{level}``). Cross-stitch and LTB keep one column per task."""
 
-    encoder: nn.Module  # a staged trunk (staged.STAGED_TRUNKS) (staged.STAGED_TRUNKS)
+    encoder: nn.Module  # a staged trunk (staged.STAGED_TRUNKS)
 
     @nn.compact
     def __call__(self, level: int, x, train: bool = False):

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from mtl_jax.models.ait import soft_token_heads
 from mtl_jax.models.multitask import HardParameterSharing
 from mtl_jax.models.pretrained.resnet import DEPTHS, EXPANSION, STAGE_PLANES, ResNet, batch_norm, conv
-from mtl_jax.models.segnet import check_image, dense_task_outputs, l2_normalize, resize_bilinear_align_corners
+from mtl_jax.models.segnet import (arch_options, check_image, dense_task_outputs, l2_normalize,
+                                   resize_bilinear_align_corners)
 
 ASPP_RATES = (12, 24, 36)
 ASPP_FEATURES = 256
@@ -104,18 +105,20 @@ class DeepLabHead(nn.Module):
 
 
 class ASPPSoftTokenHead(nn.Module):
-    """AiT's depth output on the ASPP decoder: ASPP (as DeepLabHead's, ``aspp``) -> ``soft_token`` (an
-    ``ait.SoftTokenDepthHead`` whose ``feature_stride`` is the encoder's output stride: token logits
-    from the ASPP features, decoded to depth at the input size). [B, h, w, C] -> [B, h s, w s, 1]."""
+    """AiT's depth output on the ASPP decoder: ASPP (as DeepLabHead's, ``aspp``) -> ``soft_token_head``
+    (parameters ``soft_token``; an ``ait.SoftTokenDepthHead`` whose ``feature_stride`` is the encoder's
+    output stride: token logits from the ASPP features, decoded to depth at the input size).
+    [B, h, w, C] -> [B, h s, w s, 1];
+    ``depth_target`` [B, h s, w s, 1] goes to the soft-token head (AiT's token loss)."""
 
-    soft_token: nn.Module
+    soft_token_head: nn.Module
     rates: Sequence[int] = ASPP_RATES
     features: int = ASPP_FEATURES
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, depth_target=None):
         y = ASPP(self.rates, self.features, name="aspp")(x, train)
-        return self.soft_token.clone(parent=self, name="soft_token")(y, train)
+        return self.soft_token_head.clone(parent=self, name="soft_token")(y, train, depth_target=depth_target)
 
 
 ARCH_OPTIONS = ("depth", "output_stride", "aspp_rates", "aspp_features", "depth_head", "ait")
@@ -125,10 +128,7 @@ def build_resnet_aspp(cfg, tasks: Sequence) -> nn.Module:
     """``resnet_aspp``: dilated ResNet + one DeepLabHead per task. arch_kwargs: depth=50 (18, 34, 50,
     101, 152), output_stride=8 (8, 16, 32), aspp_rates=(12, 24, 36), aspp_features=256,
     depth_head='conv' | 'ait' (depth tasks get an ``ASPPSoftTokenHead``, options in ``ait``)."""
-    kwargs = dict(cfg.get("arch_kwargs") or {})
-    unknown = [k for k in kwargs if k not in ARCH_OPTIONS]
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for model 'resnet_aspp'; valid options: {list(ARCH_OPTIONS)}")
+    kwargs = arch_options(cfg, ARCH_OPTIONS, "resnet_aspp")
     depth = kwargs.get("depth", 50)
     if depth not in DEPTHS:
         raise ValueError(f"resnet_aspp: arch_kwargs.depth {depth} unknown; valid depths: {sorted(DEPTHS)}")

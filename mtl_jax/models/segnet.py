@@ -45,7 +45,8 @@ as the official model does. Convolutions: Xavier-normal weights, zero biases (th
 
 ``arch_kwargs.depth_head = 'ait'`` (default 'conv', the official head) makes a depth task's prediction
 layer AiT's soft-token head (``ait.SoftTokenDepthHead``, options in ``arch_kwargs.ait``): in
-``segnet_split`` the task's head, in ``mtan_segnet`` its ``pred`` over the task's attended features.
+``segnet_split`` the task's head, in ``mtan_segnet`` its ``pred`` over the task's attended features
+(``MTANSegNet(x, train, targets={task: label})`` hands the depth label to that head: AiT's token loss).
 """
 
 from __future__ import annotations
@@ -274,17 +275,19 @@ class MTANSegNetTask(nn.Module):
     """One task's parameters in MTAN-SegNet: ``encoder_att_{i}``, ``decoder_att_{i}`` (AttentionMask)
     and ``pred`` (DensePredictionHead, or ``pred_head`` when given, e.g. AiT's soft-token depth head).
     ``part`` 'encoder_att' / 'decoder_att': the masked features ``mask(inputs) * features`` (the mask
-    sown as ``encoder_mask_{i}`` / ``decoder_mask_{i}``); 'pred': the prediction from ``inputs``."""
+    sown as ``encoder_mask_{i}`` / ``decoder_mask_{i}``); 'pred': the prediction from ``inputs``
+    (``target``, the task's label, goes to ``pred_head`` as ``depth_target``: AiT's token loss)."""
 
     num_outputs: int
     normalize: bool = False
     pred_head: nn.Module | None = None
 
     @nn.compact
-    def __call__(self, part: str, inputs, features=None, train: bool = False, level: int = 0):
+    def __call__(self, part: str, inputs, features=None, train: bool = False, level: int = 0, target=None):
         if part == "pred":
             if self.pred_head is not None:
-                return self.pred_head.clone(parent=self, name="pred")(inputs, train)
+                kwargs = {} if target is None else {"depth_target": target}
+                return self.pred_head.clone(parent=self, name="pred")(inputs, train, **kwargs)
             return DensePredictionHead(self.num_outputs, self.normalize, name="pred")(inputs, train)
         if part not in ("encoder_att", "decoder_att"):
             raise ValueError(f"unknown MTAN-SegNet task part {part!r}")
@@ -298,14 +301,16 @@ class MTANSegNet(nn.Module):
 
     ``tasks``: {task name: (num_outputs, normalize)}; ``width`` scales every level's channels;
     ``pred_heads``: {task name: module} replacing that task's ``pred`` (DensePredictionHead), reading
-    the task's attended features b_4."""
+    the task's attended features b_4. ``targets``: {task name: label batch}; a task with a
+    ``pred_heads`` entry gets its label as ``depth_target`` (``ait.SoftTokenDepthHead`` then sows AiT's
+    token loss), other tasks' labels are not read."""
 
     tasks: Mapping[str, tuple]
     width: float = 1.0
     pred_heads: Mapping[str, nn.Module] | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, targets: Mapping | None = None):
         filters = segnet_filters(self.width)
         shared = MTANSegNetShared(filters, name="shared")
         pred_heads = self.pred_heads or {}
@@ -327,7 +332,8 @@ class MTANSegNet(nn.Module):
             q = {t: shared("decoder_block_att", up[t], train, level) for t in names}
             prev = towers({t: ("decoder_att", jnp.concatenate([u, q[t]], axis=-1), dec[step], train, level)
                            for t in names})
-        return towers({t: ("pred", prev[t], None, train) for t in names})
+        targets = {t: y for t, y in (targets or {}).items() if t in pred_heads}
+        return towers({t: ("pred", prev[t], None, train, 0, targets.get(t)) for t in names})
 
 
 def dense_task_outputs(tasks: Sequence) -> dict:
@@ -335,7 +341,8 @@ def dense_task_outputs(tasks: Sequence) -> dict:
     return {t.name: (t.num_outputs, getattr(t, "kind", "") == "normal") for t in tasks}
 
 
-def _arch_kwargs(cfg, valid: Sequence[str], model: str) -> dict:
+def arch_options(cfg, valid: Sequence[str], model: str) -> dict:
+    """``cfg.arch_kwargs`` as a dict; raises naming the unknown options and the valid ones."""
     kwargs = dict(cfg.get("arch_kwargs") or {})
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
@@ -349,7 +356,7 @@ ARCH_OPTIONS = ("width", "depth_head", "ait")
 def build_segnet_split(cfg, tasks: Sequence) -> nn.Module:
     """``segnet_split``: SegNet trunk + one DensePredictionHead per task. arch_kwargs: width=1.0,
     depth_head='conv' | 'ait' (depth tasks get ``ait.SoftTokenDepthHead``, options in ``ait``)."""
-    kwargs = _arch_kwargs(cfg, ARCH_OPTIONS, "segnet_split")
+    kwargs = arch_options(cfg, ARCH_OPTIONS, "segnet_split")
     ait_heads = soft_token_heads(kwargs, tasks, "segnet_split")
     heads = {name: ait_heads[name] if name in ait_heads else DensePredictionHead(n, normalize)
              for name, (n, normalize) in dense_task_outputs(tasks).items()}
@@ -359,7 +366,7 @@ def build_segnet_split(cfg, tasks: Sequence) -> nn.Module:
 def build_mtan_segnet(cfg, tasks: Sequence) -> nn.Module:
     """``mtan_segnet``: MTAN-SegNet. arch_kwargs: width=1.0, depth_head='conv' | 'ait' (a depth task's
     ``pred`` becomes ``ait.SoftTokenDepthHead`` over its attended features, options in ``ait``)."""
-    kwargs = _arch_kwargs(cfg, ARCH_OPTIONS, "mtan_segnet")
+    kwargs = arch_options(cfg, ARCH_OPTIONS, "mtan_segnet")
     ait_heads = soft_token_heads(kwargs, tasks, "mtan_segnet")
     return MTANSegNet(tasks=dense_task_outputs(tasks), width=kwargs.get("width", 1.0), pred_heads=ait_heads or None)
 

@@ -94,18 +94,18 @@ class ResidualBlock(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet trunk: ``module(x [B, H, W, C], train) -> [B, 512 * expansion]`` (global average pool,
-    the trunk contract of ``models/trunks.py``); ``feature_map`` gives the last stage's [B, H/32, W/32,
-    512 * expansion]; ``logits`` [B, num_classes] through ``fc`` (``num_classes`` 0: no classifier).
+    the trunk contract of ``models/trunks.py``); ``feature_map`` gives the last stage's [B, H / s, W / s,
+    512 * expansion] (s = ``output_stride``); ``logits`` [B, num_classes] through ``fc`` (``num_classes`` 0: no classifier).
     BatchNorm running statistics live in ``batch_stats`` (updated when ``train``).
 
     ``stage_sizes``: blocks per stage (ResNet-18: (2, 2, 2, 2), ResNet-50: (3, 4, 6, 3)); ``block``:
     'basic' or 'bottleneck'. ``remat``: every residual block runs under ``nn.remat``.
 
     ``output_stride`` 32 (torchvision), 16 or 8: the feature map's stride. Below 32 the last stage (16)
-    or the last two (8) keep their input resolution: their first block has stride 1 and dilation
-    1 in the conv that carried the stride, their other 3x3 convs dilation 2 (stage 3 at 8, stage 4 at
-    16) or 4 (stage 4 at 8), as LibMTL's ``ResnetDilated`` (``LibMTL/model/resnet_dilated.py``,
-    ``_nostride_dilate``) makes of a torchvision ResNet; parameter names and shapes are unchanged, so
+    or the last two (8) keep their input resolution: a dilated stage (dilation d: 2 for stage 3 at 8
+    and stage 4 at 16, 4 for stage 4 at 8) has stride 1 everywhere, dilation d / 2 in the 3x3 conv of
+    its first block that carried the stride and d in its other 3x3 convs, as LibMTL's ``ResnetDilated``
+    (``LibMTL/model/resnet_dilated.py``, ``_nostride_dilate``) makes of a torchvision ResNet; parameter names and shapes are unchanged, so
     torchvision weights load as they are."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -133,7 +133,8 @@ class ResNet(nn.Module):
             self.fc = nn.Dense(self.num_classes)
 
     def feature_map(self, x, train: bool = False):
-        """x [B, H, W, C] -> the last stage's output [B, ~H / 32, ~W / 32, planes * expansion]."""
+        """x [B, H, W, C] -> the last stage's output [B, ~H / output_stride, ~W / output_stride,
+        planes * expansion]."""
         x = normalise_images(x, self.input_mean, self.input_std)
         x = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -84,28 +84,12 @@ def _stateful_gradients(method, rep_cfg, encode: Callable, decode: Callable) -> 
     return gradients
 
 
-def rep_mtl_gradients(method, rep_cfg, encode, decode) -> Strategy:
-    """Rep-MTL: gradients of ``sum_k w_k L_k + R(S)`` where ``S_k = dL_k/dz`` are the task saliencies
-    and R the TSR + CSA regulariser (double backprop through S).
-
-    ``(encode, decode)``: ``forward.make_representation_forward``'s stateless pair (models without
-    mutable state; ``model_state`` passes through). One VJP of ``(losses, R)`` w.r.t. (head params,
-    z) with cotangent ``(w, 1)`` and one through the trunk.
-    """
-
-    def stateful_encode(p, model_state, batch, key, train):
-        return encode(p, batch, key, train), model_state
-
-    def stateful_decode(p, model_state, z, batch, key, train):
-        losses, preds = decode(p, z, batch, key, train)
-        return losses, (preds, model_state)
-
-    return _stateful_gradients(method, rep_cfg, stateful_encode, stateful_decode)
-
-
 def rep_mtl_model_gradients(method, rep_cfg, model, tasks: Sequence, input_key: str,
                             precision: Precision = FLOAT32) -> Strategy:
-    """Rep-MTL on ``model`` (trunk + heads, with or without batch statistics): the strategy of
-    ``rep_mtl_gradients`` on ``make_stateful_representation_forward``'s pair."""
+    """Rep-MTL on ``model`` (trunk + heads, with or without batch statistics): gradients of
+    ``sum_k w_k L_k + R(S)`` where ``S_k = dL_k/dz`` are the task saliencies and R the TSR + CSA
+    regulariser (double backprop through S), ``w`` the loss-weighting method's weights. One VJP of
+    ``(losses, R)`` w.r.t. (head params, z) with cotangent ``(w, 1)`` and one through the trunk, on
+    ``make_stateful_representation_forward``'s pair."""
     return _stateful_gradients(method, rep_cfg, *make_stateful_representation_forward(model, tasks, input_key,
                                                                                       precision))
