@@ -31,14 +31,13 @@ import time
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
 from experiments.merging.report import markdown_table
 from experiments.merging.rows import (
     PER_TASK_ROWS, emr_rows, learned_methods, merge_methods, merged_accuracies, tall_mask_rows)
-from experiments.merging.statistics import Context, accuracy, backbone_fisher, backbone_grams, to_merge_space
+from experiments.merging.statistics import Context, accuracy, chunked_merge_statistics, to_merge_space
 from experiments.merging.training import EvalSet
 from mtl_jax.checkpoints import load_into, read_checkpoint, source_shapes, write_safetensors
 from mtl_jax.data.image_folder import Batches, cache_images, read_image_folder, split_folder
@@ -129,18 +128,19 @@ class Models(NamedTuple):
 
 
 def load_models(config) -> Models:
-    cfg = clip_config(config)
-    _, params = load_clip(config.pretrained, config.layout, cfg)
+    """The pretrained CLIP and each task's fine-tuned image encoder; the config is checked before
+    any checkpoint is read."""
     layout = config.finetuned_layout or config.layout
-    ft_cfg = for_layout(cfg, layout)
     missing = [t for t in config.tasks if t not in config.finetuned]
     if missing:
         raise ValueError(f"config.finetuned has no checkpoint for tasks {missing}; it names {sorted(config.finetuned)}")
-    visual = params["visual"]
     if layout != config.layout:
         raise ValueError(f"finetuned_layout {layout!r} differs from layout {config.layout!r}: the merge needs one "
                          "parameter layout (convert the checkpoints to one layout)")
-    finetuned = [load_image_encoder(config.finetuned[t], ft_cfg, layout, visual) for t in config.tasks]
+    cfg = clip_config(config)
+    _, params = load_clip(config.pretrained, config.layout, cfg)
+    visual = params["visual"]
+    finetuned = [load_image_encoder(config.finetuned[t], cfg, layout, visual) for t in config.tasks]
     return Models(cfg, visual, params["text"], float(params["logit_scale"]), finetuned)
 
 
@@ -204,30 +204,6 @@ def zero_shot_heads(config, models: Models, tasks: Sequence[Task]) -> list:
     return heads
 
 
-def chunked_statistics(trunk, finetuned: Sequence, heads: Sequence, tasks: Sequence[Task], num_examples: int,
-                       chunk: int, seed: int) -> dict:
-    """``experiments.merging.statistics.merge_statistics`` in chunks of ``chunk`` images (its
-    per-example Fisher gradients need N x the parameters: 256 x ViT-B/32 is ~90 GB): the Fisher
-    is the size-weighted mean of the chunks' Fishers (labels sampled with ``fold_in(key, chunk index)``),
-    the RegMean Grams the sum of the chunks' Grams."""
-    fishers, grams = [], []
-    for i, (ft, head, task) in enumerate(zip(finetuned, heads, tasks)):
-        x = task.splits["train"][0][:num_examples]
-        key = jax.random.key(seed * 100 + i)
-        fisher, gram = None, None
-        for j, start in enumerate(range(0, len(x), chunk)):
-            xb = jnp.asarray(x[start:start + chunk])
-            weight = len(xb) / len(x)
-            f = backbone_fisher(trunk, ft, head, xb, jax.random.fold_in(key, j))
-            g = backbone_grams(trunk, ft, xb)
-            fisher = jax.tree_util.tree_map(lambda a: weight * a, f) if fisher is None else \
-                jax.tree_util.tree_map(lambda a, b: a + weight * b, fisher, f)
-            gram = g if gram is None else {k: gram[k] + g[k] for k in gram}
-        fishers.append(to_merge_space(fisher))
-        grams.append(gram)
-    return {"fisher": fishers, "grams": grams}
-
-
 def suite_rows(config, models: Models, tasks: Sequence[Task], heads: list, seed: int = 0) -> dict:
     """``{row: {"acc": [T], "normalised": [T], "hparams", "seconds"}}`` for the baselines and every method."""
     trunk = zs.ZeroShotTrunk(models.config.vision)
@@ -250,8 +226,8 @@ def suite_rows(config, models: Models, tasks: Sequence[Task], heads: list, seed:
 
     @functools.cache
     def statistics():
-        return chunked_statistics(trunk, models.finetuned, heads, tasks, config.merge.stats_examples,
-                                  config.merge.stats_chunk, seed)
+        return chunked_merge_statistics(trunk, models.finetuned, heads, tasks, config.merge.stats_examples, seed,
+                                        config.merge.stats_chunk)
 
     @functools.cache
     def ta_lambda() -> float:

@@ -33,8 +33,6 @@ import os
 import time
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -42,7 +40,7 @@ from experiments import common
 from experiments.merging import tasks as task_lib
 from experiments.merging.report import markdown_table, task_vector_report
 from experiments.merging.rows import PER_TASK_ROWS, RowHooks, run_seed
-from experiments.merging.statistics import backbone_fisher, backbone_grams
+from experiments.merging.statistics import chunked_merge_statistics
 from experiments.merging.training import pretrained_setup
 from mtl_jax.config import apply_overrides, config_from_file
 from mtl_jax.merging.tree import map_with_path
@@ -87,8 +85,8 @@ def _grid(lo, hi, num):
 
 def get_config(model: str, smoke: bool = False) -> ConfigDict:
     """The benchmark's settings for ``model`` (a key of ``MODELS``): ``configs/merge/vit_benchmark.py``'s keys
-    with the pretrained backbone's data, budgets and grids (sized for a 2-core CPU: one seed of MiniLM in
-    ~40 min, of EfficientNet in ~15)."""
+    with the pretrained backbone's data, budgets and grids (sized for a 2-core CPU; the report records each
+    run's wall time)."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid: {list(MODELS)}")
     c = config_from_file(os.path.join(common.CONFIGS, "merge", "vit_benchmark.py"))
@@ -96,7 +94,7 @@ def get_config(model: str, smoke: bool = False) -> ConfigDict:
     c.suite = "wiki" if model == "minilm" else "multimnist"  # the tasks (tasks.wiki_tasks / tasks.multimnist_tasks)
     c.model = ConfigDict()  # the toy ViT's architecture: unused
     c.freeze_heads = True
-    c.max_len, c.image_size = 64, 48  # MiniLM tokens per extract; EfficientNet input px
+    c.max_len, c.image_size = 32, 32  # MiniLM tokens per extract; EfficientNet input px
     c.num_train, c.num_val, c.num_test = 6000, 500, 1000  # MultiMNIST pairs
     # The papers' grids (TA / Consensus / DARE: lambda in linspace(0, 1, 11)[1:] as tall_masks / LiNeS; TIES up to 1.5;
     # TSV-M / Iso alpha 0.1-3.0 as their code).
@@ -113,7 +111,6 @@ def get_config(model: str, smoke: bool = False) -> ConfigDict:
     adamw = dict(name="adamw", schedule="cosine", weight_decay=0.0, grad_clip_norm=1.0)
     if model == "minilm":
         c.tasks = task_lib.WIKI_TASKS
-        c.max_len = 32
         c.max_eval = 200  # val and test examples per task (nationality has 102 / 88)
         c.eval_batch = 50
         c.probe.update(dict(steps=200, max_examples=1024))
@@ -123,14 +120,12 @@ def get_config(model: str, smoke: bool = False) -> ConfigDict:
                               atlas_eval_every=20, sp_steps=40))
     else:
         c.tasks = task_lib.MULTIMNIST_TASKS
-        c.image_size = 32
         c.max_eval = 500
         c.eval_batch = 250
         c.merge.val_per_task = 125
         c.probe.update(dict(steps=300, max_examples=2048))
-        # BatchNorm stays on its ImageNet statistics, so nothing renormalises the activations as the weights move: at
-        # AdamW 3e-4 the fine-tuning loss rose from the first steps (sum: 2.44 -> 2.97 in 100 steps, test accuracy
-        # 13.7% -> 7.3%, below the probe); at 3e-5 it fell (2.44 -> 1.88, 14.3%).
+        # A small lr: BatchNorm stays on its ImageNet statistics, so nothing renormalises the activations as the
+        # weights move, and at AdamW 3e-4 the fine-tuning loss rises from the first steps.
         c.finetune.update(dict(steps=300, batch_size=64, optim=ConfigDict(dict(adamw, lr=5e-5, warmup_steps=30))))
         c.multitask.update(dict(steps=300, batch_size=16, optim=ConfigDict(dict(adamw, lr=5e-5, warmup_steps=30))))
         c.learned.update(dict(steps=100, batch_per_task=16, pool_per_task=500, atlas_steps=60,
@@ -180,26 +175,11 @@ def identity_space(shared):
 
 
 def chunked_statistics(chunk: int, to_space):
-    """:func:`experiments.merging.statistics.merge_statistics` with the Fisher's per-example gradients
-    taken ``chunk`` examples at a time (memory chunk x parameters, not N x parameters: 22.7M-parameter
-    MiniLM) and averaged; merge space ``to_space``."""
-
-    def statistics(trunk, finetuned, heads, tasks, num_examples: int, seed: int) -> dict:
-        fishers, grams = [], []
-        for i, (ft, head, task) in enumerate(zip(finetuned, heads, tasks)):
-            x = task.splits["train"][0][:num_examples]
-            total, count = None, 0
-            for j, start in enumerate(range(0, len(x), chunk)):
-                xb = jnp.asarray(x[start:start + chunk])
-                f = backbone_fisher(trunk, ft["shared"], head, xb, jax.random.fold_in(jax.random.key(seed * 100 + i), j))
-                f = jax.tree_util.tree_map(lambda a: a * len(xb), f)
-                total = f if total is None else jax.tree_util.tree_map(jnp.add, total, f)
-                count += len(xb)
-            fishers.append(to_space(jax.tree_util.tree_map(lambda a: a / count, total)))
-            grams.append(backbone_grams(trunk, ft["shared"], jnp.asarray(x)))
-        return {"fisher": fishers, "grams": grams}
-
-    return statistics
+    """The rows' statistics hook: :func:`experiments.merging.statistics.chunked_merge_statistics` of the
+    fine-tuned trunks, ``chunk`` examples at a time (memory chunk x parameters, not N x parameters:
+    22.7M-parameter MiniLM), Fisher in the merge space ``to_space``."""
+    return lambda trunk, finetuned, heads, tasks, num_examples, seed: chunked_merge_statistics(
+        trunk, [ft["shared"] for ft in finetuned], heads, tasks, num_examples, seed, chunk, to_space)
 
 
 def row_hooks(config) -> RowHooks:

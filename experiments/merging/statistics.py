@@ -9,7 +9,7 @@ The statistics themselves are ``mtl_jax.merging.fisher_regmean``'s (:func:`fishe
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -102,6 +102,31 @@ def merge_statistics(trunk, finetuned: Sequence[dict], heads: Sequence, tasks, n
                    for i, (ft, h, x) in enumerate(zip(finetuned, heads, images))],
         "grams": [backbone_grams(trunk, ft["shared"], x) for ft, x in zip(finetuned, images)],
     }
+
+
+def chunked_merge_statistics(trunk, shared: Sequence, heads: Sequence, tasks, num_examples: int, seed: int,
+                             chunk: int, to_space: Callable = to_merge_space) -> dict:
+    """:func:`merge_statistics` of the backbones ``shared[t]``, taken ``chunk`` examples at a time:
+    the per-example Fisher gradients need chunk x the parameters, not N x (256 x ViT-B/32 is ~90 GB).
+    The Fisher is the size-weighted mean of the chunks' Fishers (labels sampled with key
+    ``fold_in(key(100 * seed + t), chunk index)``), in the merge space ``to_space``; the RegMean
+    Grams (sums over examples) the sum of the chunks' Grams."""
+    fishers, grams = [], []
+    for i, (params, head, task) in enumerate(zip(shared, heads, tasks)):
+        x = task.splits["train"][0][:num_examples]
+        key = jax.random.key(seed * 100 + i)
+        fisher, gram = None, None
+        for j, start in enumerate(range(0, len(x), chunk)):
+            xb = jnp.asarray(x[start:start + chunk])
+            weight = len(xb) / len(x)
+            f = jax.tree_util.tree_map(lambda a: weight * a,
+                                       backbone_fisher(trunk, params, head, xb, jax.random.fold_in(key, j)))
+            g = backbone_grams(trunk, params, xb)
+            fisher = f if fisher is None else jax.tree_util.tree_map(jnp.add, fisher, f)
+            gram = g if gram is None else {k: gram[k] + g[k] for k in gram}
+        fishers.append(to_space(fisher))
+        grams.append(gram)
+    return {"fisher": fishers, "grams": grams}
 
 
 # ------------------------------------------------------------------------------------ task vectors

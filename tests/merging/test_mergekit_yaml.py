@@ -130,6 +130,61 @@ def test_rank_window_ties_by_position():
     assert window.kept_sum == 7 and window.total_sum == 15
 
 
+def _mergekit_window(absd, lo, hi):
+    """MergeKit's keep-mask: ascending ranks [lo, hi) of ``torch.sort(|d|)`` (NaN after every
+    number; stable order here, the inputs have no ties)."""
+    mask = np.zeros(absd.size, bool)
+    mask[np.argsort(absd, kind="stable")[lo:hi]] = True
+    return mask
+
+
+@pytest.mark.parametrize("method,density,gamma", [("ties", 0.5, None), ("ties", 0.25, None),
+                                                  ("breadcrumbs", 0.5, 0.1), ("breadcrumbs", 0.5, 0.05)])
+def test_nan_deltas_rank_above_every_number(method, density, gamma):
+    """A NaN |delta| takes a top rank at the TIES / breadcrumbs cut (MergeKit's sort), the numbers keep
+    theirs: with one input of weight 1 the merge is base + delta * mask, NaN where delta is NaN."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=20).astype(np.float32)
+    delta = (rng.permutation(np.linspace(0.1, 2, 20)) * rng.choice([-1, 1], 20)).astype(np.float32)
+    delta[[3, 11]] = np.nan
+    n = delta.size
+    if gamma is None:
+        lo, hi = n - max(1, int(density * n)), n
+    else:
+        lo = max(0, n - int(density * n) - int(gamma * n))
+        hi = lo + int(density * n)
+    expected = base + np.where(_mergekit_window(np.abs(delta), lo, hi), delta, 0)
+    expected[np.isnan(delta)] = np.nan
+    spec = mk_methods.METHODS[method]
+    shared = {p.name: p.default for p in spec.params if p.scope == "shared"}
+    per_input = {"weight": 1.0, "density": density, **({"gamma": gamma} if gamma else {})}
+    out = np.empty(n, np.float32)
+    job = mk_methods.TensorJob("t", [base, base + delta], 0, shared, [{}, per_input],
+                               mk_methods.Precision(np.float32), out, (n,))
+    mk_methods.merge_tensor(spec, job)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_dare_rescales_float16_deltas_in_float32():
+    """MergeKit's ``bernoulli`` (CPU) casts a float16 delta to float32, scales it by the float32 L1
+    ratio and rounds the product to float16 once (|delta| >= 0.06: the sums are exact in float32)."""
+    rng = np.random.default_rng(1)
+    n, density, seed = 64, 0.3, 5
+    base = rng.normal(size=n).astype(np.float16)
+    x = (base.astype(np.float32) + rng.uniform(0.1, 1.0, n) * rng.choice([-1, 1], n)).astype(np.float16)
+    spec = mk_methods.METHODS["dare_linear"]
+    shared = {p.name: p.default for p in spec.params if p.scope == "shared"}
+    out = np.empty(n, np.float16)
+    job = mk_methods.TensorJob("t", [base, x], 0, shared, [{}, {"weight": 1.0, "density": density}],
+                               mk_methods.Precision(np.float16), out, (n,), seed=seed)
+    mk_methods.merge_tensor(spec, job)
+    d = (x.astype(np.float32) - base.astype(np.float32)).astype(np.float16).astype(np.float32)
+    keep = mk_methods.dare_keep(seed, "t", 1, 0, n, density)
+    scale = np.float32(np.abs(d).sum(dtype=np.float32)) / np.float32(np.abs(d * keep).sum(dtype=np.float32))
+    rescaled = (d * keep * scale).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out, (base.astype(np.float32) + rescaled).astype(np.float16))
+
+
 def test_sharded_output_and_cli(root, capsys):
     y = os.path.join(root, "cli.yml")
     with open(y, "w") as f:
@@ -182,6 +237,7 @@ def _bad_models(root):
         write_model(os.path.join(bad, "vocab40"), big, {**CONFIG, "vocab_size": 40})
         wide = dict(w, **{"model.layers.1.mlp.up_proj.weight": np.zeros((24, 8), np.float32)})
         write_model(os.path.join(bad, "shape"), wide, CONFIG)
+        write_model(os.path.join(bad, "nolayers"), w, {k: v for k, v in CONFIG.items() if k != "num_hidden_layers"})
     return bad
 
 
@@ -203,6 +259,8 @@ BAD = {
     "architecture": (TA.replace("{other}", "{root}/bad/mistral"), r"architectures differ: .* LlamaForCausalLM, .* MistralForCausalLM"),
     "unsupported architecture": (TA.replace("{other}", "{root}/bad/gpt2"), r"architecture 'GPT2LMHeadModel' is not supported"),
     "vocab": (TA.replace("{other}", "{root}/bad/vocab40"), r"vocab sizes differ: .* has 32, .* has 40"),
+    "no layer count": (TA.replace("{other}", "{root}/bad/nolayers"), r"config.json': num_hidden_layers must be a "
+                       r"non-negative integer, got None"),
     "shape": (TA.replace("{other}", "{root}/bad/shape"), r"tensor shapes differ at 'model.layers.1.mlp.up_proj.weight'"),
     "layer range": ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {root}/m1\n        layer_range: [1, 4]\n",
                     r"slices\[0\].sources\[0\].layer_range \[1, 4\] goes past the 3 layers"),

@@ -30,8 +30,9 @@ buffers, on ``THREADS`` worker threads; bfloat16 rounding is done on the float32
 from counts of |d|'s bit patterns (:meth:`RankWindow.from_bf16_counts`). Results do not depend on
 the blocks or threads (``docs/development/merge_speed.md``).
 
-Ties in ``|d|`` at a TIES / breadcrumbs cut are broken by position (lower flat index first);
-MergeKit's ``torch.argsort`` leaves their order unspecified. DARE masks come from numpy's
+Ties in ``|d|`` at a TIES / breadcrumbs cut are broken by position: of equal values the lower
+flat index ranks lower, so a TIES (top-k) cut keeps the later entries; MergeKit's
+``torch.argsort`` leaves their order unspecified. DARE masks come from numpy's
 PCG64 seeded by (seed, tensor name, input, chunk): the keep fraction and the L1 rescaling are
 MergeKit's, the masks differ by design.
 """
@@ -300,12 +301,15 @@ class RankWindow:
     """Keep-mask of the entries whose ascending rank of ``a`` (ties by position) lies in
     ``[lo, hi)``, applied chunk by chunk in order (:meth:`__call__`). Built from one
     ``np.partition`` of ``a`` (destroyed); also gives ``kept_sum`` (sum of the kept values) and
-    ``total_sum``."""
+    ``total_sum``. NaN ranks above every number, as in ``torch.sort``; NaN entries are never in
+    the mask (the masked product keeps them NaN), the numbers keep their ranks."""
 
     def __init__(self, a: np.ndarray, lo: int, hi: int):
         n = a.size
-        self.empty, self.all = hi <= lo, lo <= 0 and hi >= n
         self.total_sum = float(np.sum(a, dtype=np.float64))
+        if math.isnan(self.total_sum):  # NaN ranks above every number (torch.sort); NaN * mask is NaN either way
+            hi = min(hi, n - int(np.count_nonzero(np.isnan(a))))
+        self.empty, self.all = hi <= lo, lo <= 0 and hi >= n
         if self.empty:
             self.kept_sum = 0.0
             return
@@ -495,7 +499,7 @@ def _sparsifier(spec: MethodSpec, job: TensorJob, i: int, params: dict[str, Any]
     if spec.sparsify == "random":
         keep = lambda c, size: dare_keep(job.seed, job.name, i, c, size, density)
 
-        def sums(c, s, e, bufs):  # float64 sums over the whole chunk, as before the blocks
+        def sums(c, s, e, bufs):  # float64 sums over each chunk (the unit of the keep masks)
             d = bufs.chunk[: e - s]
             for bs, be in spans(e - s, BLOCK):
                 np.abs(_delta_block(prec, x[s + bs : s + be], base[s + bs : s + be], d[bs:be], bufs), out=d[bs:be])
@@ -510,7 +514,9 @@ def _sparsifier(spec: MethodSpec, job: TensorJob, i: int, params: dict[str, Any]
         for b_, a_ in run_chunks(n, sums, chunk_buffers):
             before += b_
             after += a_
-        return Sparsifier(random=keep, scale=_l1_scale(prec, before, after) if rescale else None)
+        # MergeKit's ``bernoulli`` rescales a float16 delta in float32 (CPU), a bfloat16 one in bfloat16
+        scale_prec = Precision(np.float32) if prec.work == np.float16 else prec
+        return Sparsifier(random=keep, scale=_l1_scale(scale_prec, before, after) if rescale else None)
     if spec.sparsify == "magnitude":
         if density <= 0 or n == 0:
             return Sparsifier(zero=True)

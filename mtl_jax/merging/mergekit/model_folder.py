@@ -57,7 +57,10 @@ class ModelFolder:
         if self.architecture not in LLAMA_LAYOUT:
             raise UsageError(f"model folder '{path}': architecture {self.architecture!r} is not supported; "
                              f"supported (Hugging Face Llama layout): {', '.join(LLAMA_LAYOUT)}")
-        self.num_layers = int(self.config.get("num_hidden_layers", 0))
+        layers = self.config.get("num_hidden_layers")
+        if type(layers) is not int or layers < 0:
+            raise UsageError(f"'{cfg_path}': num_hidden_layers must be a non-negative integer, got {layers!r}")
+        self.num_layers = layers
         self.files = self._weight_files()
         self._readers: dict[str, SafetensorsReader] = {}
         self.where: dict[str, str] = {}
