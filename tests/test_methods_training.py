@@ -11,6 +11,7 @@ import pytest
 from mtl_jax.config import apply_overrides, load_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import to_global, train_dataset
+from mtl_jax.errors import UsageError
 from mtl_jax.train.methods import METHODS, MethodInputs, get_method
 from mtl_jax.train.forward import make_representation_forward
 from mtl_jax.train.trainer import build_experiment, evaluate
@@ -111,6 +112,14 @@ def test_representation_level_mgda_matches_a_reference(multimnist):
     np.testing.assert_allclose(np.asarray(out["weights"]), np.asarray(w), rtol=1e-4)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_representation_level_refuses_a_model_with_batch_statistics_in_one_line(multimnist):
+    exp, batch, state, *_ = sgd_step_setup(multimnist, "method.name='mgda'", "jacobian.level='representation'",
+                                           "model.trunk_kwargs={'features': (64,), 'batch_norm': True}")
+    with pytest.raises(UsageError, match=r"jacobian.level='representation' needs a model without mutable state.*"
+                                         r"batch_stats.*jacobian.level='params'"):
+        exp.train_step(state, to_global(batch, exp.data_sharding))
 
 
 def test_representation_level_gradnorm_reads_the_norms_of_the_representation_gradients(multimnist):

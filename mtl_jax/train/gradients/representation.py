@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from mtl_jax.errors import UsageError
 from mtl_jax.train.gradients import layerwise as layerwise_gramian
 from mtl_jax.train.gradients.base import Linearization, StepContext, TaskGradients
 from mtl_jax.train.gradients.combine import aggregate, head_weights
@@ -127,6 +128,9 @@ def representation_level(method, encode, decode, names: Sequence[str]):
     """
 
     def gradients(ctx: StepContext) -> TaskGradients:
+        if jax.tree.leaves(ctx.model_state):
+            raise UsageError(f"jacobian.level='representation' needs a model without mutable state; this one has "
+                             f"{sorted(ctx.model_state)} (batch statistics): use jacobian.level='params'")
         enc_key, dec_key = jax.random.split(ctx.key)
         z, encode_vjp = jax.vjp(lambda p: encode(p, ctx.batch, enc_key, True), ctx.params["shared"])
         losses, preds, head_rows, stacked_z = heads_once(decode, ctx.params["heads"], z, ctx.batch, dec_key, names)
