@@ -4,7 +4,7 @@ MergeKit and a plain numpy read-all-inputs/write-one-output pass (the I/O floor)
     python -m benchmarks.merge_throughput                    # T=8 task vectors of a ~100M model
     python -m benchmarks.merge_throughput --params 5e6       # quick run
     python -m benchmarks.merge_throughput --rounds 5 --impls floor,ours_stream   # ours vs floor only
-    python -m benchmarks.merge_throughput --impls floor,floor_mmap,ours_stream,mergekit --methods ta,ties,dare,consensus --profile
+    python -m benchmarks.merge_throughput --impls floor,floor_mmap,ours_stream,ours_stream_numpy,mergekit --methods ta,ties,dare,consensus --profile
 
 Inputs: a ViT-B-like list of fp32 matrices (12 blocks of qkv/proj/fc1/fc2 + biases + LayerNorms,
 patch/position embeddings, and a token embedding that tops the count up to ``--params``),
@@ -27,6 +27,12 @@ Prints one JSON document, then a table of times, peak RSS and ratios.
 CPU seconds (user + system, all threads) are reported beside wall times: on a shared machine
 they are the steadier measure; ``--profile`` adds a per-pass table of our streaming merges (wall,
 kernel and writer-wait seconds per pass, against floor_mmap), run in this process.
+
+``ours_stream`` runs the fused (numba) chunk kernels where numba is installed
+(:mod:`mtl_jax.merging.streaming.fused`), ``ours_stream_numpy`` the numpy kernels
+(``MTL_JAX_NUMPY_KERNELS=1``); the same output bits. numba's start-up (import, compiler
+registries, cached machine code; a fixed cost per process) runs before the timed merge, like the
+imports, and is reported on its own line.
 
 MergeKit YAML mode (``mtl-jax merge --mergekit-yaml`` vs ``mergekit-yaml`` in ``.peers-venv``,
 TinyLlama-like bf16 models, base + 2 fine-tuned, ties / task_arithmetic / linear; each run a fresh
@@ -56,7 +62,8 @@ PEER_PY = next((p for p in (os.path.join(REPO, v, "bin", "python") for v in (".p
                 if os.path.exists(p)), os.path.join(REPO, ".peers-venv", "bin", "python"))  # mergekit is in both
 PEER_DRIVER = os.path.join(REPO, "benchmarks", "peers", "merge_peer.py")
 METHODS = ("ta", "ties", "dare", "consensus")
-IMPLS = ("floor", "floor_mmap", "ours_mem", "ours_stream", "fusionbench", "mergekit")
+IMPLS = ("floor", "floor_mmap", "ours_mem", "ours_stream", "ours_stream_numpy", "fusionbench", "mergekit")
+STREAMS = ("ours_stream", "ours_stream_numpy")
 FLOORS = ("floor", "floor_mmap")
 
 
@@ -248,19 +255,35 @@ def worker_ours_mem(method: str, d: str, num_tasks: int, out: str) -> None:
     _report(t0, t1, t2, t3, base)
 
 
+def load_fused_kernels() -> dict:
+    """Start numba and load the fused kernels (when installed and not switched off), as the
+    imports are, before the timed merge: its wall and CPU seconds (a fixed cost per process,
+    reported beside the merge time)."""
+    from mtl_jax.merging.streaming.kernels import fused_loader
+
+    cpu0, t0 = _cpu_s(), time.perf_counter()
+    loader = fused_loader()
+    if loader is None:
+        return {}
+    loader.wait()
+    return {"kernels_load_s": time.perf_counter() - t0, "kernels_load_cpu_s": _cpu_s() - cpu0}
+
+
 def worker_ours_stream(method: str, d: str, num_tasks: int, out: str, budget: int) -> None:
     """Streaming merge (leaf groups within ``budget`` bytes, 0 = one leaf at a time); all time
-    counts as 'merge'."""
+    counts as 'merge'. The fused kernels' start-up runs before, untimed like the imports (and is
+    reported)."""
     from mtl_jax.merging.streaming import stream_merge
 
     name, _, hp = _ours_fn(method)
+    load = load_fused_kernels()
     base = _rss_now()
     cpu0, t0 = _cpu_s(), time.perf_counter()
     stats = stream_merge(f"{d}/pretrained.safetensors", [f"{d}/task_{t}.safetensors" for t in range(num_tasks)],
                          out, name, memory_budget=budget or None, **hp)
     t1 = time.perf_counter()
     _report(t0, t0, t1, t1, base, cpu0)
-    print(json.dumps({"passes": stats["passes"], "groups": stats["num_groups"]}))
+    print(json.dumps(dict(load, passes=stats["passes"], groups=stats["num_groups"])))
 
 
 # ------------------------------------------------------------------------- per-pass profiles
@@ -275,19 +298,22 @@ def profile_streaming(d: str, num_tasks: int, methods: list[str], budget: int) -
     import io
 
     from mtl_jax.merging.streaming import passes, stream_merge
+    from mtl_jax.merging.streaming.kernels import NUMPY_KERNELS_ENV
 
     out = os.path.join(d, "profile_out.safetensors")
     rows = []
+    load_fused_kernels()
     warm_page_cache(d, num_tasks)
     with contextlib.redirect_stdout(io.StringIO()) as captured:
         worker_floor_mmap(d, num_tasks, out)
     floor = json.loads(captured.getvalue().splitlines()[0])
     rows.append({"method": "floor_mmap", "pass": "(all)", "leaves": 0, "wall_s": floor["total_s"], "kernel_s": float("nan"),
                  "write_wait_s": float("nan"), "cpu_s": floor["cpu_s"]})
-    for m in methods:
+    for m, numpy_kernels in ((m, k) for m in methods for k in (False, True)):
         name, _, hp = _ours_fn(m)
         warm_page_cache(d, num_tasks)
         passes.PASS_LOG = []
+        os.environ[NUMPY_KERNELS_ENV] = "1" if numpy_kernels else "0"
         cpu0, t0 = _cpu_s(), time.perf_counter()
         try:
             stream_merge(f"{d}/pretrained.safetensors", [f"{d}/task_{t}.safetensors" for t in range(num_tasks)], out, name,
@@ -296,21 +322,24 @@ def profile_streaming(d: str, num_tasks: int, methods: list[str], budget: int) -
             log, passes.PASS_LOG = passes.PASS_LOG, None
         finally:
             passes.PASS_LOG = None
+            os.environ.pop(NUMPY_KERNELS_ENV)
             if os.path.exists(out):
                 os.remove(out)
-        rows += [dict(r, method=m, cpu_s=float("nan")) for r in log]
-        rows.append({"method": m, "pass": "(total)", "leaves": 0, "wall_s": wall, "kernel_s": sum(r["kernel_s"] for r in log),
-                     "write_wait_s": sum(r["write_wait_s"] for r in log), "cpu_s": cpu})
+        label = f"{m} numpy" if numpy_kernels else m
+        rows += [dict(r, method=label, cpu_s=float("nan")) for r in log]
+        rows.append({"method": label, "pass": "(total)", "leaves": 0, "wall_s": wall,
+                     "kernel_s": sum(r["kernel_s"] for r in log), "write_wait_s": sum(r["write_wait_s"] for r in log),
+                     "cpu_s": cpu})
     return rows
 
 
 def profile_table(rows: list[dict]) -> str:
     floor = next((r["wall_s"] for r in rows if r["method"] == "floor_mmap"), float("nan"))
-    lines = ["per-pass profile (one process; kernel s = time in the numpy kernels summed over worker threads; write wait = "
+    lines = ["per-pass profile (one process; kernel s = time in the chunk kernels summed over worker threads; write wait = "
              "time the pass waited for the output writer; x fl_mmap = wall / floor_mmap wall)",
-             f"{'method':10s} {'pass':28s} {'leaves':>6s} {'wall s':>7s} {'kernel s':>8s} {'write wait':>10s} {'cpu s':>6s} {'x fl_mmap':>9s}"]
+             f"{'method':16s} {'pass':28s} {'leaves':>6s} {'wall s':>7s} {'kernel s':>8s} {'write wait':>10s} {'cpu s':>6s} {'x fl_mmap':>9s}"]
     for r in rows:
-        lines.append(f"{r['method']:10s} {r['pass']:28s} {r['leaves']:6d} {r['wall_s']:7.2f} {r['kernel_s']:8.2f} "
+        lines.append(f"{r['method']:16s} {r['pass']:28s} {r['leaves']:6d} {r['wall_s']:7.2f} {r['kernel_s']:8.2f} "
                      f"{r['write_wait_s']:10.2f} {r['cpu_s']:6.2f} {r['wall_s'] / floor:9.2f}")
     return "\n".join(lines)
 
@@ -365,7 +394,7 @@ def run_child(cmd: list[str], rss_limit: int, timeout: float) -> dict:
 def command(impl: str, method: str, d: str, num_tasks: int, out: str, budget: int) -> list[str] | None:
     me = [sys.executable, "-m", "benchmarks.merge_throughput", "--worker", impl, "--method", method, "--dir", d,
           "--tasks", str(num_tasks), "--out", out, "--budget", str(budget)]
-    if impl in ("floor", "floor_mmap", "ours_mem", "ours_stream"):
+    if impl in ("floor", "floor_mmap", "ours_mem") + STREAMS:
         return me
     if impl == "mergekit" and method == "consensus":
         return None
@@ -378,7 +407,8 @@ def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return dict(runs[0], rounds=len(runs))
-    med = {k: float(np.median([r.get(k, np.nan) for r in ok])) for k in ("total_s", "merge_s", "cpu_s", "peak_rss", "base_rss")}
+    med = {k: float(np.median([r.get(k, np.nan) for r in ok]))
+           for k in ("total_s", "merge_s", "cpu_s", "peak_rss", "base_rss", "kernels_load_s", "kernels_load_cpu_s")}
     return dict(med, rounds=len(ok), totals_s=[round(r["total_s"], 3) for r in ok],
                 **{k: ok[0][k] for k in ("passes", "groups") if k in ok[0]})
 
@@ -413,6 +443,11 @@ def table(results: dict, model_bytes: int, num_tasks: int) -> str:
             cpu = r.get("cpu_s", float("nan"))
             lines.append(f"{m:10s} {impl:12s} {r.get('rounds', 1):6d} {tot:8.2f} {cpu:7.2f} {gib(r['peak_rss']):>8s} "
                          f"{tot / floor_s:8.2f} {tot / mm_s:9.2f} {cpu / mm_cpu:8.2f} {vs_ours} {r['peak_rss'] / budget:10.2f}")
+    loads = [r for r in results.get("ours_stream", {}).values() if np.isfinite(r.get("kernels_load_s", np.nan))]
+    if loads:
+        lines.append(f"ours_stream: numba start-up + fused kernel load before each timed merge (untimed, like the imports): "
+                     f"wall {np.median([r['kernels_load_s'] for r in loads]):.2f} s, "
+                     f"cpu {np.median([r['kernels_load_cpu_s'] for r in loads]):.2f} s (median); ours_stream_numpy: none")
     return "\n".join(lines)
 
 
@@ -634,7 +669,11 @@ def main(argv=None) -> None:
         return worker_floor_mmap(args.dir, args.tasks, args.out)
     if args.worker == "ours_mem":
         return worker_ours_mem(args.method, args.dir, args.tasks, args.out)
-    if args.worker == "ours_stream":
+    if args.worker in STREAMS:
+        if args.worker == "ours_stream_numpy":
+            from mtl_jax.merging.streaming.kernels import NUMPY_KERNELS_ENV
+
+            os.environ[NUMPY_KERNELS_ENV] = "1"
         return worker_ours_stream(args.method, args.dir, args.tasks, args.out, args.budget)
 
     d = args.dir or tempfile.mkdtemp(prefix="merge_bench_")
@@ -664,7 +703,7 @@ def main(argv=None) -> None:
             if os.path.exists(out):
                 os.remove(out)
 
-        repeated = [i for i in FLOORS + ("ours_stream",) if i in impls]
+        repeated = [i for i in FLOORS + STREAMS if i in impls]
         for _ in range(args.rounds):  # interleaved, so that load changes hit ours and the floor alike
             for impl in repeated:
                 for m in (["-"] if impl in FLOORS else args.methods.split(",")):

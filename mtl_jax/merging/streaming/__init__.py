@@ -11,7 +11,8 @@ Entry point: :func:`stream_merge`. Modules, one concern each:
   :class:`Stream` of one merge.
 * :mod:`.passes`: passes over the inputs and the worker threads of the numpy kernels.
 * :mod:`.kernels`: numpy kernels over chunks of flat leaves (averaging, task arithmetic, DARE-TA,
-  Consensus TA).
+  Consensus TA); :mod:`.fused`: the same kernels and the global TIES output fused in numba (used
+  when numba is installed; the same bits; ``MTL_JAX_NUMPY_KERNELS=1`` keeps numpy).
 * :mod:`.cores`: the in-memory jitted code run on groups of leaves (per-tensor TIES, DARE-TIES,
   Consensus TIES, LiNeS).
 * :mod:`.ties_threshold`: the exact global TIES threshold and majority sign;

@@ -32,7 +32,7 @@ from mtl_jax.merging.masks import ConsensusHParams, consensus_merging
 from mtl_jax.merging.output_safety import check_output
 from mtl_jax.merging.streaming.cores import hparams_key, run_pass, write_group, write_pass
 from mtl_jax.merging.streaming.formats import input_labels, open_inputs, open_output, output_format_of
-from mtl_jax.merging.streaming.kernels import consensus_ta_kernel, dare_ta_kernel, task_arithmetic_kernel, weight_average_kernel
+from mtl_jax.merging.streaming.kernels import chunk_kernel
 from mtl_jax.merging.streaming.passes import chunk_pass, default_threads
 from mtl_jax.merging.streaming.planning import Stream, check_specs, leaf_working_set, plan_groups
 from mtl_jax.merging.streaming.ties_global import stream_ties_global
@@ -43,15 +43,15 @@ from mtl_jax.registry import lookup
 
 
 def stream_weight_average(stream: Stream, writer: Any, hp: WeightAverageHParams) -> None:
-    """:func:`mtl_jax.merging.arithmetic.weight_average`, one pass (numpy kernel)."""
-    kernel = weight_average_kernel(np.asarray(normalized_weights(hp.weights, stream.num_tasks)))
+    """:func:`mtl_jax.merging.arithmetic.weight_average`, one pass (chunk kernel)."""
+    kernel = chunk_kernel("weight_average_kernel", np.asarray(normalized_weights(hp.weights, stream.num_tasks)))
     chunk_pass(stream, "merge", lambda: kernel, writer)
 
 
 def stream_task_arithmetic(stream: Stream, writer: Any, hp: TaskArithmeticHParams) -> None:
-    """:func:`mtl_jax.merging.arithmetic.task_arithmetic` (Ilharco et al. 2023), one pass (numpy
+    """:func:`mtl_jax.merging.arithmetic.task_arithmetic` (Ilharco et al. 2023), one pass (chunk
     kernel); ``lam`` a scalar or per task."""
-    kernel = task_arithmetic_kernel(np.asarray(per_task_weights(hp.lam, stream.num_tasks)))
+    kernel = chunk_kernel("task_arithmetic_kernel", np.asarray(per_task_weights(hp.lam, stream.num_tasks)))
     chunk_pass(stream, "merge", lambda: kernel, writer)
 
 
@@ -69,9 +69,9 @@ def stream_ties(stream: Stream, writer: Any, hp: TiesHParams) -> None:
 def stream_dare(stream: Stream, writer: Any, hp: DareHParams) -> None:
     """:func:`mtl_jax.merging.ties.dare_merging` (Yu et al. 2024), the same keep masks
     (:func:`mtl_jax.merging.ties.dare_keep`, leaf i = i-th name in sorted order).
-    ``combine="ta"``: one pass (numpy kernel); ``"ties"``: majority-sign pass + output pass."""
+    ``combine="ta"``: one pass (chunk kernel); ``"ties"``: majority-sign pass + output pass."""
     if hp.combine == "ta":
-        kernel = dare_ta_kernel(hp.key, hp.p, np.asarray(per_task_weights(hp.lam, stream.num_tasks)))
+        kernel = chunk_kernel("dare_ta_kernel", hp.key, hp.p, np.asarray(per_task_weights(hp.lam, stream.num_tasks)))
         chunk_pass(stream, "merge", lambda: kernel, writer)
         return
     dyn = ties_statistics(stream, "dare", key=hp.key, p=hp.p)
@@ -80,11 +80,11 @@ def stream_dare(stream: Stream, writer: Any, hp: DareHParams) -> None:
 
 def stream_consensus(stream: Stream, writer: Any, hp: ConsensusHParams) -> None:
     """:func:`mtl_jax.merging.masks.consensus_merging` (Wang et al. 2024). ``base="ta"``: the
-    TALL/consensus counts are per entry, one pass (numpy kernel); ``base="ties"``: the TIES
+    TALL/consensus counts are per entry, one pass (chunk kernel); ``base="ties"``: the TIES
     threshold and majority passes first."""
     if hp.base == "ta":
         tall = np.asarray(per_task_weights(hp.tall_lambda, stream.num_tasks))
-        kernel = consensus_ta_kernel(hp.k, tall, hp.lam)
+        kernel = chunk_kernel("consensus_ta_kernel", hp.k, tall, hp.lam)
         chunk_pass(stream, "merge", lambda: kernel, writer)
         return
     dyn = ties_statistics(stream, "global", hp.top_k)

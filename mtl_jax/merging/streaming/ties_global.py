@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_jax.merging.streaming.kernels import disjoint_mean_np, fp32_slot, masked, sign_into, store
+from mtl_jax.merging.streaming.kernels import disjoint_mean_np, fp32_slot, fused_loader, masked, sign_into, store
 from mtl_jax.merging.streaming.passes import chunk_pass
 from mtl_jax.merging.streaming.planning import Stream
 from mtl_jax.merging.streaming.ties_threshold import (
@@ -92,14 +92,43 @@ class _TiesKernel:
         pos = np.flatnonzero(undecided)
         self.majority += int(np.sum(sign)) - int(np.sum(sign[pos]))
         if len(pos):
-            aside = _Deferred(self.names[index], pos + s, p[pos], tau[:, pos])
-            self.deferred.append(aside)
-            for t, x in enumerate(bucket_entries(np.abs(aside.tau), self.lo, self.hi)):
-                self.candidates[t].append(x)
+            self.keep_aside(_Deferred(self.names[index], pos + s, p[pos], tau[:, pos]))
         merged = disjoint_mean_np(trimmed, sign, tau, kept, fp32_slot(ws, out, s, e), ws.count[:n])
         merged *= self.lam
         merged += p
         store(out, s, e, merged)
+
+    def keep_aside(self, aside: _Deferred) -> None:
+        """Keep positions aside for the patches; their bracket entries are threshold candidates."""
+        self.deferred.append(aside)
+        for t, x in enumerate(bucket_entries(np.abs(aside.tau), self.lo, self.hi)):
+            self.candidates[t].append(x)
+
+
+class _FusedTiesKernel(_TiesKernel):
+    """:class:`_TiesKernel` run by the fused output kernel
+    (:func:`mtl_jax.merging.streaming.fused.ties_chunk`) once ``loader`` has it (numpy until
+    then): the same outputs, counts, majority and kept-aside positions (whose theta_0 and tau are
+    gathered from the inputs)."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, lam: np.float32, names: Sequence[str], loader: Any):
+        super().__init__(lo, hi, lam, names)
+        self.loader, self.chunks = loader, None
+
+    def __call__(self, ws, index, p0, fts, out, s, e):
+        if self.chunks is None:
+            fused = self.loader.ready()
+            if fused is None:
+                return super().__call__(ws, index, p0, fts, out, s, e)
+            self.chunks = fused.TiesChunks(self.lo, self.hi, self.lam, self.above)
+        pos, majority = self.chunks(ws, p0, fts, out, s, e)
+        self.majority += majority
+        if len(pos):
+            pos = pos + s
+            p = p0[pos].astype(np.float32)
+            tau = np.stack([f[pos].astype(np.float32) for f in fts])
+            tau -= p
+            self.keep_aside(_Deferred(self.names[index], pos, p, tau))
 
 
 def _ties_output_pass(stream: Stream, writer: Any, lo: np.ndarray, hi: np.ndarray, k: int, lam: float) -> bool:
@@ -113,7 +142,12 @@ def _ties_output_pass(stream: Stream, writer: Any, lo: np.ndarray, hi: np.ndarra
     written leaves. Returns False (nothing patched) if some threshold is outside its bracket.
     """
     lam32 = np.float32(lam)
-    kernels = chunk_pass(stream, "merge", lambda: _TiesKernel(lo, hi, lam32, stream.names), writer)
+    loader = fused_loader()
+    if loader is None:
+        make = lambda: _TiesKernel(lo, hi, lam32, stream.names)
+    else:
+        make = lambda: _FusedTiesKernel(lo, hi, lam32, stream.names, loader)
+    kernels = chunk_pass(stream, "merge", make, writer)
     deferred = [d for kern in kernels for d in kern.deferred]
     majority_count = sum(kern.majority for kern in kernels)
     thr = thresholds_from_workers(kernels, lo, hi, k)

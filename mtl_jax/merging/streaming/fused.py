@@ -1,0 +1,438 @@
+"""Fused (numba) kernels of the streaming merges: one pass per chunk, each input entry read once.
+
+The numpy kernels of :mod:`mtl_jax.merging.streaming.kernels` make several passes over
+cache-sized buffers per chunk (task arithmetic 3 per task entry, DARE 7, Consensus ~9, TIES
+~16); these make one, with the arithmetic of an entry in registers. They compute the same
+float32 operations in the same order as the numpy kernels (task vectors ``f32(theta_t) -
+f32(theta_0)``; sums over tasks in task order starting from +0.0, as ``np.sum(axis=0)`` does;
+dropped entries +0.0, as :func:`~mtl_jax.merging.streaming.kernels.masked`), so the results are
+the same bits: numba without ``fastmath`` neither reassociates nor contracts ``a * b + c`` into
+an FMA (tests/merging/test_streaming_fused.py compares the bits).
+
+A chunk is worked on in blocks of ``BLOCK`` entries (the block's task-vector rows stay in the L1
+/ L2 cache); inputs are the whole flat leaves (zero-copy views of the mapped files) and a start
+``s``: fp32 as is, bf16 as its uint16 bit pattern (widened exactly by a 16-bit shift), other
+dtypes (fp16, mixed dtypes) cast to fp32 rows of the :class:`Workspace` first. A kernel returns
+whether it met a non-finite task vector (or result); the Python side then runs the input check
+(:meth:`Workspace.check`), which names file and tensor.
+
+The kernels are compiled on first use (``cache=True``: later processes load them from
+``__pycache__``) and release the GIL (``nogil=True``): the worker threads of
+:func:`mtl_jax.merging.streaming.passes.chunk_pass` run them in parallel. This module imports
+numba; :func:`mtl_jax.merging.streaming.kernels.fused_kernels` imports it only when a merge
+runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import jax
+import ml_dtypes
+import numba
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from mtl_jax.merging.streaming.kernels import CHUNK, Workspace, fp32_slot, store
+from mtl_jax.merging.ties import dare_streams, drop_threshold
+
+BLOCK = 1024  # entries per block: a (T, BLOCK) fp32 scratch is T * 4 KiB
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_INF = np.float32(np.inf)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+_jit = numba.njit(cache=True, nogil=True)
+
+
+# ------------------------------------------------------------------------- loading a block
+
+
+def _block(x, s, n, buf):
+    """Entries ``[s, s + n)`` of the flat input ``x`` as fp32 (n,): a view of ``x`` (fp32) or,
+    for the uint16 bit patterns of bf16, widened into ``buf`` (compiled by :func:`_block_impl`)."""
+    raise NotImplementedError("compiled by numba only")
+
+
+@overload(_block)
+def _block_impl(x, s, n, buf):
+    if isinstance(x, types.Array) and x.dtype == types.uint16:
+
+        def widen(x, s, n, buf):
+            bits = buf.view(np.uint32)
+            for j in range(n):
+                bits[j] = np.uint32(x[s + j]) << np.uint32(16)
+            return buf[:n]
+
+        return widen
+
+    def view(x, s, n, buf):
+        return x[s : s + n]
+
+    return view
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _finite(a):
+    """False for NaN and +-inf (a compare, no branch)."""
+    return np.abs(a) < _INF
+
+
+# ------------------------------------------------------------------------------ the kernels
+
+
+@_jit
+def weight_average_chunk(p0, xs, s, n, w, out, check_p):
+    """``out[:n] = sum_t w_t f32(x_t)`` (``f32(x_0) w_0`` then ``+= f32(x_t) w_t``); returns
+    True if a result (or, with ``check_p``, a theta_0 entry) is not finite."""
+    bad = False
+    pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        acc = out[b : b + m]
+        x = _block(xs[0], s + b, m, xbuf)
+        wt = w[0]
+        for j in range(m):
+            acc[j] = x[j] * wt
+        for t in range(1, len(xs)):
+            x = _block(xs[t], s + b, m, xbuf)
+            wt = w[t]
+            for j in range(m):
+                acc[j] = acc[j] + x[j] * wt
+        for j in range(m):
+            bad |= not _finite(acc[j])
+        if check_p:
+            p = _block(p0, s + b, m, pbuf)
+            for j in range(m):
+                bad |= not _finite(p[j])
+    return bad
+
+
+@_jit
+def task_arithmetic_chunk(p0, xs, s, n, lam, out):
+    """``out[:n] = theta_0 + sum_t lam_t (x_t - theta_0)`` in the numpy kernel's order
+    (``tau_0 lam_0``, ``+= tau_t lam_t``, ``+= theta_0``); returns True if a result is not finite
+    (it is wherever an input is)."""
+    bad = False
+    pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        p = _block(p0, s + b, m, pbuf)
+        acc = out[b : b + m]
+        x = _block(xs[0], s + b, m, xbuf)
+        lt = lam[0]
+        for j in range(m):
+            acc[j] = (x[j] - p[j]) * lt
+        for t in range(1, len(xs)):
+            x = _block(xs[t], s + b, m, xbuf)
+            lt = lam[t]
+            for j in range(m):
+                acc[j] = acc[j] + (x[j] - p[j]) * lt
+        for j in range(m):
+            a = acc[j] + p[j]
+            acc[j] = a
+            bad |= not _finite(a)
+    return bad
+
+
+_U13, _U16 = np.uint32(13), np.uint32(16)
+_M1, _M2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mix32(x):
+    """MurmurHash3 ``fmix32`` of a uint32 (:func:`mtl_jax.counter_random.mix32`); every step is
+    truncated to uint32 (numba widens integer arithmetic), so the compiler keeps 32-bit lanes."""
+    x = np.uint32(x ^ (x >> _U16))
+    x = np.uint32(x * _M1)
+    x = np.uint32(x ^ (x >> _U13))
+    x = np.uint32(x * _M2)
+    return np.uint32(x ^ (x >> _U16))
+
+
+@_jit
+def dare_keep_block(offset, increment, threshold, start, n, keep):
+    """DARE keep mask (:func:`mtl_jax.merging.ties.dare_keep`) of entries ``[start, start + n)``
+    of one leaf into ``keep`` bool (T, >= n): ``fmix32(counter * g_t + o_t) >= threshold``
+    (uint32 counters, wrapping)."""
+    for t in range(len(offset)):
+        o, g = offset[t], increment[t]
+        kt = keep[t]
+        for j in range(n):
+            c = np.uint32(start + j)
+            kt[j] = _mix32(np.uint32(c * g + o)) >= threshold
+
+
+@_jit
+def dare_ta_chunk(p0, xs, s, n, position, offset, increment, threshold, scale, lam, out):
+    """DARE with ``combine="ta"``: ``out[:n] = theta_0 + sum_t keep_t ((x_t - theta_0) / scale)
+    lam_t`` (+0.0 where dropped; the sum starts from +0.0, as ``np.sum`` does); the keep masks of
+    leaf entries ``[position, position + n)`` are drawn here (:func:`dare_keep_block`). Returns
+    True if a task vector is not finite."""
+    bad = False
+    num = len(xs)
+    pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    keep = np.empty((num, BLOCK), np.bool_)
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        p = _block(p0, s + b, m, pbuf)
+        acc = out[b : b + m]
+        dare_keep_block(offset, increment, threshold, position + b, m, keep)
+        for j in range(m):
+            acc[j] = _ZERO
+        for t in range(num):
+            x = _block(xs[t], s + b, m, xbuf)
+            lt = lam[t]
+            kt = keep[t]
+            for j in range(m):
+                r = x[j] - p[j]
+                bad |= not _finite(r)
+                d = (r / scale) * lt
+                acc[j] = acc[j] + (d if kt[j] else _ZERO)
+        for j in range(m):
+            acc[j] = acc[j] + p[j]
+    return bad
+
+
+@_jit
+def consensus_ta_chunk(p0, xs, s, n, k, tall_lambda, lam, out):
+    """Consensus TA: ``tau_MTL = sum_t tau_t`` (from +0.0), TALL masks ``|tau_t| > |tau_MTL -
+    tau_t| lam_t``, ``out[:n] = theta_0 + lam * (tau_MTL where >= k masks agree, else +0.0)``.
+    Returns True if ``tau_MTL`` is not finite somewhere (it is wherever a task vector is)."""
+    bad = False
+    pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    mtl = np.empty(BLOCK, np.float32)
+    count = np.empty(BLOCK, np.int32)
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        p = _block(p0, s + b, m, pbuf)
+        for j in range(m):
+            mtl[j] = _ZERO
+            count[j] = 0
+        for t in range(len(xs)):
+            x = _block(xs[t], s + b, m, xbuf)
+            for j in range(m):
+                mtl[j] = mtl[j] + (x[j] - p[j])
+        for j in range(m):
+            bad |= not _finite(mtl[j])
+        for t in range(len(xs)):
+            x = _block(xs[t], s + b, m, xbuf)
+            lt = tall_lambda[t]
+            for j in range(m):
+                tau = x[j] - p[j]
+                count[j] += np.abs(tau) > np.abs(mtl[j] - tau) * lt
+        acc = out[b : b + m]
+        for j in range(m):
+            v = mtl[j] if count[j] >= k else _ZERO
+            acc[j] = v * lam + p[j]
+    return bad
+
+
+@_jit
+def ties_chunk(p0, xs, s, n, lo, hi, lam, out, above, positions):
+    """The global TIES output of one chunk given brackets ``[lo_t, hi_t)`` of the thresholds (as
+    ``_TiesKernel`` of :mod:`mtl_jax.merging.streaming.ties_global`, fused): per task keep
+    ``|tau_t| >= hi_t`` (counted into ``above``, with the NaNs), trimmed sum from +0.0, elected
+    sign in {-1, 0, 1}, disjoint mean ``s * sum_{t: trimmed_t s > 0} trimmed_t s / max(|A|, 1)``,
+    ``out[:n] = theta_0 + lam * mean``. Positions with an entry inside a bracket, or whose trimmed
+    sum cancels to 0 with kept entries, are written (chunk-relative) to ``positions``.
+
+    Returns ``(number of positions kept aside, sum of the elected signs of the others, True if a
+    task vector is not finite)``.
+    """
+    num = len(xs)
+    bad = False
+    deferred, majority = 0, 0
+    pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    trimmed = np.empty((num, BLOCK), np.float32)
+    total, sign = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    inside, any_kept = np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.bool_)
+    agree = np.empty(BLOCK, np.int32)
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        p = _block(p0, s + b, m, pbuf)
+        for j in range(m):
+            total[j] = _ZERO
+            inside[j] = False
+            any_kept[j] = False
+        for t in range(num):
+            x = _block(xs[t], s + b, m, xbuf)
+            h, l = hi[t], lo[t]
+            tr = trimmed[t]
+            counted = 0
+            for j in range(m):
+                tau = x[j] - p[j]
+                mag = np.abs(tau)
+                kept = mag >= h
+                bad |= not (mag < _INF)
+                counted += kept | (mag != mag)
+                inside[j] |= (mag >= l) & (not kept)
+                any_kept[j] |= kept
+                v = tau if kept else _ZERO
+                tr[j] = v
+                total[j] = total[j] + v
+            above[t] += counted
+        for j in range(m):
+            sg = np.float32(total[j] > _ZERO) - np.float32(total[j] < _ZERO)
+            sign[j] = sg
+            if inside[j] or (any_kept[j] and sg == _ZERO):
+                positions[deferred] = b + j
+                deferred += 1
+            else:
+                majority += np.int64(sg)
+            total[j] = _ZERO
+            agree[j] = 0
+        for t in range(num):
+            tr = trimmed[t]
+            for j in range(m):
+                v = tr[j] * sign[j]
+                a = v > _ZERO
+                total[j] = total[j] + (v if a else _ZERO)
+                agree[j] += a
+        acc = out[b : b + m]
+        for j in range(m):
+            mean = (total[j] * sign[j]) / np.float32(max(agree[j], 1))
+            acc[j] = mean * lam + p[j]
+    return deferred, majority, bad
+
+
+# --------------------------------------------------------------------- Python-side kernels
+
+
+def kernel_input(x: np.ndarray) -> Optional[np.ndarray]:
+    """A flat input as the fused kernels take it: fp32 as is, bf16 as its uint16 bit pattern;
+    None for other dtypes (cast first)."""
+    if x.dtype == np.float32:
+        return x
+    if x.dtype == _BF16:
+        return x.view(np.uint16)
+    return None
+
+
+def chunk_inputs(ws: Workspace, p0: np.ndarray, fts: Sequence[np.ndarray], s: int, e: int
+                 ) -> tuple[np.ndarray, tuple[np.ndarray, ...], int]:
+    """``(theta_0, (theta_t, ...), start)`` of chunk ``[s, e)`` for a fused kernel: the whole flat
+    leaves and ``start = s`` when every theta_t has one fp32 / bf16 array type; else fp32 copies of
+    the chunk in ``ws.inputs`` (fp16, mixed dtypes) and ``start = 0``."""
+    p, xs = kernel_input(p0), [kernel_input(f) for f in fts]
+    first = xs[0]
+    if p is not None and first is not None and all(
+            x is not None and x.dtype == first.dtype and x.flags.writeable == first.flags.writeable
+            and x.flags.aligned == first.flags.aligned for x in xs):
+        return p, tuple(xs), s
+    rows = ws.inputs[:, : e - s]
+    for i, x in enumerate([p0, *fts]):
+        np.copyto(rows[i], x[s:e], casting="unsafe")
+    return rows[0], tuple(rows[1:]), 0
+
+
+def weight_average_kernel(w: np.ndarray) -> Callable:
+    """Fused :func:`mtl_jax.merging.streaming.kernels.weight_average_kernel`."""
+    w = np.asarray(w, np.float32)
+
+    def kernel(ws, index, p0, fts, out, s, e):
+        p, xs, start = chunk_inputs(ws, p0, fts, s, e)
+        acc = fp32_slot(ws, out, s, e)
+        if weight_average_chunk(p, xs, start, e - s, w, acc, ws.finite is not None):
+            ws.check(p0, fts, s, e)
+        store(out, s, e, acc)
+
+    return kernel
+
+
+def task_arithmetic_kernel(lam: np.ndarray) -> Callable:
+    """Fused :func:`mtl_jax.merging.streaming.kernels.task_arithmetic_kernel`."""
+    lam = np.asarray(lam, np.float32)
+
+    def kernel(ws, index, p0, fts, out, s, e):
+        p, xs, start = chunk_inputs(ws, p0, fts, s, e)
+        acc = fp32_slot(ws, out, s, e)
+        if task_arithmetic_chunk(p, xs, start, e - s, lam, acc):
+            ws.check(p0, fts, s, e)
+        store(out, s, e, acc)
+
+    return kernel
+
+
+def dare_ta_kernel(key: jax.Array, p: float, lam: np.ndarray) -> Callable:
+    """Fused :func:`mtl_jax.merging.streaming.kernels.dare_ta_kernel`: the same keep masks
+    (:func:`mtl_jax.merging.ties.dare_keep`'s counter hash, drawn in the kernel from the leaf's
+    stream constants)."""
+    lam = np.asarray(lam, np.float32)
+    scale = np.float32(1.0 - p)
+    threshold = np.uint32(drop_threshold(p))
+    streams: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # per leaf; the workers share it
+
+    def kernel(ws, index, p0, fts, out, s, e):
+        if (index, len(fts)) not in streams:
+            streams[index, len(fts)] = leaf_streams(key, index, len(fts))
+        offset, inc = streams[index, len(fts)]
+        p_, xs, start = chunk_inputs(ws, p0, fts, s, e)
+        acc = fp32_slot(ws, out, s, e)
+        if dare_ta_chunk(p_, xs, start, e - s, s, offset, inc, threshold, scale, lam, acc):
+            ws.check(p0, fts, s, e)
+        store(out, s, e, acc)
+
+    return kernel
+
+
+_dare_streams = jax.jit(dare_streams, static_argnums=2)
+
+
+def leaf_streams(key: jax.Array, index: int, num_tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mtl_jax.merging.ties.dare_streams` of leaf ``index`` as uint32 numpy arrays (T,)."""
+    offset, inc = _dare_streams(key, np.uint32(index), num_tasks)
+    return np.asarray(offset, np.uint32), np.asarray(inc, np.uint32)
+
+
+def consensus_ta_kernel(k: int, tall_lambda: np.ndarray, lam: float) -> Callable:
+    """Fused :func:`mtl_jax.merging.streaming.kernels.consensus_ta_kernel`."""
+    tall = np.asarray(tall_lambda, np.float32)
+    lam32 = np.float32(lam)
+
+    def kernel(ws, index, p0, fts, out, s, e):
+        p, xs, start = chunk_inputs(ws, p0, fts, s, e)
+        acc = fp32_slot(ws, out, s, e)
+        if consensus_ta_chunk(p, xs, start, e - s, int(k), tall, lam32, acc):
+            ws.check(p0, fts, s, e)
+        store(out, s, e, acc)
+
+    return kernel
+
+
+def dare_keep_chunk(key: jax.Array, index: int, start: int, n: int, num_tasks: int, p: float) -> np.ndarray:
+    """The keep mask the fused DARE kernel draws for entries ``[start, start + n)`` of leaf
+    ``index``: bool (T, n) (equal to :func:`mtl_jax.merging.ties.dare_keep`; for tests)."""
+    offset, inc = leaf_streams(key, index, num_tasks)
+    keep = np.empty((num_tasks, n), np.bool_)
+    dare_keep_block(offset, inc, np.uint32(drop_threshold(p)), start, n, keep)
+    return keep
+
+
+def warm_up() -> None:
+    """Start numba's compiler (its registries) and load a cached function: what the first
+    kernel call would otherwise pay (:class:`mtl_jax.merging.streaming.kernels.FusedLoader`)."""
+    _finite(np.float32(0.0))
+
+
+class TiesChunks:
+    """Runs :func:`ties_chunk` over one worker's chunks; ``positions`` receives the chunk-relative
+    positions kept aside."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, lam: np.float32, above: np.ndarray):
+        self.lo, self.hi, self.lam = np.asarray(lo, np.float32), np.asarray(hi, np.float32), np.float32(lam)
+        self.above = above  # int64 (T,): entries ranking above hi_t, added to
+        self.positions = np.empty((CHUNK,), np.int64)
+
+    def __call__(self, ws: Workspace, p0: np.ndarray, fts: Sequence[np.ndarray], out: np.ndarray, s: int, e: int
+                 ) -> tuple[np.ndarray, int]:
+        """Fills ``out[s:e]``; returns (chunk-relative positions kept aside, sum of the others' signs)."""
+        p, xs, start = chunk_inputs(ws, p0, fts, s, e)
+        acc = fp32_slot(ws, out, s, e)
+        num, majority, bad = ties_chunk(p, xs, start, e - s, self.lo, self.hi, self.lam, acc, self.above, self.positions)
+        if bad:
+            ws.check(p0, fts, s, e)
+        store(out, s, e, acc)
+        return self.positions[:num], int(majority)
