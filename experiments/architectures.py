@@ -316,11 +316,9 @@ def render(dump: dict, command: str) -> list:
 def write_results(out: str, lines: list, dump: dict) -> None:
     """``out``.md (the tables) and ``out``.json (every run)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(out + ".json", "w") as f:
-        json.dump({name: {k: v for k, v in fam.items() if k != "earlier"} for name, fam in dump.items()}, f,
-                  indent=2, default=dataclasses.asdict)
+    common.write_text(out + ".md", "\n".join(lines) + "\n")
+    common.write_json(out + ".json", {name: {k: v for k, v in fam.items() if k != "earlier"} for name, fam in dump.items()},
+                      indent=2, default=dataclasses.asdict)
 
 
 def rebaseline(previous: dict, entries: list, baseline_spec: str, workdir: str, out: str, command: str) -> list:
@@ -359,10 +357,8 @@ def rebaseline(previous: dict, entries: list, baseline_spec: str, workdir: str, 
                   f"{family['seeds']}): {base}.", ""] + rows + [""]
     lines += [common.footer(command)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=2, default=dataclasses.asdict)
+    common.write_text(out + ".md", "\n".join(lines) + "\n")
+    common.write_json(out + ".json", record, indent=2, default=dataclasses.asdict)
     return lines
 
 

@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import resource
+import secrets
 import shlex
 import shutil
 import sys
 import time
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -123,11 +124,15 @@ def settings_hash(*parts) -> str:
 
 
 def read_json(path: str, default=None):
-    """The JSON document at ``path``, or ``default`` when there is no such file."""
+    """The JSON document at ``path``, or ``default`` when there is no such file; ValueError naming
+    the file when it is not valid JSON (it is left in place)."""
     if not os.path.exists(path):
         return default
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); move it aside to recompute what it held") from None
 
 
 def read_text(path: str) -> str | None:
@@ -138,11 +143,40 @@ def read_text(path: str) -> str | None:
         return f.read()
 
 
+def write_atomic(path: str, fill: Callable[[IO], None], binary: bool = False) -> None:
+    """Write a file at ``path`` by ``fill(file)``: into a hidden temporary sibling
+    (``.<name>.partial-<pid>-<random>``, same folder; folders created), fsynced, then renamed over
+    ``path``. A crash or an exception in ``fill`` leaves the previous ``path`` (or none) and no
+    temporary; concurrent writers never interleave (the last rename wins)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb" if binary else "x") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` at ``path``, written atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text))
+
+
 def write_json(path: str, data, **dump_kwargs) -> None:
-    """``data`` as JSON at ``path`` (folders created; ``dump_kwargs`` go to ``json.dump``)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, **dump_kwargs)
+    """``data`` as JSON at ``path``, written atomically (:func:`write_atomic`: a crash or a value
+    ``json.dump`` rejects never leaves a truncated file); ``dump_kwargs`` go to ``json.dump``."""
+    write_atomic(path, lambda f: json.dump(data, f, **dump_kwargs))
 
 
 def cached_json(path: str, build: Callable[[], object]):
@@ -156,11 +190,10 @@ def cached_json(path: str, build: Callable[[], object]):
 
 
 def save_tree(path: str, tree) -> None:
-    """The leaves of ``tree`` as one ``.npz`` keyed by their '/'-joined paths (written atomically)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{p: np.asarray(x) for p, x in flatten_with_paths(tree)})
-    os.replace(tmp, path)
+    """The leaves of ``tree`` as one ``.npz`` keyed by their '/'-joined paths (written atomically,
+    :func:`write_atomic`)."""
+    arrays = {p: np.asarray(x) for p, x in flatten_with_paths(tree)}
+    write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def load_tree(path: str, template):
@@ -201,8 +234,7 @@ def train_cached(config_arg: str, overrides: Sequence[str], workdir: str) -> dic
     if os.path.exists(workdir) and read_text(started) != key:
         shutil.rmtree(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(started, "w") as f:
-        f.write(key)
+    write_text(started, key)
     results = train_and_evaluate(config, workdir)["results"]
     write_json(path, {"config": key, "results": results})
     return results

@@ -215,8 +215,7 @@ def main(argv=None):
     out = run(args)
     common.write_json(args.out + ".json", out, indent=1)
     text = markdown(out)
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
+    common.write_text(args.out + ".md", text)
     print(text)
 
 

@@ -81,8 +81,7 @@ def main(argv=None):
             lines.append(f"| {t} | {common.mean_std(mt, scale=100, ddof=1)} | {common.mean_std(st, scale=100, ddof=1)} |")
         lines.append("")
     lines.append(common.produced_by(__spec__.name, argv, common.load_average_note() + "; wall times are on a shared machine"))
-    with open(os.path.join(common.RESULTS, "deeponet_pde.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    common.write_text(os.path.join(common.RESULTS, "deeponet_pde.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -138,8 +138,7 @@ def write_report(out: str, text_caption: str, results: dict, tasks, plan, comman
     lines += [""] * bool(failures) + [common.produced_by(__spec__.name, command, partial)]
     text = "\n".join(lines)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write(text + "\n")
+    common.write_text(out + ".md", text + "\n")
     common.write_json(out + ".json", {"caption": text_caption, "baselines": baselines, "delta_m": deltas,
                                       "runs": results, "failures": failures or {}}, indent=2)
     return text

@@ -177,8 +177,7 @@ def main(argv=None):
                + ([f"--calibration_examples={args.calibration_examples}"] if args.calibration_examples else [])
                + ([f"--tag={args.tag}"] if args.tag else []) + rest)  # every setting, defaults included
     table = markdown(name, setting, results, out["results"]) + "\n" + common.produced_by(__spec__.name, command) + "\n"
-    with open(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
-        f.write(table)
+    common.write_text(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.md"), table)
     print(table)
 
 
@@ -226,8 +225,7 @@ def flops_only(config, args, rest) -> dict:
     table = "\n".join(lines) + "\n\n" + common.produced_by(__spec__.name, command) + "\n"
     common.write_json(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.json"),
                       {"config": args.config, "overrides": rest, "input_shape": shape, **counts}, indent=2)
-    with open(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.md"), "w") as f:
-        f.write(table)
+    common.write_text(os.path.join(common.RESULTS, f"moe_inference_flops_{name}.md"), table)
     print(table)
     return counts
 

@@ -114,8 +114,7 @@ def write_table(args, rest, caption: str, baselines, runs, rows, command: list, 
     partial = "" if len(rows) == total else f"partial: {len(rows)} of {total} rows"
     lines += ["", common.produced_by(__spec__.name, command, partial)]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    common.write_text(args.out + ".md", "\n".join(lines) + "\n")
     common.write_json(args.out + ".json", {"baselines": baselines, **runs}, indent=2)
     return "\n".join(lines)
 

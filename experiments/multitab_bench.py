@@ -57,8 +57,7 @@ def main(argv=None):
         for name, r in row.items():
             lines.append(f"| {rho} | {name} | {r['metric']} | {r['mt']:.4f} | {r['st']:.4f} |")
     lines += ["", common.produced_by(__spec__.name, argv, common.load_average_note())]
-    with open(os.path.join(common.RESULTS, "multitab_bench.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    common.write_text(os.path.join(common.RESULTS, "multitab_bench.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -198,8 +198,7 @@ def main(argv=None):
     common.write_json(args.out + ".json", {"args": vars(args), "results": results}, indent=1,
                       default=lambda v: np.asarray(v).tolist())
     table = report(args, results, time.time() - start, argv)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    common.write_text(args.out + ".md", table + "\n")
     print(table)
 
 

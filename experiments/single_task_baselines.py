@@ -9,7 +9,6 @@ Writes ``experiments/results/<dataset>_single_task.json`` ({task: {metric: value
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from experiments import common
@@ -39,11 +38,9 @@ def main(argv=None):
         tasks.append(task)
     path = args.out or os.path.join(common.RESULTS, f"{dataset.name}_single_task.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(baselines, f, indent=2)
+    common.write_json(path, baselines, indent=2)
     table = results_table(baselines, tasks, title=f"{dataset.name}: single-task baselines")
-    with open(path.replace(".json", ".md"), "w") as f:
-        f.write(f"{table}\n\n{common.produced_by(__spec__.name, argv)}\n")
+    common.write_text(path.replace(".json", ".md"), f"{table}\n\n{common.produced_by(__spec__.name, argv)}\n")
     print(table)
 
 

@@ -96,8 +96,7 @@ def write_report(out: str, args, rest, config, tasks, main_metric, single, rows,
     lines += ["", common.produced_by(__spec__.name, command, partial)]
     text = "\n".join(lines)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".md", "w") as f:
-        f.write(text + "\n")
+    common.write_text(out + ".md", text + "\n")
     common.write_json(out + ".json", {"single_task": single, "mtl": runs}, indent=2)
     return text
 

@@ -118,6 +118,13 @@ def default_config() -> ConfigDict:
     return c
 
 
+def linspace_grid(lo: float, hi: float, num: int) -> tuple[float, ...]:
+    """``num`` evenly spaced values from ``lo`` to ``hi`` (both included) as plain floats rounded to
+    4 decimals, e.g. ``linspace_grid(0.1, 1.0, 10) == (0.1, 0.2, ..., 1.0)``: a config's grid."""
+    step = (hi - lo) / (num - 1) if num > 1 else 0.0
+    return tuple(float(round(lo + i * step, 4)) for i in range(num))
+
+
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
     """'smoke,seed=3' -> ConfigDict(smoke=True, seed=3): the keys of ``defaults`` are the only valid ones.
 

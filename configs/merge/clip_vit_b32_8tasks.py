@@ -27,10 +27,9 @@ with lambda 0.1..1.5 (tall_masks / LiNeS grid), TALL lambda_t in 0.2..0.6, AdaMe
 import os
 import tempfile
 
-import numpy as np
 from ml_collections import ConfigDict
 
-from mtl_jax.config import parse_arg
+from mtl_jax.config import linspace_grid, parse_arg
 
 TASKS = ("sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
 # Folder names of task_vectors' data preparation (README / src/datasets/*.py); other datasets: export them to this layout.
@@ -38,16 +37,11 @@ FOLDERS = {"sun397": "sun397", "cars": "stanford_cars", "resisc45": "resisc45", 
            "svhn": "svhn", "gtsrb": "gtsrb", "mnist": "mnist", "dtd": "dtd"}
 
 
-def _grid(lo, hi, num):
-    return tuple(float(round(v, 4)) for v in np.linspace(lo, hi, num))
-
-
 def get_config(arg=None):
     arg = parse_arg(arg, smoke=False, layout="open_clip")
     c = ConfigDict()
     c.tasks = TASKS
-    c.layout = arg.layout  # "open_clip" or "hf": the names in every checkpoint
-    c.finetuned_layout = ""  # "" = layout
+    c.layout = arg.layout  # "open_clip" or "hf": the names in every checkpoint (pretrained and fine-tuned)
     c.model = ConfigDict(dict(preset="vit_b32", vision=ConfigDict(), text=ConfigDict()))  # field overrides
     c.pretrained = ""  # full CLIP checkpoint (both towers)
     c.tokenizer = ""  # HF CLIP tokenizer.json
@@ -63,16 +57,16 @@ def get_config(arg=None):
     c.methods = ()  # rows after the baselines (names as in the table); () = every method
     c.merge = ConfigDict(dict(
         val_per_task=256,  # validation images per task for every grid search
-        ta_lambdas=_grid(0.1, 1.0, 10),
-        dare_lambdas=_grid(0.1, 1.0, 10),  # DARE (TA) and Consensus TA
-        ties_lambdas=_grid(0.1, 1.5, 15),
+        ta_lambdas=linspace_grid(0.1, 1.0, 10),
+        dare_lambdas=linspace_grid(0.1, 1.0, 10),  # DARE (TA) and Consensus TA
+        ties_lambdas=linspace_grid(0.1, 1.5, 15),
         ties_top_k=0.2,
         dare_p=0.9,
         consensus_k=2,
         tall_lambda=0.4,
-        lines_betas=_grid(0.0, 1.0, 11),
+        lines_betas=linspace_grid(0.0, 1.0, 11),
         svd_alphas=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
-        tall_lambdas=_grid(0.2, 0.6, 5),
+        tall_lambdas=linspace_grid(0.2, 0.6, 5),
         stats_examples=256,
         stats_chunk=16,  # Fisher / RegMean images per pass (per-example Fisher gradients: chunk x the parameters)
         regmean_alpha=0.95,

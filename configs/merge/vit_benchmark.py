@@ -6,17 +6,12 @@ key with ``--config.a.b=value``. ``:smoke`` is a seconds-long run on two small t
 Sizes were picked to fit ~25 CPU-minutes for 3 seeds on a 2-core machine.
 """
 
-import numpy as np
 from ml_collections import ConfigDict
 
-from mtl_jax.config import parse_arg
+from mtl_jax.config import linspace_grid, parse_arg
 
 TASKS = ("mnist", "mnist_parity", "mnist_mod3", "mnist_inverted", "mnist_rot90", "mnist_noisy", "digits",
          "digits_mirror")
-
-
-def _grid(lo, hi, num):
-    return tuple(float(round(v, 4)) for v in np.linspace(lo, hi, num))
 
 
 def get_config(arg=None):
@@ -59,9 +54,9 @@ def get_config(arg=None):
         dare_p=0.9,
         consensus_k=2,
         tall_lambda=0.4,
-        lines_betas=_grid(0.0, 1.0, 5),
+        lines_betas=linspace_grid(0.0, 1.0, 5),
         svd_alphas=(0.1, 0.2, 0.3, 0.4, 0.6, 1.0),
-        tall_lambdas=_grid(0.2, 0.6, 5),  # per-task grid of the TALL-mask paper
+        tall_lambdas=linspace_grid(0.2, 0.6, 5),  # per-task grid of the TALL-mask paper
         stats_examples=256,  # Fisher / RegMean examples per task (the papers' 256)
         regmean_alpha=0.95,
     ))

@@ -40,8 +40,9 @@ from experiments.merging.rows import (
 from experiments.merging.statistics import Context, accuracy, chunked_merge_statistics, to_merge_space
 from experiments.merging.training import EvalSet
 from mtl_jax.checkpoints import load_into, read_checkpoint, source_shapes, write_safetensors
-from mtl_jax.data.image_folder import Batches, cache_images, read_image_folder, split_folder
+from mtl_jax.data.image_folder import Batches, cache_images, cache_key, read_image_folder, split_folder
 from mtl_jax.merging import zero_shot as zs
+from mtl_jax.merging.output_safety import discard, fsync_tree, temp_sibling
 from mtl_jax.models.pretrained.clip import (
     CLIPConfig, clip_renames, clip_template, clip_tiny, clip_vision_renames, clip_vit_b32, for_layout, load_clip)
 from mtl_jax.registry import lookup
@@ -130,17 +131,13 @@ class Models(NamedTuple):
 def load_models(config) -> Models:
     """The pretrained CLIP and each task's fine-tuned image encoder; the config is checked before
     any checkpoint is read."""
-    layout = config.finetuned_layout or config.layout
     missing = [t for t in config.tasks if t not in config.finetuned]
     if missing:
         raise ValueError(f"config.finetuned has no checkpoint for tasks {missing}; it names {sorted(config.finetuned)}")
-    if layout != config.layout:
-        raise ValueError(f"finetuned_layout {layout!r} differs from layout {config.layout!r}: the merge needs one "
-                         "parameter layout (convert the checkpoints to one layout)")
     cfg = clip_config(config)
     _, params = load_clip(config.pretrained, config.layout, cfg)
     visual = params["visual"]
-    finetuned = [load_image_encoder(config.finetuned[t], cfg, layout, visual) for t in config.tasks]
+    finetuned = [load_image_encoder(config.finetuned[t], cfg, config.layout, visual) for t in config.tasks]
     return Models(cfg, visual, params["text"], float(params["logit_scale"]), finetuned)
 
 
@@ -158,8 +155,7 @@ class Task(NamedTuple):
 
 
 def _cached(paths: Sequence[str], labels: np.ndarray, folder: str, split: str, size: int, workers: int):
-    key = common.settings_hash(list(paths), size)
-    x = cache_images(paths, os.path.join(folder, f"{split}-{key}.npy"), size, workers=workers)
+    x = cache_images(paths, os.path.join(folder, f"{split}-{cache_key(paths, size)}.npy"), size, workers=workers)
     return x, np.asarray(labels, np.int32)
 
 
@@ -323,9 +319,7 @@ def run_suite(config, argv: Sequence[str] = (), module: str = "experiments.mergi
     rows = suite_rows(config, models, tasks, heads)
     text = report_text(config, {**rows, "_test_sizes": {"n": [len(t.splits["test"][1]) for t in tasks]}},
                        list(config.tasks), time.time() - start, argv, module)
-    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-    with open(config.out + ".md", "w") as f:
-        f.write(text)
+    common.write_text(config.out + ".md", text)
     common.write_json(config.out + ".json", {
         "config": config.to_dict(), "wall_seconds": time.time() - start, "tasks": list(config.tasks),
         "test_sizes": [len(t.splits["test"][1]) for t in tasks], "rows": rows,
@@ -376,6 +370,36 @@ def _perturbed(state: dict, scale: float, rng: np.random.Generator) -> dict:
     return {k: v + (scale * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in state.items()}
 
 
+FIXTURES_FILE = "fixtures.json"  # the settings a fixtures folder was generated with; written last
+
+
+def fixture_paths(folder: str, tasks: Sequence[str]) -> dict:
+    """Where :func:`make_fixtures` puts each file under ``folder``."""
+    return {"pretrained": os.path.join(folder, "pretrained.safetensors"),
+            "tokenizer": os.path.join(folder, "tokenizer.json"), "data_root": os.path.join(folder, "data"),
+            "finetuned": {t: os.path.join(folder, "finetuned", f"{t}.safetensors") for t in tasks}}
+
+
+def _reuse_fixtures(folder: str, settings: dict) -> bool:
+    """True when ``folder`` holds finished fixtures of ``settings``, False when it is absent or an
+    empty folder; ValueError (one line naming the folder) for anything else: fixtures of other
+    settings, a file, or a folder holding files but no fixtures file (never ours to write into)."""
+    done = os.path.join(folder, FIXTURES_FILE)
+    if os.path.isfile(done):
+        stored = (common.read_json(done) or {}).get("settings", {})
+        differ = [f"{k} {stored.get(k)!r} (requested {v!r})" for k, v in settings.items() if stored.get(k) != v]
+        if differ:
+            raise ValueError(f"fixtures folder {folder!r} holds fixtures of other settings: {'; '.join(differ)}; "
+                             "name another fixtures.dir or move this one aside")
+        return True
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"fixtures.dir {folder!r} is a file, not a folder")
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ValueError(f"fixtures.dir {folder!r} holds files but no {FIXTURES_FILE}: not a fixtures folder, "
+                         "refusing to write into it; name a new or empty folder")
+    return False
+
+
 def make_fixtures(folder: str, layout: str = "open_clip", tasks: Sequence[str] = zs.DATASETS,
                   classes_per_task: int = 3, images_per_class: tuple = (10, 4), seed: int = 0,
                   finetune_scale: float = 0.5, weight_std: float = 0.3) -> dict:
@@ -385,13 +409,41 @@ def make_fixtures(folder: str, layout: str = "open_clip", tasks: Sequence[str] =
     N(0, (``finetune_scale`` x ``weight_std``)^2) noise; HF ones without the projection, as
     FusionBench's ``CLIPVisionModel``), ``tokenizer.json`` and ``data/<task>/{train,test}/<class>/*.png``
     of varied sizes whose class is what the task's fine-tuned encoder predicts under its zero-shot head
-    (individual accuracy 100% by construction). Returns the paths. Idempotent (a finished folder is reused)."""
-    done = os.path.join(folder, "fixtures.json")
-    if os.path.exists(done):
-        return common.read_json(done)
+    (individual accuracy 100% by construction), and :data:`FIXTURES_FILE` with the settings. Returns
+    the paths (:func:`fixture_paths`).
+
+    A finished folder of the same settings is reused; one of other settings, or an existing folder
+    with files but no :data:`FIXTURES_FILE`, is refused (ValueError naming it), so a ``fixtures.dir``
+    pointing at real checkpoints never has them replaced. Built in a hidden temporary sibling and
+    renamed to ``folder`` at the end: an interrupted run leaves no half-built ``folder``."""
+    settings = {"layout": layout, "tasks": list(tasks), "classes_per_task": classes_per_task,
+                "images_per_class": list(images_per_class), "seed": seed, "finetune_scale": finetune_scale,
+                "weight_std": weight_std}
+    if _reuse_fixtures(folder, settings):
+        return fixture_paths(folder, tasks)
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    work = temp_sibling(folder)
+    try:
+        _build_fixtures(work, settings)
+        common.write_json(os.path.join(work, FIXTURES_FILE), {"settings": settings})
+        fsync_tree(work)
+        try:
+            os.rename(work, folder)  # replaces only an absent or empty folder
+        except OSError:
+            if not _reuse_fixtures(folder, settings):  # another process finished first with the same settings
+                raise
+    finally:
+        discard(work)
+    return fixture_paths(folder, tasks)
+
+
+def _build_fixtures(folder: str, settings: dict) -> None:
+    """The files of :func:`make_fixtures` ``(folder, **settings)`` under the new folder ``folder``."""
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    layout, tasks = settings["layout"], settings["tasks"]
+    weight_std, finetune_scale = settings["weight_std"], settings["finetune_scale"]
+    rng = np.random.default_rng(settings["seed"])
     cfg = fixture_clip_config(layout)
     renames = clip_renames(cfg, layout)
     shapes = source_shapes(clip_template(cfg), renames)
@@ -399,10 +451,9 @@ def make_fixtures(folder: str, layout: str = "open_clip", tasks: Sequence[str] =
     state = {k: (np.ones(s) if leaf[k] == "scale" else np.zeros(s) if leaf[k] == "bias"
                  else weight_std * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
     state["logit_scale"] = np.asarray(np.log(100.0), np.float32)
-    os.makedirs(os.path.join(folder, "finetuned"), exist_ok=True)
-    paths = {"pretrained": os.path.join(folder, "pretrained.safetensors"), "tokenizer": os.path.join(folder, "tokenizer.json"),
-             "data_root": os.path.join(folder, "data"), "finetuned": {}}
-    write_safetensors(paths["pretrained"], state, overwrite=True)
+    os.makedirs(os.path.join(folder, "finetuned"))
+    paths = fixture_paths(folder, tasks)
+    write_safetensors(paths["pretrained"], state)
     vision = {r.source for r in clip_vision_renames(cfg.vision, layout)}
     all_prompts = [p for t in tasks for per_class in zs.prompts(t, zs.class_names(t, FIXTURE_FOLDERS[t])) for p in per_class]
     write_fixture_tokenizer(paths["tokenizer"], all_prompts)
@@ -414,18 +465,15 @@ def make_fixtures(folder: str, layout: str = "open_clip", tasks: Sequence[str] =
         ft_state = _perturbed({k: v for k, v in state.items() if k in vision}, finetune_scale * weight_std, rng)
         if layout == "hf":
             ft_state.pop("visual_projection.weight")
-        paths["finetuned"][task] = os.path.join(folder, "finetuned", f"{task}.safetensors")
-        write_safetensors(paths["finetuned"][task], ft_state, overwrite=True)
+        write_safetensors(paths["finetuned"][task], ft_state)
         ft = load_image_encoder(paths["finetuned"][task], cfg, layout, params["visual"])
-        folders = FIXTURE_FOLDERS[task][:classes_per_task]
+        folders = FIXTURE_FOLDERS[task][:settings["classes_per_task"]]
         weights = zs.zero_shot_weights(cfg.text, params["text"], tokenizer,
                                        zs.prompts(task, zs.class_names(task, folders)))
         head = zs.classification_head(weights, params["logit_scale"])
-        for split, per_class in zip(("train", "test"), images_per_class):
+        for split, per_class in zip(("train", "test"), settings["images_per_class"]):
             _write_predicted_images(os.path.join(folder, "data", task, split), folders, per_class, size, trunk, ft,
                                     head, rng, Image)
-    common.write_json(done, paths)
-    return paths
 
 
 def _write_predicted_images(root: str, folders, per_class: int, size: int, trunk, params, head, rng, image_lib) -> None:

@@ -65,8 +65,7 @@ def main(argv=None):
     labels, runs = [p[0] for p in pairs], [common.read_json(p[1]) for p in pairs]
     text = f"# {args.title}\n\n" + comparison_table(labels, runs) + "\n\n" + common.produced_by(__spec__.name, argv) + "\n"
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        common.write_text(args.out, text)
     print(text)
 
 

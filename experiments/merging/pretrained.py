@@ -42,7 +42,7 @@ from experiments.merging.report import markdown_table, task_vector_report
 from experiments.merging.rows import PER_TASK_ROWS, RowHooks, run_seed
 from experiments.merging.statistics import chunked_merge_statistics
 from experiments.merging.training import pretrained_setup
-from mtl_jax.config import apply_overrides, config_from_file
+from mtl_jax.config import apply_overrides, config_from_file, linspace_grid
 from mtl_jax.merging.tree import map_with_path
 
 MODELS = {"minilm": "minilm_l6", "efficientnet": "efficientnet_lite0"}
@@ -79,10 +79,6 @@ CLAIMS = (
 )
 
 
-def _grid(lo, hi, num):
-    return tuple(float(round(v, 4)) for v in np.linspace(lo, hi, num))
-
-
 def get_config(model: str, smoke: bool = False) -> ConfigDict:
     """The benchmark's settings for ``model`` (a key of ``MODELS``): ``configs/merge/vit_benchmark.py``'s keys
     with the pretrained backbone's data, budgets and grids (sized for a 2-core CPU; the report records each
@@ -100,10 +96,10 @@ def get_config(model: str, smoke: bool = False) -> ConfigDict:
     # TSV-M / Iso alpha 0.1-3.0 as their code).
     c.merge.update(dict(
         val_per_task=50,
-        ta_lambdas=_grid(0.1, 1.0, 10),
+        ta_lambdas=linspace_grid(0.1, 1.0, 10),
         dare_lambdas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0),
         ties_lambdas=(0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5),
-        lines_betas=_grid(0.0, 1.0, 5),
+        lines_betas=linspace_grid(0.0, 1.0, 5),
         svd_alphas=(0.2, 0.5, 0.8, 1.0, 1.5, 2.0),
         stats_examples=32,
         stats_chunk=8,  # Fisher: per-example gradients of this many examples at a time (memory: chunk x parameters)
@@ -297,9 +293,7 @@ def write_report(config, results: dict, tasks, log: dict, wall: float, argv: Seq
                   for row in first if not row.startswith("_") and first[row]["hparams"]),
         common.produced_by("experiments.merging.pretrained", argv),
     ]) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-    with open(config.out + ".md", "w") as f:
-        f.write(text)
+    common.write_text(config.out + ".md", text)
     common.write_json(config.out + ".json", {
         "config": config.to_dict(), "backbone": log, "wall_seconds": wall, "process_cpu_seconds": common.cpu_seconds(),
         "results": {str(s): r for s, r in results.items()}}, indent=1, default=float)

@@ -5,7 +5,6 @@ the setup, the task-vector diagnostics and the selected hyperparameters; written
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import jax
@@ -110,9 +109,7 @@ def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float, 
                   for row in first if not row.startswith("_") and first[row]["hparams"]),
         common.produced_by("experiments.merging.run", argv),
     ]) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-    with open(config.out + ".md", "w") as f:
-        f.write(text)
+    common.write_text(config.out + ".md", text)
     common.write_json(config.out + ".json", {
         "config": config.to_dict(), "pretrain": pretrain_log, "wall_seconds": wall,
         "process_cpu_seconds": common.cpu_seconds(),

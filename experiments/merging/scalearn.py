@@ -175,8 +175,7 @@ def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float, 
         common.produced_by(__spec__.name, argv),
     ]
     table = "\n".join(lines)
-    with open(cfg.out + ".md", "w") as f:
-        f.write(table + "\n")
+    common.write_text(cfg.out + ".md", table + "\n")
     common.write_json(cfg.out + ".json", {"tasks": names, "results": {str(s): r for s, r in results.items()},
                                           "argv": list(argv)}, indent=1, default=float)
     return table

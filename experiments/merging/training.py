@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -209,21 +208,18 @@ def pretrained_trunk(config, trunk, sources, tasks) -> tuple[dict, dict, str]:
                                    config.data_seed, config.max_train)
     cache_dir = os.path.join(config.workdir, f"pretrain-{pre_key}")
     template = jax.eval_shape(trunk.init, jax.random.key(0), tasks[0].splits["train"][0][:1])["params"]
-    log_path = os.path.join(cache_dir, "pretrain_log.json")
-    pretrain_log = {}
+    log_path, tree_path = os.path.join(cache_dir, "pretrain_log.json"), os.path.join(cache_dir, "pretrained.npz")
+    if os.path.exists(tree_path) and not os.path.exists(log_path):
+        raise ValueError(f"{tree_path} has no pretrain_log.json beside it (an interrupted run); move {cache_dir} "
+                         "aside to pretrain again")
 
     def build():
         shared, log = pretrain(config, trunk, sources)
-        pretrain_log.update(log)
+        common.write_json(log_path, log, default=float)  # before the tree: a cached tree always has its log
         return shared
 
-    pretrained = common.cached_tree(os.path.join(cache_dir, "pretrained.npz"), template, build)
-    if pretrain_log:
-        with open(log_path, "w") as f:
-            json.dump(pretrain_log, f, default=float)
-    with open(log_path) as f:
-        pretrain_log = json.load(f)
-    return pretrained, pretrain_log, cache_dir
+    pretrained = common.cached_tree(tree_path, template, build)
+    return pretrained, common.read_json(log_path), cache_dir
 
 
 class Setup(NamedTuple):

@@ -3,10 +3,14 @@
 Layout (torchvision ``ImageFolder``, the one task arithmetic's data preparation produces for
 SUN397, DTD and EuroSAT and the one every dataset of the CLIP 8-task benchmark can be exported to)::
 
-    <root>/<split>/<class folder>/**/<image>.{jpg,jpeg,png,ppm,bmp,gif,tif,tiff,webp}
+    <root>/<split>/<class folder>/**/<image>.{jpg,jpeg,png,ppm,bmp,pgm,tif,tiff,webp}
 
-Classes are the sub-folders of ``<root>/<split>`` in sorted order (label i = i-th folder, as
-``ImageFolder``); images are found recursively under each class folder, in sorted path order.
+Indexing follows torchvision's ``ImageFolder`` (``torchvision/datasets/folder.py``): classes are the
+sub-folders of ``<root>/<split>`` in sorted order (label i = i-th folder); images are the files under
+each class folder whose lowercased name ends in one of torchvision's ``IMG_EXTENSIONS``
+(:data:`IMAGE_EXTENSIONS`), found by ``os.walk`` following symbolic links (``followlinks=True``), in
+torchvision's order (folders sorted by path, files by name). Unlike torchvision, a link back to a
+folder already on the walk (a cycle) is not followed.
 Task arithmetic's folders use ``val`` as the test split of SUN397 and DTD (``sun397/{train,val}``,
 ``dtd/{train,val}``) and ``EuroSAT_splits/{train,val,test}``: :func:`split_folder` takes a list of
 candidate split names and uses the first that exists.
@@ -19,20 +23,25 @@ kept as uint8 [size, size, 3]; the model divides by 255 and normalises with CLIP
 
 Images are decoded by a thread pool in chunks and written to a ``.npy`` file opened as a memory
 map (:func:`cache_images`), so a split never has to fit in host memory; :class:`Batches` streams a
-cached array to the device in fixed-size padded batches.
+cached array to the device in fixed-size padded batches. A cache is named by :func:`cache_key`
+(paths, sizes and modification times of the files, and the image size), so an edited image is
+decoded again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
+import secrets
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class ImageFolder(NamedTuple):
@@ -59,11 +68,22 @@ def split_folder(dataset_root: str, candidates: Sequence[str]) -> str:
 
 
 def _images_under(folder: str) -> list[str]:
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
+    """Image files under ``folder`` as torchvision's ``make_dataset`` lists them (module docstring);
+    symbolic links to folders are followed unless they lead back to a folder on the current walk."""
+    on_walk = {folder: {os.path.realpath(folder)}}  # each visited folder -> real paths of it and its ancestors
+    walked = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        ancestors = on_walk.pop(parent)
+        keep = []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(parent, d))
+            if real not in ancestors:  # a link to a folder on the walk would loop forever
+                keep.append(d)
+                on_walk[os.path.join(parent, d)] = ancestors | {real}
+        dirs[:] = keep
+        walked.append((parent, files))
+    return [os.path.join(parent, f) for parent, files in sorted(walked)
+            for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def read_image_folder(root: str) -> ImageFolder:
@@ -123,23 +143,41 @@ def decode_images(paths: Sequence[str], size: int, workers: int = 0) -> np.ndarr
     return out
 
 
+def cache_key(paths: Sequence[str], size: int) -> str:
+    """16 hex digits naming the decoded cache of ``paths`` at ``size``: a hash of each path with its
+    file's size and modification time (ns), so editing or replacing an image changes the key."""
+    digest = hashlib.sha1(str(size).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 def cache_images(paths: Sequence[str], out_path: str, size: int, chunk: int = 512, workers: int = 0) -> np.ndarray:
-    """Decode ``paths`` chunk by chunk into ``out_path`` (a ``.npy`` file, uint8 [N, size, size, 3],
-    written to a temporary sibling and renamed at the end) unless it exists with that shape;
-    returns it opened read-only as a memory map."""
+    """Decode ``paths`` chunk by chunk into ``out_path`` (a ``.npy`` file, uint8 [N, size, size, 3])
+    unless it exists with that shape; returns it opened read-only as a memory map. Written to a hidden
+    temporary sibling, fsynced and renamed at the end; the temporary is removed when decoding fails
+    (the error names the image). Name ``out_path`` by :func:`cache_key` so edited images are re-read."""
     shape = (len(paths), size, size, 3)
     if os.path.exists(out_path):
         cached = np.load(out_path, mmap_mode="r")
         if cached.shape == shape and cached.dtype == np.uint8:
             return cached
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}.npy"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    for start in range(0, len(paths), chunk):
-        array[start:start + chunk] = decode_images(paths[start:start + chunk], size, workers)
-    array.flush()
-    del array
-    os.replace(tmp, out_path)
+    folder, name = os.path.split(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for start in range(0, len(paths), chunk):
+            array[start:start + chunk] = decode_images(paths[start:start + chunk], size, workers)
+        array.flush()
+        del array
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return np.load(out_path, mmap_mode="r")
 
 
@@ -171,5 +209,5 @@ class Batches:
                 yield jnp.asarray(x)
 
 
-__all__ = ["Batches", "IMAGE_EXTENSIONS", "ImageFolder", "cache_images", "decode_images", "load_clip_image",
+__all__ = ["Batches", "IMAGE_EXTENSIONS", "ImageFolder", "cache_images", "cache_key", "decode_images", "load_clip_image",
            "read_image_folder", "resize_crop_box", "split_folder"]

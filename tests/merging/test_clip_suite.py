@@ -1,9 +1,10 @@
 """The CLIP 8-task merging suite end to end on generated fixtures: tiny image folders and random
 tiny CLIP checkpoints in both layouts (open_clip names with fused QKV; Hugging Face names, image
 encoders without the projection as FusionBench's ``CLIPVisionModel``). The fixtures' labels are
-each fine-tuned encoder's own predictions, so individual accuracy is 100% and no merged row may
-exceed it. Also: zero-shot heads against a prompt-by-prompt hand computation, class names from
-folders, the image reader's geometry and errors, task_vectors' ``model.`` key prefix."""
+each fine-tuned encoder's own predictions, so individual accuracy is 100%; task arithmetic's grid is
+lambda = 0, so its row must equal the zero-shot row. Also: zero-shot heads against a prompt-by-prompt
+hand computation, class names from folders, the image reader's geometry and errors, task_vectors'
+``model.`` key prefix, a fixtures folder that is not ours (or of other settings) refused untouched."""
 
 import json
 import os
@@ -39,6 +40,7 @@ def _config(root: str, layout: str):
     c.out = os.path.join(root, "out", "table")
     c.workers = 1
     c.merge.stats_chunk = 4  # 8 statistics images: two Fisher / RegMean chunks
+    c.merge.ta_lambdas = (0.0,)  # task arithmetic at lambda 0 is the pretrained encoder
     return c
 
 
@@ -48,14 +50,18 @@ def suite(request, tmp_path_factory):
     return config, clip_suite.run_suite(config)
 
 
-def test_table_is_written_and_individual_bounds_every_merge(suite):
+def test_table_is_written_and_rows_agree(suite):
     config, result = suite
     rows = result["rows"]
     assert list(rows)[:2] == list(clip_suite.BASELINES) and set(rows) == set(clip_suite.BASELINES) | set(config.methods)
-    np.testing.assert_array_equal(rows["Individual (fine-tuned)"]["acc"], 1.0)  # labels = own predictions
+    individual = np.array(rows["Individual (fine-tuned)"]["acc"])
+    np.testing.assert_array_equal(individual, 1.0)  # labels = own predictions
     for name, row in rows.items():
         assert len(row["acc"]) == len(TASKS) and all(0.0 <= a <= 1.0 for a in row["acc"]), name
-        assert np.all(np.array(row["acc"]) <= np.array(rows["Individual (fine-tuned)"]["acc"])), name
+        np.testing.assert_allclose(row["normalised"], np.array(row["acc"]) / individual, err_msg=name)
+    if "Task arithmetic" in rows:  # the merged encoder is the pretrained one: same predictions, same accuracy
+        assert rows["Task arithmetic"]["hparams"] == {"lam": 0.0}
+        assert rows["Task arithmetic"]["acc"] == rows["Pretrained (zero-shot)"]["acc"]
     text = open(config.out + ".md").read()
     assert "| method | EuroSAT | GTSRB | avg | paper avg |" in text and "| Individual (fine-tuned) | 100.0 | 100.0 |" in text
     published = clip_suite.FUSIONBENCH["Task arithmetic"][0]
@@ -136,7 +142,36 @@ def test_config_errors_come_before_any_checkpoint_is_read(tmp_path):
     c.tasks = ("eurosat", "imagenet")
     with pytest.raises(ValueError, match=r"no checkpoint for tasks \['imagenet'\]"):
         clip_suite.load_models(c)
-    c.tasks = ("eurosat",)
-    c.finetuned_layout = "hf"
-    with pytest.raises(ValueError, match="finetuned_layout 'hf' differs from layout 'open_clip'"):
-        clip_suite.load_models(c)
+    assert "finetuned_layout" not in c  # one layout for every checkpoint: ``layout``
+
+
+def test_fixtures_never_write_into_a_folder_that_is_not_theirs(suite, tmp_path):
+    config, _ = suite
+    real = tmp_path / "checkpoints"
+    real.mkdir()
+    (real / "pretrained.safetensors").write_bytes(b"the user's weights")
+    with pytest.raises(ValueError, match=f"fixtures.dir '{real}' holds files but no fixtures.json"):
+        clip_suite.make_fixtures(str(real), config.layout, tasks=TASKS)
+    assert os.listdir(real) == ["pretrained.safetensors"]
+    assert (real / "pretrained.safetensors").read_bytes() == b"the user's weights"
+    assert os.listdir(tmp_path) == ["checkpoints"]  # no temporary sibling left
+    folder = config.fixtures.dir
+    before = sorted(os.listdir(folder))
+    with pytest.raises(ValueError, match=r"holds fixtures of other settings: classes_per_task 3 \(requested 2\)"):
+        clip_suite.make_fixtures(folder, config.layout, tasks=TASKS, classes_per_task=2)
+    with pytest.raises(ValueError, match=r"other settings: tasks \['eurosat', 'gtsrb'\] \(requested \['eurosat'\]\)"):
+        clip_suite.make_fixtures(folder, config.layout, tasks=("eurosat",))
+    other = "hf" if config.layout == "open_clip" else "open_clip"
+    with pytest.raises(ValueError, match=f"layout '{config.layout}' \\(requested '{other}'\\)"):
+        clip_suite.make_fixtures(folder, other, tasks=TASKS)
+    assert sorted(os.listdir(folder)) == before
+    assert clip_suite.make_fixtures(folder, config.layout, tasks=TASKS) == clip_suite.fixture_paths(folder, TASKS)
+
+
+def test_config_grids_are_numpys_linspace_rounded():
+    from mtl_jax.config import linspace_grid
+
+    assert linspace_grid(0.1, 1.0, 10) == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    for lo, hi, num in ((0.0, 1.0, 11), (0.2, 0.6, 5), (0.1, 1.5, 15), (0.3, 0.3, 1)):
+        assert linspace_grid(lo, hi, num) == tuple(float(round(v, 4)) for v in np.linspace(lo, hi, num))
+

@@ -238,6 +238,12 @@ def _bad_models(root):
         wide = dict(w, **{"model.layers.1.mlp.up_proj.weight": np.zeros((24, 8), np.float32)})
         write_model(os.path.join(bad, "shape"), wide, CONFIG)
         write_model(os.path.join(bad, "nolayers"), w, {k: v for k, v in CONFIG.items() if k != "num_hidden_layers"})
+        biased = dict(w, **{f"model.layers.{i}.self_attn.{p}_proj.bias": np.zeros(n, np.float32)
+                            for i in range(CONFIG["num_hidden_layers"]) for p, n in (("q", 8), ("k", 4), ("v", 4))})
+        write_model(os.path.join(bad, "bias"), biased, {**CONFIG, "attention_bias": True})
+        rotary = dict(w, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(2, np.float32)})
+        write_model(os.path.join(bad, "rotary"), rotary, CONFIG)
+        write_model(os.path.join(bad, "deeper"), w, {**CONFIG, "num_hidden_layers": CONFIG["num_hidden_layers"] - 1})
     return bad
 
 
@@ -262,6 +268,12 @@ BAD = {
     "no layer count": (TA.replace("{other}", "{root}/bad/nolayers"), r"config.json': num_hidden_layers must be a "
                        r"non-negative integer, got None"),
     "shape": (TA.replace("{other}", "{root}/bad/shape"), r"tensor shapes differ at 'model.layers.1.mlp.up_proj.weight'"),
+    "attention bias": (TA.replace("{other}", "{root}/bad/bias"),
+                       r"bias' holds tensors outside the Llama template that the merge would drop \(MergeKit's llama "
+                       r"template drops them too\): model.layers.0.self_attn.k_proj.bias, "
+                       r"model.layers.0.self_attn.q_proj.bias, model.layers.0.self_attn.v_proj.bias and 6 more"),
+    "layers past num_hidden_layers": (TA.replace("{other}", "{root}/bad/deeper"),
+                                      r"deeper' holds tensors outside .*: model.layers.2.input_layernorm.weight, "),
     "layer range": ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {root}/m1\n        layer_range: [1, 4]\n",
                     r"slices\[0\].sources\[0\].layer_range \[1, 4\] goes past the 3 layers"),
     "slice lengths": ("merge_method: slerp\nbase_model: {root}/m1\nparameters: {{t: 0.5}}\nslices:\n  - sources:\n"
@@ -290,3 +302,10 @@ def test_bad_input_refused_before_writing(root, case):
     assert not os.path.exists(out)
     parent = os.path.dirname(out)
     assert not os.path.isdir(parent) or not os.listdir(parent)
+
+
+def test_rotary_buffers_are_not_refused(root):
+    bad = _bad_models(root)
+    out, _ = _run(root, "rotary", text=TA.replace("{other}", os.path.join(bad, "rotary")).format(root=root))
+    tensors, _ = _read(out)
+    assert "model.layers.0.self_attn.q_proj.weight" in tensors and not any("inv_freq" in n for n in tensors)

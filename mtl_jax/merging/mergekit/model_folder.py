@@ -28,6 +28,8 @@ LAYER_WEIGHTS = (
     "mlp.down_proj.weight",
 )
 NORM_WEIGHT, LM_HEAD, TIED_TO = "model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"
+# Per-layer buffers that older checkpoints store and transformers recomputes from config.json: not weights.
+DERIVED_LAYER_BUFFERS = ("self_attn.rotary_emb.inv_freq",)
 TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "added_tokens.json",
     "merges.txt", "chat_template.jinja", "generation_config.json", "chat_template.json", "video_preprocessor_config.json",
@@ -116,8 +118,20 @@ class ModelFolder:
     def release(self, name: str) -> None:
         self._reader(self.where[name]).release(name)
 
-    def layer_suffixes(self) -> set[str]:
-        return {n[m.end():] for n in self.specs if (m := _LAYER.match(n))}
+    def outside_template(self) -> list[str]:
+        """The tensors (sorted) that the Llama template does not name, which a merge would leave out:
+        e.g. ``self_attn.q_proj.bias`` (``attention_bias: true``), layers from ``num_hidden_layers``
+        on, any other top-level tensor. :data:`DERIVED_LAYER_BUFFERS` are not counted."""
+        top = set(PRE_WEIGHTS) | {NORM_WEIGHT, LM_HEAD}
+        per_layer = set(LAYER_WEIGHTS) | set(DERIVED_LAYER_BUFFERS)
+        outside = []
+        for name in self.specs:
+            m = _LAYER.match(name)
+            if m is None and name not in top:
+                outside.append(name)
+            elif m is not None and (name[m.end():] not in per_layer or int(m.group(1)) >= self.num_layers):
+                outside.append(name)
+        return sorted(outside)
 
     def close(self) -> None:
         for r in self._readers.values():
@@ -125,5 +139,5 @@ class ModelFolder:
         self._readers.clear()
 
 
-__all__ = ["LAYER_WEIGHTS", "LLAMA_LAYOUT", "LM_HEAD", "ModelFolder", "NORM_WEIGHT", "PRE_WEIGHTS", "TIED_TO",
+__all__ = ["DERIVED_LAYER_BUFFERS", "LAYER_WEIGHTS", "LLAMA_LAYOUT", "LM_HEAD", "ModelFolder", "NORM_WEIGHT", "PRE_WEIGHTS", "TIED_TO",
            "TOKENIZER_FILES", "layer_weight"]

@@ -8,7 +8,9 @@ then the final norm and ``lm_head`` (from the last slice's sources, ``t = 0``). 
 written when some input has one; an input without it (tied embeddings) contributes its
 embeddings. Parameters resolve in MergeKit's precedence: the source's own ``parameters``
 (per-input parameters only), the slice's, the top level's, the method default; per-input
-filters match the input tensor name, shared ones the output name.
+filters match the input tensor name, shared ones the output name. An input holding a tensor outside
+the template (e.g. ``q_proj.bias`` of ``attention_bias: true``) is refused by name: MergeKit's
+template drops such tensors from the output silently.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def _open_models(cfg: MergeConfig) -> dict[str, ModelFolder]:
 
 
 def _check_compatible(models: dict[str, ModelFolder], donor: str) -> None:
+    """Same architecture and vocabulary everywhere, and no input tensor that the output would leave out."""
     ref = models[donor]
     for path, m in models.items():
         if m.architecture != ref.architecture:
@@ -122,6 +125,12 @@ def _check_compatible(models: dict[str, ModelFolder], donor: str) -> None:
         if m.vocab_size != ref.vocab_size:
             raise UsageError(f"vocab sizes differ: '{donor}' has {ref.vocab_size}, '{path}' has {m.vocab_size} "
                              "(tokenizer merging is not supported)")
+        outside = m.outside_template()
+        if outside:
+            more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+            raise UsageError(f"'{path}' holds tensors outside the Llama template that the merge would drop "
+                             f"(MergeKit's llama template drops them too): {', '.join(outside[:3])}{more}; "
+                             "merging them is not supported")
 
 
 def build_plan(cfg: MergeConfig, models: dict[str, ModelFolder]) -> MergePlan:
