@@ -1,13 +1,16 @@
 """AiT's soft-token depth output (mtl_jax/models/ait.py): VQ straight-through gradients, soft-token
-decoding, mask augmentation, the tokenizer's fit, the depth head."""
+decoding, mask augmentation, the tokenizer's fit, the depth head, and its token loss in training (the
+train step, evaluation without labels, Rep-MTL)."""
 
 import functools
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ml_collections import ConfigDict
@@ -17,9 +20,14 @@ from mtl_jax.checkpoints import CheckpointMismatchError
 from mtl_jax.config import apply_overrides, load_config
 from mtl_jax.data import from_arrays
 from mtl_jax.models import ait
-from mtl_jax.models import build_model
-from mtl_jax.models.moe_layers import AUX_LOSS
-from mtl_jax.train.trainer import train_and_evaluate
+from mtl_jax.models import HardParameterSharing, build_model
+from mtl_jax.models.moe_layers import AUX_LOSS, sow_aux_loss
+from mtl_jax.train.forward import make_forward, make_task_losses, sows_aux_loss
+from mtl_jax.train.gradients.base import StepContext
+from mtl_jax.train.gradients.rep_mtl import rep_mtl_model_gradients
+from mtl_jax.train.methods import get_method
+from mtl_jax.train.step import make_eval_step, make_train_step
+from mtl_jax.train.trainer import init_state, train_and_evaluate
 
 TINY = dict(num_tokens=32, codebook_dim=16, hidden=8, downsample=4, num_res_blocks=1)
 
@@ -288,16 +296,17 @@ def tiny_dense_dataset(n=2, size=32, seed=0):
 
 
 def test_segnet_split_with_the_ait_head_trains_with_its_tokenizer_frozen(tmp_path):
-    """segnet_split (width 1/16, 32x32) with depth_head='ait' and a saved tokenizer trains 2 steps of
-    AdamW with weight decay through train_and_evaluate: the tokenizer stays bit-identical to the file
-    (it is model state, not a param), the token predictor moves, depth comes out [B, 32, 32, 1]."""
+    """segnet_split (width 1/16, 32x32) with depth_head='ait', AiT's token loss (weight 1) and a saved
+    tokenizer trains 2 steps of AdamW with weight decay through train_and_evaluate: the tokenizer stays
+    bit-identical to the file (it is model state, not a param), the token predictor moves, depth comes
+    out [B, 32, 32, 1]."""
     tokenizer = ait.DepthVQVAE(16, 8, 4, 4, 0)
     tokenizer_params = tokenizer.init(jax.random.key(3), jnp.zeros((1, 4, 4, 1)))["params"]
     path = str(tmp_path / "tokenizer.safetensors")
     ait.save_tokenizer(path, tokenizer_params)
     config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "digits_mlp.py"))
     config.model = ConfigDict({"name": "segnet_split", "arch_kwargs": {
-        "width": 0.0625, "depth_head": "ait", "ait": {**HEAD, "tokenizer_file": path}}})
+        "width": 0.0625, "depth_head": "ait", "ait": {**HEAD, "tokenizer_file": path, "token_loss_weight": 1.0}}})
     config.progress_bar = False
     config = apply_overrides(config, ["num_steps=2", "batch_size=2", "eval_batch_size=2", "log_every=1", "mesh.data=1",
                                       "optim.name='adamw'", "optim.weight_decay=0.1", "optim.lr=0.01",
@@ -354,3 +363,171 @@ def test_dense_models_hand_the_depth_label_to_the_ait_head_for_the_token_loss(ti
     out, sown = run(variables, targets={"depth": depth, "segmentation": jnp.zeros((1, 32, 32), jnp.int32)})
     assert sown[AUX_LOSS]["heads"]["depth"]["pred"]["token_cross_entropy"][0].shape == (2,)
     assert {t: o.shape for t, o in out.items()} == {"segmentation": (1, 32, 32, 4), "depth": (1, 32, 32, 1)}
+
+
+# ---- the token loss in training: forward, train step, evaluation, Rep-MTL ------------------------
+
+TOKEN_HEAD = dict(num_tokens=8, codebook_dim=4, tokenizer_hidden=2, downsample=4, num_res_blocks=0, hidden=4)
+PIXEL_TASKS = (T.segmentation("segmentation", 3), T.depth("depth"))
+
+
+class TinyTrunk(nn.Module):
+    """conv3x3 -> tanh: [B, H, W, 3] -> [B, H, W, 4]; sows ``aux_weight * mean(z^2)`` (a scalar auxiliary
+    loss, shared by the tasks) when ``aux_weight`` > 0."""
+
+    aux_weight: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        z = jnp.tanh(nn.Conv(4, (3, 3), padding=1, name="conv")(x))
+        if self.aux_weight > 0:
+            sow_aux_loss(self, "activity", self.aux_weight * jnp.mean(jnp.square(z)))
+        return z
+
+
+class PixelHead(nn.Module):
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, z, train: bool = False):
+        return nn.Conv(self.num_outputs, (1, 1), name="out")(z)
+
+
+def token_loss_model(weight, freeze=True, trunk_aux=0.0):
+    """Hard parameter sharing on 8x8 images: segmentation (1x1 conv) and depth (AiT's soft-token head,
+    2x2 tokens of 8 codes, token loss weight ``weight``)."""
+    head = ait.SoftTokenDepthHead(**TOKEN_HEAD, freeze_tokenizer=freeze, token_loss_weight=weight, task_index=1,
+                                  num_tasks=2)
+    return HardParameterSharing(trunk=TinyTrunk(trunk_aux), heads={"segmentation": PixelHead(3), "depth": head})
+
+
+def pixel_batch(n=2, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(size=(n, size, size, 3)).astype(np.float32)
+    depth = (1.0 + image[..., 1:2]).astype(np.float32)
+    depth[:, :2] = 0.0  # invalid pixels
+    return {"image": jnp.asarray(image), "segmentation": jnp.asarray((image[..., 0] * 3).astype(np.int32)),
+            "depth": jnp.asarray(depth), "mask": jnp.ones((n,), jnp.float32)}
+
+
+def decoder_and_token_losses(model, variables, batch):
+    """By hand, from ``variables``: the decoder losses [K] (the tasks' losses of the predictions) and
+    AiT's token cross-entropy mean_b CE(logits, tokens(depth)) of the depth head."""
+    preds = model.apply(variables, batch["image"])
+    z = model.apply(variables, batch["image"], stage="trunk")
+    head = model.heads["depth"]
+    head_vars = {c: v["heads"]["depth"] for c, v in variables.items() if "heads" in v and "depth" in v["heads"]}
+    logits = head.apply(head_vars, z, logits_only=True)
+    tokenizer = head_vars["frozen" if head.freeze_tokenizer else "params"]["tokenizer"]
+    vqvae = ait.DepthVQVAE(head.num_tokens, head.codebook_dim, head.tokenizer_hidden, head.downsample,
+                           head.num_res_blocks, parent=None)
+    codes = ait.token_targets(vqvae, tokenizer, batch["depth"])
+    return make_task_losses(PIXEL_TASKS)(preds, batch), ait.token_cross_entropy(logits, codes).mean()
+
+
+def train_step_losses(model, batch):
+    """The losses one jitted ``make_train_step`` step reports (EW, SGD), the variables it started from
+    and the updated state."""
+    optimizers = {"shared": optax.sgd(0.1), "heads": {t.name: optax.sgd(0.1) for t in PIXEL_TASKS}}
+    method = get_method("ew")
+    state = init_state(model, optimizers, method, PIXEL_TASKS, batch["image"], seed=0)
+    step = jax.jit(make_train_step(model, PIXEL_TASKS, optimizers, method, "image"))
+    variables = {"params": state.params, **state.model_state}
+    new_state, out = step(state, batch)
+    return np.asarray(out["losses"]), variables, new_state
+
+
+def test_train_step_adds_the_weighted_token_loss_to_the_depth_loss():
+    """A train step (make_train_step, EW) with ``token_loss_weight`` 0.7 reports the depth loss
+    decoder loss + 0.7 x CE(token logits, tokens of the label), computed here by hand from the same
+    parameters, and the other task's loss unchanged; with weight 0 the depth loss is the decoder's
+    alone, and the token predictor's update differs between the two."""
+    batch = pixel_batch()
+    weighted = token_loss_model(0.7)
+    losses, variables, state = train_step_losses(weighted, batch)
+    decoder, ce = decoder_and_token_losses(weighted, variables, batch)
+    assert float(ce) > 0.1
+    np.testing.assert_allclose(losses, [decoder[0], decoder[1] + 0.7 * ce], rtol=1e-5)
+    plain = token_loss_model(0.0)
+    losses0, variables0, state0 = train_step_losses(plain, batch)
+    jax.tree.map(np.testing.assert_array_equal, variables0, variables)  # same seed, same initial variables
+    np.testing.assert_allclose(losses0, decoder, rtol=1e-5)
+    kernel = lambda s: np.asarray(s.params["heads"]["depth"]["token_logits"]["kernel"])
+    assert np.abs(kernel(state) - kernel(state0)).max() > 1e-6  # the token loss reaches the token logits
+    jax.tree.map(np.testing.assert_array_equal, state.model_state, {"frozen": variables["frozen"]})  # frozen
+
+
+TARGETS_SEEN = []
+
+
+class LabelSpy(nn.Module):
+    """Appends to ``TARGETS_SEEN``, at trace time, which labels its ``targets`` held (None: none given)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, targets=None):
+        TARGETS_SEEN.append(None if targets is None else sorted(targets))
+        return {"depth": nn.Conv(1, (1, 1), name="out")(x)}
+
+
+def test_targets_reach_the_model_in_training_only():
+    """make_forward gives a model that takes ``targets`` the labels in training; evaluation
+    (``make_eval_step``, the forward with train=False) gives none, and the AiT model's evaluation
+    losses are the decoder losses alone."""
+    tasks = (T.depth("depth"),)
+    seen = TARGETS_SEEN
+    seen.clear()
+    spy = LabelSpy()
+    batch = pixel_batch()
+    params = spy.init(jax.random.key(0), batch["image"])["params"]
+    forward = make_forward(spy, tasks, "image")
+    forward(params, {}, batch, jax.random.key(1), True)
+    assert seen[-1] == ["depth"]
+    seen.clear()
+    make_eval_step(spy, tasks, "image")(params, {}, batch)
+    forward(params, {}, batch, jax.random.key(1), False)
+    assert seen == [None, None]
+    model = token_loss_model(0.7)
+    variables = model.init(jax.random.key(2), batch["image"])
+    state = {k: v for k, v in variables.items() if k != "params"}
+    evaluate = jax.jit(lambda v: make_forward(model, PIXEL_TASKS, "image")(v["params"], state, batch,
+                                                                           jax.random.key(3), False)[0])
+    np.testing.assert_allclose(evaluate(variables), decoder_and_token_losses(model, variables, batch)[0], rtol=1e-6)
+
+
+def test_sows_aux_loss_sees_the_token_loss():
+    """The heads-once split is skipped for a model that sows (forward.sows_aux_loss): an unfrozen
+    tokenizer's model (no state) sows the token loss once given the labels (from the tasks, or the
+    batch's keys), not with weight 0."""
+    batch = pixel_batch()
+    for weight in (0.5, 0.0):
+        model = token_loss_model(weight, freeze=False)
+        params = jax.eval_shape(model.init, jax.random.key(0), batch["image"])["params"]
+        assert sows_aux_loss(model, params, batch, "image", PIXEL_TASKS) == (weight > 0)
+
+
+@pytest.mark.parametrize("rep_weights", [(0.0, 0.0), (0.6, 0.8)])
+def test_rep_mtl_keeps_the_auxiliary_losses(rep_weights):
+    """Rep-MTL's step (rep_mtl_model_gradients) reports make_forward's training losses, with the depth
+    head's token loss and the trunk's scalar auxiliary loss (split over the tasks); with the
+    regularisers off its gradients are those of sum_k L_k through the whole model's forward."""
+    batch = pixel_batch()
+    model = token_loss_model(0.7, trunk_aux=0.3)
+    variables = model.init(jax.random.key(4), batch["image"])
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    method = get_method("ew")
+    cfg = ConfigDict(dict(tsr_weight=rep_weights[0], csa_weight=rep_weights[1], temperature=0.5))
+    ctx = StepContext(params, state, batch, jax.random.key(5), method.init(2), jnp.zeros((), jnp.int32),
+                      jax.random.key(6))
+    out = jax.jit(rep_mtl_model_gradients(method, cfg, model, PIXEL_TASKS, "image"))(ctx)
+    forward = make_forward(model, PIXEL_TASKS, "image")
+    (_, want), grads = jax.jit(jax.value_and_grad(lambda p: (lambda l, a: (l.sum(), l))(
+        *forward(p, state, batch, jax.random.key(5), True)), has_aux=True))(params)
+    decoder, ce = decoder_and_token_losses(model, variables, batch)
+    trunk_aux = 0.3 * float(jnp.mean(jnp.square(model.apply(variables, batch["image"], stage="trunk"))))
+    np.testing.assert_allclose(want, decoder + jnp.array([0.0, 0.7 * ce]) + trunk_aux / 2, rtol=1e-5)
+    np.testing.assert_allclose(out.losses, want, rtol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, out.model_state, state)  # the frozen tokenizer
+    if rep_weights == (0.0, 0.0):
+        for a, b in zip(jax.tree.leaves(out.grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

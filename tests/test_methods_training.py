@@ -122,6 +122,39 @@ def test_representation_level_refuses_a_model_with_batch_statistics_in_one_line(
         exp.train_step(state, to_global(batch, exp.data_sharding))
 
 
+def test_representation_level_refuses_a_model_that_sows_auxiliary_losses_in_one_line():
+    """The heads' decode drops sown losses (MoE balancing, AiT's token loss): refused, not ignored."""
+    import flax.linen as nn
+    from ml_collections import ConfigDict
+
+    from mtl_jax import tasks as T
+    from mtl_jax.models.heads import LinearHead
+    from mtl_jax.models.moe_layers import AUX_LOSS
+    from mtl_jax.models.multitask import HardParameterSharing
+    from mtl_jax.train.gradients import StepContext, make_gradients
+
+    class SowingTrunk(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.Dense(4)(x)
+            if train:
+                self.sow(AUX_LOSS, "balance", jnp.mean(h ** 2))
+            return h
+
+    tasks = [T.classification("a", 2), T.classification("b", 2)]
+    model = HardParameterSharing(trunk=SowingTrunk(), heads={t.name: LinearHead(num_outputs=2) for t in tasks})
+    batch = {"x": jnp.ones((4, 3)), "a": jnp.zeros((4,), jnp.int32), "b": jnp.ones((4,), jnp.int32)}
+    params = model.init(jax.random.key(0), batch["x"])["params"]
+    gradients = make_gradients(model, tasks, get_method("mgda", num_tasks=2), "x",
+                               jacobian=ConfigDict({"level": "representation", "chunk": 0, "gramian_mode": "layerwise",
+                                                    "last_shared": ""}), sample_input=batch["x"])
+    ctx = StepContext(params, {}, batch, jax.random.key(1), get_method("mgda", num_tasks=2).init(2), jnp.int32(0),
+                      jax.random.key(2))
+    with pytest.raises(UsageError, match=r"jacobian.level='representation' would drop the auxiliary losses.*"
+                                         r"jacobian.level='params'"):
+        gradients(ctx)
+
+
 def test_representation_level_gradnorm_reads_the_norms_of_the_representation_gradients(multimnist):
     """LibMTL's GradNorm with ``rep_grad=True``: ``G_k = w_k ||dL_k/dz||``. Three SGD steps against a
     loop that feeds GradNorm the Gramian of hand-computed ``dL_k/dz`` (its third weights depend on

@@ -361,7 +361,7 @@ def test_tsr_on_a_dense_model_reads_which_task_owns_each_pixel():
         key = jax.random.key(0)
 
         def run(p):
-            z, st = encode(p["shared"], state, batch, key, True)
+            (z, _), st = encode(p["shared"], state, batch, key, True)
             saliency = rep_mtl.task_saliency(lambda zz: decode(p["heads"], st, zz, batch, key, True)[0], z)
             return saliency, rep_mtl.rep_mtl_regularizer(saliency)[1]
 

@@ -242,3 +242,39 @@ def test_architectures_train_end_to_end_on_digits(arch, tmp_path):
     for metrics in out["results"].values():
         assert all(np.isfinite(v) for v in metrics.values())
     assert out["results"]["digit"]["accuracy"] > 0.2  # chance is 0.1
+
+
+def test_a_zero_or_nan_baseline_fails_when_the_run_starts(tmp_path):
+    """config.baselines is checked by reporting.check_baselines before the first step: a missing
+    entry, a 0 or a NaN baseline (Delta-m% divides by each) fails naming the file and the entries."""
+    from ml_collections import ConfigDict
+
+    from mtl_jax.train.trainer import load_baselines
+
+    tasks = (T.classification("a", 10), T.regression("b"))
+    path = str(tmp_path / "baselines.json")
+
+    def write(baselines):
+        with open(path, "w") as f:
+            f.write(json.dumps(baselines))  # json writes float('nan') as NaN, which json.load reads back
+
+    def load(baselines):
+        write(baselines)
+        return load_baselines(ConfigDict({"baselines": path}), tasks)
+
+    assert load({"a": {"accuracy": 0.8}, "b": {"mae": 0.4}}) == {"a": {"accuracy": 0.8}, "b": {"mae": 0.4}}
+    with pytest.raises(ValueError, match=r"config.baselines '.*baselines.json' lack \['b/mae'\]"):
+        load({"a": {"accuracy": 0.8}})
+    with pytest.raises(ValueError, match=r"baselines.json' \['b/mae = 0.0'\] are not finite non-zero"):
+        load({"a": {"accuracy": 0.8}, "b": {"mae": 0.0}})
+    with pytest.raises(ValueError, match=r"\['a/accuracy = nan'\] are not finite non-zero"):
+        load({"a": {"accuracy": float("nan")}, "b": {"mae": 0.4}})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        load([0.8, 0.4])
+    # the run fails before its first step
+    config = digits_config("num_steps=2", f"baselines='{path}'", "checkpoint.enabled=False")
+    write({"digit": {"accuracy": 0.0}, "parity": {"accuracy": 0.9}, "ink": {"mae": 0.5}})
+    steps = []
+    with pytest.raises(ValueError, match=r"\['digit/accuracy = 0.0'\] are not finite non-zero"):
+        train_and_evaluate(config, str(tmp_path / "run"), on_step=lambda step, state: steps.append(step))
+    assert steps == []

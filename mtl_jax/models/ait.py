@@ -44,13 +44,27 @@ collection (``frozen/heads/<task>/.../tokenizer``), which the trainer keeps in `
 beside ``batch_stats``, so no optimiser, weight decay or gradient method changes it; unfrozen, it is
 ``params/heads/<task>/.../tokenizer`` and trains with the head. Pretrained tokenizers
 (:func:`pretrain_vqvae`) go in through a file (:func:`save_tokenizer`, ``ait.tokenizer_file``, read at
-init) or :func:`with_tokenizer` on a model's variables. AiT's token cross-entropy against the
-tokenizer's codes of the target depth (:func:`token_targets`, :func:`token_cross_entropy`) is sown as
-the depth task's auxiliary loss when the head is given the target depth (``depth_target``; weight
-``token_loss_weight``): ``MTANSegNet(x, train, targets={task: label})`` and
-``dense_resnet.ASPPSoftTokenHead(y, train, depth_target=...)`` hand it on. The trainer's forward
-(``train/forward.py``) passes no targets to models, so in ``train_and_evaluate`` the depth loss is the
-decoder loss alone.
+init) or :func:`with_tokenizer` on a model's variables.
+
+AiT's depth loss (the official ``ait/code/model/depth/depth_head.py`` ``DepthHead.loss2``, normalised
+per token in ``ait/code/model/ait.py`` ``forward_train``) is the token cross-entropy against the frozen
+tokenizer's codes of the target depth plus ``decoder_loss_weight`` times the decoder loss on the soft
+decode (SILog; ``decoder_loss_weight = 1.0`` in the soft-token configs, e.g.
+``ait/configs/swinv2b_480reso_depthonly.py``). Here the depth task's loss is::
+
+    L_depth = L1(decode_soft(logits), d) + token_loss_weight * mean_b CE(logits, tokens(d))
+
+(:func:`token_targets`, :func:`token_cross_entropy`), AiT's sum scaled by ``1 / decoder_loss_weight``:
+``token_loss_weight = 1`` is AiT's setting; the default 0 leaves the decoder loss alone (with a
+tokenizer not trained first, its codes are no labels). The head sows the weighted cross-entropy into
+the ``aux_loss`` collection when it is given the target depth (``depth_target``), and the training
+forward adds it to the depth task's loss (``train/forward.py`` ``make_forward`` /
+``aux_task_losses``): a model whose ``__call__`` takes ``targets`` gets ``{task: label}`` in training
+(never in evaluation), ``HardParameterSharing`` (``segnet_split``, ``resnet_aspp``) hands the label to
+heads that take ``depth_target`` (``dense_resnet.ASPPSoftTokenHead`` passes it on), ``MTANSegNet`` to
+its ``pred_heads``. Rep-MTL (``train/gradients/rep_mtl.py``) keeps the term too; the
+representation-level gradients (``jacobian.level='representation'``) run the heads without labels
+(they refuse models with state, so a frozen tokenizer's model does not reach them).
 """
 
 from __future__ import annotations
@@ -336,7 +350,9 @@ class SoftTokenDepthHead(nn.Module):
 
     AiT's token loss: with ``depth_target`` [B, H, W, 1] given and ``token_loss_weight`` > 0, the call
     sows ``token_loss_weight * mean_b token_cross_entropy(logits, tokens(depth_target))`` into the
-    ``aux_loss`` collection, as entry ``task_index`` of a [``num_tasks``] vector (the task's own term).
+    ``aux_loss`` collection, as entry ``task_index`` of a [``num_tasks``] vector (the task's own term,
+    which the training forward adds to the task's decoder loss; AiT's setting is weight 1, see the
+    module docstring).
     ``logits_only``: return the token logits instead of depth.
     """
 

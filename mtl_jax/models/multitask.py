@@ -11,10 +11,14 @@ merging)::
 the whole model (so dropout masks match): ``stage='trunk'`` returns the shared representation
 ``h``, ``stage='heads'`` takes ``h`` (or ``{task: h_t}``, head t reading its own copy) and returns
 the predictions. The train step uses this for per-task gradients at the representation.
+
+``targets`` ({task: label batch}, given by the training forward only) go to the heads whose
+``__call__`` takes ``depth_target`` (AiT's soft-token depth head, ``models/ait.py``: its token loss).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Mapping
 
 import flax.linen as nn
@@ -37,6 +41,11 @@ def stackable(heads: Mapping[str, nn.Module]) -> bool:
             and all(c == configs[0] for c in configs))
 
 
+def takes_depth_target(head: nn.Module) -> bool:
+    """Whether ``head``'s ``__call__`` takes the task's label as ``depth_target`` (AiT's token loss)."""
+    return "depth_target" in inspect.signature(type(head).__call__).parameters
+
+
 class TaskHeads(nn.Module):
     """Applies ``heads[t]`` to the shared representation for every task t; params under ``heads/<t>``.
 
@@ -50,8 +59,10 @@ class TaskHeads(nn.Module):
     heads: Mapping[str, nn.Module]
 
     @nn.compact
-    def __call__(self, h, train: bool = False, per_task: bool = False):
-        """``per_task``: ``h`` is ``{task: h_t}`` and head t reads ``h_t``."""
+    def __call__(self, h, train: bool = False, per_task: bool = False, targets: Mapping | None = None):
+        """``per_task``: ``h`` is ``{task: h_t}`` and head t reads ``h_t``. ``targets``: {task: label};
+        a head that takes ``depth_target`` (``takes_depth_target``) gets its task's label (stacked heads
+        take none)."""
         names = list(self.heads)
         params = {} if self.is_initializing() else self.variables.get("params", {})
         if stackable(self.heads) and all(t in params for t in names):
@@ -61,7 +72,12 @@ class TaskHeads(nn.Module):
             apply = lambda p, x: head.apply({"params": p}, x, train)
             out = jax.vmap(apply, in_axes=(0, 0 if per_task else None))(stacked, inputs)
             return {t: out[k] for k, t in enumerate(names)}
-        return {task: head.clone(parent=self, name=task)(h[task] if per_task else h, train)
+        targets = targets or {}
+
+        def labels(task, head):
+            return {"depth_target": targets[task]} if task in targets and takes_depth_target(head) else {}
+
+        return {task: head.clone(parent=self, name=task)(h[task] if per_task else h, train, **labels(task, head))
                 for task, head in self.heads.items()}
 
 
@@ -73,12 +89,14 @@ class HardParameterSharing(nn.Module):
     heads: Mapping[str, nn.Module]
 
     @nn.compact
-    def __call__(self, x, train: bool = False, stage: str = "all", per_task: bool = False):
+    def __call__(self, x, train: bool = False, stage: str = "all", per_task: bool = False,
+                 targets: Mapping | None = None):
         """``stage``: 'all' (x -> predictions), 'trunk' (x -> h), 'heads' (x = h, or ``{task: h_t}``
-        with ``per_task`` -> predictions)."""
+        with ``per_task`` -> predictions). ``targets``: {task: label batch}, handed to the heads
+        (``TaskHeads``)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage '{stage}'; valid: {list(STAGES)}")
         h = x if stage == "heads" else self.trunk.clone(parent=self, name="shared")(x, train)
         if stage == "trunk":
             return h
-        return TaskHeads(self.heads, name="heads")(h, train, per_task=per_task)
+        return TaskHeads(self.heads, name="heads")(h, train, per_task=per_task, targets=targets)

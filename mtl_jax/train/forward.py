@@ -58,17 +58,31 @@ def aux_task_losses(aux, num_tasks: int):
     return sum(per_task, jnp.zeros((num_tasks,), jnp.float32)) + sum(shared, jnp.zeros((), jnp.float32)) / num_tasks
 
 
+def takes(model, argument: str) -> bool:
+    """Whether the model's ``__call__`` takes ``argument`` (e.g. 'task_mask', 'targets')."""
+    return argument in inspect.signature(type(model).__call__).parameters
+
+
+def training_targets(tasks: Sequence, batch) -> dict:
+    """``{task name: label batch}``: what a model that takes ``targets`` gets in training (a head
+    may add a loss on its task's label, e.g. AiT's token loss; ``models/ait.py``)."""
+    return {t.name: batch[t.label_key] for t in tasks}
+
+
 def make_forward(model, tasks: Sequence, input_key: str, precision: Precision = FLOAT32) -> Callable:
     """``forward(params, model_state, batch, key, train) -> (losses [K], (predictions, model_state))``.
 
     In training, auxiliary losses the model sows into the ``aux_loss`` collection are added to
     the task losses (``aux_task_losses``). A model whose ``__call__`` takes ``task_mask`` gets
-    ``task_mask(tasks, batch)`` (which examples are labelled for which task). ``precision``: the
+    ``task_mask(tasks, batch)`` (which examples are labelled for which task); one that takes
+    ``targets`` gets ``training_targets(tasks, batch)`` in training only (evaluation reads no label
+    through the model), e.g. for AiT's token loss (``models/ait.py``). ``precision``: the
     parameters and input are cast to its compute dtype, the predictions back to float32
     (``train/precision.py``).
     """
     task_losses = make_task_losses(tasks)
-    wants_mask = "task_mask" in inspect.signature(type(model).__call__).parameters
+    wants_mask = takes(model, "task_mask")
+    wants_targets = takes(model, "targets")
 
     def forward(params, model_state, batch, key, train: bool):
         variables = {"params": cast_params(precision, params), **model_state}
@@ -77,6 +91,8 @@ def make_forward(model, tasks: Sequence, input_key: str, precision: Precision = 
         inputs = cast_input(precision, batch[input_key])
         aux = {}
         if train:
+            if wants_targets:
+                kwargs["targets"] = training_targets(tasks, batch)
             preds, updated = model.apply(variables, inputs, train=True, rngs=rngs,
                                          mutable=list(model_state) + [AUX_LOSS], **kwargs)
             updated = dict(updated)
@@ -177,9 +193,14 @@ def make_representation_forward(model, tasks: Sequence, input_key: str, precisio
     return encode, Decode(heads, make_task_losses(tasks))
 
 
-def sows_aux_loss(model, params, batch, input_key: str) -> bool:
-    """Whether the model's training forward sows auxiliary losses (traced by ``jax.eval_shape``)."""
-    _, out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)},
-                                                     mutable=[AUX_LOSS]), params, batch[input_key])
+def sows_aux_loss(model, params, batch, input_key: str, tasks: Sequence) -> bool:
+    """Whether the model's training forward sows auxiliary losses (traced by ``jax.eval_shape``).
+
+    A model that takes ``targets`` gets ``training_targets(tasks, batch)`` as in ``make_forward`` (a
+    head's loss on its label, e.g. AiT's token loss, is sown only with them)."""
+    kwargs = {"targets": training_targets(tasks, batch)} if takes(model, "targets") else {}
+    _, out = jax.eval_shape(lambda p, x, kw: model.apply({"params": p}, x, train=True, mutable=[AUX_LOSS],
+                                                         rngs={"dropout": jax.random.key(0)}, **kw),
+                            params, batch[input_key], kwargs)
     return bool(jax.tree.leaves(out))
 

@@ -26,7 +26,7 @@ from mtl_jax.train.dense_metrics import finalize_sums
 from mtl_jax.train.losses import task_metric_fns
 from mtl_jax.train.methods import get_method, with_num_params
 from mtl_jax.train.optim import make_optimizers, map_groups
-from mtl_jax.train.reporting import MetricWriter, delta_m, flatten_metrics, results_table
+from mtl_jax.train.reporting import MetricWriter, check_baselines, delta_m, flatten_metrics, results_table
 from mtl_jax.train.sharding import batch_sharding, make_mesh, replicated, train_state_shardings
 from mtl_jax.train.precision import precision_policy
 from mtl_jax.train.state import TrainState
@@ -197,8 +197,9 @@ def with_pretrained(init: Callable, pretrained_name: str) -> Callable:
 
 
 def load_baselines(config, tasks) -> dict | None:
-    """The single-task results ``config.baselines`` points at, checked to cover every metric Delta-m%
-    averages (``TaskSpec.delta_m_metrics``: the main metric, every metric of a dense task)."""
+    """The single-task results ``config.baselines`` points at, checked (``reporting.check_baselines``)
+    to hold every metric Delta-m% averages (``TaskSpec.delta_m_metrics``: the main metric, every metric
+    of a dense task) as a finite non-zero number, so a bad file fails when the run starts."""
     if not config.baselines:
         return None
     if not os.path.exists(config.baselines):
@@ -206,9 +207,9 @@ def load_baselines(config, tasks) -> dict | None:
                                 f"python -m experiments.single_task_baselines, or set --config.baselines='')")
     with open(config.baselines) as f:
         baselines = json.load(f)
-    missing = [f"{t.name}/{m}" for t in tasks for m in t.delta_m_metrics if m not in baselines.get(t.name, {})]
-    if missing:
-        raise ValueError(f"config.baselines '{config.baselines}' lacks {missing}")
+    if not isinstance(baselines, dict) or not all(isinstance(v, dict) for v in baselines.values()):
+        raise ValueError(f"config.baselines '{config.baselines}' must be a JSON object {{task: {{metric: value}}}}")
+    check_baselines(baselines, tasks, what=f"config.baselines '{config.baselines}'")
     return baselines
 
 

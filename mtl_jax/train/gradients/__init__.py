@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 
 from mtl_jax.errors import UsageError
 from mtl_jax.train import flat_minima
-from mtl_jax.train.forward import has_representation, make_forward, make_representation_forward
+from mtl_jax.train.forward import has_representation, make_forward, make_representation_forward, sows_aux_loss
 from mtl_jax.train.gradients.accumulate import accumulate
 from mtl_jax.train.gradients.base import Linearization, StepContext, Strategy, TaskGradients
 from mtl_jax.train.gradients.options import GRAMIAN_MODES, GradientOptions, gradient_options
@@ -115,7 +115,8 @@ def make_gradients(model, tasks: Sequence, method, input_key: str, sharpness=Non
     if use_rep_mtl:
         return rep_mtl_model_gradients(method, rep_mtl_cfg, model, tasks, input_key, precision)
     if rep_level:
-        return representation_level(method, *make_representation_forward(model, tasks, input_key, precision), names)
+        return representation_level(method, *make_representation_forward(model, tasks, input_key, precision), names,
+                                    lambda params, batch: sows_aux_loss(model, params, batch, input_key, tasks))
 
     forward = make_forward(model, tasks, input_key, precision)
     flat = kind in FLAT_MINIMA  # F-MTL holds the per-task gradients by construction
@@ -125,7 +126,7 @@ def make_gradients(model, tasks: Sequence, method, input_key: str, sharpness=Non
     wants_rows = method.needs != "losses" or "last_shared_gramian" in method.wants or flat
     split_forward = (make_representation_forward(model, tasks, input_key, precision)
                      if has_representation(model) and wants_rows else None)
-    split_of = make_split_of(model, input_key, split_forward)
+    split_of = make_split_of(model, tasks, input_key, split_forward)
     linearization = make_linearize(forward, names, by_jvp, by_layer, options.chunk, precision)
     if flat:
         return fmtl(method, sharpness, forward, linearization, split_of, options.last_shared)

@@ -20,13 +20,13 @@ from mtl_jax.train.gradients.representation import representation_losses_and_vjp
 from mtl_jax.train.precision import FLOAT32, Precision, cast_params
 
 
-def make_split_of(model, input_key: str, split_forward) -> Callable:
+def make_split_of(model, tasks: Sequence, input_key: str, split_forward) -> Callable:
     """``split_of(params, model_state, batch) -> (encode, decode) | None``: the heads-once split
     (``split_forward``, from ``forward.make_representation_forward``) when it applies, i.e. a trunk +
     heads model without mutable state or auxiliary losses (decided at trace time)."""
 
     def split_of(params, model_state, batch):
-        if split_forward is None or model_state or sows_aux_loss(model, params, batch, input_key):
+        if split_forward is None or model_state or sows_aux_loss(model, params, batch, input_key, tasks):
             return None
         return split_forward
 

@@ -116,7 +116,7 @@ def representation_losses_and_vjp(encode, decode, params, batch, key, names: Seq
     return Linearization(losses, vjp_fn, jvp_fn if with_jvp else None, rows, preds, None)
 
 
-def representation_level(method, encode, decode, names: Sequence[str]):
+def representation_level(method, encode, decode, names: Sequence[str], sows_aux_loss=lambda params, batch: False):
     """The strategy with the method applied to ``Z_k = dL_k/dz`` (MGDA-UB, Sener & Koltun 2018, Thm. 1;
     LibMTL's ``rep_grad``).
 
@@ -124,13 +124,18 @@ def representation_level(method, encode, decode, names: Sequence[str]):
     [K, B, ...]; the method's weights (or direction) form one cotangent for z, and one backward
     pass through the trunk gives the shared gradient. GradNorm (``wants`` the last shared layer's
     Gramian) gets ``Z Z^T``: its norms are those of the representation gradients, as in LibMTL
-    with ``rep_grad=True``. Models without mutable state (``model_state`` passes through).
+    with ``rep_grad=True``. Models without mutable state and without auxiliary losses
+    (``sows_aux_loss(params, batch)``, e.g. ``forward.sows_aux_loss``: the heads' decode drops them):
+    a one-line UsageError otherwise.
     """
 
     def gradients(ctx: StepContext) -> TaskGradients:
         if jax.tree.leaves(ctx.model_state):
             raise UsageError(f"jacobian.level='representation' needs a model without mutable state; this one has "
                              f"{sorted(ctx.model_state)} (batch statistics): use jacobian.level='params'")
+        if sows_aux_loss(ctx.params, ctx.batch):
+            raise UsageError("jacobian.level='representation' would drop the auxiliary losses this model sows (MoE "
+                             "balancing, AiT's token loss): use jacobian.level='params'")
         enc_key, dec_key = jax.random.split(ctx.key)
         z, encode_vjp = jax.vjp(lambda p: encode(p, ctx.batch, enc_key, True), ctx.params["shared"])
         losses, preds, head_rows, stacked_z = heads_once(decode, ctx.params["heads"], z, ctx.batch, dec_key, names)
