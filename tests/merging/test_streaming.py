@@ -359,6 +359,24 @@ def test_direct_writer_writes_the_buffered_bytes(tmp_path, monkeypatch, stage):
     np.testing.assert_array_equal(back["c"].reshape(-1), expected_c)
 
 
+def test_direct_writer_background_write_error_is_raised(tmp_path, monkeypatch):
+    """A failed background write (the stage being written while the next is filled) raises on
+    the writer's next call, not silently."""
+    appender = S.DirectAppender.open_direct(str(tmp_path / "out.bin"))
+    if appender is None:
+        pytest.skip("this file system refuses O_DIRECT (the writer falls back to buffered writes)")
+    failing = np.dtype(np.uint8)
+
+    def pwrite(buf, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(appender, "_pwrite", pwrite)
+    appender.append(np.zeros(appender.STAGE, failing))  # handed to the I/O thread
+    with pytest.raises(OSError, match="No space left"):
+        appender.append(np.zeros(appender.STAGE, failing))
+    appender.discard()
+
+
 def test_writer_abort_and_incomplete_close_leave_no_output(tmp_path):
     path = str(tmp_path / "out.safetensors")
     specs = [S.LeafSpec("a", (3,), np.dtype(np.float32)), S.LeafSpec("b", (2,), np.dtype(np.float32))]

@@ -149,6 +149,69 @@ def test_non_finite_input_refused_naming_file_and_tensor(name):
         _run(kernel, 2, p, fts, ws)
 
 
+def _checked_workspace(num_tasks):
+    labels = ["p0.safetensors"] + [f"t{t}.safetensors" for t in range(num_tasks)]
+    return Workspace(num_tasks, FiniteCheck(labels, ["l0", "l1", "l2", "blocks.w"]))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_dare_refuses_non_finite_entries_it_drops(value):
+    """The per-block check of the fused DARE kernel sees task-vector entries the keep mask drops
+    (the numpy kernel checks each task vector before the drop)."""
+    rng = np.random.default_rng(4)
+    n, p = CHUNK + 77, 0.6
+    x0, fts = _inputs(rng, 2, n, np.float32, specials=False)
+    dropped = ~F.dare_keep_chunk(jax.random.key(5), 3, 0, n, 2, p)  # leaf index 3, as _run calls it
+    where = np.flatnonzero(dropped[1])[[5, -5]]  # one in each chunk
+    fts[1][where] = value
+    kernel = F.dare_ta_kernel(jax.random.key(5), p, np.array([0.4, 0.6], np.float32))
+    with pytest.raises(NonFiniteInputError, match=r"t1\.safetensors.*blocks\.w"):
+        _run(kernel, 2, x0, fts, _checked_workspace(2))
+
+
+def test_overflowing_finite_inputs_are_merged_not_refused():
+    """Finite inputs whose task vectors (or their per-entry sums, the fused kernels' cheap
+    witness) overflow to inf: the input check finds nothing to refuse, and the outputs keep the
+    numpy kernels' bits."""
+    rng = np.random.default_rng(6)
+    x0, fts = _inputs(rng, 3, CHUNK + 9, np.float32, specials=False)
+    big = np.float32(3e38)
+    x0[10:20], x0[CHUNK + 1] = -big, big
+    for f in fts:
+        f[10:20], f[CHUNK + 1] = big, -big  # tau = +-inf: the same input check as numpy's
+        f[30:40] = big  # sums of finite tau_t overflow
+    lo = np.array([1e-3, 0.0, 2e-3], np.float32)
+    hi = np.array([2e-3, 0.0, 2e-3], np.float32)
+    for name, args in _factories(3, rng).items():
+        want = _run(getattr(K, name)(*args), 3, x0, fts, _checked_workspace(3))
+        got = _run(getattr(F, name)(*args), 3, x0, fts, _checked_workspace(3))
+        assert _same_bits(want, got), name
+    a = _TiesKernel(lo, hi, np.float32(0.5), ["leaf"] * 4)
+    b = _FusedTiesKernel(lo, hi, np.float32(0.5), ["leaf"] * 4, _Ready())
+    assert _same_bits(_run(a, 3, x0, fts, _checked_workspace(3)), _run(b, 3, x0, fts, _checked_workspace(3)))
+    assert np.array_equal(a.above, b.above) and a.majority == b.majority
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_ties_kernel_edge_brackets(num_tasks):
+    """Brackets at the ends: hi = 0 (every entry kept, zero deltas too: their sums cancel to 0
+    with kept entries), lo = 0 and hi = inf (almost every position kept aside), a negative lam,
+    NaN / inf inputs (the check off)."""
+    rng = np.random.default_rng(30 + num_tasks)
+    x0, fts = _inputs(rng, num_tasks, CHUNK + 333, np.float32)
+    cases = [(np.zeros(num_tasks), np.zeros(num_tasks)), (np.zeros(num_tasks), np.full(num_tasks, np.inf)),
+             (np.full(num_tasks, 1e-4), np.r_[np.inf, np.full(num_tasks - 1, 0.0)])]
+    for lo, hi in cases:
+        lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+        a = _TiesKernel(lo, hi, np.float32(-0.7), ["leaf"] * 4)
+        b = _FusedTiesKernel(lo, hi, np.float32(-0.7), ["leaf"] * 4, _Ready())
+        assert _same_bits(_run(a, num_tasks, x0, fts), _run(b, num_tasks, x0, fts)), (lo, hi)
+        assert np.array_equal(a.above, b.above) and a.majority == b.majority
+        ia = np.concatenate([d.index for d in a.deferred]) if a.deferred else np.zeros(0, np.int64)
+        ib = np.concatenate([d.index for d in b.deferred]) if b.deferred else np.zeros(0, np.int64)
+        assert np.array_equal(ia, ib)
+
+
 def _write_pool(folder, dtype, rng, num_tasks=3):
     """pretrained + task_t safetensors: leaves over a chunk and of odd lengths."""
     shapes = {"a.w": (300, 251), "b.w": (64, 33), "c.b": (7,), "d.w": (CHUNK + 3,)}

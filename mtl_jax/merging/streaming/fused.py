@@ -13,8 +13,8 @@ A chunk is worked on in blocks of ``BLOCK`` entries (the block's task-vector row
 / L2 cache); inputs are the whole flat leaves (zero-copy views of the mapped files) and a start
 ``s``: fp32 as is, bf16 as its uint16 bit pattern (widened exactly by a 16-bit shift), other
 dtypes (fp16, mixed dtypes) cast to fp32 rows of the :class:`Workspace` first. A kernel returns
-whether it met a non-finite task vector (or result); the Python side then runs the input check
-(:meth:`Workspace.check`), which names file and tensor.
+whether it may have met a non-finite task vector (a non-finite block sum or result); the Python
+side then runs the exact input check (:meth:`Workspace.check`), which names file and tensor.
 
 The kernels are compiled on first use (``cache=True``: later processes load them from
 ``__pycache__``) and release the GIL (``nogil=True``): the worker threads of
@@ -170,11 +170,15 @@ def dare_ta_chunk(p0, xs, s, n, position, offset, increment, threshold, scale, l
     """DARE with ``combine="ta"``: ``out[:n] = theta_0 + sum_t keep_t ((x_t - theta_0) / scale)
     lam_t`` (+0.0 where dropped; the sum starts from +0.0, as ``np.sum`` does); the keep masks of
     leaf entries ``[position, position + n)`` are drawn here (:func:`dare_keep_block`). Returns
-    True if a task vector is not finite."""
-    bad = False
+    True if a task vector may not be finite, dropped ones included (as the numpy kernel, which
+    checks each task vector before the drop): a per-entry sum of the task vectors (one vector add
+    per task entry) is NaN or inf wherever one of them is (or, harmlessly, where finite ones
+    overflow: the input check then finds nothing), tested once per block."""
     num = len(xs)
+    bad = False
     pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     keep = np.empty((num, BLOCK), np.bool_)
+    nonfinite = np.empty(BLOCK, np.float32)
     for b in range(0, n, BLOCK):
         m = min(BLOCK, n - b)
         p = _block(p0, s + b, m, pbuf)
@@ -182,17 +186,20 @@ def dare_ta_chunk(p0, xs, s, n, position, offset, increment, threshold, scale, l
         dare_keep_block(offset, increment, threshold, position + b, m, keep)
         for j in range(m):
             acc[j] = _ZERO
+            nonfinite[j] = _ZERO
         for t in range(num):
             x = _block(xs[t], s + b, m, xbuf)
             lt = lam[t]
             kt = keep[t]
             for j in range(m):
                 r = x[j] - p[j]
-                bad |= not _finite(r)
+                nonfinite[j] = nonfinite[j] + r
                 d = (r / scale) * lt
                 acc[j] = acc[j] + (d if kt[j] else _ZERO)
         for j in range(m):
             acc[j] = acc[j] + p[j]
+        for j in range(m):
+            bad |= not _finite(nonfinite[j])
     return bad
 
 
@@ -200,9 +207,12 @@ def dare_ta_chunk(p0, xs, s, n, position, offset, increment, threshold, scale, l
 def consensus_ta_chunk(p0, xs, s, n, k, tall_lambda, lam, out):
     """Consensus TA: ``tau_MTL = sum_t tau_t`` (from +0.0), TALL masks ``|tau_t| > |tau_MTL -
     tau_t| lam_t``, ``out[:n] = theta_0 + lam * (tau_MTL where >= k masks agree, else +0.0)``.
-    Returns True if ``tau_MTL`` is not finite somewhere (it is wherever a task vector is)."""
+    A block's task vectors are kept in a (T, BLOCK) scratch (L1 / L2) between the sum and the
+    masks. Returns True if ``tau_MTL`` is not finite somewhere (it is wherever a task vector is)."""
     bad = False
+    num = len(xs)
     pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    tau = np.empty((num, BLOCK), np.float32)
     mtl = np.empty(BLOCK, np.float32)
     count = np.empty(BLOCK, np.int32)
     for b in range(0, n, BLOCK):
@@ -211,18 +221,21 @@ def consensus_ta_chunk(p0, xs, s, n, k, tall_lambda, lam, out):
         for j in range(m):
             mtl[j] = _ZERO
             count[j] = 0
-        for t in range(len(xs)):
+        for t in range(num):
             x = _block(xs[t], s + b, m, xbuf)
+            tt = tau[t]
             for j in range(m):
-                mtl[j] = mtl[j] + (x[j] - p[j])
+                r = x[j] - p[j]
+                tt[j] = r
+                mtl[j] = mtl[j] + r
         for j in range(m):
             bad |= not _finite(mtl[j])
-        for t in range(len(xs)):
-            x = _block(xs[t], s + b, m, xbuf)
+        for t in range(num):
+            tt = tau[t]
             lt = tall_lambda[t]
             for j in range(m):
-                tau = x[j] - p[j]
-                count[j] += np.abs(tau) > np.abs(mtl[j] - tau) * lt
+                r = tt[j]
+                count[j] += np.abs(r) > np.abs(mtl[j] - r) * lt
         acc = out[b : b + m]
         for j in range(m):
             v = mtl[j] if count[j] >= k else _ZERO
@@ -239,62 +252,71 @@ def ties_chunk(p0, xs, s, n, lo, hi, lam, out, above, positions):
     ``out[:n] = theta_0 + lam * mean``. Positions with an entry inside a bracket, or whose trimmed
     sum cancels to 0 with kept entries, are written (chunk-relative) to ``positions``.
 
+    One loop over the tasks: besides the trimmed sum it adds up the positive kept entries and the
+    magnitudes of the negative ones (each in task order from +0.0, with their counts), so the
+    disjoint mean of either elected sign is ready when the sign is: for ``s = 1`` the agreeing
+    set is ``trimmed_t > 0`` and its sum ``sum trimmed_t``, for ``s = -1`` it is ``trimmed_t <
+    0`` and ``sum -trimmed_t`` (``trimmed_t * s`` exactly), the same additions as the numpy
+    kernel's masked sum (its +0.0 terms leave a non-negative partial sum unchanged).
+
     Returns ``(number of positions kept aside, sum of the elected signs of the others, True if a
-    task vector is not finite)``.
+    task vector may not be finite)`` (the per-entry sum of ``|tau_t|`` is NaN / inf wherever a
+    ``tau_t`` is; where finite ones overflow the input check finds nothing).
     """
     num = len(xs)
     bad = False
     deferred, majority = 0, 0
     pbuf, xbuf = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
-    trimmed = np.empty((num, BLOCK), np.float32)
-    total, sign = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
-    inside, any_kept = np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.bool_)
-    agree = np.empty(BLOCK, np.int32)
+    total, up, down = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+    nonfinite = np.empty(BLOCK, np.float32)
+    n_up, n_down, n_kept = np.empty(BLOCK, np.int32), np.empty(BLOCK, np.int32), np.empty(BLOCK, np.int32)
+    inside, undecided = np.empty(BLOCK, np.bool_), np.empty(BLOCK, np.bool_)
     for b in range(0, n, BLOCK):
         m = min(BLOCK, n - b)
         p = _block(p0, s + b, m, pbuf)
         for j in range(m):
-            total[j] = _ZERO
+            total[j], up[j], down[j], nonfinite[j] = _ZERO, _ZERO, _ZERO, _ZERO
+            n_up[j], n_down[j], n_kept[j] = 0, 0, 0
             inside[j] = False
-            any_kept[j] = False
         for t in range(num):
             x = _block(xs[t], s + b, m, xbuf)
             h, l = hi[t], lo[t]
-            tr = trimmed[t]
             counted = 0
             for j in range(m):
                 tau = x[j] - p[j]
                 mag = np.abs(tau)
                 kept = mag >= h
-                bad |= not (mag < _INF)
-                counted += kept | (mag != mag)
-                inside[j] |= (mag >= l) & (not kept)
-                any_kept[j] |= kept
+                nonfinite[j] = nonfinite[j] + mag  # NaN / inf where a tau is (or on overflow)
+                counted += not (mag < h)  # kept, or NaN (ranks above every threshold, never kept)
+                inside[j] |= (mag >= l) & (mag < h)
+                n_kept[j] += kept
                 v = tau if kept else _ZERO
-                tr[j] = v
                 total[j] = total[j] + v
+                pos, neg = v > _ZERO, v < _ZERO
+                up[j] = up[j] + (v if pos else _ZERO)
+                down[j] = down[j] + (-v if neg else _ZERO)
+                n_up[j] += pos
+                n_down[j] += neg
             above[t] += counted
-        for j in range(m):
-            sg = np.float32(total[j] > _ZERO) - np.float32(total[j] < _ZERO)
-            sign[j] = sg
-            if inside[j] or (any_kept[j] and sg == _ZERO):
-                positions[deferred] = b + j
-                deferred += 1
-            else:
-                majority += np.int64(sg)
-            total[j] = _ZERO
-            agree[j] = 0
-        for t in range(num):
-            tr = trimmed[t]
-            for j in range(m):
-                v = tr[j] * sign[j]
-                a = v > _ZERO
-                total[j] = total[j] + (v if a else _ZERO)
-                agree[j] += a
         acc = out[b : b + m]
+        num_undecided = 0
         for j in range(m):
-            mean = (total[j] * sign[j]) / np.float32(max(agree[j], 1))
+            tj = total[j]
+            pos, neg = tj > _ZERO, tj < _ZERO
+            sg = np.float32(pos) - np.float32(neg)
+            und = inside[j] | ((n_kept[j] > 0) & (sg == _ZERO))
+            undecided[j] = und
+            num_undecided += und
+            majority += 0 if und else np.int64(pos) - np.int64(neg)
+            agreeing = up[j] if pos else (down[j] if neg else _ZERO)
+            count = n_up[j] if pos else (n_down[j] if neg else 0)
+            mean = (agreeing * sg) / np.float32(max(count, 1))
             acc[j] = mean * lam + p[j]
+            bad |= not _finite(nonfinite[j])
+        if num_undecided:
+            for j in range(m):
+                positions[deferred] = b + j
+                deferred += undecided[j]
     return deferred, majority, bad
 
 

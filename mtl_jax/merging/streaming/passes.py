@@ -20,7 +20,8 @@ from mtl_jax.merging.streaming.planning import Stream
 
 
 # Per-pass timings, recorded only while this is a list (benchmarks/merge_throughput.py --profile):
-# {"pass", "leaves", "wall_s", "kernel_s" (summed over workers), "write_wait_s"}.
+# {"pass", "leaves", "wall_s", "kernel_s" (summed over workers), "write_wait_s", and for passes with an
+# output "last_write_s" (the part of write_wait_s spent after the last leaf was computed)}.
 PASS_LOG: Optional[list] = None
 
 
@@ -129,6 +130,6 @@ def chunk_pass(stream: Stream, desc: str, make_kernel: Callable[[], Callable], w
                 f.result()
         last_write_s = time.perf_counter() - t  # after the leaf pass's own record
     if PASS_LOG is not None and len(PASS_LOG) > log_start:  # the leaf_pass record of this pass
-        PASS_LOG[-1].update(kernel_s=sum(kernel_s), write_wait_s=write_wait_s + last_write_s)
+        PASS_LOG[-1].update(kernel_s=sum(kernel_s), write_wait_s=write_wait_s + last_write_s, last_write_s=last_write_s)
         PASS_LOG[-1]["wall_s"] += last_write_s
     return kernels

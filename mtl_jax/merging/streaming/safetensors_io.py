@@ -11,6 +11,7 @@ system refuses it or the output is patched after the pass), fsyncs it and rename
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import mmap as mmap_module
 import os
@@ -132,8 +133,9 @@ def _safetensors_header_bytes(specs: Sequence[LeafSpec], metadata: Optional[dict
 
 
 class DirectAppender:
-    """Sequential file writes with ``O_DIRECT`` (no page cache for the output) through an aligned
-    staging buffer: ``append`` copies bytes in and writes every full ``STAGE`` at once; the partial
+    """Sequential file writes with ``O_DIRECT`` (no page cache for the output) through two aligned
+    staging buffers: ``append`` copies bytes into one and hands every full ``STAGE`` to an I/O
+    thread, which writes it while the next is filled (the copy overlaps the write); the partial
     tail block is written padded (``sync``) and trimmed by ``finish``. Writing the output through
     the page cache would allocate one fresh page per 4 KiB written (slow on a VM whose free memory
     is handed back to the host) and, for merges larger than memory, evict the inputs from the
@@ -144,12 +146,16 @@ class DirectAppender:
 
     def __init__(self, fd: int, path: str):
         self.fd, self.path = fd, path
-        raw = np.empty(self.STAGE + self.BLOCK, np.uint8)
+        raw = np.empty(2 * self.STAGE + self.BLOCK, np.uint8)
         start = -raw.ctypes.data % self.BLOCK
-        self._raw, self.stage = raw, raw[start : start + self.STAGE]  # block-aligned address
+        self._raw = raw
+        self._stages = [raw[start + i * self.STAGE : start + (i + 1) * self.STAGE] for i in range(2)]  # block-aligned
+        self.stage = self._stages[0]
         self.pos = 0  # file offset of stage[0] (a multiple of BLOCK)
         self.fill = 0
         self._scratch: Optional[np.ndarray] = None
+        self._io: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._writing: Optional[concurrent.futures.Future] = None  # the write of the other stage
 
     @classmethod
     def open_direct(cls, path: str) -> Optional["DirectAppender"]:
@@ -182,6 +188,17 @@ class DirectAppender:
         self.stage[num_bytes:size] = 0
         self._pwrite(self.stage[:size], self.pos)
 
+    def _wait(self) -> None:
+        """Wait for the write in flight (re-raising its error)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
+
+    def _close_io(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+
     def append(self, data: np.ndarray) -> None:
         data = data.reshape(-1).view(np.uint8)
         i = 0
@@ -189,12 +206,18 @@ class DirectAppender:
             k = min(data.size - i, self.STAGE - self.fill)
             self.stage[self.fill : self.fill + k] = data[i : i + k]
             self.fill, i = self.fill + k, i + k
-            if self.fill == self.STAGE:
-                self._write_blocks(self.STAGE)
+            if self.fill == self.STAGE:  # write it in the background; fill the other stage
+                self._wait()
+                if self._io is None:
+                    self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mtl_jax-direct-write")
+                self._writing = self._io.submit(self._pwrite, self.stage, self.pos)
+                self.stage = self._stages[1] if self.stage is self._stages[0] else self._stages[0]
                 self.pos, self.fill = self.pos + self.STAGE, 0
 
     def sync(self) -> None:
-        """Put the staged tail on disk too (padded; it is rewritten when more is appended)."""
+        """Finish the write in flight and put the staged tail on disk too (padded; it is rewritten
+        when more is appended)."""
+        self._wait()
         if self.fill:
             self._write_blocks(self.fill)
 
@@ -233,17 +256,27 @@ class DirectAppender:
 
     def seek(self, offset: int, prefix: bytes) -> None:
         """Continue writing at ``offset``; ``prefix`` is the file's first ``offset`` bytes."""
+        self._wait()
         self.pos, self.fill = 0, 0
         self.append(np.frombuffer(prefix[:offset], np.uint8))
 
     def finish(self) -> None:
-        self.sync()
+        try:
+            self.sync()
+        finally:
+            self._close_io()
         os.ftruncate(self.fd, self.pos + self.fill)
         os.fsync(self.fd)
         os.close(self.fd)
 
     def discard(self) -> None:
-        os.close(self.fd)
+        try:
+            self._wait()
+        except OSError:
+            pass  # the file is removed anyway
+        finally:
+            self._close_io()
+            os.close(self.fd)
 
 
 class BufferedAppender:
