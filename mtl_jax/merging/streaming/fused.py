@@ -53,7 +53,7 @@ _jit = numba.njit(cache=True, nogil=True)
 def _block(x, s, n, buf):
     """Entries ``[s, s + n)`` of the flat input ``x`` as fp32 (n,): a view of ``x`` (fp32) or,
     for the uint16 bit patterns of bf16, widened into ``buf`` (compiled by :func:`_block_impl`)."""
-    raise NotImplementedError("compiled by numba only")
+    raise TypeError("_block runs only inside the numba-compiled kernels (numba.extending.overload)")
 
 
 @overload(_block)
