@@ -7,10 +7,10 @@ Protocol: Adam lr 1e-4 halved after 100 epochs (its README's ``--scheduler step`
 no augmentation (LibMTL's default).
 
 Differences from LibMTL: its encoder starts from torchvision's ImageNet ResNet-50; no such weights ship
-offline, so the encoder starts at random unless ``params['shared']`` is filled from a user's file with
-``mtl_jax.models.pretrained.resnet.load_resnet(path, 50, num_classes=0)`` (a ``config.model.pretrained``
-entry for a user-supplied ResNet-50 file does not exist yet); LibMTL's weight decay 1e-5 is torch Adam's
-L2 term, which optax's ``adam`` does not have (``adamw`` decays decoupled): it is left out.
+offline, so the encoder starts at random unless ``--config.model.pretrained_file=PATH`` names a user's
+copy of torchvision's checkpoint (``resnet50-0676ba61.pth`` or ``-11ad3fa6.pth``, read without torch);
+LibMTL's weight decay 1e-5 is torch Adam's L2 term, which optax's ``adam`` does not have (``adamw``
+decays decoupled): it is left out.
 
 ``:smoke`` trains 20 steps on the committed 32 x 32 copy in ``tests/fixtures/standard/nyuv2`` with a
 ResNet-18 encoder and 16-channel ASPP heads.

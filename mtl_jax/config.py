@@ -67,7 +67,8 @@ def default_config() -> ConfigDict:
                              frozen_features=""))  # a pretrained trunk run frozen on the inputs (data/frozen_features.py)
     c.model = ConfigDict(dict(name="hps", trunk="lenet", trunk_kwargs=ConfigDict(), head="mlp",
                               head_kwargs=ConfigDict(dict(hidden=(50,))), arch_kwargs=ConfigDict(),
-                              pretrained=""))  # pretrained trunk weights (mtl_jax.models.pretrained.registry)
+                              pretrained="",  # pretrained trunk weights by name (mtl_jax.models.pretrained.registry)
+                              pretrained_file=""))  # or the trunk's weights from a local checkpoint (FILE_LOADERS)
     c.method = ConfigDict(dict(name="ew"))  # + the method's hyperparameters (mtl_jax.train.methods)
     # Sharpness-aware steps (mtl_jax.train.flat_minima): kind '' (off), 'sam', 'fmtl' (F-MTL: A(g) + A(h)),
     # 'fmtl_a' (A(g~)); rho; adaptive = ASAM's T = |w| + eta.

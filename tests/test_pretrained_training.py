@@ -98,3 +98,57 @@ def test_minilm_config_starts_from_the_pretrained_weights():
 def test_pretrained_name_must_be_registered():
     with pytest.raises(UsageError, match="unknown pretrained trunk 'bert_large'"):
         load_config("configs/digits_mlp.py", ["model.pretrained='bert_large'"])
+
+
+def _resnet18_experiment(*overrides):
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.random((8, 32, 32, 3), dtype=np.float32), "a": rng.integers(0, 2, 8), "b": rng.integers(0, 3, 8)}
+    dataset = from_arrays("tiny_images", {"train": arrays, "test": arrays}, [classification("a", 2), classification("b", 3)],
+                          input_key="image")
+    config = load_config("configs/digits_mlp.py", ["model.trunk='resnet18'", "model.trunk_kwargs={}", "model.head='linear'",
+                                                   "model.head_kwargs={}", "mesh.data=1", "batch_size=4"] + list(overrides))
+    return build_experiment(config, dataset)
+
+
+def test_pretrained_file_puts_a_torchvision_resnet_checkpoint_into_the_trunk(tmp_path):
+    """``model.pretrained_file``: a user's torchvision-layout ResNet-18 checkpoint (random weights
+    here, written as torchvision names them) becomes the trunk's params and batch statistics."""
+    from mtl_jax.checkpoints import write_safetensors
+    from mtl_jax.models.pretrained.resnet import export_resnet, resnet18
+
+    initial = resnet18().init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))
+    reference = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.25), dict(initial))
+    path = str(tmp_path / "resnet18.safetensors")
+    write_safetensors(path, export_resnet(reference, 18, num_classes=0))
+    state = _resnet18_experiment(f"model.pretrained_file='{path}'").init()
+    for ours, theirs in zip(jax.tree.leaves(state.params["shared"]), jax.tree.leaves(reference["params"])):
+        np.testing.assert_array_equal(np.asarray(ours), theirs)
+    for ours, theirs in zip(jax.tree.leaves(state.model_state["batch_stats"]["shared"]),
+                            jax.tree.leaves(reference["batch_stats"])):
+        np.testing.assert_array_equal(np.asarray(ours), theirs)
+
+
+def test_pretrained_file_bad_input_fails_at_start_in_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pretrained_file '.*missing.pth' is not a file"):
+        _resnet18_experiment(f"model.pretrained_file='{tmp_path}/missing.pth'")
+    open(tmp_path / "w.pth", "wb").close()
+    with pytest.raises(UsageError, match="model.pretrained 'efficientnet_lite0' and model.pretrained_file .* both set"):
+        _resnet18_experiment(f"model.pretrained_file='{tmp_path}/w.pth'", "model.pretrained='efficientnet_lite0'")
+    with pytest.raises(UsageError, match="unknown model.trunk with a model.pretrained_file loader 'mlp'.*resnet18"):
+        build_experiment(load_config("configs/digits_mlp.py", [f"model.pretrained_file='{tmp_path}/w.pth'",
+                                                                "mesh.data=1"]))
+
+
+def test_pretrained_file_fills_resnet_aspps_dilated_encoder(tmp_path):
+    """``resnet_aspp`` (LibMTL's NYUv2 model) takes torchvision's ResNet weights for its dilated encoder."""
+    from mtl_jax.checkpoints import write_safetensors
+    from mtl_jax.models.pretrained.resnet import export_resnet, resnet18
+
+    reference = jax.tree.map(lambda x: np.asarray(x) - np.float32(0.5),
+                             dict(resnet18().init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))))
+    path = str(tmp_path / "resnet18.safetensors")
+    write_safetensors(path, export_resnet(reference, 18, num_classes=0))
+    config = load_config("configs/nyuv2_resnet50.py:smoke", [f"model.pretrained_file='{path}'", "mesh.data=1"])
+    state = build_experiment(config).init()
+    for ours, theirs in zip(jax.tree.leaves(state.params["shared"]), jax.tree.leaves(reference["params"])):
+        np.testing.assert_array_equal(np.asarray(ours), theirs)

@@ -18,8 +18,9 @@ import numpy as np
 from mtl_jax.config import check_against_dataset, check_config
 from mtl_jax.data import get_dataset
 from mtl_jax.data.pipeline import eval_batches, to_global, train_iterator
+from mtl_jax.errors import UsageError
 from mtl_jax.models import build_model, check_input, remat_compiler_options
-from mtl_jax.models.pretrained.registry import load_pretrained
+from mtl_jax.models.pretrained.registry import check_trunk_file, file_trunk, load_pretrained, load_trunk_file
 from mtl_jax.models.pretrained.weights import fill_trunks
 from mtl_jax.train import checkpoint as ckpt
 from mtl_jax.train.dense_metrics import finalize_sums
@@ -67,7 +68,7 @@ def init_state(model, optimizers, method, tasks, sample_input, seed: int, pretra
     params_key, dropout_key, step_key = jax.random.split(jax.random.key(seed), 3)
     variables = dict(model.init({"params": params_key, "dropout": dropout_key}, sample_input, train=False))
     if pretrained is not None:
-        variables = fill_trunks(variables, pretrained, f"model.pretrained '{pretrained_name}'")
+        variables = fill_trunks(variables, pretrained, pretrained_name)
     params = variables.pop("params")
     metric_sums = {t.name: {m: jnp.zeros((), jnp.float32) for m in t.metrics} for t in tasks}
     return TrainState(
@@ -163,7 +164,13 @@ def build_experiment(config, dataset=None) -> Experiment:
     check_input(config.model, sample.shape[1:], dataset.input_key)
     method = build_method(config.method, model, sample, len(tasks))
 
-    pretrained_name = config.model.get("pretrained", "")
+    name, pretrained_file = config.model.get("pretrained", ""), config.model.get("pretrained_file", "")
+    if pretrained_file and name:
+        raise UsageError(f"model.pretrained '{name}' and model.pretrained_file '{pretrained_file}' both set: give one")
+    if pretrained_file:
+        check_trunk_file(file_trunk(config.model), pretrained_file)
+    pretrained_name = (f"model.pretrained_file '{pretrained_file}'" if pretrained_file
+                       else f"model.pretrained '{name}'")
     init_fn = lambda pretrained=None: init_state(model, optimizers, method, tasks, sample, config.seed, pretrained,
                                                  pretrained_name)
     abstract = abstract_init(init_fn, config.model.name, dataset, sample)
@@ -182,18 +189,29 @@ def build_experiment(config, dataset=None) -> Experiment:
                         out_shardings=replicated(mesh))
     return Experiment(dataset=dataset, model=model, optimizers=optimizers, method=method, mesh=mesh, steps=steps,
                       abstract_state=abstract, state_shardings=state_shardings, data_sharding=data_sharding,
-                      init=with_pretrained(jax.jit(init_fn, out_shardings=state_shardings), pretrained_name),
+                      init=with_pretrained(jax.jit(init_fn, out_shardings=state_shardings),
+                                           load_pretrained_weights(config.model)),
                       train_step=train_step,
                       eval_step=eval_step)
 
 
-def with_pretrained(init: Callable, pretrained_name: str) -> Callable:
-    """``init()`` (the jitted ``init_state``) given the trunk weights ``pretrained_name`` names
-    (``models/pretrained``), read when the state is first created (not on resume); ``init`` as is
-    when the name is empty."""
-    if not pretrained_name:
+def load_pretrained_weights(model_cfg) -> Callable | None:
+    """``() -> trunk variables`` for ``model.pretrained`` (a name) or ``model.pretrained_file`` (a local
+    checkpoint of ``model.trunk``), or None when neither is set."""
+    if model_cfg.get("pretrained_file", ""):
+        return lambda: load_trunk_file(file_trunk(model_cfg), model_cfg.pretrained_file)
+    if model_cfg.get("pretrained", ""):
+        return lambda: load_pretrained(model_cfg.pretrained)
+    return None
+
+
+def with_pretrained(init: Callable, load: Callable | None) -> Callable:
+    """``init()`` (the jitted ``init_state``) given the trunk weights ``load()`` returns
+    (``models/pretrained``), read when the state is first created (not on resume); ``init`` as is when
+    ``load`` is None."""
+    if load is None:
         return init
-    return lambda: init(load_pretrained(pretrained_name))
+    return lambda: init(load())
 
 
 def load_baselines(config, tasks) -> dict | None:
