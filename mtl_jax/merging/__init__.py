@@ -15,126 +15,100 @@ aTLAS, Self Positioning: they take an objective; ScaLearn, which learns the scal
 adapters' outputs rather than of weights), the greedy soup and grid search (they take a
 validation function) and BOOM (it takes a training function).
 Leaf selection: :func:`merge_subset` / :func:`merge_subset_per_task`.
+
+The names are loaded lazily (PEP 562): ``from mtl_jax.merging import ties_merging`` imports the
+submodule defining it (and JAX) on first use, so the subpackages that need no JAX (e.g.
+:mod:`mtl_jax.merging.mergekit`) start without it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import importlib.util
+import sys
+import types
+from typing import Any, Callable
 
-from mtl_jax.merging.arithmetic import (
-    GreedySoupResult,
-    GridSearchResult,
-    greedy_soup,
-    grid_search,
-    task_arithmetic,
-    task_arithmetic_vector,
-    weight_average,
-)
-from mtl_jax.merging.boom import BoomModel, boom, boom_update, member_keys, sample_indices, take_examples
-from mtl_jax.merging.emr import EMRModel, emr_elect, emr_merging, emr_rescalers, emr_retrieve
-from mtl_jax.merging.fisher_regmean import fisher_merging, regmean_merging, regmean_solve
-from mtl_jax.merging.interpolation import model_stock, model_stock_ratio, multi_slerp, multi_slerp_leaf, slerp, slerp_leaf
-from mtl_jax.merging.learned import (
-    LearnedMerge,
-    adamerging,
-    atlas,
-    coefficient_groups,
-    merge_with_coefficients,
-    prediction_entropy,
-    self_positioning,
-    ties_selected_entries,
-)
-from mtl_jax.merging.lines import lines_alpha, lines_edit, lines_merging, lines_scale, lines_schedule
-from mtl_jax.merging.masks import (
-    TallMaskModel,
-    consensus_mask,
-    consensus_merging,
-    pack_bits,
-    pack_mask_tree,
-    retrieve,
-    select_tall_lambdas,
-    tall_mask_compress,
-    tall_mask_models,
-    tall_masks,
-    task_slice,
-    unpack_bits,
-    unpack_mask_tree,
-)
-from mtl_jax.merging.scalearn import (
-    ScaLearnResult,
-    fit_scalearn,
-    init_omega,
-    omega_dropout,
-    omega_shape,
-    stack_source_adapters,
-)
-from mtl_jax.merging.svd_merging import (
-    iso_c_matrix,
-    iso_c_merging,
-    iso_cts_factors,
-    iso_cts_matrix,
-    iso_cts_merging,
-    polar_factor,
-    tsv_factors,
-    tsv_matrix,
-    tsv_merging,
-)
-from mtl_jax.merging.task_vectors import (
-    apply_task_vector,
-    as_stacked,
-    gram_cosines,
-    stacked_task_vectors,
-    task_vector,
-    task_vector_cosines,
-    task_vector_gram,
-    tree_l1_norm,
-)
-from mtl_jax.merging.threshold import kth_largest_abs, topk_mask, topk_trim
-from mtl_jax.merging.ties import (
-    dare_drop,
-    dare_merging,
-    disjoint_mean,
-    elect_sign,
-    ties_merge_vector,
-    ties_merging,
-)
-from mtl_jax.merging.tree import (
-    check_compatible,
-    default_layer_index,
-    leaf_paths,
-    merge_subset,
-    merge_subset_per_task,
-    model_list,
-    num_layers,
-    select_mask,
-    stack_trees,
-    unstack_tree,
-)
 from mtl_jax.registry import lookup
 
-apply = apply_task_vector  # theta_0 + scale * tau, the name of Ilharco et al.'s API
-
-MERGE_METHODS: dict[str, Callable] = {
-    "weight_average": weight_average,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties_merging,
-    "dare": dare_merging,
-    "consensus": consensus_merging,
-    "lines": lines_merging,
-    "tsv": tsv_merging,
-    "iso_c": iso_c_merging,
-    "iso_cts": iso_cts_merging,
-    "fisher": fisher_merging,
-    "regmean": regmean_merging,
-    "slerp": slerp,
-    "multi_slerp": multi_slerp,
-    "model_stock": model_stock,
+_EXPORTS: dict[str, str] = {  # public name -> the submodule defining it
+    "GreedySoupResult": "arithmetic", "GridSearchResult": "arithmetic", "greedy_soup": "arithmetic",
+    "grid_search": "arithmetic", "task_arithmetic": "arithmetic", "task_arithmetic_vector": "arithmetic",
+    "weight_average": "arithmetic",
+    "BoomModel": "boom", "boom": "boom", "boom_update": "boom", "member_keys": "boom", "sample_indices": "boom",
+    "take_examples": "boom",
+    "EMRModel": "emr", "emr_elect": "emr", "emr_merging": "emr", "emr_rescalers": "emr", "emr_retrieve": "emr",
+    "fisher_merging": "fisher_regmean", "regmean_merging": "fisher_regmean", "regmean_solve": "fisher_regmean",
+    "model_stock": "interpolation", "model_stock_ratio": "interpolation", "multi_slerp": "interpolation",
+    "multi_slerp_leaf": "interpolation", "slerp": "interpolation", "slerp_leaf": "interpolation",
+    "LearnedMerge": "learned", "adamerging": "learned", "atlas": "learned", "coefficient_groups": "learned",
+    "merge_with_coefficients": "learned", "prediction_entropy": "learned", "self_positioning": "learned",
+    "ties_selected_entries": "learned",
+    "lines_alpha": "lines", "lines_edit": "lines", "lines_merging": "lines", "lines_scale": "lines",
+    "lines_schedule": "lines",
+    "TallMaskModel": "masks", "consensus_mask": "masks", "consensus_merging": "masks", "pack_bits": "masks",
+    "pack_mask_tree": "masks", "retrieve": "masks", "select_tall_lambdas": "masks", "tall_mask_compress": "masks",
+    "tall_mask_models": "masks", "tall_masks": "masks", "task_slice": "masks", "unpack_bits": "masks",
+    "unpack_mask_tree": "masks",
+    "ScaLearnResult": "scalearn", "fit_scalearn": "scalearn", "init_omega": "scalearn",
+    "omega_dropout": "scalearn", "omega_shape": "scalearn", "stack_source_adapters": "scalearn",
+    "iso_c_matrix": "svd_merging", "iso_c_merging": "svd_merging", "iso_cts_factors": "svd_merging",
+    "iso_cts_matrix": "svd_merging", "iso_cts_merging": "svd_merging", "polar_factor": "svd_merging",
+    "tsv_factors": "svd_merging", "tsv_matrix": "svd_merging", "tsv_merging": "svd_merging",
+    "apply_task_vector": "task_vectors", "as_stacked": "task_vectors", "gram_cosines": "task_vectors",
+    "stacked_task_vectors": "task_vectors", "task_vector": "task_vectors", "task_vector_cosines": "task_vectors",
+    "task_vector_gram": "task_vectors", "tree_l1_norm": "task_vectors",
+    "kth_largest_abs": "threshold", "topk_mask": "threshold", "topk_trim": "threshold",
+    "dare_drop": "ties", "dare_merging": "ties", "disjoint_mean": "ties", "elect_sign": "ties",
+    "ties_merge_vector": "ties", "ties_merging": "ties",
+    "check_compatible": "tree", "default_layer_index": "tree", "leaf_paths": "tree", "merge_subset": "tree",
+    "merge_subset_per_task": "tree", "model_list": "tree", "num_layers": "tree", "select_mask": "tree",
+    "stack_trees": "tree", "unstack_tree": "tree",
 }
+
+_METHOD_NAMES = {  # MERGE_METHODS: registry name -> public name
+    "weight_average": "weight_average", "task_arithmetic": "task_arithmetic", "ties": "ties_merging",
+    "dare": "dare_merging", "consensus": "consensus_merging", "lines": "lines_merging", "tsv": "tsv_merging",
+    "iso_c": "iso_c_merging", "iso_cts": "iso_cts_merging", "fisher": "fisher_merging", "regmean": "regmean_merging",
+    "slerp": "slerp", "multi_slerp": "multi_slerp", "model_stock": "model_stock",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Loads an exported name (its submodule), ``MERGE_METHODS``, ``apply`` or a submodule."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    elif name == "MERGE_METHODS":
+        value = {key: __getattr__(fn) for key, fn in _METHOD_NAMES.items()}
+    elif name == "apply":  # theta_0 + scale * tau, the name of Ilharco et al.'s API
+        value = __getattr__("apply_task_vector")
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps an exported name over a submodule of the same name (``boom``: the function, not
+    :mod:`mtl_jax.merging.boom`), which importing the submodule would otherwise set."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def get_merge_method(name: str) -> Callable:
     """Look up a merge method by name; UsageError (a ValueError) lists the valid names."""
-    return lookup(MERGE_METHODS, name, "merge method")
+    return lookup(__getattr__("MERGE_METHODS"), name, "merge method")
 
 
 __all__ = [

@@ -46,15 +46,17 @@ import os
 import time
 from typing import Any, Callable
 
-import numpy as np
-from ml_collections import ConfigDict
+from typing import TYPE_CHECKING
 
-from mtl_jax.config import apply_overrides, config_from_file
+import numpy as np
+
 from mtl_jax.errors import UsageError
-from mtl_jax.merging import streaming as S
 from mtl_jax.merging.input_checks import FiniteCheck, check_hparams, check_inputs_exist
 from mtl_jax.merging.output_safety import check_output
 from mtl_jax.merging.safetensors_header import has_metadata_key
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
 
 # In-memory methods that need no data (Fisher / RegMean need gradients or activations).
 IN_MEMORY_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "consensus", "lines", "tsv", "iso_c", "iso_cts", "slerp", "model_stock")
@@ -63,13 +65,22 @@ DEFAULTS = {"allow_nonfinite": False}  # keys a merge config file may leave out
 SMOKE_MARKER = "mtl_jax.smoke_pool"
 
 
+def _streaming():
+    """:mod:`mtl_jax.merging.streaming` (imported here: it imports JAX, which ``--mergekit-yaml`` does not need)."""
+    from mtl_jax.merging import streaming
+
+    return streaming
+
+
 def valid_methods(streaming: bool) -> tuple[str, ...]:
-    return tuple(sorted(S.STREAMING_METHODS)) if streaming else IN_MEMORY_METHODS
+    return tuple(sorted(_streaming().STREAMING_METHODS)) if streaming else IN_MEMORY_METHODS
 
 
 def load_merge_config(spec: str, overrides: list[str] = ()) -> ConfigDict:
     """``'configs/merge/x.py[:arg]'`` -> ConfigDict with ``--config.`` overrides applied (unknown keys
     fail with the valid ones, except inside the free-form ``hparams`` section)."""
+    from mtl_jax.config import apply_overrides, config_from_file
+
     config = config_from_file(spec)
     with config.unlocked():
         for key, value in DEFAULTS.items():
@@ -98,13 +109,13 @@ def make_smoke_pool(directory: str, num_tasks: int = 3, seed: int = 0) -> None:
             raise UsageError(f"smoke_pool: '{path}' exists and is not a smoke-pool file; name another smoke_pool")
     os.makedirs(directory, exist_ok=True)
     for path, tree in todo.items():
-        S.save_safetensors(tree, path, {SMOKE_MARKER: "1"})
+        _streaming().save_safetensors(tree, path, {SMOKE_MARKER: "1"})
 
 
 def _holds(path: str, tree: dict[str, np.ndarray]) -> bool:
     """Whether ``path`` is a safetensors file holding exactly ``tree``."""
     try:
-        old = S.load_safetensors(path)
+        old = _streaming().load_safetensors(path)
     except (OSError, UsageError):
         return False
     return sorted(old) == sorted(tree) and all(np.array_equal(old[k], tree[k]) for k in tree)
@@ -133,6 +144,8 @@ def resolve_inputs(config: ConfigDict) -> tuple[str, list[str]]:
 
 def merge_hparams(config: ConfigDict) -> dict[str, Any]:
     """The method's keyword arguments; DARE's PRNG key from ``hparams.seed`` (default 0)."""
+    from ml_collections import ConfigDict
+
     hp = dict(config.hparams.to_dict()) if isinstance(config.hparams, ConfigDict) else dict(config.hparams)
     if config.method == "dare":
         import jax
@@ -157,6 +170,7 @@ def in_memory_merge(pretrained: str, finetuned: list[str], config: ConfigDict, h
     """Load every model, run the jitted in-memory method, write the output (T + 2 models in memory)."""
     import jax
 
+    S = _streaming()
     start = time.perf_counter()
     labels = S.input_labels(len(finetuned))
     readers = S.open_inputs([pretrained] + finetuned)
@@ -186,6 +200,7 @@ def run_merge(config: ConfigDict, overwrite: bool = False) -> dict[str, Any]:
     """Run the merge a config describes; returns its statistics. Everything the user named is
     checked first (method, hyperparameters, input paths, the output path: see the module
     docstring); ``overwrite`` lets an existing output that is not ours be replaced."""
+    S = _streaming()
     streaming = bool(config.get("streaming", True))
     fn = method_fn(config.method, streaming)
     hp = merge_hparams(config)

@@ -162,3 +162,18 @@ def test_smoke_pool_replaces_only_its_own_files(tmp_path):
     with pytest.raises(UsageError, match=f"^smoke_pool: '{pool}/task_1.safetensors' exists and is not a smoke-pool file"):
         make_smoke_pool(str(pool), num_tasks=2, seed=3)
     assert (pool / "task_1.safetensors").read_bytes() == before
+
+
+def test_merge_package_and_cli_import_no_jax():
+    """``import mtl_jax.merging`` (names loaded lazily) and the merge command's module import no
+    JAX; the names still resolve, ``boom`` staying the function over its submodule."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl_jax.merging as M, mtl_jax.merging.cli; assert 'jax' not in sys.modules, 'jax imported'; "
+            "import mtl_jax.merging.boom; assert callable(M.boom) and M.apply is M.apply_task_vector; "
+            "assert M.get_merge_method('ties') is M.ties_merging and len(M.MERGE_METHODS) == 14; "
+            "assert set(M.__all__) <= set(dir(M))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]

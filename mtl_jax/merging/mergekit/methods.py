@@ -28,7 +28,9 @@ Speed: elementwise passes run over ``BLOCK``-entry blocks of the ``CHUNK``-entry
 buffers, on ``THREADS`` worker threads; bfloat16 rounding is done on the float32 bit patterns
 (:meth:`Precision.round_`, equal to the cast); the TIES / breadcrumbs cut of a bfloat16 tensor comes
 from counts of |d|'s bit patterns (:meth:`RankWindow.from_bf16_counts`). Results do not depend on
-the blocks or threads (``docs/development/merge_speed.md``).
+the blocks or threads (``docs/development/merge_speed.md``). With numba installed, ``linear``
+and the task arithmetic family without sparsification or consensus run fused output passes
+(:mod:`mtl_jax.merging.mergekit.fused`, the same bits; ``MTL_JAX_NUMPY_KERNELS=1`` keeps numpy).
 
 Ties in ``|d|`` at a TIES / breadcrumbs cut are broken by position: of equal values the lower
 flat index ranks lower, so a TIES (top-k) cut keeps the later entries; MergeKit's
@@ -41,7 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
+import os
+import threading
 import time
 import zlib
 from typing import Any, Callable, Optional
@@ -275,6 +280,74 @@ def _pool():
     return _POOL[0]
 
 
+NUMPY_KERNELS_ENV = "MTL_JAX_NUMPY_KERNELS"  # set to 1: the numpy passes even where numba is installed
+FUSED_METHODS = ("linear", "task_arithmetic")  # fused output passes (also dare_linear / breadcrumbs at density 1)
+
+
+class _FusedLoader:
+    """Imports :mod:`mtl_jax.merging.mergekit.fused` (numba's start-up, ~0.6 s of CPU) in a
+    background thread: merges start with the numpy passes and switch chunk by chunk once it is
+    done (the same bits either way)."""
+
+    def __init__(self):
+        self.module: Optional[Any] = None
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._load, name="mtl_jax-mergekit-fused", daemon=True)
+        self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            from mtl_jax.merging.mergekit import fused
+
+            self.module = fused
+        except BaseException as e:  # raised on the merge's threads by fused_kernels()
+            self.error = e
+
+
+_LOADER: list = []
+_LOADER_LOCK = threading.Lock()
+
+
+def fused_kernels(wait: bool = False) -> Optional[Any]:
+    """The fused kernels (:mod:`mtl_jax.merging.mergekit.fused`) once loaded, else None: numba
+    not installed, ``MTL_JAX_NUMPY_KERNELS=1``, or (unless ``wait``) still loading in the
+    background thread this call starts."""
+    if os.environ.get(NUMPY_KERNELS_ENV, "") not in ("", "0") or importlib.util.find_spec("numba") is None:
+        return None
+    with _LOADER_LOCK:
+        if not _LOADER:
+            _LOADER.append(_FusedLoader())
+    loader = _LOADER[0]
+    if wait:
+        loader.thread.join()
+    if loader.error is not None:
+        raise RuntimeError(f"loading the fused MergeKit kernels failed (set {NUMPY_KERNELS_ENV}=1 to use numpy)") from loader.error
+    return loader.module
+
+
+def _fused_view(x: np.ndarray) -> np.ndarray:
+    """A flat bfloat16 / float32 array as the fused kernels take it (bfloat16: uint16 bit patterns)."""
+    return x.view(np.uint16) if x.dtype == BF16 else x
+
+
+def _fusable(prec: Precision, inputs: list[np.ndarray], out: np.ndarray) -> bool:
+    """Whether the fused kernels cover these dtypes: bfloat16 / float32 work, inputs and output,
+    the inputs after the first of one dtype (a numba tuple)."""
+    kinds = (BF16, np.dtype(np.float32))
+    return (prec.work in kinds and out.dtype in kinds and all(x.dtype in kinds for x in inputs)
+            and len({x.dtype for x in inputs[1:]}) <= 1)
+
+
+def _fused_chunk(kernel: Callable, s: int, e: int, numpy_block: Callable, bufs: "Buffers", fk: Any) -> None:
+    """Run ``kernel(flags)`` (a fused kernel bound to chunk ``[s, e)``), then ``numpy_block(lo, hi,
+    bufs)`` over the kernel blocks it flags (a NaN in the result: numpy gives the cast's NaN)."""
+    flags = np.empty(fk.num_blocks(e - s), np.bool_)
+    kernel(flags)
+    for blk in np.flatnonzero(flags):
+        lo = s + int(blk) * fk.BLOCK
+        numpy_block(lo, min(e, lo + fk.BLOCK), bufs)
+
+
 def run_chunks(n: int, work: Callable[[int, int, int, Buffers], Any], make_buffers: Callable[[], Buffers],
                parallel: bool = True) -> list:
     """``work(c, s, e, bufs)`` for every chunk ``c = [s, e)`` of ``range(n)``, on ``THREADS``
@@ -448,26 +521,37 @@ def _store(job: TensorJob, s: int, e: int, value: np.ndarray) -> None:
 
 def _linear(job: TensorJob) -> None:
     """``sum_i w_i x_i`` (``/ sum_i w_i``) accumulated in compute precision from 0, one rounding
-    to the working dtype at the end (MergeKit's ``linear``), block by block."""
+    to the working dtype at the end (MergeKit's ``linear``), block by block; fused
+    (:func:`mtl_jax.merging.mergekit.fused.linear_chunk`) for bfloat16 / float32."""
     prec = job.prec
     w = np.asarray([p["weight"] for p in job.per_input], prec.compute)
     denom = np.sum(w) if job.shared["normalize"] else None
+    fusable = _fusable(prec, [job.inputs[0]] + job.inputs, job.out)
+
+    def numpy_block(lo, hi, bufs):
+        acc, x, t = bufs.f
+        m = hi - lo
+        for j, (inp, wi) in enumerate(zip(job.inputs, w)):
+            v = prec.load_into(inp[lo:hi], x[:m], bufs.u)
+            if j == 0:
+                np.multiply(v, wi, out=t[:m])
+                np.add(t[:m], 0, out=acc[:m])  # 0 + x_0 w_0, as the zero-initialised sum
+            else:
+                np.multiply(v, wi, out=t[:m])
+                acc[:m] += t[:m]
+        if denom is not None:
+            acc[:m] /= denom
+        prec.store(acc[:m], job.out[lo:hi], bufs.u, rounded=False)
 
     def work(c, s, e, bufs):
-        acc, x, t = bufs.f
+        fk = fused_kernels() if fusable else None
+        if fk is not None:
+            xs = tuple(_fused_view(x[s:e]) for x in job.inputs)
+            kernel = lambda flags: fk.linear_chunk(xs, w, np.float32(denom if denom is not None else 1), denom is not None,
+                                                   prec.half, _fused_view(job.out[s:e]), flags)
+            return _fused_chunk(kernel, s, e, numpy_block, bufs, fk)
         for bs, be in spans(e - s, BLOCK):
-            m = be - bs
-            for j, (inp, wi) in enumerate(zip(job.inputs, w)):
-                v = prec.load_into(inp[s + bs : s + be], x[:m], bufs.u)
-                if j == 0:
-                    np.multiply(v, wi, out=t[:m])
-                    np.add(t[:m], 0, out=acc[:m])  # 0 + x_0 w_0, as the zero-initialised sum
-                else:
-                    np.multiply(v, wi, out=t[:m])
-                    acc[:m] += t[:m]
-            if denom is not None:
-                acc[:m] /= denom
-            prec.store(acc[:m], job.out[s + bs : s + be], bufs.u, rounded=False)
+            numpy_block(s + bs, s + be, bufs)
 
     with phase("output"):
         run_chunks(job.out.size, work, lambda: Buffers(prec.compute, 3))
@@ -578,76 +662,92 @@ def _gta(spec: MethodSpec, job: TensorJob) -> None:
     k = len(others)
     in_order = any(sparse[i].window is not None and sparse[i].window.chunk_seen is None for i in others)
 
+    plain = not spec.consensus and all(sparse[i] == Sparsifier() for i in others)
+    fusable = plain and _fusable(prec, [base] + [job.inputs[i] for i in others], job.out)
+    w_fused = np.asarray([w[i] for i in others], np.float32)
+
     def work(c, s, e, bufs):
-        deltas, (mixed, divisor, tmp, signs, majority, bb) = bufs.f[:k], bufs.f[k:]
-        keep_buf, eq = bufs.b
         chunk_keep = {i: sparse[i].random(c, e - s) for i in others if sparse[i].random is not None}
         seen = {i: dict(sparse[i].window.chunk_seen[c]) for i in others
                 if sparse[i].window is not None and sparse[i].window.chunk_seen is not None}
+        block = lambda lo, hi, bufs: numpy_block(lo, hi, s, bufs, chunk_keep, seen)
+        fk = fused_kernels() if fusable else None
+        if fk is not None:
+            xs = tuple(_fused_view(job.inputs[i][s:e]) for i in others)
+            kernel = lambda flags: fk.task_arithmetic_chunk(
+                _fused_view(base[s:e]), xs, w_fused, np.float32(wsum), lam_c, normalize, lam != 1, prec.half,
+                _fused_view(job.out[s:e]), flags)
+            return _fused_chunk(kernel, s, e, block, bufs, fk)
         for bs, be in spans(e - s, BLOCK):
-            m, lo, hi = be - bs, s + bs, s + be
-            b = prec.load_into(base[lo:hi], bb[:m], bufs.u)
+            block(s + bs, s + be, bufs)
+
+    def numpy_block(lo, hi, s, bufs, chunk_keep, seen):
+        """Entries ``[lo, hi)`` (inside the chunk starting at ``s``)."""
+        deltas, (mixed, divisor, tmp, signs, majority, bb) = bufs.f[:k], bufs.f[k:]
+        keep_buf, eq = bufs.b
+        m, bs, be = hi - lo, lo - s, hi - s
+        b = prec.load_into(base[lo:hi], bb[:m], bufs.u)
+        for j, i in enumerate(others):
+            d = deltas[j][:m]
+            v = prec.load_into(job.inputs[i][lo:hi], d, bufs.u)
+            np.subtract(v, b, out=d)
+            prec.round_(d, bufs.u)
+            sp = sparse[i]
+            if sp.zero:
+                d.fill(0)
+            elif sp.random is not None or sp.window is not None:
+                if sp.window is not None:
+                    absd = np.abs(d, out=tmp[:m]) if prec.compute == np.float32 else np.abs(d).astype(np.float32)
+                    mask = sp.window(absd, seen.get(i))
+                else:
+                    mask = chunk_keep[i][bs:be]
+                np.multiply(d, mask, out=d)
+                if sp.scale is not None:
+                    np.multiply(d, sp.scale, out=d)
+                    prec.round_(d, bufs.u)
+            np.multiply(d, w[i], out=d)
+            prec.round_(d, bufs.u)
+        mix = mixed[:m]
+        if spec.consensus:
+            _sum_in_order([x[:m] for x in deltas], mix)
+            prec.round_(mix, bufs.u)
+            maj = majority[:m]
+            np.greater_equal(mix, 0, out=keep_buf[:m])
+            np.multiply(keep_buf[:m], 2, out=maj, casting="unsafe")
+            maj -= 1  # +1 where the summed delta is >= 0, else -1 (MergeKit: ties go to +)
+            div, t, kb = divisor[:m], tmp[:m], keep_buf[:m]
             for j, i in enumerate(others):
                 d = deltas[j][:m]
-                v = prec.load_into(job.inputs[i][lo:hi], d, bufs.u)
-                np.subtract(v, b, out=d)
-                prec.round_(d, bufs.u)
-                sp = sparse[i]
-                if sp.zero:
-                    d.fill(0)
-                elif sp.random is not None or sp.window is not None:
-                    if sp.window is not None:
-                        absd = np.abs(d, out=tmp[:m]) if prec.compute == np.float32 else np.abs(d).astype(np.float32)
-                        mask = sp.window(absd, seen.get(i))
-                    else:
-                        mask = chunk_keep[i][bs:be]
-                    np.multiply(d, mask, out=d)
-                    if sp.scale is not None:
-                        np.multiply(d, sp.scale, out=d)
-                        prec.round_(d, bufs.u)
-                np.multiply(d, w[i], out=d)
-                prec.round_(d, bufs.u)
-            mix = mixed[:m]
-            if spec.consensus:
-                _sum_in_order([x[:m] for x in deltas], mix)
-                prec.round_(mix, bufs.u)
-                maj = majority[:m]
-                np.greater_equal(mix, 0, out=keep_buf[:m])
-                np.multiply(keep_buf[:m], 2, out=maj, casting="unsafe")
-                maj -= 1  # +1 where the summed delta is >= 0, else -1 (MergeKit: ties go to +)
-                div, t, kb = divisor[:m], tmp[:m], keep_buf[:m]
-                for j, i in enumerate(others):
-                    d = deltas[j][:m]
-                    np.sign(d, out=signs[:m])
-                    np.equal(signs[:m], maj, out=kb)
-                    np.multiply(d, kb, out=t)  # d * keep (NaN stays NaN, as the torch product)
-                    if j == 0:
-                        np.add(t, 0, out=mix)  # 0 + ..., as the zero-initialised sums
-                    else:
-                        mix += t
-                    np.multiply(kb, w[i], out=t)
-                    if j == 0:
-                        np.add(t, 0, out=div)
-                    else:
-                        div += t
-                prec.round_(mix, bufs.u)
-                prec.round_(div, bufs.u)
-                np.equal(div, 0, out=eq[:m])
-                div[eq[:m]] = 1
-                den = div
-            else:
-                _sum_in_order([x[:m] for x in deltas], mix)
-                prec.round_(mix, bufs.u)
-                den = wsum
-            if normalize:
-                np.divide(mix, den, out=mix)
-                prec.round_(mix, bufs.u)
-            if lam != 1:
-                np.multiply(mix, lam_c, out=mix)
-                prec.round_(mix, bufs.u)
-            np.add(b, mix, out=mix)
+                np.sign(d, out=signs[:m])
+                np.equal(signs[:m], maj, out=kb)
+                np.multiply(d, kb, out=t)  # d * keep (NaN stays NaN, as the torch product)
+                if j == 0:
+                    np.add(t, 0, out=mix)  # 0 + ..., as the zero-initialised sums
+                else:
+                    mix += t
+                np.multiply(kb, w[i], out=t)
+                if j == 0:
+                    np.add(t, 0, out=div)
+                else:
+                    div += t
             prec.round_(mix, bufs.u)
-            prec.store(mix, job.out[lo:hi], bufs.u, rounded=True)
+            prec.round_(div, bufs.u)
+            np.equal(div, 0, out=eq[:m])
+            div[eq[:m]] = 1
+            den = div
+        else:
+            _sum_in_order([x[:m] for x in deltas], mix)
+            prec.round_(mix, bufs.u)
+            den = wsum
+        if normalize:
+            np.divide(mix, den, out=mix)
+            prec.round_(mix, bufs.u)
+        if lam != 1:
+            np.multiply(mix, lam_c, out=mix)
+            prec.round_(mix, bufs.u)
+        np.add(b, mix, out=mix)
+        prec.round_(mix, bufs.u)
+        prec.store(mix, job.out[lo:hi], bufs.u, rounded=True)
 
     # a RankWindow without per-chunk counts resolves ties at its cut in order: chunks in order
     with phase("output"):
@@ -732,5 +832,5 @@ def _model_stock(job: TensorJob) -> None:
         job.out[s:e] = (t * avg + (1 - t) * b).astype(prec.work)
 
 
-__all__ = ["BLOCK", "CHUNK", "METHODS", "MethodSpec", "NUMPY_DTYPES", "Param", "Precision", "RankWindow", "TensorJob", "dare_keep",
-           "merge_tensor", "method_spec", "promoted_dtype"]
+__all__ = ["BLOCK", "CHUNK", "FUSED_METHODS", "METHODS", "MethodSpec", "NUMPY_DTYPES", "NUMPY_KERNELS_ENV", "Param", "Precision",
+           "RankWindow", "TensorJob", "dare_keep", "fused_kernels", "merge_tensor", "method_spec", "promoted_dtype"]

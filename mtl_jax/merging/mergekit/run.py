@@ -28,7 +28,7 @@ import numpy as np
 
 from mtl_jax.errors import UsageError
 from mtl_jax.merging.mergekit.config import parse_config
-from mtl_jax.merging.mergekit.methods import Precision, TensorJob, merge_tensor, phase
+from mtl_jax.merging.mergekit.methods import FUSED_METHODS, Precision, TensorJob, fused_kernels, merge_tensor, phase
 from mtl_jax.merging.mergekit.model_folder import TOKENIZER_FILES, ModelFolder
 from mtl_jax.merging.mergekit.plan import MergePlan, OutputTensor, _open_models, build_plan
 from mtl_jax.merging.output_safety import MARKER_FILE, check_output, commit, discard, fsync_tree, temp_sibling
@@ -73,6 +73,11 @@ def _merge_into(plan: MergePlan, models: dict[str, ModelFolder], folder: str, ma
     shards = shard_plan(plan.tensors, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
+    # two output buffers, alternating: a tensor is merged into one while the other is written
+    # (reused pages: no fresh allocation, i.e. no page zeroing, per tensor)
+    largest = max((t.nbytes for t in plan.tensors), default=0)
+    buffers = [np.empty(largest, np.uint8) for _ in range(2)]
+    turn = 0
     io = concurrent.futures.ThreadPoolExecutor(1)
     pending: list[concurrent.futures.Future] = []
     try:
@@ -85,7 +90,8 @@ def _merge_into(plan: MergePlan, models: dict[str, ModelFolder], folder: str, ma
                     nxt = shard[j + 1] if j + 1 < len(shard) else None
                     for m, n in nxt.inputs if nxt else ():
                         models[m].prefetch(n)
-                    out = np.empty(int(np.prod(t.shape, dtype=np.int64)), t.out_dtype)
+                    out = buffers[turn][: t.nbytes].view(t.out_dtype)
+                    turn = 1 - turn
                     views = [models[m].view(n) for m, n in t.inputs]
                     job = TensorJob(t.name, views, t.base, t.shared, list(t.per_input), Precision(t.work_dtype), out, t.shape, seed)
                     merge_tensor(plan.method, job)
@@ -127,6 +133,8 @@ def run_mergekit_yaml(yaml_path: str, out_dir: str, overwrite: bool = False, max
     except OSError as e:
         raise UsageError(f"cannot read the mergekit yaml '{yaml_path}': {e.strerror}") from None
     cfg = parse_config(text)
+    if cfg.merge_method in FUSED_METHODS:
+        fused_kernels()  # starts importing numba in the background
     check_output(out_dir, [(f"model '{p}'", p) for p in cfg.referenced_models()] + [("mergekit yaml", yaml_path)], overwrite)
     models = _open_models(cfg)
     tmp = None
