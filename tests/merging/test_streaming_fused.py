@@ -117,7 +117,7 @@ def _brackets(p, fts, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
-@pytest.mark.parametrize("num_tasks", [1, 2, 8])
+@pytest.mark.parametrize("num_tasks", [1, 5, 8])  # the kernel takes tasks four at a time, then one by one
 def test_ties_kernel_same_bits_and_bookkeeping(num_tasks, dtype):
     """Outputs, counts above hi, majority, kept-aside positions (theta_0, tau) and candidates."""
     rng = np.random.default_rng(10 + num_tasks)
@@ -210,6 +210,78 @@ def test_ties_kernel_edge_brackets(num_tasks):
         ia = np.concatenate([d.index for d in a.deferred]) if a.deferred else np.zeros(0, np.int64)
         ib = np.concatenate([d.index for d in b.deferred]) if b.deferred else np.zeros(0, np.int64)
         assert np.array_equal(ia, ib)
+
+
+def test_ties_kernel_finite_blocks_and_exact_fallback():
+    """Every hi_t > 0 (the kernel's finite-block path) with blocks holding inf (an overflowing
+    task vector) or NaN, whose counts above hi_t the exact path redoes: the numpy kernel's bits,
+    counts, majority, kept-aside positions and candidates."""
+    rng = np.random.default_rng(8)
+    x0, fts = _inputs(rng, 3, 2 * CHUNK + 3001, np.float32, specials=False)
+    big = np.float32(3e38)
+    x0[5], fts[0][5] = -big, big  # tau = inf in the first block
+    fts[1][CHUNK + 2000] = np.nan  # a NaN in a later block
+    fts[2][2 * CHUNK + 100] = -np.inf
+    lo, hi = _brackets(x0, fts, rng)
+    assert np.all(hi > 0)
+    a = _TiesKernel(lo, hi, np.float32(0.5), ["leaf"] * 4)
+    b = _FusedTiesKernel(lo, hi, np.float32(0.5), ["leaf"] * 4, _Ready())
+    assert _same_bits(_run(a, 3, x0, fts), _run(b, 3, x0, fts))
+    assert np.array_equal(a.above, b.above) and a.majority == b.majority
+    for x, y in zip(a.deferred, b.deferred):
+        assert np.array_equal(x.index, y.index) and _same_bits(x.p0, y.p0) and _same_bits(x.tau, y.tau)
+    for ca, cb in zip(a.candidates, b.candidates):
+        assert len(ca) == len(cb) and all(_same_bits(u, v) for u, v in zip(ca, cb))
+
+
+@pytest.mark.parametrize("majority_count", [-10**9, "zero", 10**9])
+def test_ties_patch_values_same_bits(majority_count):
+    """The kept-aside outputs (fused.ties_patch_values) equal the numpy path's: trimmed by the
+    exact thresholds, sums cancelling to 0 (the model-wide majority decides, also when it is 0),
+    ties at the thresholds, NaN entries (never kept); a kept inf entry hands back to numpy. T = 8
+    and tau pieces with the tasks contiguous (as numpy's kernel gathers them): numpy sums such an
+    axis pairwise unless the path makes it C order."""
+    from mtl_jax.merging.streaming.ties_global import _Deferred, _patch_values
+
+    rng = np.random.default_rng(9)
+    num, n = 8, 3000
+    tau = np.round(rng.standard_normal((num, n)) * 100).astype(np.float32) / np.float32(100)
+    tau[1, :200] = -tau[0, :200]  # sums cancel where tasks 2.. drop
+    tau[2:, :200] = 0
+    tau[3, 300:310] = np.nan
+    thr = np.quantile(np.abs(tau[:, 200:]), 0.7, axis=1).astype(np.float32)  # ties at the threshold (rounded values)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    if majority_count == "zero":  # the kept-aside signs cancel the others': majority 0
+        majority_count = -int(np.sum(np.sign(np.sum(np.where(np.abs(tau) >= thr[:, None], tau, 0), axis=0))))
+    pieces = [_Deferred("leaf", np.arange(s, min(s + 700, n)), p0[s : s + 700], tau[:, np.arange(s, min(s + 700, n))])
+              for s in range(0, n, 700)]
+    assert not pieces[0].tau.flags.c_contiguous
+    lam = np.float32(0.37)
+    want = _patch_values(pieces, thr, majority_count, lam, None)
+    got = _patch_values(pieces, thr, majority_count, lam, _Ready())
+    assert all(_same_bits(u, v) for u, v in zip(want, got))
+    merged = F.ties_patch_values(tau, p0, thr, majority_count, lam)
+    assert _same_bits(np.concatenate(want), merged)
+    tau[4, 17] = np.inf
+    assert F.ties_patch_values(tau, p0, thr, majority_count, lam) is None
+    want = _patch_values(pieces, thr, majority_count, lam, None)
+    assert all(_same_bits(u, v) for u, v in zip(want, _patch_values(pieces, thr, majority_count, lam, _Ready())))
+
+
+def test_order_statistics_are_numpys_partition():
+    """The radix select of the TIES sample bracket: np.partition's values at the ranks, with ties,
+    +0.0, inf and NaN (sorted last), ranks at both ends."""
+    rng = np.random.default_rng(12)
+    values = np.abs(np.round(rng.standard_normal((4, 5000)) * 50) / 50 * np.float32(1e-3)).astype(np.float32)
+    values[0, :100] = 0.0
+    values[1, rng.integers(0, 5000, 30)] = np.nan
+    values[2, rng.integers(0, 5000, 30)] = np.inf
+    values[3] = np.float32(2.5)  # one value
+    for ranks in ([0, 4999], [3900, 4000], [4990, 4991], [2500, 2500]):
+        ranks = np.asarray(ranks, np.int64)
+        got = np.empty((4, 2), np.float32)
+        F.order_statistics(values, ranks, got)
+        assert _same_bits(got, np.partition(values, ranks, axis=1)[:, ranks]), ranks
 
 
 def _write_pool(folder, dtype, rng, num_tasks=3):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -47,6 +47,7 @@ def stream_ties_global(stream: Stream, writer: Any, top_k: float, lam: float) ->
     rewound and written again from the exact histogram buckets (:func:`threshold_buckets`): one
     or two more passes, the same result.
     """
+    fused_loader()  # numba loads in the background during the sample pass
     k = kept_count(stream, top_k)
     if k > 0:
         bracket = sampled_bracket(stream, k)
@@ -98,18 +99,21 @@ class _TiesKernel:
         merged += p
         store(out, s, e, merged)
 
-    def keep_aside(self, aside: _Deferred) -> None:
-        """Keep positions aside for the patches; their bracket entries are threshold candidates."""
+    def keep_aside(self, aside: _Deferred, found: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Keep positions aside for the patches; their bracket entries (``found``, per task, when
+        the caller has them) are threshold candidates."""
         self.deferred.append(aside)
-        for t, x in enumerate(bucket_entries(np.abs(aside.tau), self.lo, self.hi)):
+        if found is None:
+            found = bucket_entries(np.abs(aside.tau), self.lo, self.hi)
+        for t, x in enumerate(found):
             self.candidates[t].append(x)
 
 
 class _FusedTiesKernel(_TiesKernel):
     """:class:`_TiesKernel` run by the fused output kernel
     (:func:`mtl_jax.merging.streaming.fused.ties_chunk`) once ``loader`` has it (numpy until
-    then): the same outputs, counts, majority and kept-aside positions (whose theta_0 and tau are
-    gathered from the inputs)."""
+    then): the same outputs, counts, majority, kept-aside positions (theta_0 and tau copied out
+    by the kernel) and candidates."""
 
     def __init__(self, lo: np.ndarray, hi: np.ndarray, lam: np.float32, names: Sequence[str], loader: Any):
         super().__init__(lo, hi, lam, names)
@@ -121,14 +125,10 @@ class _FusedTiesKernel(_TiesKernel):
             if fused is None:
                 return super().__call__(ws, index, p0, fts, out, s, e)
             self.chunks = fused.TiesChunks(self.lo, self.hi, self.lam, self.above)
-        pos, majority = self.chunks(ws, p0, fts, out, s, e)
+        pos, p, tau, found, majority = self.chunks(ws, p0, fts, out, s, e)
         self.majority += majority
         if len(pos):
-            pos = pos + s
-            p = p0[pos].astype(np.float32)
-            tau = np.stack([f[pos].astype(np.float32) for f in fts])
-            tau -= p
-            self.keep_aside(_Deferred(self.names[index], pos, p, tau))
+            self.keep_aside(_Deferred(self.names[index], pos + s, p, tau), found)
 
 
 def _ties_output_pass(stream: Stream, writer: Any, lo: np.ndarray, hi: np.ndarray, k: int, lam: float) -> bool:
@@ -153,15 +153,40 @@ def _ties_output_pass(stream: Stream, writer: Any, lo: np.ndarray, hi: np.ndarra
     thr = thresholds_from_workers(kernels, lo, hi, k)
     if thr is None:
         return False
-    trimmed = [np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0)) for d in deferred]
+    patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    values = _patch_values(deferred, thr, majority_count, lam32, loader)
+    for d, v in zip(deferred, values):
+        patches.setdefault(d.name, []).append((d.index, v))
+    for name, pieces in patches.items():  # one patch per leaf
+        writer.patch(name, np.concatenate([i for i, _ in pieces]), np.concatenate([v for _, v in pieces]))
+    return True
+
+
+def _patch_values(deferred: Sequence[_Deferred], thr: np.ndarray, majority_count: int, lam32: np.float32,
+                  loader: Any) -> list[np.ndarray]:
+    """Outputs of the kept-aside positions (one array per :class:`_Deferred`): trimmed by the
+    exact thresholds, elected sign (the model-wide majority where it is 0: ``majority_count`` plus
+    these positions' signs), disjoint mean. Fused (:func:`mtl_jax.merging.streaming.fused.ties_patch_values`)
+    when the loader has the kernels, numpy otherwise or where a kept entry is not finite."""
+    if not deferred:
+        return []
+    fused = loader.ready() if loader is not None else None
+    if fused is not None:
+        tau = np.concatenate([d.tau for d in deferred], axis=1)
+        p0 = np.concatenate([d.p0 for d in deferred])
+        merged = fused.ties_patch_values(tau, p0, thr, majority_count, lam32)
+        if merged is not None:
+            return np.split(merged, np.cumsum([len(d.index) for d in deferred])[:-1])
+    # C order: the sums over axis 0 add the tasks in order (a (T, n) array with the tasks contiguous,
+    # as numpy's fancy indexing leaves d.tau, would be summed pairwise, with other roundings)
+    trimmed = [np.ascontiguousarray(np.where(np.abs(d.tau) >= thr[:, None], d.tau, np.float32(0.0)))
+               for d in deferred]
     signs = [np.sign(np.sum(x, axis=0)) for x in trimmed]
     majority = np.float32(np.sign(majority_count + sum(int(np.sum(x)) for x in signs)))
-    patches: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    values = []
     for d, x, sign in zip(deferred, trimmed, signs):
         n = len(d.index)
         merged = disjoint_mean_np(x, np.where(sign == 0, majority, sign), np.empty_like(x),
                                    np.empty(x.shape, np.bool_), np.empty((n,), np.float32), np.empty((n,), np.int32))
-        patches.setdefault(d.name, []).append((d.index, lam32 * merged + d.p0))
-    for name, pieces in patches.items():  # one patch per leaf
-        writer.patch(name, np.concatenate([i for i, _ in pieces]), np.concatenate([v for _, v in pieces]))
-    return True
+        values.append(lam32 * merged + d.p0)
+    return values

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.merging.streaming.cores import hparams_key, run_pass
-from mtl_jax.merging.streaming.kernels import CHUNK, Workspace, spans
+from mtl_jax.merging.streaming.kernels import CHUNK, Workspace, fused_loader, spans
 from mtl_jax.merging.streaming.passes import chunk_pass, leaf_pass
 from mtl_jax.merging.streaming.planning import Stream, leaf_working_set
 from mtl_jax.merging.threshold import INF_BITS, num_kept
@@ -194,33 +194,48 @@ def sampled_bracket(stream: Stream, k: int) -> Optional[tuple[np.ndarray, np.nda
     stride = _next_prime(max(64, -(-total * num // SAMPLE_ENTRIES)))
     n, q = -(-total // stride), k / total
     expected_band = 2.0 * SAMPLE_Z * math.sqrt(q * (1.0 - q) / n)  # of each task's entries
-    if (8 * num * n > allowance  # the sample, twice (parts + concatenation)
+    if (8 * num * n > allowance  # the sample and its temporaries
             or expected_band > MAX_BAND_FRACTION or _kept_aside_bytes(num * expected_band, total, num) > allowance):
         return None  # decided before reading anything
-    parts, seen = [], 0
-    for _, _, p0, fts in leaf_pass(stream, "ties threshold sample"):
-        offset = -seen % stride
-        seen += p0.size
-        p = p0[offset::stride].astype(np.float32)
-        if p.size:
-            mag = np.stack([f[offset::stride].astype(np.float32) for f in fts]) - p
-            parts.append(np.abs(mag, out=mag))
-    sample = np.concatenate(parts, axis=1)
-    del parts
+    sample = _systematic_sample(stream, stride, n)
+    loader = fused_loader()
+    fused = loader.ready() if loader is not None else None  # the radix select where numba is loaded
     n = sample.shape[1]
     r, sd = q * n, SAMPLE_Z * math.sqrt(n * q * (1.0 - q))
     i_hi, i_lo = math.floor(r - sd), math.ceil(r + sd)  # ranks from the top, 1-indexed
     if i_hi < 1 or i_lo > n:
         return None
-    ranks = [n - i_lo, n - i_hi]
-    lo, hi = np.partition(sample, ranks, axis=1)[:, ranks].T
+    ranks = np.array([n - i_lo, n - i_hi], np.int64)
+    if fused is not None:
+        picked = np.empty((num, 2), np.float32)
+        fused.order_statistics(np.ascontiguousarray(sample), ranks, picked)
+        lo, hi = picked.T
+    else:
+        lo, hi = np.partition(sample, ranks, axis=1)[:, ranks].T
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         return None
     hi = np.nextafter(hi, np.float32(np.inf))
-    band = np.mean((sample >= lo[:, None]) & (sample < hi[:, None]), axis=1)
+    band = np.count_nonzero((sample >= lo[:, None]) & (sample < hi[:, None]), axis=1) / n
     if np.any(band > MAX_BAND_FRACTION) or _kept_aside_bytes(float(np.sum(band)), total, num) > allowance:
         return None
     return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _systematic_sample(stream: Stream, stride: int, size: int) -> np.ndarray:
+    """|tau_t| at every ``stride``-th entry of the concatenated model, fp32 (T, <= size), written
+    leaf by leaf into one array (numpy's strided copies, one input at a time)."""
+    sample = np.empty((stream.num_tasks, size), np.float32)
+    fill, seen = 0, 0
+    for _, _, p0, fts in leaf_pass(stream, "ties threshold sample"):
+        offset = -seen % stride
+        seen += p0.size
+        p = p0[offset::stride].astype(np.float32)
+        rows = sample[:, fill : fill + p.size]
+        for t, f in enumerate(fts):
+            np.subtract(f[offset::stride].astype(np.float32), p, out=rows[t])
+        np.abs(rows, out=rows)
+        fill += p.size
+    return sample[:, :fill]
 
 
 class _BracketKernel:
