@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mtl_jax.merging import streaming as S
+from mtl_jax.merging.background_import import NUMPY_KERNELS_ENV
 from mtl_jax.merging.cli import main
 from mtl_jax.merging.input_checks import FiniteCheck, NonFiniteInputError
 from mtl_jax.merging.streaming import kernels as K
@@ -313,7 +314,7 @@ def test_cli_streaming_merges_same_with_and_without_numba(tmp_path, monkeypatch,
     for method, hparams in MERGES:
         outs = {}
         for env in ("0", "1"):
-            monkeypatch.setenv(K.NUMPY_KERNELS_ENV, env)
+            monkeypatch.setenv(NUMPY_KERNELS_ENV, env)
             outs[env] = str(tmp_path / f"{method}_{env}.safetensors")
             main(["merge", "--config", TIES_CONFIG, f"--config.model_pool={pool}", f"--config.output={outs[env]}",
                   f"--config.method={method}", f"--config.hparams={hparams}", "--config.progress=False"])
@@ -322,3 +323,10 @@ def test_cli_streaming_merges_same_with_and_without_numba(tmp_path, monkeypatch,
         assert sorted(fused) == sorted(numpy_)
         for k in fused:
             assert fused[k].dtype == dtype and _same_bits(fused[k], numpy_[k]), (method, k)
+
+
+def test_a_failed_background_import_is_raised_with_the_way_out():
+    from mtl_jax.merging.background_import import BackgroundImport
+
+    with pytest.raises(RuntimeError, match="importing mtl_jax.no_such_kernels failed .*MTL_JAX_NUMPY_KERNELS=1"):
+        BackgroundImport("mtl_jax.no_such_kernels").wait()

@@ -43,10 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import math
-import os
-import threading
 import time
 import zlib
 from typing import Any, Callable, Optional
@@ -55,6 +52,7 @@ import ml_dtypes
 import numpy as np
 
 from mtl_jax.errors import UsageError
+from mtl_jax.merging.background_import import NUMPY_KERNELS_ENV, background_import
 
 CHUNK = 1 << 20  # entries per chunk: the unit of the DARE keep masks and of the float64 L1 sums
 BLOCK = 1 << 16  # entries per block inside a chunk: the working buffers stay in the L2 cache
@@ -280,49 +278,17 @@ def _pool():
     return _POOL[0]
 
 
-NUMPY_KERNELS_ENV = "MTL_JAX_NUMPY_KERNELS"  # set to 1: the numpy passes even where numba is installed
 FUSED_METHODS = ("linear", "task_arithmetic")  # fused output passes (also dare_linear / breadcrumbs at density 1)
-
-
-class _FusedLoader:
-    """Imports :mod:`mtl_jax.merging.mergekit.fused` (numba's start-up, ~0.6 s of CPU) in a
-    background thread: merges start with the numpy passes and switch chunk by chunk once it is
-    done (the same bits either way)."""
-
-    def __init__(self):
-        self.module: Optional[Any] = None
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._load, name="mtl_jax-mergekit-fused", daemon=True)
-        self.thread.start()
-
-    def _load(self) -> None:
-        try:
-            from mtl_jax.merging.mergekit import fused
-
-            self.module = fused
-        except BaseException as e:  # raised on the merge's threads by fused_kernels()
-            self.error = e
-
-
-_LOADER: list = []
-_LOADER_LOCK = threading.Lock()
 
 
 def fused_kernels(wait: bool = False) -> Optional[Any]:
     """The fused kernels (:mod:`mtl_jax.merging.mergekit.fused`) once loaded, else None: numba
     not installed, ``MTL_JAX_NUMPY_KERNELS=1``, or (unless ``wait``) still loading in the
-    background thread this call starts."""
-    if os.environ.get(NUMPY_KERNELS_ENV, "") not in ("", "0") or importlib.util.find_spec("numba") is None:
+    background thread this call starts (:mod:`mtl_jax.merging.background_import`)."""
+    loader = background_import("mtl_jax.merging.mergekit.fused")
+    if loader is None:
         return None
-    with _LOADER_LOCK:
-        if not _LOADER:
-            _LOADER.append(_FusedLoader())
-    loader = _LOADER[0]
-    if wait:
-        loader.thread.join()
-    if loader.error is not None:
-        raise RuntimeError(f"loading the fused MergeKit kernels failed (set {NUMPY_KERNELS_ENV}=1 to use numpy)") from loader.error
-    return loader.module
+    return loader.wait() if wait else loader.ready()
 
 
 def _fused_view(x: np.ndarray) -> np.ndarray:

@@ -638,7 +638,7 @@ def dare_keep_chunk(key: jax.Array, index: int, start: int, n: int, num_tasks: i
 
 def warm_up() -> None:
     """Start numba's compiler (its registries) and load a cached function: what the first
-    kernel call would otherwise pay (:class:`mtl_jax.merging.streaming.kernels.FusedLoader`)."""
+    kernel call would otherwise pay (:mod:`mtl_jax.merging.background_import`)."""
     _finite(np.float32(0.0))
 
 

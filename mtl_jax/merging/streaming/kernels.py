@@ -16,9 +16,7 @@ workspace (:func:`mtl_jax.merging.streaming.passes.chunk_pass` runs it).
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import threading
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
@@ -26,69 +24,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax.merging.background_import import BackgroundImport, background_import, numba_kernels_wanted
 from mtl_jax.merging.input_checks import FiniteCheck
 from mtl_jax.merging.ties import dare_keep
 
 CHUNK = 1 << 16  # entries per chunk: a (T, CHUNK) fp32 workspace is T/4 MiB (cache-sized)
-NUMPY_KERNELS_ENV = "MTL_JAX_NUMPY_KERNELS"  # set to 1: the numpy kernels even where numba is installed
+FUSED_MODULE = "mtl_jax.merging.streaming.fused"
 
 
 def fused_kernels() -> Optional[Any]:
     """The fused kernels (:mod:`mtl_jax.merging.streaming.fused`, imported here on first use:
     it imports numba) when numba is installed, else None (the numpy kernels of this module; also
     with ``MTL_JAX_NUMPY_KERNELS=1``). Both give the same bits."""
-    if os.environ.get(NUMPY_KERNELS_ENV, "") not in ("", "0") or importlib.util.find_spec("numba") is None:
-        return None
-    from mtl_jax.merging.streaming import fused
-
-    return fused
+    return importlib.import_module(FUSED_MODULE) if numba_kernels_wanted() else None
 
 
-class FusedLoader:
-    """Loads the fused kernels in a background thread: numba's start-up (its import, its
-    compiler's registries, which import scipy.linalg, and the cached machine code) costs about
-    0.5 s of CPU, a whole pass of a 100M-parameter merge, so merges start with the numpy kernels
-    and switch per chunk once it is done (the same results either way)."""
-
-    def __init__(self):
-        self._module: Optional[Any] = None
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._load, name="mtl_jax-fused-kernels", daemon=True)
-        self._thread.start()
-
-    def _load(self) -> None:
-        try:
-            from mtl_jax.merging.streaming import fused
-
-            fused.warm_up()
-            self._module = fused
-        except BaseException as e:  # raised on the merge's threads by ready()
-            self._error = e
-
-    def ready(self) -> Optional[Any]:
-        """The fused module once loaded, else None (still loading)."""
-        if self._error is not None:
-            raise RuntimeError(f"loading the fused merge kernels failed (set {NUMPY_KERNELS_ENV}=1 to use numpy)") from self._error
-        return self._module
-
-    def wait(self) -> Any:
-        self._thread.join()
-        return self.ready()
-
-
-_LOADER: list[FusedLoader] = []
-_LOADER_LOCK = threading.Lock()
-
-
-def fused_loader() -> Optional[FusedLoader]:
-    """The process's :class:`FusedLoader` (started on the first call), or None where
-    :func:`fused_kernels` would be None (numba not installed, ``MTL_JAX_NUMPY_KERNELS=1``)."""
-    if os.environ.get(NUMPY_KERNELS_ENV, "") not in ("", "0") or importlib.util.find_spec("numba") is None:
-        return None
-    with _LOADER_LOCK:
-        if not _LOADER:
-            _LOADER.append(FusedLoader())
-    return _LOADER[0]
+def fused_loader() -> Optional[BackgroundImport]:
+    """The background import of the fused kernels (started on the first call), or None where
+    :func:`fused_kernels` would be None."""
+    return background_import(FUSED_MODULE)
 
 
 def chunk_kernel(name: str, *args: Any) -> Callable:
