@@ -44,9 +44,7 @@ import glob
 import json
 import os
 import time
-from typing import Any, Callable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
