@@ -28,7 +28,6 @@ Dense-only statistics (none here: RegMean averages every convolution).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Sequence
@@ -38,7 +37,7 @@ from ml_collections import ConfigDict
 
 from experiments import common
 from experiments.merging import tasks as task_lib
-from experiments.merging.report import markdown_table, task_vector_report
+from experiments.merging.report import result_sections
 from experiments.merging.rows import PER_TASK_ROWS, RowHooks, run_seed
 from experiments.merging.statistics import chunked_merge_statistics
 from experiments.merging.training import pretrained_setup
@@ -269,7 +268,6 @@ SCALE_NOTE = (
 
 def write_report(config, results: dict, tasks, log: dict, wall: float, argv: Sequence[str]) -> str:
     names = [t.name for t in tasks]
-    first = results[next(iter(results))]
     title = ("MiniLM-L6 on six Wikipedia text tasks" if config.suite == "wiki" else
              "EfficientNet-Lite0 on seven MultiMNIST image tasks")
     text = "\n\n".join([
@@ -281,16 +279,7 @@ def write_report(config, results: dict, tasks, log: dict, wall: float, argv: Seq
         paper_table(results),
         "## The papers' claims here",
         claims(results),
-        "## Absolute test accuracy (%)",
-        markdown_table(results, names, "acc"),
-        "## Normalised accuracy (% of the individual fine-tuned model on each task)",
-        markdown_table(results, names, "normalised"),
-        "## Task vectors (backbone)",
-        task_vector_report(results, names),
-        "## Selected hyperparameters per seed",
-        "\n".join(f"- {row}: " + "; ".join(f"seed {s}: {json.dumps(results[s][row]['hparams'])}"
-                                           for s in results if row in results[s])
-                  for row in first if not row.startswith("_") and first[row]["hparams"]),
+        *result_sections(results, names),
         common.produced_by("experiments.merging.pretrained", argv),
     ]) + "\n"
     common.write_text(config.out + ".md", text)

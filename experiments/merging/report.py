@@ -90,14 +90,11 @@ def task_vector_report(results: dict, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float, argv: Sequence[str] = ()) -> str:
-    """The report as markdown (``config.out`` + ``.md``, ending with the command line ``argv`` of
-    ``python -m experiments.merging.run``) and every row as JSON (``config.out`` + ``.json``)."""
-    names = [t.name for t in tasks]
+def result_sections(results: dict, names: Sequence[str]) -> list[str]:
+    """The report sections every merging experiment shares: absolute and normalised accuracy, the task
+    vectors, and each row's selected hyperparameters per seed (headings and bodies, in order)."""
     first = results[next(iter(results))]
-    text = "\n\n".join([
-        "# ViT model merging on 8 real-digit tasks",
-        caption(config, tasks, pretrain_log, wall),
+    return [
         "## Absolute test accuracy (%)",
         markdown_table(results, names, "acc"),
         "## Normalised accuracy (% of the individual fine-tuned model on each task)",
@@ -105,8 +102,20 @@ def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float, 
         "## Task vectors (backbone)",
         task_vector_report(results, names),
         "## Selected hyperparameters per seed",
-        "\n".join(f"- {row}: " + "; ".join(f"seed {s}: {json.dumps(results[s][row]['hparams'])}" for s in results)
+        "\n".join(f"- {row}: " + "; ".join(f"seed {s}: {json.dumps(results[s][row]['hparams'])}"
+                                           for s in results if row in results[s])
                   for row in first if not row.startswith("_") and first[row]["hparams"]),
+    ]
+
+
+def write_report(config, results: dict, tasks, pretrain_log: dict, wall: float, argv: Sequence[str] = ()) -> str:
+    """The report as markdown (``config.out`` + ``.md``, ending with the command line ``argv`` of
+    ``python -m experiments.merging.run``) and every row as JSON (``config.out`` + ``.json``)."""
+    names = [t.name for t in tasks]
+    text = "\n\n".join([
+        "# ViT model merging on 8 real-digit tasks",
+        caption(config, tasks, pretrain_log, wall),
+        *result_sections(results, names),
         common.produced_by("experiments.merging.run", argv),
     ]) + "\n"
     common.write_text(config.out + ".md", text)
